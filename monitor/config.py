@@ -1,0 +1,162 @@
+"""The one settings object of UniRS Monitor.
+
+Values come, in increasing priority, from the defaults below (a local run on loopback), an optional TOML
+file (path in ``UNIRS_CONFIG``), and environment variables prefixed ``UNIRS_``. Nested sections use a
+double underscore: ``UNIRS_SMTP__HOST=mail.example.org``, ``UNIRS_POLL__LOOKBACK_DAYS=14``.
+
+Everything that reads configuration calls :func:`get_settings`; tests that change the environment call
+``get_settings.cache_clear()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class CatalogueSettings(BaseModel):
+    """One STAC API to poll."""
+
+    name: str
+    url: str
+    collections: list[str] = ["sentinel-2-l2a"]
+    # Asset hrefs are third-party URLs: only these schemes/hosts are ever opened.
+    allowed_schemes: list[str] = ["https"]
+    allowed_hosts: list[str] = []
+    # Loopback/link-local/private addresses are refused unless a deployment opts in (tests, the demo).
+    allow_private_hosts: bool = False
+    # Logical band name -> asset key in this catalogue (Earth Search v1 names by default).
+    asset_keys: dict[str, str] = {
+        "blue": "blue",
+        "green": "green",
+        "red": "red",
+        "nir": "nir",
+        "swir16": "swir16",
+        "scl": "scl",
+        "visual": "visual",
+        "qa_pixel": "qa_pixel",
+    }
+    # "planetary-computer" signs hrefs right before reading (needs the `pc` extra).
+    signing: Literal["none", "planetary-computer"] = "none"
+    # Earth Search ignores CQL2 `filter` silently; the STACQL `query` extension works everywhere we poll.
+    page_size: int = 200
+    timeout_seconds: float = 30.0
+
+
+class PollSettings(BaseModel):
+    interval_minutes: float = 15.0
+    # Catalogues publish late (days); each poll re-reads this far behind its last successful cursor.
+    lookback_days: float = 10.0
+    # Areas closer than this share one search (their hull is searched once).
+    group_distance_km: float = 50.0
+    max_retries: int = 5
+    backoff_factor: float = 1.0
+
+
+class AnalysisSettings(BaseModel):
+    lease_seconds: int = 900
+    heartbeat_seconds: int = 60
+    max_attempts: int = 3
+    dispatch_interval_seconds: float = 10.0
+    pixel_size_m: float = 10.0
+    chip_size_m: float = 3840.0
+    min_valid_fraction: float = 0.3
+    cloud_buffer_px: int = 3
+    min_mapping_unit_ha: float = 0.1
+    # Chips whose spectral change score is below this never reach the model.
+    model_score_threshold: float = 0.02
+    video_frames: int = 8
+
+
+class ModelSettings(BaseModel):
+    # Directory of a UniRS checkpoint (llm/, vision_tower/, mm_projector/, config.json). None = spectral only.
+    weights_path: Path | None = None
+    # VILA-1.5-3B base checkpoint for the prompt-augmentation clue pass. None = no clues.
+    base_weights_path: Path | None = None
+    device: str | None = None
+    max_new_tokens: int = 48
+
+
+class SmtpSettings(BaseModel):
+    # No host = write .eml files (and an HTML preview) to `outbox_dir` instead of sending.
+    host: str | None = None
+    port: int = 25
+    starttls: bool = False
+    ssl: bool = False
+    username: str | None = None
+    password: str | None = None
+    sender: str = "UniRS Monitor <alerts@localhost>"
+    timeout_seconds: float = 30.0
+    max_attempts: int = 5
+    outbox_dir: Path = Path("var/outbox")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="UNIRS_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    database_url: str = "postgresql+psycopg://unirs:unirs@127.0.0.1:5432/unirs"
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str | None = None
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    data_dir: Path = Path("var")
+    # Areas larger than this are refused (a typo in a coordinate should not trigger a continent-wide poll).
+    max_area_km2: float = 10_000.0
+    public_url: str = "https://www.openstreetmap.org"
+    catalogues: list[CatalogueSettings] = Field(
+        default_factory=lambda: [
+            CatalogueSettings(
+                name="earth-search",
+                url="https://earth-search.aws.element84.com/v1",
+                collections=["sentinel-2-l2a"],
+                allowed_hosts=["sentinel-cogs.s3.us-west-2.amazonaws.com", "earth-search.aws.element84.com"],
+            )
+        ]
+    )
+    poll: PollSettings = PollSettings()
+    analysis: AnalysisSettings = AnalysisSettings()
+    model: ModelSettings = ModelSettings()
+    smtp: SmtpSettings = SmtpSettings()
+    metrics_port: int | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = os.environ.get("UNIRS_CONFIG")
+        if toml_path:
+            if not Path(toml_path).is_file():
+                raise FileNotFoundError(f"UNIRS_CONFIG points to {toml_path!r}, which is not a file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+    def catalogue(self, name: str) -> CatalogueSettings:
+        for cat in self.catalogues:
+            if cat.name == name:
+                return cat
+        raise KeyError(f"no catalogue named {name!r} is configured (have: {[c.name for c in self.catalogues]})")
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,344 @@
+"""SQLAlchemy models: the whole state of the service lives in these tables.
+
+Work items (:class:`Analysis`, :class:`Delivery`) carry explicit statuses; queues only carry their ids.
+Every write that could be repeated is guarded by a UNIQUE key (scene acquisition key, analysis
+idempotency key, delivery key + recipient), so retries and duplicate messages are harmless.
+
+The first Alembic revision (``migrations/versions/0001_initial.py``) creates exactly these tables; any
+change here needs a matching revision.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from geoalchemy2 import Geometry, WKBElement
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    return Enum(cls, name=name, values_callable=lambda e: [m.value for m in e], validate_strings=True)
+
+
+class AreaStatus(enum.StrEnum):
+    ACTIVE = "active"
+    PAUSED = "paused"
+
+
+class AlertFrequency(enum.StrEnum):
+    IMMEDIATE = "immediate"
+    DAILY = "daily"
+    OFF = "off"
+
+
+class PairingPolicy(enum.StrEnum):
+    LATEST = "latest"
+    SEASONAL = "seasonal"
+
+
+class ObservationStatus(enum.StrEnum):
+    """Outcome of looking at one scene over one area (AOI clear fraction)."""
+
+    PENDING = "pending"
+    CLEAR = "clear"
+    CLOUDY = "cloudy"
+    FAILED = "failed"
+
+
+class AnalysisStatus(enum.StrEnum):
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+def _now() -> Any:
+    return func.now()
+
+
+class Area(Base):
+    """A watched area: a polygon plus what to look for and whom to tell."""
+
+    __tablename__ = "areas"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    geom: Mapped[WKBElement] = mapped_column(Geometry("MULTIPOLYGON", srid=4326, spatial_index=False))
+    area_km2: Mapped[float] = mapped_column(Float)
+    status: Mapped[AreaStatus] = mapped_column(_enum(AreaStatus, "area_status"), default=AreaStatus.ACTIVE)
+    collections: Mapped[list[str]] = mapped_column(ARRAY(Text), default=lambda: ["sentinel-2-l2a"])
+    # Scene-level cloud filter sent to the catalogue (loose: the AOI clear fraction decides later).
+    max_cloud_cover: Mapped[float] = mapped_column(Float, default=80.0)
+    min_clear_fraction: Mapped[float] = mapped_column(Float, default=0.7)
+    recipients: Mapped[list[str]] = mapped_column(ARRAY(Text), default=list)
+    questions: Mapped[list[str]] = mapped_column(ARRAY(Text), default=list)  # question template ids
+    alert_frequency: Mapped[AlertFrequency] = mapped_column(
+        _enum(AlertFrequency, "alert_frequency"), default=AlertFrequency.IMMEDIATE
+    )
+    # Immediate alerts only when the changed area reaches this many hectares.
+    min_alert_hectares: Mapped[float] = mapped_column(Float, default=0.5)
+    pairing_policy: Mapped[PairingPolicy] = mapped_column(
+        _enum(PairingPolicy, "pairing_policy"), default=PairingPolicy.LATEST
+    )
+    properties: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)  # user GeoJSON properties
+    last_digest_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now(), onupdate=_now())
+
+    __table_args__ = (Index("ix_areas_geom", "geom", postgresql_using="gist"),)
+
+
+class Catalogue(Base):
+    """A configured STAC API (mirrors the settings; rows are upserted by name at poll time)."""
+
+    __tablename__ = "catalogues"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    url: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+
+class PollState(Base):
+    """Cursor per (catalogue, collection). Advanced only after a whole search succeeded."""
+
+    __tablename__ = "poll_states"
+
+    catalogue_id: Mapped[int] = mapped_column(ForeignKey("catalogues.id", ondelete="CASCADE"), primary_key=True)
+    collection: Mapped[str] = mapped_column(Text, primary_key=True)
+    cursor: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_success_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    items_seen: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Scene(Base):
+    """One acquisition, deduplicated: reprocessed versions and `_0_`/`_1_` twins collapse to one row."""
+
+    __tablename__ = "scenes"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    catalogue_id: Mapped[int] = mapped_column(ForeignKey("catalogues.id", ondelete="RESTRICT"))
+    collection: Mapped[str] = mapped_column(Text)
+    acquisition_key: Mapped[str] = mapped_column(Text)  # platform|tile|sensing time (to the second)
+    item_id: Mapped[str] = mapped_column(Text)  # id of the best version seen
+    version_rank: Mapped[list[Any]] = mapped_column(JSONB)  # sortable [baseline, generated, sequence]
+    platform: Mapped[str | None] = mapped_column(Text)
+    tile: Mapped[str | None] = mapped_column(Text)
+    relative_orbit: Mapped[int | None] = mapped_column(Integer)
+    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    cloud_cover: Mapped[float | None] = mapped_column(Float)
+    processing_baseline: Mapped[str | None] = mapped_column(Text)
+    footprint: Mapped[WKBElement] = mapped_column(Geometry("GEOMETRY", srid=4326, spatial_index=False))
+    assets: Mapped[dict[str, Any]] = mapped_column(JSONB)  # logical band -> {href, scale, offset, ...}
+    item: Mapped[dict[str, Any]] = mapped_column(JSONB)  # the raw STAC item of the best version
+    versions_seen: Mapped[int] = mapped_column(Integer, default=1)
+    first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now(), onupdate=_now())
+
+    __table_args__ = (
+        UniqueConstraint("catalogue_id", "acquisition_key", name="uq_scenes_acquisition"),
+        Index("ix_scenes_footprint", "footprint", postgresql_using="gist"),
+        Index("ix_scenes_tile_acquired", "tile", "acquired_at"),
+        Index("ix_scenes_acquired_at", "acquired_at"),
+    )
+
+
+class QuarantinedItem(Base):
+    """A STAC item that could not be ingested, kept with the reason so nothing is silently dropped."""
+
+    __tablename__ = "quarantined_items"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    catalogue_id: Mapped[int] = mapped_column(ForeignKey("catalogues.id", ondelete="CASCADE"))
+    collection: Mapped[str | None] = mapped_column(Text)
+    item_id: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    raw: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+    __table_args__ = (UniqueConstraint("catalogue_id", "item_id", "reason", name="uq_quarantine_item_reason"),)
+
+
+class Observation(Base):
+    """One scene seen over one area: the AOI clear fraction and whether it can be used."""
+
+    __tablename__ = "observations"
+
+    area_id: Mapped[int] = mapped_column(ForeignKey("areas.id", ondelete="CASCADE"), primary_key=True)
+    scene_id: Mapped[int] = mapped_column(ForeignKey("scenes.id", ondelete="CASCADE"), primary_key=True)
+    status: Mapped[ObservationStatus] = mapped_column(
+        _enum(ObservationStatus, "observation_status"), default=ObservationStatus.PENDING
+    )
+    clear_fraction: Mapped[float | None] = mapped_column(Float)
+    reason: Mapped[str | None] = mapped_column(Text)
+    computed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+    scene: Mapped[Scene] = relationship(lazy="joined")
+
+    __table_args__ = (Index("ix_observations_status", "status"),)
+
+
+class Analysis(Base):
+    """A unit of analysis work (area, after scene, before scene). The work-item state machine."""
+
+    __tablename__ = "analyses"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(Text, unique=True)
+    area_id: Mapped[int] = mapped_column(ForeignKey("areas.id", ondelete="CASCADE"))
+    after_scene_id: Mapped[int] = mapped_column(ForeignKey("scenes.id", ondelete="CASCADE"))
+    before_scene_id: Mapped[int | None] = mapped_column(ForeignKey("scenes.id", ondelete="CASCADE"))
+    analyser: Mapped[str] = mapped_column(Text)  # name@version
+    question_set: Mapped[str] = mapped_column(Text)  # sorted template ids @ templates version
+    pairing_policy: Mapped[str] = mapped_column(Text)
+    pair_reason: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[AnalysisStatus] = mapped_column(
+        _enum(AnalysisStatus, "analysis_status"), default=AnalysisStatus.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    worker: Mapped[str | None] = mapped_column(Text)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    stats: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    area: Mapped[Area] = relationship()
+    after_scene: Mapped[Scene] = relationship(foreign_keys=[after_scene_id])
+    before_scene: Mapped[Scene | None] = relationship(foreign_keys=[before_scene_id])
+
+    __table_args__ = (
+        Index("ix_analyses_status_lease", "status", "lease_expires_at"),
+        Index("ix_analyses_area_created", "area_id", "created_at"),
+    )
+
+
+class Finding(Base):
+    """What an analysis found: an area-level summary, a changed region, or an answer to a question."""
+
+    __tablename__ = "findings"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    analysis_id: Mapped[int] = mapped_column(ForeignKey("analyses.id", ondelete="CASCADE"))
+    area_id: Mapped[int] = mapped_column(ForeignKey("areas.id", ondelete="CASCADE"))
+    ordinal: Mapped[int] = mapped_column(Integer)  # position within its analysis; makes re-runs idempotent
+    kind: Mapped[str] = mapped_column(Text)  # summary | region | answer | event
+    change_class: Mapped[str | None] = mapped_column(Text)
+    geom: Mapped[WKBElement | None] = mapped_column(Geometry("GEOMETRY", srid=4326, spatial_index=False))
+    hectares: Mapped[float | None] = mapped_column(Float)
+    caption: Mapped[str | None] = mapped_column(Text)
+    question: Mapped[str | None] = mapped_column(Text)
+    answer: Mapped[str | None] = mapped_column(Text)
+    confidence: Mapped[float | None] = mapped_column(Float)
+    statistics: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    analyser_name: Mapped[str] = mapped_column(Text)
+    analyser_version: Mapped[str] = mapped_column(Text)
+    observed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # the after scene's time
+    before_observed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+    images: Mapped[list[FindingImage]] = relationship(back_populates="finding", cascade="all, delete-orphan")
+
+    __table_args__ = (
+        UniqueConstraint("analysis_id", "ordinal", name="uq_findings_analysis_ordinal"),
+        Index("ix_findings_geom", "geom", postgresql_using="gist"),
+        Index("ix_findings_area_observed", "area_id", "observed_at"),
+        Index("ix_findings_observed_at", "observed_at"),
+        Index("ix_findings_kind", "kind"),
+    )
+
+
+class FindingImage(Base):
+    """PNG thumbnails kept with a finding: before, after, change overlay."""
+
+    __tablename__ = "finding_images"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    finding_id: Mapped[int] = mapped_column(ForeignKey("findings.id", ondelete="CASCADE"))
+    role: Mapped[str] = mapped_column(Text)  # before | after | overlay
+    mime_type: Mapped[str] = mapped_column(Text, default="image/png")
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+    finding: Mapped[Finding] = relationship(back_populates="images")
+
+    __table_args__ = (UniqueConstraint("finding_id", "role", name="uq_finding_images_role"),)
+
+
+class Digest(Base):
+    """A daily digest of one area: everything found in (period_start, period_end]."""
+
+    __tablename__ = "digests"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    area_id: Mapped[int] = mapped_column(ForeignKey("areas.id", ondelete="CASCADE"))
+    period_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    period_end: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+    __table_args__ = (UniqueConstraint("area_id", "period_end", name="uq_digests_area_period"),)
+
+
+class Delivery(Base):
+    """One email to one recipient about one analysis or digest. Never sent twice (UNIQUE + Message-ID)."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    delivery_key: Mapped[str] = mapped_column(Text)  # "analysis:<id>" | "digest:<id>"
+    analysis_id: Mapped[int | None] = mapped_column(ForeignKey("analyses.id", ondelete="CASCADE"))
+    digest_id: Mapped[int | None] = mapped_column(ForeignKey("digests.id", ondelete="CASCADE"))
+    recipient: Mapped[str] = mapped_column(Text)
+    status: Mapped[DeliveryStatus] = mapped_column(
+        _enum(DeliveryStatus, "delivery_status"), default=DeliveryStatus.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    message_id: Mapped[str] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    permanent_failure: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("delivery_key", "recipient", name="uq_deliveries_key_recipient"),
+        Index("ix_deliveries_status_next", "status", "next_attempt_at"),
+    )

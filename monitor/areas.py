@@ -1,0 +1,248 @@
+"""Watched areas: create, change, list and export them (the CLI in ``areas_cli`` is a thin layer over this)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from email_validator import EmailNotValidError, validate_email
+from geoalchemy2.shape import from_shape, to_shape
+from shapely.geometry import MultiPolygon
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from monitor.config import get_settings
+from monitor.geometry import AreaGeometryError, ParsedArea, geodesic_area_km2, to_feature
+from monitor.models import AlertFrequency, Area, AreaStatus, PairingPolicy
+
+log = logging.getLogger(__name__)
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class AreaError(ValueError):
+    """A request about areas that cannot be carried out; the message says why."""
+
+
+@dataclass
+class AreaOptions:
+    """Per-area settings. None = keep the current value (update) or use the default (add)."""
+
+    collections: list[str] | None = None
+    max_cloud_cover: float | None = None
+    min_clear_fraction: float | None = None
+    recipients: list[str] | None = None
+    questions: list[str] | None = None
+    alert_frequency: str | None = None
+    min_alert_hectares: float | None = None
+    pairing_policy: str | None = None
+
+    # GeoJSON property names accepted on import, so `areas export` output can be added back.
+    PROPERTY_KEYS = (
+        "collections", "max_cloud_cover", "min_clear_fraction", "recipients", "questions", "alert_frequency",
+        "min_alert_hectares", "pairing_policy",
+    )
+
+    @classmethod
+    def from_properties(cls, props: dict[str, Any]) -> AreaOptions:
+        return cls(**{k: props[k] for k in cls.PROPERTY_KEYS if props.get(k) is not None})
+
+    def merged_over(self, base: AreaOptions) -> AreaOptions:
+        """These options, with unset fields taken from ``base``."""
+        return AreaOptions(**{
+            k: getattr(self, k) if getattr(self, k) is not None else getattr(base, k) for k in self.PROPERTY_KEYS
+        })
+
+
+def validate_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise AreaError("an area needs a non-empty name (--name, or a 'name' property per feature)")
+    if _CONTROL.search(name):
+        raise AreaError(f"area name {name!r} contains control characters (line breaks, tabs…)")
+    name = " ".join(name.split())
+    if len(name) > 200:
+        raise AreaError(f"area name is {len(name)} characters long; the maximum is 200")
+    return name
+
+
+def validate_recipients(recipients: list[str]) -> list[str]:
+    clean = []
+    for r in recipients:
+        if not isinstance(r, str) or _CONTROL.search(r):
+            raise AreaError(f"recipient {r!r} is not a valid email address (control characters)")
+        try:
+            clean.append(validate_email(r.strip(), check_deliverability=False).normalized)
+        except EmailNotValidError as exc:
+            raise AreaError(f"recipient {r!r} is not a valid email address: {exc}") from None
+    return sorted(set(clean), key=clean.index)
+
+
+def _validate_options(opts: AreaOptions) -> None:
+    if opts.max_cloud_cover is not None and not 0 <= float(opts.max_cloud_cover) <= 100:
+        raise AreaError(f"max cloud cover must be a percentage in [0, 100], got {opts.max_cloud_cover}")
+    if opts.min_clear_fraction is not None and not 0 <= float(opts.min_clear_fraction) <= 1:
+        raise AreaError(f"minimum clear fraction must be in [0, 1], got {opts.min_clear_fraction}")
+    if opts.min_alert_hectares is not None and float(opts.min_alert_hectares) < 0:
+        raise AreaError(f"minimum alert hectares must be ≥ 0, got {opts.min_alert_hectares}")
+    if opts.alert_frequency is not None and opts.alert_frequency not in {f.value for f in AlertFrequency}:
+        raise AreaError(f"alert frequency must be one of {[f.value for f in AlertFrequency]}, got "
+                        f"{opts.alert_frequency!r}")
+    if opts.pairing_policy is not None and opts.pairing_policy not in {p.value for p in PairingPolicy}:
+        raise AreaError(
+            f"pairing policy must be one of {[p.value for p in PairingPolicy]}, got {opts.pairing_policy!r}"
+        )
+    if opts.collections is not None and (
+        not opts.collections or not all(isinstance(c, str) and c.strip() for c in opts.collections)
+    ):
+        raise AreaError("collections must be a non-empty list of collection ids")
+    if opts.questions:
+        _validate_questions(opts.questions)
+
+
+def _validate_questions(ids: list[str]) -> None:
+    try:
+        from monitor.questions import load_templates
+    except ImportError:  # templates ship with the analysis workers; without them any id is accepted
+        return
+    known = {t.id for t in load_templates()}
+    unknown = [q for q in ids if q not in known]
+    if unknown:
+        raise AreaError(f"unknown question template(s) {unknown}; known: {sorted(known)}")
+
+
+def _check_size(geom: MultiPolygon, where: str) -> float:
+    km2 = geodesic_area_km2(geom)
+    limit = get_settings().max_area_km2
+    if km2 > limit:
+        raise AreaGeometryError(
+            f"{where}: area is {km2:,.0f} km², above the maximum of {limit:,.0f} km² (setting UNIRS_MAX_AREA_KM2)"
+        )
+    return km2
+
+
+def _apply(area: Area, opts: AreaOptions) -> None:
+    _validate_options(opts)
+    if opts.recipients is not None:
+        area.recipients = validate_recipients(list(opts.recipients))
+    for key in ("collections", "questions"):
+        if getattr(opts, key) is not None:
+            setattr(area, key, [str(v).strip() for v in getattr(opts, key)])
+    for key in ("max_cloud_cover", "min_clear_fraction", "min_alert_hectares"):
+        if getattr(opts, key) is not None:
+            setattr(area, key, float(getattr(opts, key)))
+    if opts.alert_frequency is not None:
+        area.alert_frequency = AlertFrequency(opts.alert_frequency)
+    if opts.pairing_policy is not None:
+        area.pairing_policy = PairingPolicy(opts.pairing_policy)
+
+
+def add_areas(session: Session, parsed: list[ParsedArea], name: str | None, opts: AreaOptions) -> list[Area]:
+    """Create one area per parsed geometry. All or nothing: any refusal rolls back the whole batch."""
+    if name is not None and len(parsed) > 1:
+        raise AreaError(f"--name given but the input has {len(parsed)} features; use --union, or name each feature "
+                        "with a 'name' property")
+    created = []
+    seen: set[str] = set()
+    for item in parsed:
+        area_name = validate_name(name if name is not None else item.properties.get("name"))
+        if area_name in seen or session.scalar(select(Area.id).where(Area.name == area_name)) is not None:
+            raise AreaError(f"{item.source}: an area named {area_name!r} already exists")
+        seen.add(area_name)
+        area = Area(
+            name=area_name,
+            geom=from_shape(item.geometry, srid=4326),
+            area_km2=_check_size(item.geometry, item.source),
+            collections=["sentinel-2-l2a"],
+            recipients=[],
+            questions=[],
+            properties={k: v for k, v in item.properties.items()
+                        if k not in AreaOptions.PROPERTY_KEYS and k not in {"name", "id", "area_km2", "status"}},
+        )
+        _apply(area, opts.merged_over(AreaOptions.from_properties(item.properties)))
+        session.add(area)
+        created.append(area)
+    session.flush()
+    for area in created:
+        log.info("area %r added (id %d, %.2f km²)", area.name, area.id, area.area_km2)
+    return created
+
+
+def get_area(session: Session, ref: str | int) -> Area:
+    """Look an area up by name, or by id when REF is all digits."""
+    ref_s = str(ref).strip()
+    area = session.scalar(select(Area).where(Area.name == ref_s))
+    if area is None and ref_s.isdigit():
+        area = session.get(Area, int(ref_s))
+    if area is None:
+        raise AreaError(f"no area named or numbered {ref_s!r} (see `unirs-monitor areas list`)")
+    return area
+
+
+def list_areas(session: Session, status: str | None = None) -> list[Area]:
+    query = select(Area).order_by(Area.name)
+    if status:
+        query = query.where(Area.status == AreaStatus(status))
+    return list(session.scalars(query))
+
+
+def update_area(session: Session, ref: str, opts: AreaOptions, *, geometry: ParsedArea | None = None,
+                rename: str | None = None) -> Area:
+    area = get_area(session, ref)
+    if rename is not None:
+        new = validate_name(rename)
+        if new != area.name and session.scalar(select(Area.id).where(Area.name == new)) is not None:
+            raise AreaError(f"an area named {new!r} already exists")
+        area.name = new
+    if geometry is not None:
+        area.area_km2 = _check_size(geometry.geometry, geometry.source)
+        area.geom = from_shape(geometry.geometry, srid=4326)
+    _apply(area, opts)
+    session.flush()
+    log.info("area %r updated", area.name)
+    return area
+
+
+def set_status(session: Session, ref: str, status: AreaStatus) -> Area:
+    area = get_area(session, ref)
+    area.status = status
+    log.info("area %r is now %s", area.name, status.value)
+    return area
+
+
+def remove_area(session: Session, ref: str) -> str:
+    area = get_area(session, ref)
+    name = area.name
+    session.delete(area)
+    log.info("area %r removed with its observations, analyses and findings", name)
+    return name
+
+
+def area_geometry(area: Area) -> MultiPolygon:
+    return to_shape(area.geom)
+
+
+def area_properties(area: Area) -> dict[str, Any]:
+    return {
+        **(area.properties or {}),
+        "id": area.id,
+        "name": area.name,
+        "status": area.status.value,
+        "area_km2": round(area.area_km2, 4),
+        "collections": list(area.collections),
+        "max_cloud_cover": area.max_cloud_cover,
+        "min_clear_fraction": area.min_clear_fraction,
+        "recipients": list(area.recipients),
+        "questions": list(area.questions),
+        "alert_frequency": area.alert_frequency.value,
+        "min_alert_hectares": area.min_alert_hectares,
+        "pairing_policy": area.pairing_policy.value,
+    }
+
+
+def export_feature_collection(areas: list[Area]) -> dict[str, Any]:
+    return {
+        "type": "FeatureCollection",
+        "features": [to_feature(area_geometry(a), area_properties(a)) for a in areas],
+    }

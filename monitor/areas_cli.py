@@ -1,0 +1,200 @@
+"""`unirs-monitor areas …`: register and manage watched areas."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+from shapely.geometry import shape
+
+from monitor import areas as svc
+from monitor.db import session_scope
+from monitor.geometry import AreaGeometryError, parse_areas, read_source, to_feature
+from monitor.models import AreaStatus
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn validation errors into one clear line on stderr and exit status 2 (no traceback)."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (svc.AreaError, AreaGeometryError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def _settings_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--collection", "collections", multiple=True,
+                     help="STAC collection to watch (repeatable; default sentinel-2-l2a)."),
+        click.option("--max-cloud", "max_cloud_cover", type=float,
+                     help="Scene-level cloud cover filter sent to the catalogue, percent (default 80)."),
+        click.option("--min-clear", "min_clear_fraction", type=float,
+                     help="Minimum clear fraction of the area itself (SCL / QA_PIXEL), 0–1 (default 0.7)."),
+        click.option("--recipient", "recipients", multiple=True, help="Email address for alerts (repeatable)."),
+        click.option("--question", "questions", multiple=True,
+                     help="Question template id to ask about each change (repeatable; default: all templates)."),
+        click.option("--frequency", "alert_frequency", type=click.Choice(["immediate", "daily", "off"]),
+                     help="Alert emails: immediate, a daily digest, or off (default immediate)."),
+        click.option("--min-hectares", "min_alert_hectares", type=float,
+                     help="Immediate alerts only when at least this many hectares changed (default 0.5)."),
+        click.option("--policy", "pairing_policy", type=click.Choice(["latest", "seasonal"]),
+                     help="Before-scene choice: latest earlier clear scene, or same season in earlier years."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _options(**kw: Any) -> svc.AreaOptions:
+    """Click gives repeatable options as tuples, empty when not given; empty means "not set" here."""
+    return svc.AreaOptions(**{k: (list(v) or None) if isinstance(v, tuple) else v for k, v in kw.items()})
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    cols = ["id", "name", "status", "area_km2", "collections", "alert_frequency", "recipients"]
+    data = [[", ".join(r[c]) if isinstance(r[c], list) else str(r[c]) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(d[i]) for d in data]) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(d, widths, strict=True)) for d in data]
+    return "\n".join(lines)
+
+
+@click.group()
+def areas() -> None:
+    """Register and manage watched areas.
+
+    Geometries are GeoJSON (a Geometry, a Feature, or a FeatureCollection with one area per feature),
+    WKT, or a path to a file holding either, in WGS84 longitude/latitude (EPSG:4326).
+    """
+
+
+@areas.command("add")
+@click.argument("source")
+@click.option("--name", help="Area name (required unless each feature has a 'name' property).")
+@click.option("--union", is_flag=True, help="Merge all features of a FeatureCollection into one area.")
+@click.option("--fix", is_flag=True, help="Repair invalid polygons (self-intersections…) instead of refusing them.")
+@_settings_options
+@click.option("--json", "as_json", is_flag=True, help="Print the created areas as JSON.")
+@_friendly
+def add_cmd(source: str, name: str | None, union: bool, fix: bool, as_json: bool, **kw: Any) -> None:
+    """Add watched area(s) from SOURCE (GeoJSON / WKT text, or a file; '-' reads stdin).
+
+    \b
+    Examples:
+      unirs-monitor areas add forest.geojson --name "Apuseni forest" --recipient me@example.org
+      unirs-monitor areas add 'POLYGON((23.1 46.5, 23.2 46.5, 23.2 46.6, 23.1 46.6, 23.1 46.5))' --name test
+      unirs-monitor areas add parcels.geojson            # one area per feature, named by properties.name
+    """
+    text = sys.stdin.read() if source == "-" else read_source(source)
+    parsed = parse_areas(text, union=union, fix=fix)
+    with session_scope() as session:
+        created = svc.add_areas(session, parsed, name, _options(**kw))
+        out = [svc.area_properties(a) for a in created]
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        for a in out:
+            click.echo(f"added area {a['id']} {a['name']!r} ({a['area_km2']:.2f} km²)")
+
+
+@areas.command("list")
+@click.option("--status", type=click.Choice(["active", "paused"]), help="Only areas with this status.")
+@click.option("--json", "as_json", is_flag=True, help="JSON array instead of a table.")
+def list_cmd(status: str | None, as_json: bool) -> None:
+    """List watched areas."""
+    with session_scope() as session:
+        rows = [svc.area_properties(a) for a in svc.list_areas(session, status)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    elif rows:
+        click.echo(_table(rows))
+    else:
+        click.echo("no areas yet — add one with `unirs-monitor areas add`")
+
+
+@areas.command("show")
+@click.argument("area")
+@click.option("--json", "as_json", is_flag=True, help="Print as a GeoJSON Feature.")
+@_friendly
+def show_cmd(area: str, as_json: bool) -> None:
+    """Show one area (by name or id)."""
+    with session_scope() as session:
+        a = svc.get_area(session, area)
+        feature = to_feature(svc.area_geometry(a), svc.area_properties(a))
+    if as_json:
+        click.echo(json.dumps(feature, indent=2))
+        return
+    for key, value in feature["properties"].items():
+        click.echo(f"{key:>20}: {', '.join(map(str, value)) if isinstance(value, list) else value}")
+    click.echo(f"{'bounds':>20}: {shape(feature['geometry']).bounds}")
+
+
+@areas.command("update")
+@click.argument("area")
+@click.option("--geometry", "geometry_source", help="Replace the geometry (GeoJSON / WKT / file).")
+@click.option("--fix", is_flag=True, help="Repair an invalid replacement geometry.")
+@click.option("--rename", help="New name.")
+@_settings_options
+@click.option("--json", "as_json", is_flag=True)
+@_friendly
+def update_cmd(area: str, geometry_source: str | None, fix: bool, rename: str | None, as_json: bool,
+               **kw: Any) -> None:
+    """Change an area's geometry, name or settings (options not given are kept)."""
+    geometry = None
+    if geometry_source:
+        parsed = parse_areas(read_source(geometry_source), union=True, fix=fix)
+        geometry = parsed[0]
+    with session_scope() as session:
+        a = svc.update_area(session, area, _options(**kw), geometry=geometry, rename=rename)
+        props = svc.area_properties(a)
+    click.echo(json.dumps(props, indent=2) if as_json else f"updated area {props['id']} {props['name']!r}")
+
+
+def _status_command(name: str, status: AreaStatus, help_text: str) -> None:
+    @areas.command(name, help=help_text)
+    @click.argument("area")
+    @_friendly
+    def cmd(area: str) -> None:
+        with session_scope() as session:
+            a = svc.set_status(session, area, status)
+            click.echo(f"area {a.name!r} is {status.value}")
+
+
+_status_command("pause", AreaStatus.PAUSED, "Stop polling and alerting for an area (history is kept).")
+_status_command("resume", AreaStatus.ACTIVE, "Resume a paused area.")
+
+
+@areas.command("remove")
+@click.argument("area")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_friendly
+def remove_cmd(area: str, yes: bool) -> None:
+    """Delete an area together with its observations, analyses and findings."""
+    if not yes:
+        click.confirm(f"Remove area {area!r} and all its findings?", abort=True)
+    with session_scope() as session:
+        click.echo(f"removed area {svc.remove_area(session, area)!r}")
+
+
+@areas.command("export")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), help="File (default stdout).")
+@click.option("--status", type=click.Choice(["active", "paused"]))
+def export_cmd(output: str | None, status: str | None) -> None:
+    """Write all areas as a GeoJSON FeatureCollection (can be added back with `areas add`)."""
+    with session_scope() as session:
+        fc = svc.export_feature_collection(svc.list_areas(session, status))
+    text = json.dumps(fc, indent=2)
+    if output:
+        with open(output, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+        click.echo(f"wrote {len(fc['features'])} area(s) to {output}", err=True)
+    else:
+        click.echo(text)

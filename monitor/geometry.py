@@ -1,0 +1,237 @@
+"""Reading and validating watched-area geometries (GeoJSON, WKT, files).
+
+Every refusal is an :class:`AreaGeometryError` whose message says what is wrong and where (the feature
+index, shapely's explanation of an invalid ring, the offending coordinate), so a user can fix the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely
+from pyproj import Geod
+from shapely.geometry import MultiPolygon, box, mapping, shape
+from shapely.geometry.base import BaseGeometry
+
+_GEOD = Geod(ellps="WGS84")
+# Shapely parsing accepts a few more; these are what a watched area can be made of.
+_POLYGONAL = ("Polygon", "MultiPolygon")
+
+
+class AreaGeometryError(ValueError):
+    """The input cannot become a watched area; the message says why and where."""
+
+
+@dataclass
+class ParsedArea:
+    """One area read from the input: geometry (EPSG:4326) plus the GeoJSON properties it came with."""
+
+    geometry: MultiPolygon
+    properties: dict[str, Any] = field(default_factory=dict)
+    source: str = "input"  # e.g. "feature 3" — used in error messages
+
+    @property
+    def area_km2(self) -> float:
+        return geodesic_area_km2(self.geometry)
+
+
+def geodesic_area_km2(geom: BaseGeometry) -> float:
+    """Area on the WGS84 ellipsoid (planar area in degrees² would be wrong away from the equator)."""
+    area, _ = _GEOD.geometry_area_perimeter(geom)
+    return abs(area) / 1e6
+
+
+def read_source(source: str) -> str:
+    """SOURCE is a file path, GeoJSON text or WKT text; return the text."""
+    stripped = source.strip()
+    if stripped.startswith(("{", "[")) or stripped[:20].upper().startswith(("POLYGON", "MULTIPOLYGON")):
+        return stripped
+    path = Path(source).expanduser()
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise AreaGeometryError(f"{path}: not a UTF-8 text file (GeoJSON or WKT expected): {exc}") from None
+    if len(stripped) < 256 and ("/" in stripped or stripped.endswith((".json", ".geojson", ".wkt"))):
+        raise AreaGeometryError(f"{source}: no such file")
+    return stripped
+
+
+def parse_areas(text: str, *, union: bool = False, fix: bool = False) -> list[ParsedArea]:
+    """Parse GeoJSON (Geometry, Feature, FeatureCollection) or WKT into validated MultiPolygons.
+
+    A FeatureCollection gives one area per feature, or a single area with ``union=True``.
+    ``fix=True`` repairs invalid rings with ``shapely.make_valid`` instead of refusing them.
+    """
+    text = text.strip()
+    if not text:
+        raise AreaGeometryError("empty input: expected GeoJSON, WKT or a file path")
+    if text[0] in "{[":
+        raw = _parse_geojson(text)
+    else:
+        raw = [(_parse_wkt(text), {}, "WKT")]
+
+    if union and len(raw) > 1:
+        geoms = [_validated(g, src, fix) for g, _, src in raw]
+        merged = shapely.union_all(geoms)
+        return [ParsedArea(_as_multipolygon(merged, "union of all features"), {}, "union of all features")]
+    return [ParsedArea(_validated(g, src, fix), props, src) for g, props, src in raw]
+
+
+def _parse_geojson(text: str) -> list[tuple[BaseGeometry, dict[str, Any], str]]:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AreaGeometryError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    if not isinstance(doc, dict):
+        raise AreaGeometryError("GeoJSON must be an object with a 'type' member")
+    kind = doc.get("type")
+    if kind == "FeatureCollection":
+        features = doc.get("features")
+        if not isinstance(features, list) or not features:
+            raise AreaGeometryError("FeatureCollection has no features")
+        return [_feature(f, f"feature {i}") for i, f in enumerate(features)]
+    if kind == "Feature":
+        return [_feature(doc, "feature")]
+    if isinstance(kind, str):
+        return [(_geometry(doc, "geometry"), {}, "geometry")]
+    raise AreaGeometryError("GeoJSON object has no 'type' (expected Feature, FeatureCollection or a geometry)")
+
+
+def _feature(obj: Any, where: str) -> tuple[BaseGeometry, dict[str, Any], str]:
+    if not isinstance(obj, dict) or obj.get("type") != "Feature":
+        raise AreaGeometryError(f"{where}: not a GeoJSON Feature")
+    props = obj.get("properties") or {}
+    if not isinstance(props, dict):
+        raise AreaGeometryError(f"{where}: 'properties' must be an object or null")
+    if obj.get("geometry") is None:
+        raise AreaGeometryError(f"{where}: has no geometry")
+    name = props.get("name")
+    label = f"{where} ({name!r})" if isinstance(name, str) else where
+    return _geometry(obj["geometry"], label), props, label
+
+
+def _geometry(obj: Any, where: str) -> BaseGeometry:
+    if not isinstance(obj, dict):
+        raise AreaGeometryError(f"{where}: geometry must be an object")
+    kind = obj.get("type")
+    if kind not in _POLYGONAL:
+        raise AreaGeometryError(f"{where}: {kind!r} is not polygonal; a watched area must be a Polygon or MultiPolygon")
+    try:
+        geom = shape(obj)
+    except Exception as exc:  # shapely raises several types for malformed coordinate arrays
+        raise AreaGeometryError(f"{where}: malformed {kind} coordinates ({exc})") from None
+    return geom
+
+
+def _parse_wkt(text: str) -> BaseGeometry:
+    try:
+        geom = shapely.from_wkt(text)
+    except shapely.errors.GEOSException as exc:
+        raise AreaGeometryError(f"invalid WKT: {exc}") from None
+    if geom.geom_type not in _POLYGONAL:
+        raise AreaGeometryError(f"WKT: {geom.geom_type} is not polygonal; a watched area must be a (MULTI)POLYGON")
+    return geom
+
+
+def _validated(geom: BaseGeometry, where: str, fix: bool) -> MultiPolygon:
+    if geom.is_empty:
+        raise AreaGeometryError(f"{where}: geometry is empty")
+    if geom.has_z:
+        geom = shapely.force_2d(geom)
+    coords = shapely.get_coordinates(geom)
+    if not all(math.isfinite(v) for v in coords.ravel()):
+        raise AreaGeometryError(f"{where}: coordinates contain NaN or infinity")
+    geom = _split_antimeridian(geom, where)
+    minx, miny, maxx, maxy = geom.bounds
+    if minx < -180 or maxx > 180 or miny < -90 or maxy > 90:
+        bad = next(
+            (x, y) for x, y in coords if not (-180 <= x <= 180 and -90 <= y <= 90)
+        ) if len(coords) else (minx, miny)
+        raise AreaGeometryError(
+            f"{where}: coordinate ({bad[0]:g}, {bad[1]:g}) is outside longitude [-180, 180] / latitude [-90, 90]"
+            " — coordinates must be WGS84 lon, lat (EPSG:4326), in that order"
+        )
+    if not geom.is_valid:
+        reason = shapely.is_valid_reason(geom)
+        if not fix:
+            raise AreaGeometryError(f"{where}: invalid geometry: {reason} (use --fix to repair it)")
+        geom = shapely.make_valid(geom)
+    return _as_multipolygon(geom, where)
+
+
+def _as_multipolygon(geom: BaseGeometry, where: str) -> MultiPolygon:
+    """Keep only polygonal parts (make_valid may return a GeometryCollection with slivers of lines)."""
+    if geom.geom_type == "Polygon":
+        parts = [geom]
+    elif geom.geom_type == "MultiPolygon":
+        parts = list(geom.geoms)
+    elif geom.geom_type == "GeometryCollection":
+        parts = [p for g in geom.geoms for p in (g.geoms if g.geom_type == "MultiPolygon" else [g])
+                 if p.geom_type == "Polygon"]
+    else:
+        parts = []
+    parts = [p for p in parts if not p.is_empty and p.area > 0]
+    if not parts:
+        raise AreaGeometryError(f"{where}: geometry has no area (degenerate polygon)")
+    return MultiPolygon(parts)
+
+
+def _split_antimeridian(geom: BaseGeometry, where: str) -> BaseGeometry:
+    """Split a polygon that crosses ±180° into parts on either side (RFC 7946 §3.1.9).
+
+    Two spellings occur in the wild: longitudes continuing past 180 (179 → 181), and rings that jump from
+    179 to -179. Both are normalised by shifting into [0, 360), cutting at 180 and shifting the east part
+    back. A polygon that would still span more than 180° of longitude is refused: it is ambiguous.
+    """
+    minx, _, maxx, _ = geom.bounds
+    crosses_unwrapped = maxx > 180 or minx < -180
+    jumps = maxx - minx > 180 and minx >= -180 and maxx <= 180
+    if not (crosses_unwrapped or jumps):
+        return geom
+    if maxx - minx > 360:
+        return geom  # out-of-range coordinates, reported by the caller
+    if jumps:
+        shifted = shapely.transform(geom, lambda c: _shift_lon(c, 360.0, only_negative=True))
+    elif minx < -180:
+        shifted = shapely.transform(geom, lambda c: _shift_lon(c, 360.0))
+    else:
+        shifted = geom
+    sminx, _, smaxx, _ = shifted.bounds
+    if smaxx - sminx > 180 or sminx < 0 or smaxx > 360:
+        raise AreaGeometryError(
+            f"{where}: polygon spans more than 180° of longitude or wraps ambiguously around the antimeridian;"
+            " split it into parts on either side of ±180° yourself"
+        )
+    if not shifted.is_valid:
+        return geom  # let validation report the real problem with the user's coordinates
+    west = shifted.intersection(box(sminx, -90, 180, 90))
+    east = shapely.transform(shifted.intersection(box(180, -90, smaxx, 90)), lambda c: _shift_lon(c, -360.0))
+    pieces = [g for g in (west, east) if not g.is_empty and g.area > 0]
+    return shapely.union_all(pieces) if len(pieces) > 1 else (pieces[0] if pieces else geom)
+
+
+def _shift_lon(coords: np.ndarray, delta: float, only_negative: bool = False) -> np.ndarray:
+    out = coords.copy()
+    sel = out[:, 0] < 0 if only_negative else slice(None)
+    out[sel, 0] += delta
+    return out
+
+
+def to_feature(geom: MultiPolygon, properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "Feature", "geometry": mapping(geom), "properties": properties}
+
+
+__all__ = [
+    "AreaGeometryError",
+    "ParsedArea",
+    "geodesic_area_km2",
+    "parse_areas",
+    "read_source",
+    "to_feature",
+]

@@ -57,3 +57,7 @@ def main() -> None:
 from monitor.areas_cli import areas  # noqa: E402
 
 cli.add_command(areas)
+
+from monitor.doctor import doctor  # noqa: E402
+
+cli.add_command(doctor)

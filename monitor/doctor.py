@@ -1,0 +1,140 @@
+"""`unirs-monitor doctor`: check configuration and connectivity and say exactly what is wrong."""
+
+from __future__ import annotations
+
+import json
+import smtplib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from monitor.config import Settings, get_settings
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _check(name: str, fn: Callable[[], str]) -> Check:
+    try:
+        return Check(name, True, fn())
+    except Exception as exc:  # every failure becomes a line of the report, never a traceback
+        return Check(name, False, f"{type(exc).__name__}: {exc}".strip())
+
+
+def check_database(settings: Settings) -> str:
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import text
+
+    from monitor.db import get_engine
+    from monitor.migrate import alembic_config
+
+    with get_engine(settings.database_url).connect() as conn:
+        pg = conn.execute(text("SHOW server_version")).scalar()
+        try:
+            postgis = conn.execute(text("SELECT postgis_lib_version()")).scalar()
+        except Exception:
+            raise RuntimeError(f"PostgreSQL {pg} reachable but PostGIS is not installed in this database "
+                               "(CREATE EXTENSION postgis; or run scripts/setup-services)") from None
+        conn.rollback()
+        current = MigrationContext.configure(conn).get_current_revision()
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if current != head:
+        raise RuntimeError(
+            f"schema at revision {current or 'none'}, code expects {head}: run `unirs-monitor db upgrade`"
+        )
+    return f"PostgreSQL {pg}, PostGIS {postgis}, schema at {head}"
+
+
+def check_broker(settings: Settings) -> str:
+    from kombu import Connection
+
+    with Connection(settings.broker_url, connect_timeout=5) as conn:
+        conn.ensure_connection(max_retries=1, timeout=5)
+        return f"{conn.transport_cls} broker reachable at {conn.as_uri()}"
+
+
+def check_catalogue(cat) -> str:
+    from pystac_client import Client
+
+    client = Client.open(cat.url, timeout=cat.timeout_seconds)
+    missing = [c for c in cat.collections if client.get_collection(c) is None]
+    if missing:
+        raise RuntimeError(f"collections {missing} not found at {cat.url}")
+    if not client.conforms_to("ITEM_SEARCH"):
+        raise RuntimeError(f"{cat.url} does not conform to STAC API item search")
+    return f"{cat.url}: search OK, collections {cat.collections}"
+
+
+def check_smtp(settings: Settings) -> str:
+    smtp = settings.smtp
+    if not smtp.host:
+        outbox = Path(smtp.outbox_dir)
+        outbox.mkdir(parents=True, exist_ok=True)
+        probe = outbox / ".doctor-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+        return f"no SMTP host configured: emails are written to {outbox.resolve()} (UNIRS_SMTP__HOST to send)"
+    cls = smtplib.SMTP_SSL if smtp.ssl else smtplib.SMTP
+    with cls(smtp.host, smtp.port, timeout=smtp.timeout_seconds) as server:
+        server.ehlo()
+        if smtp.starttls:
+            server.starttls()
+            server.ehlo()
+        if smtp.username:
+            server.login(smtp.username, smtp.password or "")
+        return f"SMTP {smtp.host}:{smtp.port} accepted EHLO{' + STARTTLS' if smtp.starttls else ''}"
+
+
+def check_model(settings: Settings, load: bool) -> str:
+    path = settings.model.weights_path
+    if path is None:
+        return "no UniRS weights configured: analyses use the spectral analyser only (UNIRS_MODEL__WEIGHTS_PATH)"
+    path = Path(path)
+    for sub in ("config.json", "llm", "vision_tower", "mm_projector"):
+        if not (path / sub).exists():
+            raise FileNotFoundError(f"{path / sub} is missing: expected a UniRS/VILA checkpoint directory")
+    json.loads((path / "config.json").read_text())
+    if not load:
+        return f"checkpoint layout OK at {path} (use --load-model to load it)"
+    from model import UniRS
+
+    model = UniRS.from_pretrained(path, device=settings.model.device)
+    n = sum(p.numel() for p in model.parameters())
+    return f"loaded {path} ({n / 1e6:.1f} M parameters)"
+
+
+def run_checks(settings: Settings, *, load_model: bool = False) -> list[Check]:
+    checks = [
+        _check("database", lambda: check_database(settings)),
+        _check("broker", lambda: check_broker(settings)),
+    ]
+    checks += [_check(f"catalogue {c.name}", lambda c=c: check_catalogue(c)) for c in settings.catalogues]
+    checks += [
+        _check("email", lambda: check_smtp(settings)),
+        _check("model", lambda: check_model(settings, load_model)),
+    ]
+    return checks
+
+
+@click.command("doctor")
+@click.option("--load-model", is_flag=True, help="Also load the UniRS weights (slow; needs the memory).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor(load_model: bool, as_json: bool) -> None:
+    """Check configuration and connectivity: database + PostGIS + schema revision, broker, each STAC
+    catalogue, SMTP (or the outbox directory), model weights. Exit status 1 if anything is wrong."""
+    checks = run_checks(get_settings(), load_model=load_model)
+    if as_json:
+        click.echo(json.dumps([c.__dict__ for c in checks], indent=2))
+    else:
+        for c in checks:
+            mark = click.style("ok  ", fg="green") if c.ok else click.style("FAIL", fg="red")
+            click.echo(f"{mark} {c.name:<24} {c.detail}")
+    if not all(c.ok for c in checks):
+        raise SystemExit(1)

@@ -61,3 +61,13 @@ cli.add_command(areas)
 from monitor.doctor import doctor  # noqa: E402
 
 cli.add_command(doctor)
+
+from monitor.scheduler_cli import backfill, poll, scheduler  # noqa: E402
+
+cli.add_command(scheduler)
+cli.add_command(poll)
+cli.add_command(backfill)
+
+from monitor.demo import demo  # noqa: E402
+
+cli.add_command(demo)

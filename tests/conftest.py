@@ -15,6 +15,8 @@ from monitor import migrate
 from monitor.config import get_settings
 from monitor.db import reset_engines
 
+pytest_plugins = ["tests.fixtures_stac", "tests.fixtures_ingest"]
+
 ADMIN_URL = os.environ.get("UNIRS_TEST_ADMIN_URL", "postgresql://unirs:unirs@127.0.0.1:5432/postgres")
 
 

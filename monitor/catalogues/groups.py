@@ -1,0 +1,157 @@
+"""Group nearby watched areas so one catalogue search serves many of them.
+
+One search per area does not scale (10,000 areas = 10,000 requests per poll, and rate limits, §3.4 of
+the design notes). Areas whose bounding boxes are within ``group_distance_km`` of each other are linked
+(single linkage), clusters wider than ``MAX_EXTENT_FACTOR × group_distance_km`` are split again so a
+chain of areas cannot turn into a continent-wide search, and each group is searched once with a simple
+polygon that contains every member (the exact area × footprint test happens later in PostGIS).
+
+Missing a link here only costs an extra search, never a missed scene: every search geometry contains
+its areas.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import shapely
+from shapely.geometry import box
+from shapely.geometry.base import BaseGeometry
+
+KM_PER_DEG_LAT = 110.574
+KM_PER_DEG_LON_EQUATOR = 111.320
+# A group's search box is at most this many group distances wide (200 km by default: about two MGRS tiles).
+MAX_EXTENT_FACTOR = 4.0
+# Servers choke on complex search geometries (pgstac once capped them near 8 KB, PC returns 500s).
+MAX_SEARCH_VERTICES = 64
+
+
+@dataclass(frozen=True)
+class AreaFootprint:
+    area_id: int
+    geometry: BaseGeometry  # EPSG:4326
+    max_cloud_cover: float
+
+
+@dataclass
+class SearchGroup:
+    area_ids: list[int]
+    geometry: BaseGeometry  # contains every member area
+    max_cloud_cover: float  # the loosest member filter: the catalogue filter must not drop anyone's scene
+
+
+def group_areas(areas: Sequence[AreaFootprint], distance_km: float) -> list[SearchGroup]:
+    """Partition ``areas`` into search groups (deterministic for a given input order)."""
+    if not areas:
+        return []
+    distance_km = max(distance_km, 0.0)
+    boxes = [_km_box(a.geometry) for a in areas]
+    parent = list(range(len(areas)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if distance_km > 0:
+        cell = distance_km
+        grid: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, b in enumerate(boxes):
+            for key in _cells(b, cell, pad=0.0):
+                grid[key].append(i)
+        for i, b in enumerate(boxes):
+            for key in _cells(b, cell, pad=distance_km):
+                for j in grid[key]:
+                    if j > i and find(i) != find(j) and _gap_km(b, boxes[j]) <= distance_km:
+                        parent[find(j)] = find(i)
+
+    clusters: dict[int, list[int]] = defaultdict(list)
+    for i in range(len(areas)):
+        clusters[find(i)].append(i)
+
+    max_extent = MAX_EXTENT_FACTOR * distance_km if distance_km > 0 else 0.0
+    groups: list[SearchGroup] = []
+    for members in sorted(clusters.values(), key=lambda m: m[0]):
+        for part in _split(members, boxes, max_extent):
+            groups.append(_group([areas[i] for i in part]))
+    return groups
+
+
+def search_geometry(geometries: Sequence[BaseGeometry]) -> BaseGeometry:
+    """A simple polygon (≤ MAX_SEARCH_VERTICES vertices) that contains every geometry."""
+    if len(geometries) == 1:
+        geom = geometries[0]
+        if shapely.get_num_coordinates(geom) <= MAX_SEARCH_VERTICES:
+            return geom
+        geom = geom.convex_hull
+    else:
+        geom = shapely.GeometryCollection(list(geometries)).convex_hull
+    if shapely.get_num_coordinates(geom) > MAX_SEARCH_VERTICES:
+        # Simplifying a hull could cut corners off an area; a rotated rectangle still contains it.
+        geom = shapely.oriented_envelope(geom)
+    if geom.geom_type != "Polygon" or geom.area == 0 or not geom.is_valid or not _contains_all(geom, geometries):
+        # Degenerate hulls (points/lines) or a hull GEOS got wrong on odd coordinates: the bounding box
+        # is always a valid superset, and always accepted by servers.
+        bounds = [g.bounds for g in geometries]
+        eps = 1e-6
+        geom = box(min(b[0] for b in bounds) - eps, min(b[1] for b in bounds) - eps,
+                   max(b[2] for b in bounds) + eps, max(b[3] for b in bounds) + eps)
+    return geom
+
+
+def _contains_all(geom: BaseGeometry, geometries: Sequence[BaseGeometry]) -> bool:
+    grown = geom.buffer(1e-9)
+    shapely.prepare(grown)
+    return all(grown.covers(g) for g in geometries)
+
+
+def _group(members: list[AreaFootprint]) -> SearchGroup:
+    return SearchGroup(
+        area_ids=[m.area_id for m in members],
+        geometry=search_geometry([m.geometry for m in members]),
+        max_cloud_cover=max(m.max_cloud_cover for m in members),
+    )
+
+
+def _km_box(geom: BaseGeometry) -> tuple[float, float, float, float]:
+    """Bounds in a local sinusoidal approximation (km): good enough to compare nearby distances."""
+    minx, miny, maxx, maxy = geom.bounds
+    lat = (miny + maxy) / 2
+    kx = KM_PER_DEG_LON_EQUATOR * max(math.cos(math.radians(lat)), 0.01)
+    return (minx * kx, miny * KM_PER_DEG_LAT, maxx * kx, maxy * KM_PER_DEG_LAT)
+
+
+def _cells(b: tuple[float, float, float, float], cell: float, pad: float):
+    x0, y0 = math.floor((b[0] - pad) / cell), math.floor((b[1] - pad) / cell)
+    x1, y1 = math.floor((b[2] + pad) / cell), math.floor((b[3] + pad) / cell)
+    for x in range(x0, x1 + 1):
+        for y in range(y0, y1 + 1):
+            yield (x, y)
+
+
+def _gap_km(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    dx = max(0.0, b[0] - a[2], a[0] - b[2])
+    dy = max(0.0, b[1] - a[3], a[1] - b[3])
+    return math.hypot(dx, dy)
+
+
+def _split(members: list[int], boxes: list[tuple[float, float, float, float]], max_extent: float) -> list[list[int]]:
+    """Split a cluster at the median along its longer side until each part is at most ``max_extent`` wide."""
+    if max_extent <= 0:
+        return [[m] for m in members]
+    if len(members) == 1:
+        return [members]
+    minx = min(boxes[i][0] for i in members)
+    miny = min(boxes[i][1] for i in members)
+    maxx = max(boxes[i][2] for i in members)
+    maxy = max(boxes[i][3] for i in members)
+    if maxx - minx <= max_extent and maxy - miny <= max_extent:
+        return [members]
+    axis = 0 if maxx - minx >= maxy - miny else 1
+    ordered = sorted(members, key=lambda i: (boxes[i][axis] + boxes[i][axis + 2]) / 2)
+    half = len(ordered) // 2
+    return _split(ordered[:half], boxes, max_extent) + _split(ordered[half:], boxes, max_extent)

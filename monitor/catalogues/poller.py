@@ -1,0 +1,318 @@
+"""One poll of the configured catalogues: grouped searches, versioned scene upserts, a safe cursor.
+
+For each configured catalogue × collection that some active area wants:
+
+1. group the areas (``monitor.catalogues.groups``) — one search per group, not per area;
+2. search ``datetime = (cursor or now) − look-back .. now`` (catalogues publish days late), loose cloud
+   filter via STACQL ``query`` (the loosest of the group's areas), paging through every result;
+3. upsert each item as a scene (or quarantine it) and record which areas saw which scenes (pending
+   observations, picked up by :mod:`monitor.pairing`) — committed page by page;
+4. only when every group's search completed, move the cursor to ``now``. On any failure the error is
+   recorded in ``poll_states.last_error`` and the cursor stays, so the next poll re-reads the window:
+   nothing is lost, and the upserts make the re-read harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from geoalchemy2.shape import to_shape
+from sqlalchemy import any_, func, literal, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from monitor.catalogues.client import open_client, search_items
+from monitor.catalogues.groups import AreaFootprint, SearchGroup, group_areas
+from monitor.catalogues.store import IngestStats, ingest_items, upsert_catalogue
+from monitor.config import CatalogueSettings, Settings, get_settings
+from monitor.db import session_scope
+from monitor.models import Area, AreaStatus, PollState, Scene
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CollectionPoll:
+    """What one catalogue × collection poll did."""
+
+    catalogue: str
+    collection: str
+    areas: int = 0
+    groups: int = 0
+    window_start: datetime | None = None
+    window_end: datetime | None = None
+    http_requests: int = 0
+    search_requests: int = 0
+    stats: IngestStats = field(default_factory=IngestStats)
+    observations_created: int = 0
+    ok: bool = True
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class PollSummary:
+    polls: list[CollectionPoll] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(p.ok for p in self.polls)
+
+    def total(self, name: str) -> int:
+        return sum(getattr(p.stats, name) for p in self.polls)
+
+    @property
+    def search_requests(self) -> int:
+        return sum(p.search_requests for p in self.polls)
+
+    @property
+    def http_requests(self) -> int:
+        return sum(p.http_requests for p in self.polls)
+
+    @property
+    def observations_created(self) -> int:
+        return sum(p.observations_created for p in self.polls)
+
+
+class RequestCounter:
+    """Counts HTTP responses of one client (requests' response hook; urllib3 retries are inside one)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.searches = 0
+
+    def __call__(self, response: Any, *args: Any, **kwargs: Any) -> None:
+        self.total += 1
+        if response.request.path_url.split("?", 1)[0].rstrip("/").endswith("/search"):
+            self.searches += 1
+
+
+def poll_all(settings: Settings | None = None, *, now: datetime | None = None,
+             catalogues: Iterable[str] | None = None) -> PollSummary:
+    """Poll every configured catalogue (or the named ones) once. Never raises for a catalogue failure."""
+    settings = settings or get_settings()
+    summary = PollSummary()
+    wanted = set(catalogues) if catalogues is not None else None
+    for catalogue in settings.catalogues:
+        if wanted is not None and catalogue.name not in wanted:
+            continue
+        summary.polls.extend(poll_catalogue(catalogue, settings, now=now))
+    return summary
+
+
+def poll_catalogue(catalogue: CatalogueSettings, settings: Settings, *,
+                   now: datetime | None = None) -> list[CollectionPoll]:
+    now = (now or datetime.now(UTC)).astimezone(UTC)
+    with session_scope() as session:
+        catalogue_id = upsert_catalogue(session, catalogue)
+        work = {c: _active_areas(session, c) for c in catalogue.collections}
+        cursors = {c: _cursor(session, catalogue_id, c) for c in catalogue.collections}
+    work = {c: areas for c, areas in work.items() if areas}
+    if not work:
+        logger.info("catalogue %s: no active area wants %s; nothing to poll", catalogue.name, catalogue.collections)
+        return []
+
+    counter = RequestCounter()
+    results: list[CollectionPoll] = []
+    try:
+        client = open_client(catalogue, settings.poll, response_hooks=[counter])
+    except Exception as exc:  # any failure to reach the API is recorded, never fatal for the scheduler
+        error = f"cannot open {catalogue.url}: {_describe(exc)}"
+        logger.error("catalogue %s: %s", catalogue.name, error)
+        for collection in work:
+            _record_failure(catalogue_id, collection, now, error)
+            results.append(CollectionPoll(catalogue.name, collection, ok=False, error=error,
+                                          http_requests=counter.total))
+        return results
+
+    for collection, areas in work.items():
+        before_total, before_search = counter.total, counter.searches
+        result = _poll_collection(client, catalogue, catalogue_id, collection, areas, cursors[collection],
+                                  settings, now)
+        result.http_requests = counter.total - before_total
+        result.search_requests = counter.searches - before_search
+        results.append(result)
+    return results
+
+
+def search_and_ingest(
+    client: Any,
+    catalogue: CatalogueSettings,
+    catalogue_id: int,
+    collection: str,
+    group: SearchGroup,
+    start: datetime,
+    end: datetime,
+    page_size: int,
+    stats: IngestStats,
+    *,
+    progress: Any = None,
+) -> int:
+    """Run one search and ingest it page by page (each page committed); return observations created.
+
+    ``stats`` is updated after every committed page, so it is accurate even when a later page raises
+    (API errors propagate to the caller, which keeps the cursor).
+    """
+    observations = 0
+    items = search_items(client, collection=collection, intersects=group.geometry, start=start, end=end,
+                         max_cloud_cover=group.max_cloud_cover, page_size=page_size)
+    for batch in _batches(items, page_size):
+        with session_scope() as session:
+            batch_stats = ingest_items(session, catalogue, catalogue_id, collection, batch)
+            scene_ids = _scene_ids_for(session, catalogue_id, batch_stats)
+            created = create_observations(session, group.area_ids, scene_ids)
+        stats.add(batch_stats)
+        observations += created
+        if progress is not None:
+            progress.update(len(batch))
+    return observations
+
+
+def _poll_collection(client: Any, catalogue: CatalogueSettings, catalogue_id: int, collection: str,
+                     areas: list[AreaFootprint], cursor: datetime | None, settings: Settings,
+                     now: datetime) -> CollectionPoll:
+    started = time.monotonic()
+    lookback = timedelta(days=settings.poll.lookback_days)
+    start = (min(cursor, now) if cursor else now) - lookback
+    groups = group_areas(areas, settings.poll.group_distance_km)
+    result = CollectionPoll(catalogue.name, collection, areas=len(areas), groups=len(groups),
+                            window_start=start, window_end=now)
+    logger.info("polling %s/%s: %d areas in %d searches, %s .. %s", catalogue.name, collection, len(areas),
+                len(groups), start.isoformat(), now.isoformat())
+    try:
+        for group in groups:
+            result.observations_created += search_and_ingest(client, catalogue, catalogue_id, collection, group,
+                                                             start, now, catalogue.page_size, result.stats)
+    except Exception as exc:  # API errors, timeouts, DB errors: record, keep the cursor, try next poll
+        result.ok = False
+        result.error = _describe(exc)
+        logger.error("poll of %s/%s failed after %d items; cursor kept: %s", catalogue.name, collection,
+                     result.stats.items_seen, result.error)
+        _record_failure(catalogue_id, collection, now, result.error, result.stats.items_seen)
+    else:
+        _record_success(catalogue_id, collection, now, result.stats.items_seen)
+        logger.info("polled %s/%s: %d items, %d new scenes, %d upgraded, %d quarantined, %d new observations",
+                    catalogue.name, collection, result.stats.items_seen, result.stats.new_scenes,
+                    result.stats.upgraded_scenes, result.stats.quarantined, result.observations_created)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+# --- areas, observations ---------------------------------------------------------------------------
+
+
+def _active_areas(session: Session, collection: str, area_ids: list[int] | None = None) -> list[AreaFootprint]:
+    query = select(Area.id, Area.geom, Area.max_cloud_cover).where(
+        Area.status == AreaStatus.ACTIVE, literal(collection) == any_(Area.collections)
+    ).order_by(Area.id)
+    if area_ids is not None:
+        query = query.where(Area.id.in_(area_ids))
+    return [AreaFootprint(row.id, to_shape(row.geom), float(row.max_cloud_cover)) for row in session.execute(query)]
+
+
+def create_observations(session: Session, area_ids: list[int], scene_ids: list[int]) -> int:
+    """Pending observations for every (active area, scene) whose geometries intersect (PostGIS decides).
+
+    A scene returned by a search made for a group is offered to that group's areas only; the footprint
+    test here is exact, the search geometry was only a superset.
+    """
+    if not area_ids or not scene_ids:
+        return 0
+    from monitor.models import Observation, ObservationStatus
+
+    pending = literal(ObservationStatus.PENDING, type_=Observation.__table__.c.status.type)
+    pairs = (
+        select(Area.id, Scene.id, pending)
+        .join(Scene, func.ST_Intersects(Area.geom, Scene.footprint))
+        .where(
+            Area.id.in_(area_ids),
+            Scene.id.in_(scene_ids),
+            Area.status == AreaStatus.ACTIVE,
+            Scene.collection == any_(Area.collections),
+        )
+    )
+    stmt = (
+        insert(Observation)
+        .from_select(["area_id", "scene_id", "status"], pairs)
+        .on_conflict_do_nothing(index_elements=["area_id", "scene_id"])
+        .returning(Observation.area_id)
+    )
+    return len(session.execute(stmt).all())
+
+
+def _scene_ids_for(session: Session, catalogue_id: int, stats: IngestStats) -> list[int]:
+    """Ids of every scene the batch touched, including unchanged ones (a new area needs those too)."""
+    if not stats.acquisition_keys:
+        return []
+    rows = session.execute(
+        select(Scene.id).where(Scene.catalogue_id == catalogue_id, Scene.acquisition_key.in_(stats.acquisition_keys))
+    ).scalars()
+    return sorted(set(rows))
+
+
+# --- poll state ------------------------------------------------------------------------------------
+
+
+def _cursor(session: Session, catalogue_id: int, collection: str) -> datetime | None:
+    return session.execute(
+        select(PollState.cursor).where(PollState.catalogue_id == catalogue_id, PollState.collection == collection)
+    ).scalar_one_or_none()
+
+
+def _record_success(catalogue_id: int, collection: str, now: datetime, items_seen: int) -> None:
+    with session_scope() as session:
+        stmt = insert(PollState).values(
+            catalogue_id=catalogue_id, collection=collection, cursor=now, last_attempt_at=func.now(),
+            last_success_at=func.now(), last_error=None, items_seen=items_seen,
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[PollState.catalogue_id, PollState.collection],
+            set_={
+                # never move the cursor backwards (a replayed/backdated poll must not re-open old windows
+                # forever, nor skip: the window start is always cursor - look-back)
+                "cursor": func.greatest(PollState.cursor, stmt.excluded.cursor),
+                "last_attempt_at": stmt.excluded.last_attempt_at,
+                "last_success_at": stmt.excluded.last_success_at,
+                "last_error": None,
+                "items_seen": PollState.items_seen + stmt.excluded.items_seen,
+            },
+        )
+        session.execute(stmt)
+
+
+def _record_failure(catalogue_id: int, collection: str, now: datetime, error: str, items_seen: int = 0) -> None:
+    with session_scope() as session:
+        stmt = insert(PollState).values(
+            catalogue_id=catalogue_id, collection=collection, cursor=None, last_attempt_at=func.now(),
+            last_error=error[:4000], items_seen=items_seen,
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[PollState.catalogue_id, PollState.collection],
+            set_={
+                "last_attempt_at": stmt.excluded.last_attempt_at,
+                "last_error": stmt.excluded.last_error,
+                "items_seen": PollState.items_seen + stmt.excluded.items_seen,
+            },
+        )
+        session.execute(stmt)
+
+
+def _batches(items: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip() or exc.__class__.__name__
+    return f"{exc.__class__.__name__}: {text[:1000]}"

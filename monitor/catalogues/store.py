@@ -1,0 +1,169 @@
+"""Writing what a catalogue returned: catalogue rows, scenes (versioned upsert) and quarantined items.
+
+The scene upsert is one parameterised ``INSERT … ON CONFLICT (catalogue_id, acquisition_key) DO UPDATE
+… WHERE excluded.version_rank > scenes.version_rank``: two pollers racing on the same acquisition, or
+twins (``_0_``/``_1_``) arriving in any order, always end with the best version and never a duplicate.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from geoalchemy2.shape import from_shape
+from sqlalchemy import literal_column, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.orm import Session
+
+from monitor.catalogues.items import MalformedItem, ParsedItem, parse_item
+from monitor.config import CatalogueSettings
+from monitor.models import Catalogue, QuarantinedItem, Scene
+
+logger = logging.getLogger(__name__)
+
+
+class UpsertOutcome(enum.StrEnum):
+    INSERTED = "inserted"
+    UPGRADED = "upgraded"  # a better version replaced the stored one
+    UNCHANGED = "unchanged"  # same or lower-ranked version: nothing written
+
+
+@dataclass
+class IngestStats:
+    items_seen: int = 0
+    new_scenes: int = 0
+    upgraded_scenes: int = 0
+    unchanged: int = 0
+    quarantined: int = 0
+    scene_ids: list[int] = field(default_factory=list)  # inserted or upgraded
+    acquisition_keys: list[str] = field(default_factory=list)  # every item stored or already stored
+
+    def add(self, other: IngestStats) -> None:
+        self.items_seen += other.items_seen
+        self.new_scenes += other.new_scenes
+        self.upgraded_scenes += other.upgraded_scenes
+        self.unchanged += other.unchanged
+        self.quarantined += other.quarantined
+        self.scene_ids.extend(other.scene_ids)
+        self.acquisition_keys.extend(other.acquisition_keys)
+
+
+def upsert_catalogue(session: Session, catalogue: CatalogueSettings) -> int:
+    """The ``catalogues`` row for a configured catalogue (by name; the URL follows the settings)."""
+    stmt = (
+        insert(Catalogue)
+        .values(name=catalogue.name, url=catalogue.url)
+        .on_conflict_do_update(index_elements=[Catalogue.name], set_={"url": catalogue.url})
+        .returning(Catalogue.id)
+    )
+    return session.execute(stmt).scalar_one()
+
+
+def upsert_scene(session: Session, catalogue_id: int, collection: str, parsed: ParsedItem,
+                 raw: dict[str, Any]) -> tuple[int | None, UpsertOutcome]:
+    values = {
+        "catalogue_id": catalogue_id,
+        "collection": collection,
+        "acquisition_key": parsed.acquisition_key,
+        "item_id": parsed.item_id,
+        "version_rank": parsed.version_rank,
+        "platform": parsed.platform,
+        "tile": parsed.tile,
+        "relative_orbit": parsed.relative_orbit,
+        "acquired_at": parsed.acquired_at,
+        "cloud_cover": parsed.cloud_cover,
+        "processing_baseline": parsed.processing_baseline,
+        "footprint": from_shape(parsed.footprint, srid=4326),
+        "assets": parsed.assets,
+        "item": raw,
+        "versions_seen": 1,
+    }
+    stmt = insert(Scene).values(**values)
+    excluded = stmt.excluded
+    replace = ("item_id", "version_rank", "platform", "relative_orbit", "cloud_cover", "processing_baseline",
+               "footprint", "assets", "item")
+    stmt = stmt.on_conflict_do_update(
+        constraint="uq_scenes_acquisition",
+        set_={
+            **{name: excluded[name] for name in replace},
+            "versions_seen": Scene.versions_seen + 1,
+            "updated_at": literal_column("now()"),
+        },
+        # JSONB arrays of equal length compare element by element: [baseline, generated, sequence].
+        where=excluded.version_rank > Scene.version_rank,
+    ).returning(Scene.id, literal_column("(xmax = 0)").label("inserted"))
+    row = session.execute(stmt).one_or_none()
+    if row is None:
+        return None, UpsertOutcome.UNCHANGED
+    return row.id, UpsertOutcome.INSERTED if row.inserted else UpsertOutcome.UPGRADED
+
+
+def quarantine(session: Session, catalogue_id: int, collection: str | None, raw: Any, reason: str) -> None:
+    item_id = raw.get("id") if isinstance(raw, dict) else None
+    item_id = item_id if isinstance(item_id, str) else None
+    stored = raw if isinstance(raw, dict) and _jsonb_safe(raw) else None
+    stmt = (
+        insert(QuarantinedItem)
+        .values(catalogue_id=catalogue_id, collection=collection, item_id=item_id, reason=reason[:2000], raw=stored)
+        .on_conflict_do_nothing(constraint="uq_quarantine_item_reason")
+    )
+    session.execute(stmt)
+    logger.warning("quarantined item %r of %s: %s", item_id, collection, reason)
+
+
+def ingest_items(session: Session, catalogue: CatalogueSettings, catalogue_id: int, collection: str,
+                 items: Iterable[Any]) -> IngestStats:
+    """Upsert every item as a scene; quarantine the ones that cannot be (the rest still go in).
+
+    Each item runs in a savepoint so one row the database rejects (say, a NUL byte in a string, which
+    JSONB refuses) is quarantined instead of aborting the whole batch.
+    """
+    stats = IngestStats()
+    for raw in items:
+        stats.items_seen += 1
+        item_collection = raw.get("collection") if isinstance(raw, dict) else None
+        coll = item_collection if isinstance(item_collection, str) and item_collection else collection
+        try:
+            if not _jsonb_safe(raw):
+                raise MalformedItem("item contains NUL characters or non-finite numbers (not storable as JSON)")
+            parsed = parse_item(raw, catalogue)
+        except MalformedItem as exc:
+            quarantine(session, catalogue_id, coll, raw, str(exc))
+            stats.quarantined += 1
+            continue
+        try:
+            with session.begin_nested():
+                scene_id, outcome = upsert_scene(session, catalogue_id, coll, parsed, raw)
+        except (DataError, IntegrityError) as exc:
+            quarantine(session, catalogue_id, coll, raw, f"database refused the item: {exc.orig}")
+            stats.quarantined += 1
+            continue
+        stats.acquisition_keys.append(parsed.acquisition_key)
+        if outcome is UpsertOutcome.INSERTED:
+            stats.new_scenes += 1
+            logger.info("new scene %s (%s)", parsed.item_id, parsed.acquisition_key)
+        elif outcome is UpsertOutcome.UPGRADED:
+            stats.upgraded_scenes += 1
+            logger.info("scene %s now carries better version %s", parsed.acquisition_key, parsed.item_id)
+        else:
+            stats.unchanged += 1
+        if scene_id is not None:
+            stats.scene_ids.append(scene_id)
+    return stats
+
+
+def catalogue_id_by_name(session: Session, name: str) -> int | None:
+    return session.execute(select(Catalogue.id).where(Catalogue.name == name)).scalar_one_or_none()
+
+
+def _jsonb_safe(value: Any) -> bool:
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (ValueError, TypeError):
+        return False
+    return "\\u0000" not in text

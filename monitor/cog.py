@@ -1,0 +1,189 @@
+"""Reading the area of interest out of a remote Cloud-Optimised GeoTIFF.
+
+Only the AOI window is fetched: the COG is opened through GDAL's /vsicurl/ (HTTP Range requests, the
+header and the tiles that intersect the window) and warped through a ``WarpedVRT`` onto the requested
+grid — the source grid by default, or a common grid (``dst_crs`` + ``resolution`` [+ ``bounds``]) when
+two scenes must line up pixel for pixel.
+
+Every href goes through :func:`monitor.security.check_href` first; nothing else in the service opens
+third-party URLs with GDAL.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
+from rasterio.features import geometry_mask
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import calculate_default_transform, transform_geom
+from shapely.geometry import mapping, shape
+from shapely.geometry.base import BaseGeometry
+
+from monitor.config import CatalogueSettings
+from monitor.security import check_href
+
+logger = logging.getLogger(__name__)
+
+# A read larger than this (pixels per band) is refused: it would mean a continent-sized AOI at full
+# resolution, which is a configuration mistake, not something to fetch.
+MAX_PIXELS = 64_000_000
+
+
+class CogReadError(RuntimeError):
+    """A COG could not be opened or read; carries the href and GDAL's message."""
+
+    def __init__(self, href: str, message: str):
+        super().__init__(f"cannot read {href}: {message}")
+        self.href = href
+        self.gdal_message = message
+
+
+@dataclass
+class AoiRaster:
+    """Pixels of the AOI on one grid."""
+
+    array: np.ndarray  # (bands, height, width), the file's data type
+    transform: Affine
+    crs: CRS
+    nodata: float | None
+    mask: np.ndarray  # (height, width) bool: True where the pixel centre is inside the AOI polygon
+    href: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.array.shape[1], self.array.shape[2]
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        height, width = self.shape
+        left, top = self.transform.c, self.transform.f
+        return left, top + height * self.transform.e, left + width * self.transform.a, top
+
+
+def gdal_env(timeout_seconds: float = 30.0, **overrides: Any) -> rasterio.Env:
+    """GDAL settings for remote COGs (why each: design notes §3.7)."""
+    options: dict[str, Any] = {
+        # Do not list the "directory" of an HTTP URL looking for sidecar files: one wasted request each.
+        "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+        "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.TIF,.tiff",
+        # Adjacent tiles in one Range request, several requests over one HTTP/2 connection.
+        "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+        "GDAL_HTTP_MULTIPLEX": "YES",
+        "VSI_CACHE": "TRUE",
+        "GDAL_HTTP_MAX_RETRY": 3,
+        "GDAL_HTTP_RETRY_DELAY": 1,
+        "GDAL_HTTP_TIMEOUT": math.ceil(timeout_seconds),
+        "GDAL_HTTP_CONNECTTIMEOUT": math.ceil(min(timeout_seconds, 10.0)),
+    }
+    options.update(overrides)
+    return rasterio.Env(**options)
+
+
+def utm_crs_for(geom_4326: BaseGeometry) -> CRS:
+    """The UTM zone (WGS84) of the geometry's centroid: a metric grid for areas and common grids."""
+    point = geom_4326.centroid
+    lon = ((point.x + 180.0) % 360.0) - 180.0
+    zone = min(int((lon + 180.0) // 6.0) + 1, 60)
+    return CRS.from_epsg((32600 if point.y >= 0 else 32700) + zone)
+
+
+def read_aoi(
+    href: str,
+    geom_4326: BaseGeometry,
+    *,
+    catalogue: CatalogueSettings,
+    dst_crs: Any = None,
+    resolution: float | tuple[float, float] | None = None,
+    resampling: Resampling = Resampling.nearest,
+    bounds: tuple[float, float, float, float] | None = None,
+    indexes: int | list[int] | None = None,
+) -> AoiRaster:
+    """Read the window of ``href`` covering ``geom_4326`` (EPSG:4326) on the requested grid.
+
+    - default grid: the file's own CRS and pixel size, window snapped to its pixel grid (no resampling);
+    - ``dst_crs`` / ``resolution``: that CRS and pixel size, window snapped to multiples of the pixel size
+      so every scene read for the same AOI lands on the same grid;
+    - ``bounds`` (in ``dst_crs``): exactly this extent (a caller-defined common grid).
+
+    Pixels outside the file are ``nodata``. Raises :class:`monitor.security.HrefRefused` for hrefs that
+    must not be opened and :class:`CogReadError` for unreadable or corrupt files.
+    """
+    url = check_href(href, catalogue)
+    try:
+        with gdal_env(catalogue.timeout_seconds), rasterio.open(url) as src:
+            return _read(src, href, geom_4326, dst_crs, resolution, resampling, bounds, indexes)
+    except CogReadError:
+        raise
+    except (RasterioError, OSError, ValueError) as exc:
+        # RasterioIOError (not found, not a TIFF), CPLE_* (corrupt tiles), HTTP errors surfaced by GDAL.
+        raise CogReadError(href, str(exc) or exc.__class__.__name__) from exc
+
+
+def _read(src: Any, href: str, geom_4326: BaseGeometry, dst_crs: Any, resolution: Any, resampling: Resampling,
+          bounds: tuple[float, float, float, float] | None, indexes: int | list[int] | None) -> AoiRaster:
+    if src.crs is None:
+        raise CogReadError(href, "the file has no CRS (not georeferenced)")
+    crs = CRS.from_user_input(dst_crs) if dst_crs is not None else src.crs
+    same_grid = crs == src.crs and resolution is None
+    if resolution is None:
+        if crs == src.crs:
+            res = (abs(src.res[0]), abs(src.res[1]))
+        else:
+            transform, _, _ = calculate_default_transform(src.crs, crs, src.width, src.height, *src.bounds)
+            res = (abs(transform.a), abs(transform.e))
+    elif isinstance(resolution, tuple | list):
+        res = (float(resolution[0]), float(resolution[1]))
+    else:
+        res = (float(resolution), float(resolution))
+
+    geom_dst = shape(transform_geom("EPSG:4326", crs, mapping(geom_4326)))
+    if bounds is None:
+        origin = (src.transform.c, src.transform.f) if same_grid else (0.0, 0.0)
+        bounds = _snap(geom_dst.bounds, origin, res)
+    left, bottom, right, top = bounds
+    width = max(1, round((right - left) / res[0]))
+    height = max(1, round((top - bottom) / res[1]))
+    if width * height > MAX_PIXELS:
+        raise CogReadError(href, f"the AOI window is {width}x{height} pixels at {res}; refusing (max {MAX_PIXELS})")
+    dst_transform = Affine(res[0], 0.0, left, 0.0, -res[1], top)
+
+    nodata = src.nodata
+    with WarpedVRT(src, crs=crs, transform=dst_transform, width=width, height=height, resampling=resampling,
+                   nodata=nodata if nodata is not None else 0) as vrt:
+        array = vrt.read(indexes)
+    if array.ndim == 2:
+        array = array[np.newaxis, ...]
+    mask = geometry_mask([mapping(geom_dst)], out_shape=(height, width), transform=dst_transform, invert=True)
+    if not mask.any():
+        # An AOI smaller than a pixel: count the pixels it touches rather than none.
+        mask = geometry_mask([mapping(geom_dst)], out_shape=(height, width), transform=dst_transform, invert=True,
+                             all_touched=True)
+    logger.debug("read %s: %dx%d px of %s at %s", href, width, height, crs, res)
+    return AoiRaster(array=array, transform=dst_transform, crs=crs, nodata=nodata if nodata is not None else 0,
+                     mask=mask, href=href)
+
+
+def _snap(b: tuple[float, float, float, float], origin: tuple[float, float],
+          res: tuple[float, float]) -> tuple[float, float, float, float]:
+    """Grow bounds outwards to whole pixels of the grid anchored at ``origin``."""
+    ox, oy = origin
+    rx, ry = res
+    eps = 1e-9
+    left = ox + math.floor((b[0] - ox) / rx + eps) * rx
+    right = ox + math.ceil((b[2] - ox) / rx - eps) * rx
+    top = oy - math.floor((oy - b[3]) / ry + eps) * ry
+    bottom = oy - math.ceil((oy - b[1]) / ry - eps) * ry
+    if right <= left:
+        right = left + rx
+    if top <= bottom:
+        bottom = top - ry
+    return left, bottom, right, top

@@ -1,0 +1,226 @@
+"""The scheduler: one leader (PostgreSQL advisory lock) runs poll → pair, dispatch and report jobs.
+
+Any number of ``unirs-monitor scheduler`` processes may run (on several hosts, for availability); the
+one holding the leader lock schedules work, the others wait and retry every few seconds. When the
+leader dies its connection closes, the lock is released and a stand-by takes over within
+``retry_seconds``. A leader that loses its lock connection stops scheduling at once (its watchdog
+notices) and goes back to waiting, so two leaders never run jobs at the same time.
+
+Jobs (APScheduler 3, ``BlockingScheduler``; each job is single-instance and coalesced):
+
+- ``poll``: every ``poll.interval_minutes``: poll every catalogue, then pair right away;
+- ``pair``: periodically, for observations still pending (a crash mid-pairing, failed reads due a retry);
+- ``dispatch``: every ``analysis.dispatch_interval_seconds``: ``monitor.dispatch.dispatch_once()``;
+- ``reports``: ``monitor.reports.run_deliveries()``.
+
+Dispatch and reports are imported lazily: they belong to other parts of the service and a deployment
+without them (or a broken import) still polls and pairs; the job logs why it did nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.blocking import BlockingScheduler
+
+from monitor.config import Settings, get_settings
+from monitor.locks import LEADER_LOCK, AdvisoryLock, cycle_lock, wait_for_leadership
+
+logger = logging.getLogger(__name__)
+
+JOBS = ("poll", "pair", "dispatch", "reports")
+PAIR_INTERVAL_SECONDS = 300.0
+REPORTS_INTERVAL_SECONDS = 60.0
+
+
+@dataclass
+class CycleSummary:
+    """What one poll → pair → dispatch cycle did (printed by ``poll --once``)."""
+
+    items_seen: int = 0
+    new_scenes: int = 0
+    upgraded_scenes: int = 0
+    quarantined: int = 0
+    observations: int = 0
+    analyses_created: int = 0
+    search_requests: int = 0
+    dispatched: Any = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def poll_and_pair(settings: Settings | None = None, *, now: datetime | None = None) -> CycleSummary:
+    """Poll every catalogue, then settle the pending observations (one cycle, serialised across processes)."""
+    from monitor.catalogues import poll_all
+    from monitor.pairing import process_pending
+
+    settings = settings or get_settings()
+    summary = CycleSummary()
+    with cycle_lock(settings.database_url):
+        polled = poll_all(settings, now=now)
+        pairing = process_pending(settings)
+    summary.items_seen = polled.total("items_seen")
+    summary.new_scenes = polled.total("new_scenes")
+    summary.upgraded_scenes = polled.total("upgraded_scenes")
+    summary.quarantined = polled.total("quarantined")
+    summary.search_requests = polled.search_requests
+    summary.observations = pairing.observations
+    summary.analyses_created = pairing.analyses_created
+    summary.errors = [f"{p.catalogue}/{p.collection}: {p.error}" for p in polled.polls if not p.ok]
+    return summary
+
+
+def pair_pending(settings: Settings | None = None) -> None:
+    from monitor.pairing import process_pending
+
+    settings = settings or get_settings()
+    with cycle_lock(settings.database_url):
+        process_pending(settings)
+
+
+_warned: set[str] = set()
+
+
+def call_optional(module: str, function: str) -> Any:
+    """Call ``module.function()`` if that module exists; log (once, not raise) when it does not."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name in (module, module.rsplit(".", 1)[0]):
+            _warn_once(f"{module} is not installed in this deployment; {function} skipped")
+            return None
+        raise
+    func = getattr(mod, function, None)
+    if func is None:
+        _warn_once(f"{module} has no {function}() yet; skipped")
+        return None
+    return func()
+
+
+def _warn_once(message: str) -> None:
+    # The dispatch job runs every few seconds: say it once per process, not thousands of times a day.
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+def dispatch_once() -> Any:
+    return call_optional("monitor.dispatch", "dispatch_once")
+
+
+def run_deliveries() -> Any:
+    return call_optional("monitor.reports", "run_deliveries")
+
+
+class Scheduler:
+    """Leader election + the APScheduler jobs. ``run()`` blocks until ``stop()`` (or SIGTERM/SIGINT)."""
+
+    def __init__(self, settings: Settings | None = None, *, jobs: Iterable[str] = JOBS, retry_seconds: float = 5.0,
+                 pair_interval_seconds: float = PAIR_INTERVAL_SECONDS,
+                 reports_interval_seconds: float = REPORTS_INTERVAL_SECONDS):
+        self.settings = settings or get_settings()
+        self.jobs = tuple(jobs)
+        unknown = set(self.jobs) - set(JOBS)
+        if unknown:
+            raise ValueError(f"unknown jobs {sorted(unknown)}; choose from {JOBS}")
+        self.retry_seconds = retry_seconds
+        self.pair_interval_seconds = pair_interval_seconds
+        self.reports_interval_seconds = reports_interval_seconds
+        self.lock = AdvisoryLock(LEADER_LOCK, self.settings.database_url, purpose="scheduler")
+        self._stop = threading.Event()
+        self._scheduler: BlockingScheduler | None = None
+        self._lost = False
+
+    def stop(self, *_: Any) -> None:
+        self._stop.set()
+        scheduler = self._scheduler
+        if scheduler is not None and scheduler.running:
+            scheduler.shutdown(wait=False)
+
+    def install_signal_handlers(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.stop)
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            if not wait_for_leadership(self.lock, self.retry_seconds, self._stop.is_set):
+                break
+            logger.info("this scheduler is now the leader (jobs: %s)", ", ".join(self.jobs))
+            try:
+                self._lead()
+            finally:
+                self.lock.release()
+            if self._lost and not self._stop.is_set():
+                logger.warning("leadership lost; standing by")
+                self._lost = False
+        logger.info("scheduler stopped")
+
+    def _lead(self) -> None:
+        scheduler = BlockingScheduler(
+            timezone=UTC,
+            executors={"default": ThreadPoolExecutor(4)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 300},
+        )
+        now = datetime.now(UTC)
+        settings = self.settings
+        if "poll" in self.jobs:
+            scheduler.add_job(self._guard("poll", lambda: poll_and_pair(settings)), "interval",
+                              minutes=settings.poll.interval_minutes, next_run_time=now, id="poll")
+        if "pair" in self.jobs:
+            scheduler.add_job(self._guard("pair", lambda: pair_pending(settings)), "interval",
+                              seconds=self.pair_interval_seconds, id="pair")
+        if "dispatch" in self.jobs:
+            scheduler.add_job(self._guard("dispatch", dispatch_once), "interval",
+                              seconds=settings.analysis.dispatch_interval_seconds, next_run_time=now, id="dispatch")
+        if "reports" in self.jobs:
+            scheduler.add_job(self._guard("reports", run_deliveries), "interval",
+                              seconds=self.reports_interval_seconds, id="reports")
+        scheduler.add_job(self._watchdog, "interval", seconds=max(1.0, self.retry_seconds), id="leader-watchdog")
+        self._scheduler = scheduler
+        if self._stop.is_set():
+            return
+        try:
+            scheduler.start()  # blocks until shutdown
+        finally:
+            self._scheduler = None
+
+    def _watchdog(self) -> None:
+        if not self.lock.still_held():
+            logger.error("leader lock no longer held (database connection lost): stopping all jobs")
+            self._lost = True
+            scheduler = self._scheduler
+            if scheduler is not None:
+                scheduler.shutdown(wait=False)
+
+    def _guard(self, name: str, job: Callable[[], Any]) -> Callable[[], None]:
+        """Run a job only while leader; log its failure instead of letting it kill the schedule."""
+
+        def run() -> None:
+            if self._lost or not self.lock.held:
+                return
+            try:
+                result = job()
+            except Exception:
+                logger.exception("job %s failed; it runs again at its next time", name)
+                return
+            logger.debug("job %s done: %s", name, result)
+
+        run.__name__ = f"job_{name}"
+        return run
+
+
+def run_scheduler(settings: Settings | None = None, **kwargs: Any) -> None:
+    scheduler = Scheduler(settings, **kwargs)
+    scheduler.install_signal_handlers()
+    scheduler.run()

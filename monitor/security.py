@@ -1,0 +1,184 @@
+"""Which asset hrefs may be opened.
+
+Asset hrefs come from a third party (the STAC catalogue). Opening one makes *this* machine fetch a URL,
+so a hostile or broken catalogue could point us at the cloud metadata service (169.254.169.254), at a
+database on loopback, at the private network, or at local files. Every URL that reaches GDAL therefore
+goes through :func:`check_href` first:
+
+- only the catalogue's ``allowed_schemes`` (https by default; http / s3 when configured), never
+  ``file://``, GDAL ``/vsi…`` paths or bare paths;
+- the host must be on the catalogue's ``allowed_hosts`` (exact name, or ``*.example.com`` for any
+  subdomain);
+- unless the catalogue sets ``allow_private_hosts`` (tests, the local demo), the host — an IP literal, or
+  every address it resolves to — must be a public unicast address.
+
+Residual risk, stated so nobody assumes otherwise: GDAL (libcurl) resolves the name again when it
+connects (DNS rebinding window) and follows HTTP redirects; GDAL 3.10 has no option to turn redirects off.
+The allow-list of hosts is the main defence; deployments should also block egress to metadata and
+private ranges at the network level.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from urllib.parse import urlsplit
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from monitor.config import CatalogueSettings, Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+# Characters that mean "this is not a plain URL" to Python or GDAL (GDAL splits option strings on some,
+# and a URL parser disagreement is the classic allow-list bypass).
+_FORBIDDEN_CHARS = set("\\ \t\r\n\x00") | {chr(c) for c in range(0x20)}
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class HrefRefused(ValueError):
+    """An asset href that must not be opened; the message says why."""
+
+
+def check_href(href: str, catalogue: CatalogueSettings, *, resolve: bool = True, sign: bool = True) -> str:
+    """Return the URL to open for ``href``, or raise :class:`HrefRefused` with the reason.
+
+    For catalogues with ``signing = "planetary-computer"`` the returned URL is signed (a SAS token is
+    appended): call this right before opening, because tokens expire.
+
+    ``resolve=False`` skips the DNS lookup (IP literals are still checked) and ``sign=False`` the signing:
+    the cheap static check done at ingest time. Anything about to be opened uses the defaults.
+    """
+    if not isinstance(href, str) or not href:
+        raise HrefRefused(f"href must be a non-empty string, got {href!r}")
+    if any(ch in _FORBIDDEN_CHARS for ch in href):
+        raise HrefRefused(f"href {href!r} contains whitespace, control characters or backslashes")
+    if href.lower().startswith("/vsi"):
+        raise HrefRefused(f"href {href!r} is a GDAL virtual file system path")
+    try:
+        parts = urlsplit(href)
+        port = parts.port
+    except ValueError as exc:
+        raise HrefRefused(f"href {href!r} is not a valid URL: {exc}") from None
+    scheme = parts.scheme.lower()
+    if not scheme:
+        raise HrefRefused(f"href {href!r} is a bare path, not a URL")
+    if scheme == "file":
+        raise HrefRefused(f"href {href!r}: file:// URLs are never opened")
+    allowed_schemes = {s.lower() for s in catalogue.allowed_schemes}
+    if scheme not in allowed_schemes:
+        raise HrefRefused(
+            f"href {href!r}: scheme {scheme!r} is not allowed for catalogue {catalogue.name!r} "
+            f"(allowed: {sorted(allowed_schemes)})"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise HrefRefused(f"href {href!r} carries credentials in the URL")
+    host = (parts.hostname or "").rstrip(".").lower()
+    if not host:
+        raise HrefRefused(f"href {href!r} has no host")
+    if not host_allowed(host, catalogue.allowed_hosts):
+        raise HrefRefused(
+            f"href {href!r}: host {host!r} is not on the allow-list of catalogue {catalogue.name!r} "
+            f"({catalogue.allowed_hosts})"
+        )
+    if scheme != "s3" and not catalogue.allow_private_hosts:
+        # s3:// "hosts" are bucket names; GDAL talks to the configured S3 endpoint, not to that name.
+        _check_public(host, port or _DEFAULT_PORTS.get(scheme, 443), href, resolve=resolve)
+    if sign and catalogue.signing == "planetary-computer":
+        return sign_planetary_computer(href)
+    return href
+
+
+def host_allowed(host: str, allowed_hosts: list[str]) -> bool:
+    """Exact match, or ``*.example.com`` matching any subdomain of example.com (not the apex)."""
+    host = host.rstrip(".").lower()
+    for pattern in allowed_hosts:
+        pattern = pattern.strip().rstrip(".").lower()
+        if not pattern:
+            continue
+        if pattern.startswith("*."):
+            if host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
+                return True
+        elif host == pattern:
+            return True
+    return False
+
+
+def _check_public(host: str, port: int, href: str, *, resolve: bool = True) -> None:
+    literal = _ip_literal(host)
+    if literal is not None:
+        addresses = [literal]
+    elif not resolve:
+        if host == "localhost" or host.endswith(".localhost"):
+            raise HrefRefused(f"href {href!r}: host {host!r} is loopback by definition (RFC 6761)")
+        return
+    else:
+        try:
+            infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+        except (OSError, UnicodeError) as exc:
+            raise HrefRefused(f"href {href!r}: host {host!r} does not resolve ({exc})") from None
+        addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+        if not addresses:
+            raise HrefRefused(f"href {href!r}: host {host!r} resolves to no address")
+    for address in addresses:
+        problem = non_public_reason(address)
+        if problem:
+            where = "" if literal is not None else f" (resolves to {address})"
+            raise HrefRefused(
+                f"href {href!r}: host {host!r}{where} is {problem}; set allow_private_hosts on the catalogue "
+                "only for local test/demo setups"
+            )
+
+
+def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+def non_public_reason(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why ``address`` is not a public unicast address, or None if it is one."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    checks = (
+        ("is_unspecified", "an unspecified address"),
+        ("is_loopback", "a loopback address"),
+        ("is_link_local", "a link-local address (cloud metadata lives there)"),
+        ("is_multicast", "a multicast address"),
+        ("is_reserved", "a reserved address"),
+        ("is_private", "a private address"),
+    )
+    for attribute, label in checks:
+        if getattr(address, attribute):
+            return label
+    if not address.is_global:
+        return "not a globally routable address"
+    return None
+
+
+def sign_planetary_computer(href: str) -> str:
+    """Append a Planetary Computer SAS token (the optional ``pc`` extra)."""
+    try:
+        import planetary_computer  # lazy: an optional dependency only PC deployments install
+    except ImportError as exc:
+        raise RuntimeError(
+            "catalogue signing 'planetary-computer' needs the optional package: "
+            "pip install 'unirs-monitor[pc]' (planetary-computer)"
+        ) from exc
+    return planetary_computer.sign(href)
+
+
+def catalogue_for_id(session: Session, catalogue_id: int, settings: Settings | None = None) -> CatalogueSettings:
+    """The configured catalogue behind a ``catalogues`` row (by its name)."""
+    from monitor.models import Catalogue
+
+    name = session.execute(select(Catalogue.name).where(Catalogue.id == catalogue_id)).scalar_one()
+    return (settings or get_settings()).catalogue(name)
+
+
+def catalogue_for_scene(session: Session, scene, settings: Settings | None = None) -> CatalogueSettings:
+    """The configured catalogue a :class:`monitor.models.Scene` came from (its hrefs' allow-list)."""
+    return catalogue_for_id(session, scene.catalogue_id, settings)

@@ -1,0 +1,179 @@
+"""Pairing: AOI clear fraction from real SCL COGs over HTTP, before-scene choice, the analysis outbox row.
+
+The shared sample collection has 16 real acquisitions of tile 34TER (2015–2020). Over the inner AOI
+used here (SCL, classes 4–7 clear), clear fractions are: 100 % on the clear dates, 0 % on 2016-08-25 and
+2020-09-18, 11 % on 2017-08-30, 21 % on 2018-11-08 (eo:cloud_cover 0 but half the scene is cloud
+shadow), 34 % on 2019-08-30 and 81 % on 2020-07-30 (41 % scene cloud cover, elsewhere).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from shapely.affinity import translate
+from sqlalchemy import select
+
+from monitor.catalogues import poll_all
+from monitor.config import ModelSettings, Settings
+from monitor.db import session_scope
+from monitor.models import Analysis, Observation, Scene
+from monitor.pairing import (
+    analyser_id,
+    clear_fraction_qa_pixel,
+    clear_fraction_scl,
+    idempotency_key,
+    process_pending,
+    question_set_id,
+    seasonal_offset_days,
+)
+from tests.fixtures_ingest import inner_aoi
+
+NOW = datetime(2020, 12, 31, tzinfo=UTC)
+
+
+def observations(area_id: int) -> dict[str, tuple[str, float | None, str | None]]:
+    with session_scope() as session:
+        rows = session.execute(
+            select(Scene.acquired_at, Observation.status, Observation.clear_fraction, Observation.reason)
+            .join(Scene, Scene.id == Observation.scene_id)
+            .where(Observation.area_id == area_id)
+        ).all()
+    return {r.acquired_at.date().isoformat(): (r.status.value, r.clear_fraction, r.reason) for r in rows}
+
+
+def pairs(area_id: int) -> dict[str, tuple[str, str, Analysis]]:
+    """after date -> (before date, pair reason, analysis)."""
+    with session_scope() as session:
+        rows = session.execute(select(Analysis).where(Analysis.area_id == area_id)).scalars().all()
+        return {a.after_scene.acquired_at.date().isoformat(): (a.before_scene.acquired_at.date().isoformat(),
+                                                               a.pair_reason, a) for a in rows}
+
+
+# --- pure rules ------------------------------------------------------------------------------------
+
+
+def test_analyser_and_question_set_ids():
+    assert analyser_id(Settings()) == "spectral@1"
+    with_model = Settings(model=ModelSettings(weights_path=Path("/srv/models/unirs-2026-03")))
+    assert analyser_id(with_model) == "unirs@unirs-2026-03+spectral@1"
+    assert question_set_id(["roads", "deforestation", "roads"]) == "deforestation,roads@1"
+    assert question_set_id([]) == "@1"
+
+
+def test_idempotency_key_covers_every_ingredient():
+    base = (1, "a|t|x", "a|t|y", "spectral@1", "q@1", "latest")
+    key = idempotency_key(*base)
+    assert len(key) == 64 and key == idempotency_key(*base)
+    for i, other in enumerate((2, "a|t|z", None, "unirs@x+spectral@1", "r@1", "seasonal")):
+        changed = list(base)
+        changed[i] = other
+        assert idempotency_key(*changed) != key
+
+
+def test_clear_fraction_from_scl_and_qa_pixel():
+    scl = np.array([[4, 5, 6, 7], [8, 9, 3, 0]], dtype=np.uint8)
+    inside = np.ones_like(scl, dtype=bool)
+    assert clear_fraction_scl(scl, inside) == 0.5
+    inside[1] = False
+    assert clear_fraction_scl(scl, inside) == 1.0
+    assert clear_fraction_scl(scl, np.zeros_like(inside)) == 0.0
+    clear, water, cloud, shadow, fill = 1 << 6, 1 << 7, (1 << 3) | (1 << 1), 1 << 4, 1
+    qa = np.array([clear, water, cloud, shadow | clear, fill], dtype=np.uint16)
+    assert clear_fraction_qa_pixel(qa, np.ones(5, dtype=bool)) == 0.4
+
+
+def test_seasonal_offset():
+    after = datetime(2020, 8, 29, tzinfo=UTC)
+    assert seasonal_offset_days(datetime(2015, 8, 31, tzinfo=UTC), after) == 2
+    assert seasonal_offset_days(datetime(2019, 8, 30, tzinfo=UTC), after) == 1
+    assert seasonal_offset_days(datetime(2020, 8, 4, tzinfo=UTC), after) is None  # same season, not a year back
+    # Across New Year: 2018-12-30 is 5 days from 2019-01-04 (the after date moved one year back).
+    assert seasonal_offset_days(datetime(2018, 12, 30, tzinfo=UTC), datetime(2020, 1, 4, tzinfo=UTC)) == 5
+
+
+# --- against the local STAC API and COG server ----------------------------------------------------
+
+
+def test_latest_and_seasonal_pairing_over_the_full_history(stac_api, make_settings, add_area, sample_footprint):
+    cfg = make_settings(stac_api.url, ["sentinel-2-l2a"], lookback_days=3000)
+    aoi = inner_aoi(sample_footprint)
+    latest = add_area("forest latest", aoi, max_cloud_cover=100.0, questions=["roads", "deforestation"])
+    seasonal = add_area("forest seasonal", aoi, max_cloud_cover=100.0, pairing_policy="seasonal")
+    # Within the grouping distance but outside every footprint: searched together, observed never.
+    far = add_area("nearby field", translate(aoi, xoff=0.2), max_cloud_cover=100.0)
+
+    polled = poll_all(cfg, now=NOW)
+    assert polled.ok and polled.search_requests == 1  # one search for the three areas
+    stats = process_pending(cfg)
+    assert stats.observations == 32 and stats.failed == 0
+    assert observations(far) == {}
+
+    obs = observations(latest)
+    assert obs["2018-11-08"][0] == "cloudy"
+    assert obs["2018-11-08"][2] == "AOI clear fraction 21% is below the area's minimum 70%"
+    assert obs["2016-08-25"][:2] == ("cloudy", 0.0)
+    assert obs["2020-07-30"][0] == "clear" and obs["2020-07-30"][1] > 0.8
+    assert obs["2015-08-31"][2] == ("no earlier clear acquisition of tile 34TER orbit R136 "
+                                    "(≥ 70% clear over the area; 0 candidates checked)")
+
+    latest_pairs = pairs(latest)
+    assert set(latest_pairs) == {"2016-08-15", "2017-07-06", "2017-07-11", "2018-08-25", "2019-06-16", "2019-07-01",
+                                 "2019-08-20", "2020-07-30", "2020-08-04", "2020-08-29"}
+    before, reason, analysis = latest_pairs["2020-08-29"]
+    assert before == "2020-08-04"
+    assert reason == "latest earlier clear acquisition of tile 34TER orbit R136: 2020-08-04 (clear 100%)"
+    # 2018-11-08 (shadow) and 2019-08-30 (cloud) are skipped; 2019-06-16 is the latest clear one.
+    assert latest_pairs["2019-07-01"][0] == "2019-06-16"
+    assert latest_pairs["2019-06-16"][0] == "2018-08-25"
+    assert analysis.status.value == "pending" and analysis.question_set == "deforestation,roads@1"
+    assert analysis.idempotency_key == idempotency_key(
+        latest, analysis.after_scene.acquisition_key, analysis.before_scene.acquisition_key, "spectral@1",
+        "deforestation,roads@1", "latest")
+
+    seasonal_pairs = pairs(seasonal)
+    before, reason, _ = seasonal_pairs["2020-08-29"]
+    # Nearest the same day of year: 2019-08-30 and 2017-08-30 (1 day) are cloudy over the area, 2015-08-31
+    # (2 days) is clear.
+    assert before == "2015-08-31"
+    assert reason == ("seasonal baseline: clear acquisition of tile 34TER orbit R136 nearest the same day of year "
+                      "in an earlier year: 2015-08-31 (clear 100%, 2 days from 2015-08-29)")
+    assert seasonal_pairs["2019-08-20"][0] == "2018-08-25"
+    assert "2017-07-11" not in seasonal_pairs  # nothing clear within ±30 days in 2015–2016
+    assert seasonal_pairs["2016-08-15"][0] == "2015-08-31"
+    no_season = observations(seasonal)["2017-07-11"][2]
+    assert no_season.startswith("no clear acquisition of tile 34TER orbit R136 within ±30 days of the same day")
+
+    # Idempotent: nothing pending, and re-running changes nothing.
+    again = process_pending(cfg)
+    assert again.observations == 0 and again.analyses_created == 0
+
+
+def test_cloudy_new_scene_creates_no_analysis(stac_collection, make_settings, add_area, items_by_date,
+                                              sample_footprint):
+    cfg = make_settings(stac_collection.api.url, [stac_collection.id], lookback_days=100)
+    area = add_area("forest", inner_aoi(sample_footprint), collections=[stac_collection.id])
+    for date in ("2018-08-25", "2018-11-08"):
+        stac_collection.publish(items_by_date[date])
+    poll_all(cfg, now=datetime(2018, 11, 10, tzinfo=UTC))
+    stats = process_pending(cfg)
+    assert (stats.clear, stats.cloudy, stats.analyses_created) == (1, 1, 0)
+    assert observations(area)["2018-11-08"][0] == "cloudy"
+
+
+def test_unreadable_cloud_mask_is_a_failed_observation(stac_collection, make_settings, add_area, items_by_date,
+                                                       sample_footprint, cog_server):
+    import copy
+
+    item = copy.deepcopy(items_by_date["2020-08-04"])
+    item["assets"]["scl"]["href"] = cog_server.href("cogs/2020-08-04/missing-scl.tif")
+    stac_collection.publish(item)
+    cfg = make_settings(stac_collection.api.url, [stac_collection.id])
+    area = add_area("forest", inner_aoi(sample_footprint), collections=[stac_collection.id])
+    poll_all(cfg, now=datetime(2020, 8, 6, tzinfo=UTC))
+    stats = process_pending(cfg)
+    assert stats.failed == 1 and stats.analyses_created == 0
+    status, fraction, reason = observations(area)["2020-08-04"]
+    assert status == "failed" and fraction is None
+    assert reason.startswith("cloud mask unreadable: cannot read http://127.0.0.1:") and "missing-scl.tif" in reason

@@ -68,6 +68,10 @@ cli.add_command(scheduler)
 cli.add_command(poll)
 cli.add_command(backfill)
 
+from monitor.findings_cli import findings  # noqa: E402
+
+cli.add_command(findings)
+
 from monitor.demo import demo  # noqa: E402
 
 cli.add_command(demo)

@@ -74,7 +74,7 @@ class AnalysisSettings(BaseModel):
     cloud_buffer_px: int = 3
     min_mapping_unit_ha: float = 0.1
     # Chips whose spectral change score is below this never reach the model.
-    model_score_threshold: float = 0.02
+    model_score_threshold: float = 0.005
     video_frames: int = 8
 
 
@@ -99,6 +99,28 @@ class SmtpSettings(BaseModel):
     timeout_seconds: float = 30.0
     max_attempts: int = 5
     outbox_dir: Path = Path("var/outbox")
+    # Transient failures (4xx, refused, timeouts) wait base × 2^(attempt−1) seconds, capped: with the
+    # defaults an outage of about 75 minutes is ridden out before a delivery is given up as failed.
+    retry_base_seconds: float = 300.0
+    retry_max_seconds: float = 3600.0
+    # A delivery claimed for sending longer than this is assumed to belong to a dead worker.
+    lease_seconds: int = 300
+
+
+class ReportSettings(BaseModel):
+    # Jinja2 templates of the emails; None = the `templates/` directory of the source tree.
+    templates_dir: Path | None = None
+    # Immediate alerts are created for analyses finished this recently (a newly added recipient or an
+    # area switched to `immediate` does not receive the whole history).
+    immediate_lookback_days: float = 7.0
+    digest_interval_hours: float = 24.0
+    # A digest ends this long before "now", so an analysis whose transaction is still committing is
+    # not skipped by both this digest and the next one.
+    digest_settle_minutes: float = 10.0
+    # Analyses shown in full (images, answers) in a digest; the rest are listed in a table.
+    digest_detailed_analyses: int = 5
+    # Health warning when an area has had no clear scene for this long.
+    no_clear_scene_days: float = 14.0
 
 
 class Settings(BaseSettings):
@@ -131,6 +153,7 @@ class Settings(BaseSettings):
     analysis: AnalysisSettings = AnalysisSettings()
     model: ModelSettings = ModelSettings()
     smtp: SmtpSettings = SmtpSettings()
+    reports: ReportSettings = ReportSettings()
     metrics_port: int | None = None
 
     @classmethod

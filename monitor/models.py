@@ -29,6 +29,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -278,10 +279,23 @@ class Finding(Base):
 
     __table_args__ = (
         UniqueConstraint("analysis_id", "ordinal", name="uq_findings_analysis_ordinal"),
-        Index("ix_findings_geom", "geom", postgresql_using="gist"),
+        # Place and time in one GiST (btree_gist, revision 0002): "this box, these months" is one index scan.
+        Index("ix_findings_geom_observed", "geom", "observed_at", postgresql_using="gist"),
         Index("ix_findings_area_observed", "area_id", "observed_at"),
         Index("ix_findings_observed_at", "observed_at"),
         Index("ix_findings_kind", "kind"),
+        # `findings --text` is ILIKE '%…%': trigram GIN indexes (revision 0002, extension pg_trgm).
+        Index(
+            "ix_findings_caption_trgm", "caption", postgresql_using="gin", postgresql_ops={"caption": "gin_trgm_ops"}
+        ),
+        Index("ix_findings_answer_trgm", "answer", postgresql_using="gin", postgresql_ops={"answer": "gin_trgm_ops"}),
+        # The geometry expression of the view v_change_regions (revision 0002), so QGIS's extent filter is indexed.
+        Index(
+            "ix_findings_region_geom",
+            text("(ST_Multi(ST_CollectionExtract(geom, 3))::geometry(MultiPolygon, 4326))"),
+            postgresql_using="gist",
+            postgresql_where=text("kind = 'region' AND geom IS NOT NULL AND ST_Dimension(geom) = 2"),
+        ),
     )
 
 

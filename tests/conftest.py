@@ -41,6 +41,16 @@ def drop_database(url: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _test_outbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Emails written by any test (or a worker it starts) land in a temporary outbox, not in var/."""
+    os.environ["UNIRS_SMTP__OUTBOX_DIR"] = str(tmp_path_factory.mktemp("outbox"))
+    get_settings.cache_clear()
+    yield
+    os.environ.pop("UNIRS_SMTP__OUTBOX_DIR", None)
+    get_settings.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """SQLAlchemy URL of a freshly migrated database, exported as UNIRS_DATABASE_URL."""

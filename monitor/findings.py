@@ -1,0 +1,254 @@
+"""Querying stored findings: filters → rows, and rows → table, GeoJSON or CSV.
+
+Used by ``unirs-monitor findings`` and by ``benchmarks/bench_queries.py`` (so the benchmark measures
+exactly what users run). Every value reaches SQL as a bound parameter. The indexes these queries rely on
+are declared on :class:`monitor.models.Finding` (area + time, time, GiST geometry, trigram text).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import IO, Any
+
+from shapely.geometry import shape
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
+
+from monitor.models import Analysis, Area, Finding, FindingImage, Scene
+
+KINDS = ("summary", "region", "answer", "event")
+
+
+class QueryError(ValueError):
+    """A filter that cannot be applied; the message says why."""
+
+
+@dataclass(frozen=True)
+class FindingFilter:
+    area: str | None = None
+    since: datetime | None = None  # inclusive, observed_at (the after scene's acquisition time)
+    until: datetime | None = None  # exclusive
+    kind: str | None = None
+    bbox: tuple[float, float, float, float] | None = None  # lon/lat: minx, miny, maxx, maxy
+    min_hectares: float | None = None
+    text: str | None = None  # case-insensitive substring of the caption or the answer
+    limit: int | None = 100
+
+
+def parse_bbox(text: str) -> tuple[float, float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise QueryError(f"--bbox {text!r}: expected four numbers minx,miny,maxx,maxy (lon/lat)") from None
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise QueryError(f"--bbox {text!r}: expected four numbers minx,miny,maxx,maxy (lon/lat)")
+    minx, miny, maxx, maxy = values
+    if not (-180 <= minx < maxx <= 180 and -90 <= miny < maxy <= 90):
+        raise QueryError(f"--bbox {text!r}: need -180 ≤ minx < maxx ≤ 180 and -90 ≤ miny < maxy ≤ 90 (lon/lat order)")
+    return minx, miny, maxx, maxy
+
+
+def like_pattern(text: str) -> str:
+    """A substring pattern for ILIKE where the user's % and _ mean themselves."""
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _time_bounds(stmt, flt: FindingFilter):
+    if flt.since is not None:
+        stmt = stmt.where(Finding.observed_at >= flt.since)
+    if flt.until is not None:
+        stmt = stmt.where(Finding.observed_at < flt.until)
+    return stmt
+
+
+def build_statement(flt: FindingFilter, *, scan_newest: int | None = None):
+    """The SELECT for ``flt``, newest first.
+
+    A text filter is applied one of two ways (see :func:`query_findings` for when each is used):
+    ``scan_newest=N`` runs ILIKE on the N newest findings only; otherwise the matches come from the
+    trigram indexes in a MATERIALIZED CTE and are ordered afterwards.
+    """
+    stmt = (
+        select(
+            Finding.id, Finding.analysis_id, Area.name.label("area"), Finding.kind, Finding.change_class,
+            Finding.hectares, Finding.caption, Finding.question, Finding.answer, Finding.confidence,
+            Finding.statistics, Finding.analyser_name, Finding.analyser_version, Finding.observed_at,
+            Finding.before_observed_at,
+            # RFC 7946: lon/lat, exterior rings counter-clockwise; 7 decimals ≈ 1 cm.
+            func.ST_AsGeoJSON(func.ST_ForcePolygonCCW(Finding.geom), 7).label("geometry"),
+        )
+        .join(Area, Area.id == Finding.area_id)
+    )
+    stmt = _time_bounds(stmt, flt)
+    if flt.area is not None:
+        stmt = stmt.where(Area.name == flt.area)
+    if flt.kind is not None:
+        if flt.kind not in KINDS:
+            raise QueryError(f"kind must be one of {', '.join(KINDS)}, got {flt.kind!r}")
+        stmt = stmt.where(Finding.kind == flt.kind)
+    if flt.bbox is not None:
+        stmt = stmt.where(func.ST_Intersects(Finding.geom, func.ST_MakeEnvelope(*flt.bbox, 4326)))
+    if flt.min_hectares is not None:
+        stmt = stmt.where(Finding.hectares >= flt.min_hectares)
+    if flt.text:
+        pattern = like_pattern(flt.text)
+
+        def matches_text(table):
+            return or_(table.c.caption.ilike(pattern, escape="\\"), table.c.answer.ilike(pattern, escape="\\"))
+
+        # Both forms are MATERIALIZED CTEs on purpose: the planner prices ILIKE like an integer comparison,
+        # so, left to itself, it either walks observed_at backwards running ILIKE on every row (20,000
+        # evaluations for a word in 0.5 % of the rows) or fetches every trigram match of a common word.
+        if scan_newest is not None:
+            newest = _time_bounds(select(Finding.id, Finding.caption, Finding.answer), flt)
+            newest = newest.order_by(Finding.observed_at.desc(), Finding.id.desc()).limit(scan_newest)
+            newest = newest.cte("newest").prefix_with("MATERIALIZED")
+            stmt = stmt.join(newest, newest.c.id == Finding.id).where(matches_text(newest))
+        else:
+            findings = Finding.__table__
+            text_matches = _time_bounds(select(findings.c.id).where(matches_text(findings)), flt)
+            text_matches = text_matches.cte("text_matches").prefix_with("MATERIALIZED")
+            stmt = stmt.join(text_matches, text_matches.c.id == Finding.id)
+    stmt = stmt.order_by(Finding.observed_at.desc(), Finding.id.desc())
+    if flt.limit is not None:
+        if flt.limit < 1:
+            raise QueryError(f"limit must be at least 1, got {flt.limit}")
+        stmt = stmt.limit(flt.limit)
+    return stmt
+
+
+def query_findings(session: Session, flt: FindingFilter) -> list[dict[str, Any]]:
+    """Findings matching every given filter, newest observation first."""
+    if flt.text and flt.limit is not None:
+        rows = _text_search(session, flt)
+    else:
+        rows = session.execute(build_statement(flt)).mappings().all()
+    return [{**row, "geometry": json.loads(row["geometry"]) if row["geometry"] else None} for row in rows]
+
+
+# Text search, newest first, bounded whatever the word's frequency:
+# 1. a common word has `limit` matches among the newest SCAN_ROWS_PER_RESULT × limit findings: ILIKE on
+#    those rows only (a few thousand cheap checks; the trigram lists of a common word are long);
+# 2. otherwise the trigram indexes find the matches, over the newest 30 days first, then wider windows,
+#    so a moderately common word never means fetching all of its matches to keep the newest hundred.
+# Whenever a step returns `limit` rows, every row newer than its boundary was considered: they are the
+# newest matches overall.
+SCAN_ROWS_PER_RESULT = 30
+TEXT_WINDOWS_DAYS = (30, 180, 1080)
+
+
+def _text_search(session: Session, flt: FindingFilter) -> Sequence[Any]:
+    limit = flt.limit or 0
+    rows = session.execute(build_statement(flt, scan_newest=SCAN_ROWS_PER_RESULT * limit)).mappings().all()
+    if len(rows) >= limit:
+        return rows
+    newest = session.scalar(_time_bounds(select(func.max(Finding.observed_at)), replace(flt, since=None)))
+    if newest is None:
+        return []
+    for days in TEXT_WINDOWS_DAYS:
+        lower = newest - timedelta(days=days)
+        if flt.since is not None and lower <= flt.since:
+            break
+        rows = session.execute(build_statement(replace(flt, since=lower))).mappings().all()
+        if len(rows) >= limit:
+            return rows
+    return session.execute(build_statement(flt)).mappings().all()
+
+
+def get_finding(session: Session, finding_id: int) -> dict[str, Any] | None:
+    """One finding in full: every column, its analysis and scenes, and its thumbnails (sizes, not bytes)."""
+    rows = query_findings_by_id(session, finding_id)
+    if not rows:
+        return None
+    record = rows[0]
+    analysis = session.get(Analysis, record["analysis_id"])
+    scenes = {s.id: s for s in session.scalars(
+        select(Scene).where(Scene.id.in_([analysis.after_scene_id, analysis.before_scene_id or -1]))
+    )}
+    record["analysis"] = {
+        "id": analysis.id,
+        "status": analysis.status.value,
+        "analyser": analysis.analyser,
+        "pair_reason": analysis.pair_reason,
+        "after_scene": scenes[analysis.after_scene_id].item_id,
+        "before_scene": scenes[analysis.before_scene_id].item_id if analysis.before_scene_id in scenes else None,
+        "stats": analysis.stats,
+    }
+    record["images"] = [
+        {"role": role, "mime_type": mime, "width": w, "height": h, "bytes": n}
+        for role, mime, w, h, n in session.execute(
+            select(FindingImage.role, FindingImage.mime_type, FindingImage.width, FindingImage.height,
+                   func.octet_length(FindingImage.data))
+            .where(FindingImage.finding_id == finding_id)
+            .order_by(FindingImage.role)
+        ).all()
+    ]
+    return record
+
+
+def query_findings_by_id(session: Session, finding_id: int) -> list[dict[str, Any]]:
+    stmt = build_statement(FindingFilter(limit=None)).where(Finding.id == finding_id)
+    rows = session.execute(stmt).mappings().all()
+    return [{**row, "geometry": json.loads(row["geometry"]) if row["geometry"] else None} for row in rows]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def to_feature(row: dict[str, Any]) -> dict[str, Any]:
+    props = {k: v for k, v in row.items() if k not in {"geometry", "id"}}
+    for key in ("observed_at", "before_observed_at"):
+        props[key] = _iso(props.get(key))
+    return {"type": "Feature", "id": row["id"], "geometry": row["geometry"], "properties": props}
+
+
+def to_feature_collection(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """RFC 7946: WGS84 lon/lat, no ``crs`` member; findings without a place have a null geometry."""
+    return {"type": "FeatureCollection", "features": [to_feature(r) for r in rows]}
+
+
+CSV_COLUMNS = (
+    "id", "analysis_id", "area", "kind", "change_class", "hectares", "caption", "question", "answer", "confidence",
+    "analyser_name", "analyser_version", "observed_at", "before_observed_at", "statistics", "geometry_wkt",
+)
+
+
+def write_csv(rows: list[dict[str, Any]], out: IO[str]) -> None:
+    """One line per finding; geometry as WKT (lon lat order), statistics as JSON."""
+    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        record = {k: row.get(k) for k in CSV_COLUMNS}
+        record["observed_at"] = _iso(row["observed_at"])
+        record["before_observed_at"] = _iso(row["before_observed_at"])
+        record["statistics"] = json.dumps(row["statistics"], sort_keys=True)
+        record["geometry_wkt"] = shape(row["geometry"]).wkt if row["geometry"] else ""
+        writer.writerow(record)
+
+
+def _cell(value: Any, width: int) -> str:
+    text = "" if value is None else " ".join(str(value).split())  # model text may carry line breaks
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A terminal table: the fields people scan for, long text cut."""
+    header = ("id", "observed", "area", "kind", "class", "hectares", "text")
+    data = [
+        (
+            str(r["id"]), r["observed_at"].strftime("%Y-%m-%d"), _cell(r["area"], 24), r["kind"],
+            _cell(r["change_class"] or "", 16), "" if r["hectares"] is None else f"{r['hectares']:.2f}",
+            _cell(r["caption"] if r["kind"] != "answer" else f"{r['question']} → {r['answer']}", 60),
+        )
+        for r in rows
+    ]
+    widths = [max([len(h)] + [len(d[i]) for d in data]) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(d, widths, strict=True)).rstrip() for d in data]
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""Immediate alerts: a delivery per recipient for each finished analysis that matters.
+
+An analysis matters when its changed hectares (regions summed, else the summary's total — the same rule
+as :func:`monitor.reports.context.changed_hectares`) are above zero and reach the area's
+``min_alert_hectares``. Insignificant analyses get no delivery row at all; they still appear in the
+findings query and, for daily areas, in the digest.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from sqlalchemy import exists, func, select
+from sqlalchemy.orm import Session
+
+from monitor.config import Settings
+from monitor.models import AlertFrequency, Analysis, AnalysisStatus, Area, AreaStatus, Delivery, Finding
+from monitor.reports.ledger import NewDelivery, insert_deliveries
+
+log = logging.getLogger(__name__)
+
+
+def changed_hectares_sql():
+    """Correlated scalar subquery: changed hectares of ``Analysis.id``."""
+    return (
+        select(
+            func.coalesce(
+                func.sum(Finding.hectares).filter(Finding.kind == "region"),
+                func.max(Finding.hectares).filter(Finding.kind == "summary"),
+                0.0,
+            )
+        )
+        .where(Finding.analysis_id == Analysis.id)
+        .correlate(Analysis)
+        .scalar_subquery()
+    )
+
+
+def create_immediate_deliveries(session: Session, now: datetime, settings: Settings) -> int:
+    """Queue alerts for significant analyses finished within the look-back window. Returns rows created."""
+    changed = changed_hectares_sql()
+    since = now - timedelta(days=settings.reports.immediate_lookback_days)
+    candidates = session.execute(
+        select(Analysis.id, Area.name, Area.recipients, Area.min_alert_hectares, changed.label("changed_ha"))
+        .join(Area, Area.id == Analysis.area_id)
+        .where(
+            Analysis.status == AnalysisStatus.DONE,
+            func.coalesce(Analysis.finished_at, Analysis.created_at) >= since,
+            Area.alert_frequency == AlertFrequency.IMMEDIATE,
+            Area.status == AreaStatus.ACTIVE,
+            func.cardinality(Area.recipients) > 0,
+            # Recipients added later do not get alerts about analyses already reported to others.
+            ~exists().where(Delivery.analysis_id == Analysis.id),
+            changed > 0,
+            changed >= Area.min_alert_hectares,
+        )
+        .order_by(Analysis.id)
+    ).all()
+    created = 0
+    for row in candidates:
+        n = insert_deliveries(session, [
+            NewDelivery(f"analysis:{row.id}", recipient, analysis_id=row.id) for recipient in row.recipients
+        ])
+        created += n
+        log.info("analysis %s (area %r): %.2f ha changed ≥ %.2f ha threshold; alert queued for %d recipient(s)",
+                 row.id, row.name, row.changed_ha, row.min_alert_hectares, n)
+    return created

@@ -1,0 +1,183 @@
+"""The findings query (monitor/findings.py), its CLI and the QGIS views, on real PostGIS data."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+import shapely
+from click.testing import CliRunner
+from shapely.geometry import box, shape
+
+from monitor import findings as svc
+from monitor.cli import cli
+from monitor.db import session_scope
+from tests import factories as f
+
+DELTA = box(28.90, 45.00, 29.10, 45.20)  # a second area far from the forest
+
+
+def when(day: str) -> datetime:
+    return datetime.fromisoformat(day).replace(hour=9, minute=40, tzinfo=UTC)
+
+
+@pytest.fixture
+def data(db):
+    """Two areas, three analyses, regions + answers with known text, sizes, places and dates."""
+    with session_scope() as s:
+        forest = f.area(s, name="Apuseni forest")
+        delta = f.area(s, name="Danube delta", geom=DELTA)
+        cat = f.catalogue(s)
+        s0 = f.scene(s, cat, when("2020-06-01"))
+        s1 = f.scene(s, cat, when("2020-08-29"))
+        s2 = f.scene(s, cat, when("2021-05-10"))
+        d0 = f.scene(s, cat, when("2020-07-01"), footprint=DELTA)
+        d1 = f.scene(s, cat, when("2020-09-15"), footprint=DELTA)
+        a1 = f.analysis(s, forest, s1, s0)
+        f.findings(s, a1, caption="A new forest ROAD appears", regions=[
+            (box(23.12, 46.52, 23.13, 46.525), "forest loss", 3.2),
+            (box(23.15, 46.55, 23.152, 46.556), "bare soil", 0.4),
+        ], answers=[{"question": "Is there a new road?", "answer": "Yes, 100% certain", "confidence": 0.9,
+                     "statistics": {"road_px": 812}}])
+        a2 = f.analysis(s, forest, s2, s1)
+        f.findings(s, a2, caption="Clear-cut expands to the north", regions=[
+            (box(23.16, 46.58, 23.18, 46.59), "forest loss", 12.5),
+        ], answers=[])
+        a3 = f.analysis(s, delta, d1, d0)
+        f.findings(s, a3, caption="Water level dropped; sandbanks emerge", regions=[
+            (box(28.95, 45.05, 28.97, 45.06), "water loss", 7.0),
+        ], answers=[{"question": "Did the water area shrink?", "answer": "yes", "confidence": 0.7,
+                     "statistics": {"water_ha_before": 40.0, "water_ha_after": 33.0}}])
+    return db
+
+
+def q(**kw):
+    with session_scope() as s:
+        return svc.query_findings(s, svc.FindingFilter(**kw))
+
+
+def run(*args: str, ok: bool = True):
+    result = CliRunner().invoke(cli, ["findings", *args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def test_filters_each_and_combined(data):
+    everything = q(limit=None)
+    assert len(everything) == 3 + 4 + 2  # summaries, regions, answers
+    assert [r["observed_at"] for r in everything] == sorted((r["observed_at"] for r in everything), reverse=True)
+
+    assert {r["area"] for r in q(area="Danube delta")} == {"Danube delta"}
+    assert len(q(area="Apuseni forest", kind="region")) == 3
+    assert q(area="no such area") == []
+
+    window = q(since=when("2020-08-01"), until=when("2021-01-01"))
+    assert {r["observed_at"].date().isoformat() for r in window} == {"2020-08-29", "2020-09-15"}
+
+    regions = q(kind="region", bbox=(23.10, 46.50, 23.14, 46.53))
+    assert [(r["change_class"], r["hectares"]) for r in regions] == [("forest loss", 3.2)]
+    # Everything in the forest's box that has a geometry: no answers/summaries (they have none).
+    assert {r["kind"] for r in q(bbox=(23.0, 46.4, 23.3, 46.7))} == {"region"}
+
+    assert sorted(r["hectares"] for r in q(kind="region", min_hectares=5)) == [7.0, 12.5]
+    big_recent = q(kind="region", min_hectares=5, since=when("2021-01-01"))
+    assert [r["hectares"] for r in big_recent] == [12.5]
+
+    assert len(q(limit=2)) == 2
+
+
+def test_text_is_case_insensitive_on_caption_and_answer_and_literal(data):
+    assert {r["caption"] for r in q(text="road", kind="summary")} == {"A new forest ROAD appears"}
+    assert [r["answer"] for r in q(text="YES", kind="answer")] == ["yes", "Yes, 100% certain"]
+    # % and _ are the user's characters, not wildcards.
+    assert [r["answer"] for r in q(text="100%")] == ["Yes, 100% certain"]
+    assert [r["answer"] for r in q(text="yes", kind="answer", limit=1)] == ["yes"]  # newest first, across windows
+    assert q(text="0_%") == []
+    # Hostile input is just text: no error, no match, the table is still there.
+    assert q(text="x'; DROP TABLE findings; --") == []
+    assert q(area="x' OR '1'='1") == []
+    assert len(q(limit=None)) == 9
+
+
+def test_bbox_is_validated():
+    with pytest.raises(svc.QueryError, match="minx,miny,maxx,maxy"):
+        svc.parse_bbox("1,2,3")
+    with pytest.raises(svc.QueryError, match="lon/lat order"):
+        svc.parse_bbox("23.2,46.5,23.1,46.6")
+    assert svc.parse_bbox(" 23.1, 46.5 ,23.2,46.6") == (23.1, 46.5, 23.2, 46.6)
+
+
+def test_cli_geojson_is_rfc7946(data):
+    out = run("--area", "Apuseni forest", "--kind", "region", "--format", "geojson").stdout
+    fc = json.loads(out)
+    assert fc["type"] == "FeatureCollection" and "crs" not in fc
+    assert len(fc["features"]) == 3
+    for feature in fc["features"]:
+        assert feature["type"] == "Feature" and isinstance(feature["id"], int)
+        geom = shape(feature["geometry"])
+        assert geom.is_valid and geom.geom_type == "Polygon"
+        minx, miny, maxx, maxy = geom.bounds
+        assert 23.0 < minx < maxx < 23.3 and 46.4 < miny < maxy < 46.7  # lon first, then lat
+        assert geom.exterior.is_ccw  # right-hand rule
+        props = feature["properties"]
+        assert props["area"] == "Apuseni forest" and props["kind"] == "region"
+        datetime.fromisoformat(props["observed_at"])
+    # Answers have no place: a null geometry, still a valid Feature.
+    answers = json.loads(run("--kind", "answer", "--format", "geojson").stdout)["features"]
+    assert answers and all(a["geometry"] is None for a in answers)
+
+
+def test_cli_csv_has_wkt_and_table_and_show(data):
+    rows = list(csv.DictReader(io.StringIO(run("--kind", "region", "--format", "csv").stdout)))
+    assert len(rows) == 4
+    by_ha = {float(r["hectares"]): r for r in rows}
+    geom = shapely.from_wkt(by_ha[7.0]["geometry_wkt"])
+    assert geom.equals(box(28.95, 45.05, 28.97, 45.06))
+    assert json.loads(by_ha[3.2]["statistics"]) == {"dndvi": -0.3}
+
+    table = run("--since", "2020-08-29", "--until", "2020-08-29").stdout  # a bare --until date includes the day
+    lines = table.splitlines()
+    assert lines[0].split() == ["id", "observed", "area", "kind", "class", "hectares", "text"]
+    assert len(lines) == 1 + 4 and all("2020-08-29" in line for line in lines[1:])
+    assert "Is there a new road? → Yes, 100% certain" in table
+
+    answer_id = q(kind="answer", area="Danube delta")[0]["id"]
+    shown = json.loads(run("show", str(answer_id)).stdout)
+    assert shown["statistics"] == {"water_ha_before": 40.0, "water_ha_after": 33.0}
+    assert shown["question"] == "Did the water area shrink?" and shown["analysis"]["pair_reason"]
+    summary_id = q(kind="summary", area="Danube delta")[0]["id"]
+    assert {i["role"] for i in json.loads(run("show", str(summary_id)).stdout)["images"]} == {
+        "before", "after", "overlay"}
+
+    assert "no finding with id" in run("show", "999999", ok=False).output
+    bad = run("--bbox", "nope", ok=False)
+    assert bad.exit_code != 0 and "minx,miny,maxx,maxy" in bad.output
+
+
+def test_qgis_views(data):
+    with psycopg.connect(data.replace("+psycopg", "")) as conn:
+        cols = dict(conn.execute(
+            "SELECT f_table_name, type || ':' || srid FROM geometry_columns "
+            "WHERE f_table_name IN ('v_findings', 'v_change_regions')"
+        ).fetchall())
+        assert cols == {"v_findings": "GEOMETRY:4326", "v_change_regions": "MULTIPOLYGON:4326"}
+        assert conn.execute("SELECT count(*) FROM v_findings").fetchone()[0] == 9
+        rows = conn.execute(
+            "SELECT area_name, change_class, hectares, analysis_caption, observed_at, before_observed_at, "
+            "ST_GeometryType(geom) FROM v_change_regions ORDER BY hectares"
+        ).fetchall()
+        assert [(r[0], r[2]) for r in rows] == [
+            ("Apuseni forest", 0.4), ("Apuseni forest", 3.2), ("Danube delta", 7.0), ("Apuseni forest", 12.5)]
+        assert rows[0][3] == "A new forest ROAD appears" and rows[0][4] > rows[0][5]
+        assert {r[6] for r in rows} == {"ST_MultiPolygon"}
+        # QGIS filters a layer by the canvas extent: that filter must be able to use an index.
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(r[0] for r in conn.execute(
+            "EXPLAIN SELECT id FROM v_change_regions WHERE geom && ST_MakeEnvelope(23.1, 46.5, 23.2, 46.6, 4326)"
+        ).fetchall())
+        assert "ix_findings_region_geom" in plan

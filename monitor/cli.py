@@ -75,3 +75,7 @@ cli.add_command(findings)
 from monitor.demo import demo  # noqa: E402
 
 cli.add_command(demo)
+
+from workers.cli import worker  # noqa: E402
+
+cli.add_command(worker)

@@ -67,22 +67,26 @@ def _step(msg: str) -> None:
 
 
 def _fresh_databases(base_url: str) -> DemoEnv:
+    import psycopg
+    from sqlalchemy.engine import make_url
+
     from monitor import migrate
 
-    libpq = base_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    app = localstac._with_dbname(libpq, f"{localstac._conninfo(libpq)['dbname']}_demo")
-    stac = app + "_stac"
-    for dsn in (app, stac):
+    base = make_url(base_url)
+    app_url = base.set(database=f"{base.database}_demo")
+    libpq = {
+        name: url.set(drivername="postgresql").render_as_string(hide_password=False)
+        for name, url in (("app", app_url), ("stac", base.set(database=f"{base.database}_demo_stac")))
+    }
+    for dsn in libpq.values():
         localstac.drop_database(dsn)
         localstac.create_database(dsn)
-    import psycopg
-
-    with psycopg.connect(app, autocommit=True) as conn:
+    with psycopg.connect(libpq["app"], autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS postgis")
-    app_url = app.replace("postgresql://", "postgresql+psycopg://", 1)
-    migrate.upgrade(app_url)
-    localstac.prepare_database(stac, create=False)
-    return DemoEnv(app_url=app_url, stac_dsn=stac, broker_url="redis://127.0.0.1:6379/7")
+    app = app_url.render_as_string(hide_password=False)
+    migrate.upgrade(app)
+    localstac.prepare_database(libpq["stac"], create=False)
+    return DemoEnv(app_url=app, stac_dsn=libpq["stac"], broker_url="redis://127.0.0.1:6379/7")
 
 
 def _purge_broker(url: str) -> None:

@@ -15,7 +15,7 @@ from monitor import migrate
 from monitor.config import get_settings
 from monitor.db import reset_engines
 
-pytest_plugins = ["tests.fixtures_stac", "tests.fixtures_ingest"]
+pytest_plugins = ["tests.fixtures_stac", "tests.fixtures_ingest", "tests.fixtures_workers"]
 
 ADMIN_URL = os.environ.get("UNIRS_TEST_ADMIN_URL", "postgresql://unirs:unirs@127.0.0.1:5432/postgres")
 

@@ -1,0 +1,339 @@
+"""One analysis from claim to done: the body of the Celery task, independent of Celery.
+
+``run_analysis(id, worker)``: claim the row (:mod:`workers.leases`), heartbeat while working, then
+
+1. load the area, the two scenes and their catalogue (short read-only transaction);
+2. raster prep (:mod:`workers.raster`) — a pair that cannot be compared ends ``skipped`` with the reason;
+3. spectral analysis (:mod:`workers.spectral`), always;
+4. UniRS (:mod:`workers.unirs`) on the chips that pass the spectral screen, when the analyser asks for it
+   and this worker has weights;
+5. thumbnails (:mod:`workers.render`) and findings, written with the status change in one transaction
+   (:mod:`workers.findings_writer`).
+
+Failures end with a readable ``last_error``: refused hrefs and unreadable/corrupt COGs fail the analysis at
+once (retrying cannot fix them); transient trouble (HTTP 5xx/timeouts, database errors, anything
+unexpected) gives the row back (``queued``, re-sent by the dispatcher after 2 × lease) until
+``analysis.max_attempts``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from geoalchemy2.shape import to_shape
+from shapely.geometry.base import BaseGeometry
+from sqlalchemy import select
+
+from monitor.cog import CogReadError
+from monitor.config import Settings, get_settings
+from monitor.db import session_scope
+from monitor.models import Analysis, Observation, ObservationStatus, Scene
+from monitor.questions import QuestionTemplate, UnknownQuestion, ids_from_question_set, templates_for
+from monitor.security import HrefRefused, catalogue_for_scene
+from workers import leases, render, spectral, unirs
+from workers.findings_writer import FindingRow, region_confidence, union_or, write_done
+from workers.raster import PreparedPair, SceneRef, SkipAnalysis, prepare_pair, read_rgb
+
+logger = logging.getLogger(__name__)
+
+#: Test-only hook: seconds to wait after claiming, before any work (gives tests a window to kill a worker).
+TEST_DELAY_ENV = "UNIRS_TEST_TASK_DELAY_SECONDS"
+# GDAL/curl messages that mean "try again later", not "this file is broken".
+_TRANSIENT = re.compile(r"HTTP (?:error|response) code: ?(?:5\d\d|429)|timed? ?out|Connection (?:refused|reset)|"
+                        r"Could not resolve|couldn't connect", re.IGNORECASE)
+
+
+@dataclass
+class AnalysisContext:
+    analysis_id: int
+    area_id: int
+    area_name: str
+    area_geom: BaseGeometry
+    analyser: str
+    question_ids: list[str]
+    before: SceneRef | None
+    after: SceneRef
+    pair_reason: str | None
+
+
+class PermanentFailure(Exception):
+    """The analysis cannot succeed by retrying; the message is the reason users see."""
+
+
+def _scene_ref(session: Any, scene: Scene, settings: Settings) -> SceneRef:
+    try:
+        catalogue = catalogue_for_scene(session, scene, settings)
+    except KeyError as exc:
+        raise PermanentFailure(f"scene {scene.item_id}: {exc.args[0]}") from None
+    return SceneRef(scene_id=scene.id, item_id=scene.item_id, acquired_at=scene.acquired_at,
+                    processing_baseline=scene.processing_baseline, assets=dict(scene.assets or {}),
+                    catalogue=catalogue)
+
+
+def load_context(analysis_id: int, settings: Settings) -> AnalysisContext:
+    with session_scope() as session:
+        analysis = session.get(Analysis, analysis_id)
+        if analysis is None:
+            raise PermanentFailure(f"analysis {analysis_id} disappeared")
+        area = analysis.area
+        question_ids = ids_from_question_set(analysis.question_set) or list(area.questions or [])
+        return AnalysisContext(
+            analysis_id=analysis.id, area_id=area.id, area_name=area.name, area_geom=to_shape(area.geom),
+            analyser=analysis.analyser, question_ids=question_ids,
+            before=_scene_ref(session, analysis.before_scene, settings) if analysis.before_scene else None,
+            after=_scene_ref(session, analysis.after_scene, settings), pair_reason=analysis.pair_reason,
+        )
+
+
+def _test_delay(heartbeat: leases.Heartbeat) -> None:
+    seconds = float(os.environ.get(TEST_DELAY_ENV) or 0)
+    if seconds <= 0:
+        return
+    logger.warning("test hook %s: waiting %.1f s before analysis %s", TEST_DELAY_ENV, seconds,
+                   heartbeat.claim.analysis_id)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        heartbeat.check()
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+
+def run_analysis(analysis_id: int, worker: str, settings: Settings | None = None) -> str:
+    """Claim and run one analysis; returns its final status or why nothing was done."""
+    settings = settings or get_settings()
+    claim = leases.claim(analysis_id, worker, settings)
+    if claim is None:
+        return "not claimed"
+    try:
+        with leases.Heartbeat(claim, settings) as heartbeat:
+            _test_delay(heartbeat)
+            ctx = load_context(analysis_id, settings)
+            return _analyse(ctx, claim, heartbeat, settings)
+    except leases.LeaseLost as exc:
+        logger.warning("%s; results discarded", exc)
+        return "lease lost"
+    except SkipAnalysis as exc:
+        leases.finish_now(claim, "skipped", stats={"skip_reason": str(exc), "worker": worker}, last_error=str(exc))
+        return "skipped"
+    except HrefRefused as exc:
+        return _fail(claim, f"refused to open an asset: {exc}")
+    except (PermanentFailure, UnknownQuestion) as exc:
+        return _fail(claim, str(exc))
+    except CogReadError as exc:
+        detail = describe_read_error(exc)
+        if _TRANSIENT.search(detail):
+            return leases.release(claim, f"transient read error (will retry): {detail}", settings) or "released"
+        return _fail(claim, f"unreadable or corrupt COG: {detail}")
+    except Exception as exc:
+        logger.exception("analysis %s: unexpected error", analysis_id)
+        return leases.release(claim, f"unexpected error: {type(exc).__name__}: {exc}", settings) or "released"
+
+
+def describe_read_error(exc: CogReadError) -> str:
+    """The CogReadError message plus GDAL's own words from the exception chain (rasterio's top-level
+    message is often just "Read failed. See previous exception for details.")."""
+    details: list[str] = []
+    cause: BaseException | None = exc.__cause__
+    while cause is not None and len(details) < 6:
+        text = str(cause).strip()
+        if text and "See previous exception" not in text and text not in details and text not in str(exc):
+            details.append(text)
+        cause = cause.__cause__ or cause.__context__
+    return f"{exc} ({'; '.join(details)})" if details else str(exc)
+
+
+def _fail(claim: leases.Claim, reason: str) -> str:
+    try:
+        leases.finish_now(claim, "failed", stats={"failure": reason, "worker": claim.worker}, last_error=reason)
+    except leases.LeaseLost as exc:
+        logger.warning("%s", exc)
+        return "lease lost"
+    return "failed"
+
+
+def _analyse(ctx: AnalysisContext, claim: leases.Claim, heartbeat: leases.Heartbeat, settings: Settings) -> str:
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    if ctx.before is None:
+        raise SkipAnalysis("no earlier clear scene of this area to compare with")
+    templates = templates_for(ctx.question_ids)
+
+    pair = prepare_pair(ctx.area_geom, ctx.before, ctx.after, settings.analysis)
+    timings["prepare"] = time.monotonic() - started
+    heartbeat.check()
+
+    t0 = time.monotonic()
+    result = spectral.analyse(pair, settings.analysis.min_mapping_unit_ha)
+    timings["spectral"] = time.monotonic() - t0
+
+    model_result: unirs.UnirsResult | None = None
+    notes = list(result.notes)
+    wants_model = unirs.NAME in {part.split("@")[0] for part in ctx.analyser.split("+")}
+    if wants_model:
+        model = unirs.get_model(settings)
+        if model is None:
+            notes.append("analyser asks for UniRS but this worker has no weights (model.weights_path unset): "
+                         "spectral analysis only")
+        else:
+            heartbeat.check()
+            model_result = unirs.run(model, pair, result, templates, settings,
+                                     frames=lambda: sequence_frames(ctx, pair, settings))
+            timings["model"] = model_result.seconds
+            notes.extend(model_result.notes)
+
+    t0 = time.monotonic()
+    images = thumbnails(pair, result)
+    checkpoint = unirs.checkpoint_name(ctx.analyser)
+    rows = build_rows(ctx, pair, result, model_result, templates, images, checkpoint, settings)
+    timings["render"] = time.monotonic() - t0
+    timings["total"] = time.monotonic() - started
+    stats = analysis_stats(ctx, claim, pair, result, model_result, notes, timings, settings)
+    heartbeat.check()
+    write_done(claim, area_id=ctx.area_id, observed_at=ctx.after.acquired_at,
+               before_observed_at=ctx.before.acquired_at, rows=rows, stats=stats)
+    _deliver_soon()
+    return "done"
+
+
+def thumbnails(pair: PreparedPair, result: spectral.SpectralResult) -> dict[str, render.Png]:
+    rgb_b, rgb_a = render.rgb_of(pair.before.reflectance), render.rgb_of(pair.after.reflectance)
+    value_range = render.stretch_range(rgb_b, rgb_a, valid=pair.valid)
+    img_b, img_a = render.to_uint8(rgb_b, value_range), render.to_uint8(rgb_a, value_range)
+    tinted = render.overlay(img_a, result.class_map, result.mapped, pair.grid.aoi)
+    return {"before": render.encode_png(img_b), "after": render.encode_png(img_a),
+            "overlay": render.encode_png(tinted)}
+
+
+def sequence_frames(ctx: AnalysisContext, pair: PreparedPair, settings: Settings) -> tuple[list[np.ndarray], list[str]]:
+    """RGB renders of the last ``video_frames`` clear acquisitions of the area (before and after included)."""
+    limit = max(2, settings.analysis.video_frames)
+    with session_scope() as session:
+        scenes = session.execute(
+            select(Scene)
+            .join(Observation, Observation.scene_id == Scene.id)
+            .where(Observation.area_id == ctx.area_id, Observation.status == ObservationStatus.CLEAR,
+                   Scene.acquired_at <= ctx.after.acquired_at,
+                   Scene.id.not_in([ctx.after.scene_id, ctx.before.scene_id]))
+            .order_by(Scene.acquired_at.desc()).limit(limit - 2)
+        ).scalars().all()
+        others = [_scene_ref(session, s, settings) for s in scenes]
+    frames: list[tuple[Any, np.ndarray]] = [
+        (ctx.before.acquired_at, render.rgb_of(pair.before.reflectance)),
+        (ctx.after.acquired_at, render.rgb_of(pair.after.reflectance)),
+    ]
+    for scene in others:
+        try:
+            frames.append((scene.acquired_at, read_rgb(scene, ctx.area_geom, pair.grid)))
+        except (CogReadError, HrefRefused, SkipAnalysis) as exc:  # one bad frame must not sink the analysis
+            logger.warning("video frame %s left out: %s", scene.item_id, exc)
+    frames.sort(key=lambda f: f[0])
+    frames = frames[-limit:]
+    value_range = render.stretch_range(*(f[1] for f in frames), valid=pair.grid.aoi)
+    return [render.to_uint8(f[1], value_range) for f in frames], [f"{f[0]:%Y-%m-%d}" for f in frames]
+
+
+def build_rows(ctx: AnalysisContext, pair: PreparedPair, result: spectral.SpectralResult,
+               model_result: unirs.UnirsResult | None, templates: list[QuestionTemplate],
+               images: dict[str, render.Png], checkpoint: str, settings: Settings) -> list[FindingRow]:
+    spectral_id = (spectral.NAME, spectral.VERSION)
+    unirs_id = (unirs.NAME, checkpoint)
+    best = model_result.best if model_result else None
+    valid_fraction = round(pair.valid_fraction, 3)
+    dominant = max(result.classes.items(), key=lambda kv: kv[1]["hectares"], default=(None, None))
+    summary_stats: dict[str, Any] = {
+        "metrics": result.metrics, "classes": result.classes, "spectral_caption": result.caption,
+        "model_caption": best.caption if best else None, "pair_reason": ctx.pair_reason,
+        "regions": len(result.regions), "regions_below_mapping_unit": result.regions_dropped,
+    }
+    rows = [FindingRow(
+        kind="summary", analyser_name=(unirs_id if best else spectral_id)[0],
+        analyser_version=(unirs_id if best else spectral_id)[1],
+        geom=union_or([r.geom_4326 for r in result.regions], ctx.area_geom),
+        change_class=dominant[0] if dominant[1] and dominant[1]["hectares"] > 0 else None,
+        hectares=result.metrics["changed_ha"],
+        caption=best.caption if best else result.caption,
+        confidence=valid_fraction, statistics=summary_stats, images=images,
+    )]
+    for region in result.regions:
+        rows.append(FindingRow(
+            kind="region", analyser_name=spectral_id[0], analyser_version=spectral_id[1], geom=region.geom_4326,
+            change_class=region.change_class, hectares=region.hectares,
+            caption=f"{spectral.CLASS_LABELS[region.change_class].capitalize()} of {region.hectares:.2f} ha"
+                    + (" (long and narrow: road or track?)" if region.linear else ""),
+            confidence=region_confidence(region.mean_dndvi, valid_fraction),
+            statistics={"pixels": region.pixels, "mean_dndvi": region.mean_dndvi, "linear": region.linear,
+                        "elongation": region.elongation},
+        ))
+    for k, template in enumerate(templates):
+        text, says_yes, value = result.answer(template)
+        stats: dict[str, Any] = {"template_id": template.id, "backing_statistic": template.backing_statistic,
+                                 "value": value, "unit": template.unit, "spectral_answer": text,
+                                 "statistic_says_yes": says_yes}
+        answer, analyser, confidence = text, spectral_id, valid_fraction if says_yes is not None else None
+        if best is not None:
+            answer = best.answers[k] if k < len(best.answers) else ""
+            agree = unirs.agreement(answer, template, value, says_yes, settings.analysis.min_mapping_unit_ha)
+            stats.update(agree, model_answer=answer, chip_index=best.chip_index,
+                         answers_per_chip=[c.answers[k] if k < len(c.answers) else None for c in model_result.chips])
+            analyser = unirs_id
+            confidence = round(valid_fraction * (1.0 if agree["agrees"] else 0.5), 3)
+        else:
+            stats["agrees"] = None  # nothing to agree with: the answer *is* the statistic
+        rows.append(FindingRow(kind="answer", analyser_name=analyser[0], analyser_version=analyser[1],
+                               question=template.text, answer=answer, confidence=confidence, statistics=stats))
+    if model_result is not None and model_result.event is not None:
+        event = model_result.event
+        rows.append(FindingRow(
+            kind="event", analyser_name=unirs_id[0], analyser_version=unirs_id[1], geom=ctx.area_geom,
+            caption=f"Event over {event.frames} acquisitions ({event.dates[0]} … {event.dates[-1]}): {event.label}",
+            answer=event.label, confidence=round(event.score, 3),
+            statistics={"raw_text": event.raw_text, "frames": event.frames, "dates": event.dates,
+                        "classes": list(unirs.EVENT_CLASSES)},
+        ))
+    return rows
+
+
+def analysis_stats(ctx: AnalysisContext, claim: leases.Claim, pair: PreparedPair, result: spectral.SpectralResult,
+                   model_result: unirs.UnirsResult | None, notes: list[str], timings: dict[str, float],
+                   settings: Settings) -> dict[str, Any]:
+    grid = pair.grid
+    return {
+        "analyser": ctx.analyser, "worker": claim.worker, "attempt": claim.attempts,
+        "previous_error": claim.previous_error,
+        "grid": {"crs": grid.crs.to_string(), "pixel_size_m": grid.pixel_size, "width": grid.width,
+                 "height": grid.height},
+        "valid_fraction": round(pair.valid_fraction, 4),
+        "before_clear_fraction": round(pair.before_clear_fraction, 4),
+        "after_clear_fraction": round(pair.after_clear_fraction, 4),
+        "harmonisation": {"before": pair.before.harmonisation, "after": pair.after.harmonisation},
+        "bands": list(pair.bands), "notes": notes, "metrics": result.metrics,
+        "regions": len(result.regions), "regions_below_mapping_unit": result.regions_dropped,
+        "chips_total": len(result.chip_scores),
+        "chip_scores": [{"chip": c.index, "score": c.score, "changed_pixels": c.changed_pixels,
+                         "valid_pixels": c.valid_pixels} for c in result.chip_scores],
+        # The spectral screen, recorded even when no model ran: what *would* have reached the GPU.
+        "chips_passing_model_screen": sum(c.score >= settings.analysis.model_score_threshold
+                                          for c in result.chip_scores),
+        "chips_kept_off_model": model_result.chips_kept_off_model if model_result else None,
+        "chips_sent_to_model": len(model_result.chips) if model_result else 0,
+        "chips_over_model_limit": model_result.chips_over_limit if model_result else 0,
+        "event": model_result.event.label if model_result and model_result.event else None,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def _deliver_soon() -> None:
+    """Let the reports module send alerts for the analysis just committed (it also runs on its own schedule)."""
+    try:
+        from monitor.reports import run_deliveries
+    except ImportError:
+        return
+    try:
+        run_deliveries()
+    except Exception:  # the analysis is committed; a delivery problem is the reports job's to retry
+        logger.exception("run_deliveries after an analysis failed (the reports schedule will retry)")

@@ -26,12 +26,8 @@ import os
 import random
 import sys
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-
-import psycopg
-from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -39,29 +35,13 @@ from geoalchemy2.shape import from_shape
 from shapely.geometry import MultiPolygon, box, mapping
 from sqlalchemy import insert
 
-from monitor import localstac, migrate
+from monitor import dbadmin, localstac, migrate
 from monitor.config import CatalogueSettings, PollSettings, Settings, get_settings
 
 ADMIN_URL = os.environ.get("UNIRS_BENCH_ADMIN_URL", "postgresql://unirs:unirs@127.0.0.1:5432/postgres")
 REGION = (20.0, 43.5, 30.0, 48.5)  # lon/lat box (about 780 km × 555 km)
 TILE_DEG = 1.0
 NOW = datetime(2024, 8, 30, 12, tzinfo=UTC)
-
-
-def create_db(prefix: str) -> str:
-    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS postgis")
-    return url
-
-
-def drop_db(url: str) -> None:
-    name = url.rsplit("/", 1)[1]
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def generate_items(template: dict, dates: int, rng: random.Random) -> list[dict]:
@@ -145,11 +125,11 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     rng = random.Random(args.seed)
 
-    app_url = create_db("unirs_bench")
-    stac_dsn = create_db("unirs_bench_stac")
+    app_url = dbadmin.create_scratch_database(ADMIN_URL, "unirs_bench")
+    stac_dsn = dbadmin.create_scratch_database(ADMIN_URL, "unirs_bench_stac")
     api = None
     try:
-        sa_url = app_url.replace("postgresql://", "postgresql+psycopg://", 1)
+        sa_url = dbadmin.sqlalchemy_url(app_url)
         migrate.upgrade(sa_url)
         os.environ["UNIRS_DATABASE_URL"] = sa_url
         get_settings.cache_clear()
@@ -207,8 +187,8 @@ def main() -> int:
         from monitor.db import reset_engines
 
         reset_engines()
-        drop_db(app_url)
-        drop_db(stac_dsn)
+        dbadmin.drop_database(app_url)
+        dbadmin.drop_database(stac_dsn)
     return 0
 
 

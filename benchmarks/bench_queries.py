@@ -21,7 +21,6 @@ import random
 import statistics
 import sys
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from sqlalchemy import event
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from monitor import migrate
+from monitor import dbadmin, migrate
 from monitor.db import get_engine, session_scope
 from monitor.findings import FindingFilter, query_findings
 
@@ -94,21 +93,6 @@ LOAD = [
                                   ST_YMin(ar.geom) + random() * 0.095 AS y) AS p
        WHERE an.id <= %(analyses)s""",
 ]
-
-
-def create_database() -> tuple[str, str]:
-    name = f"unirs_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS postgis")
-    return url, url.replace("postgresql://", "postgresql+psycopg://", 1)
-
-
-def drop_database(url: str) -> None:
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(url.rsplit("/", 1)[1])))
 
 
 def load(url: str, rows: int) -> None:
@@ -197,8 +181,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the database (its URL is printed)")
     args = parser.parse_args()
 
-    url, sa_url = create_database()
-    print(f"database {url.rsplit('/', 1)[1]}", flush=True)
+    url = dbadmin.create_scratch_database(ADMIN_URL, "unirs_bench")
+    sa_url = dbadmin.sqlalchemy_url(url)
+    print(f"database {dbadmin.dbname(url)}", flush=True)
     try:
         migrate.upgrade(sa_url)
         t = time.perf_counter()
@@ -231,7 +216,7 @@ def main() -> None:
         if args.keep:
             print(f"kept {url}")
         else:
-            drop_database(url)
+            dbadmin.drop_database(url)
 
 
 if __name__ == "__main__":

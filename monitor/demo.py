@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 from shapely.geometry import mapping, shape
 
-from monitor import localstac
+from monitor import dbadmin, localstac
 
 REPO = Path(__file__).resolve().parent.parent
 VAR = REPO / "var" / "demo"
@@ -67,7 +67,6 @@ def _step(msg: str) -> None:
 
 
 def _fresh_databases(base_url: str) -> DemoEnv:
-    import psycopg
     from sqlalchemy.engine import make_url
 
     from monitor import migrate
@@ -79,10 +78,8 @@ def _fresh_databases(base_url: str) -> DemoEnv:
         for name, url in (("app", app_url), ("stac", base.set(database=f"{base.database}_demo_stac")))
     }
     for dsn in libpq.values():
-        localstac.drop_database(dsn)
-        localstac.create_database(dsn)
-    with psycopg.connect(libpq["app"], autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS postgis")
+        dbadmin.drop_database(dsn)
+        dbadmin.create_database(dsn, postgis=True)
     app = app_url.render_as_string(hide_password=False)
     migrate.upgrade(app)
     localstac.prepare_database(libpq["stac"], create=False)

@@ -45,6 +45,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
+from monitor.dbadmin import create_database
+
 log = logging.getLogger(__name__)
 
 #: Committed sample data (see data/sentinel2-romania/README.md).
@@ -79,43 +81,6 @@ def _conninfo(dsn: str) -> dict[str, str]:
     from psycopg.conninfo import conninfo_to_dict
 
     return {k: str(v) for k, v in conninfo_to_dict(dsn).items() if v is not None}
-
-
-def _with_dbname(dsn: str, dbname: str) -> str:
-    from psycopg.conninfo import make_conninfo
-
-    return make_conninfo(dsn, dbname=dbname)
-
-
-def create_database(dsn: str, maintenance_db: str = "postgres") -> bool:
-    """Create the database named in ``dsn`` if it does not exist; return True if it was created.
-
-    Connects to ``maintenance_db`` with the same credentials (CREATE DATABASE cannot run inside the
-    target database, nor in a transaction).
-    """
-    import psycopg
-    from psycopg import sql
-
-    name = _conninfo(dsn).get("dbname")
-    if not name:
-        raise ValueError(f"dsn names no database: {dsn!r}")
-    with psycopg.connect(_with_dbname(dsn, maintenance_db), autocommit=True) as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
-            return False
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        log.info("created database %s", name)
-        return True
-
-
-def drop_database(dsn: str, maintenance_db: str = "postgres") -> None:
-    """Drop the database named in ``dsn`` (FORCE: disconnects leftover sessions). For throw-away DBs."""
-    import psycopg
-    from psycopg import sql
-
-    name = _conninfo(dsn)["dbname"]
-    with psycopg.connect(_with_dbname(dsn, maintenance_db), autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-    log.info("dropped database %s", name)
 
 
 @contextlib.contextmanager

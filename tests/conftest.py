@@ -4,14 +4,12 @@ revisions, and the settings pointed at it (subprocesses started by tests inherit
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 
 import psycopg
 import pytest
-from psycopg import sql
 
-from monitor import migrate
+from monitor import dbadmin, migrate
 from monitor.config import get_settings
 from monitor.db import reset_engines
 
@@ -20,25 +18,12 @@ pytest_plugins = ["tests.fixtures_stac", "tests.fixtures_ingest", "tests.fixture
 ADMIN_URL = os.environ.get("UNIRS_TEST_ADMIN_URL", "postgresql://unirs:unirs@127.0.0.1:5432/postgres")
 
 
-def _sqlalchemy_url(libpq_url: str) -> str:
-    return libpq_url.replace("postgresql://", "postgresql+psycopg://", 1)
-
-
 def create_database(prefix: str) -> str:
-    """Create an empty database with PostGIS; return its libpq URL."""
-    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS postgis")
-    return url
+    """An empty uniquely named database with PostGIS; returns its libpq DSN."""
+    return dbadmin.create_scratch_database(ADMIN_URL, prefix)
 
 
-def drop_database(url: str) -> None:
-    name = url.rsplit("/", 1)[1]
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+drop_database = dbadmin.drop_database
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,7 +40,7 @@ def _test_outbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 def database_url() -> Iterator[str]:
     """SQLAlchemy URL of a freshly migrated database, exported as UNIRS_DATABASE_URL."""
     libpq = create_database("unirs_test")
-    url = _sqlalchemy_url(libpq)
+    url = dbadmin.sqlalchemy_url(libpq)
     migrate.upgrade(url)
     old = os.environ.get("UNIRS_DATABASE_URL")
     os.environ["UNIRS_DATABASE_URL"] = url

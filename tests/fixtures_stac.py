@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from monitor import localstac
+from monitor import dbadmin, localstac
 
 ADMIN_URL = os.environ.get("UNIRS_TEST_ADMIN_URL", "postgresql://unirs:unirs@127.0.0.1:5432/postgres")
 
@@ -54,7 +54,7 @@ def stac_db_dsn() -> Iterator[str]:
     try:
         yield dsn
     finally:
-        localstac.drop_database(dsn)
+        dbadmin.drop_database(dsn)
 
 
 @pytest.fixture(scope="session")

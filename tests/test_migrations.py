@@ -7,8 +7,9 @@ from geoalchemy2 import alembic_helpers
 from sqlalchemy import create_engine
 
 from monitor import migrate
+from monitor.dbadmin import sqlalchemy_url
 from monitor.models import Base
-from tests.conftest import _sqlalchemy_url, create_database, drop_database
+from tests.conftest import create_database, drop_database
 
 
 def _tables(url: str) -> set[str]:
@@ -33,7 +34,7 @@ def _drift(sa_url: str) -> list:
 def test_upgrade_downgrade_upgrade_round_trip():
     url = create_database("unirs_test_mig")
     try:
-        sa_url = _sqlalchemy_url(url)
+        sa_url = sqlalchemy_url(url)
         expected = set(Base.metadata.tables) | {"alembic_version"}
         migrate.upgrade(sa_url)
         assert _tables(url) == expected

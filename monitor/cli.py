@@ -79,3 +79,7 @@ cli.add_command(demo)
 from workers.cli import worker  # noqa: E402
 
 cli.add_command(worker)
+
+
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -30,6 +31,8 @@ RECIPIENT = "forest-watch@example.org"
 COLLECTION = "sentinel-2-l2a"
 # The sample ends in 2021: the first poll must look back far enough to see it.
 LOOKBACK_DAYS = 5000
+# Nothing in flight for this long = the acquisition is fully processed (reports run every second here).
+QUIET_SECONDS = 2.5
 
 
 @dataclass
@@ -38,7 +41,7 @@ class DemoEnv:
     stac_dsn: str
     broker_url: str
 
-    def environ(self, stac_url: str) -> dict[str, str]:
+    def environ(self, stac_url: str, var_dir: Path) -> dict[str, str]:
         catalogue = {
             "name": "local-demo",
             "url": stac_url,
@@ -57,13 +60,9 @@ class DemoEnv:
             "UNIRS_POLL__INTERVAL_MINUTES": "0.05",
             "UNIRS_POLL__LOOKBACK_DAYS": str(LOOKBACK_DAYS),
             "UNIRS_ANALYSIS__DISPATCH_INTERVAL_SECONDS": "1",
-            "UNIRS_SMTP__OUTBOX_DIR": str(VAR / "outbox"),
+            "UNIRS_SMTP__OUTBOX_DIR": str(var_dir / "outbox"),
             "UNIRS_LOG_LEVEL": os.environ.get("UNIRS_LOG_LEVEL", "INFO"),
         }
-
-
-def _step(msg: str) -> None:
-    click.echo(click.style("==> ", fg="cyan", bold=True) + msg)
 
 
 def _fresh_databases(base_url: str) -> DemoEnv:
@@ -113,131 +112,183 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def _wait_settled(app_url: str, scene_count: int, deadline_s: float) -> dict[str, int]:
-    """Wait until the poller has seen `scene_count` scenes and no analysis is still in flight."""
+def _libpq(app_url: str) -> str:
+    return app_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def _wait_settled(app_url: str, scene_count: int, deadline_s: float, var_dir: Path) -> None:
+    """Wait until the poller has seen `scene_count` scenes and nothing (analysis, email) is in flight."""
     import psycopg
 
-    dsn = app_url.replace("postgresql+psycopg://", "postgresql://", 1)
     end = time.monotonic() + deadline_s
     status: dict[str, int] = {}
+    quiet_since: float | None = None
     while time.monotonic() < end:
-        with psycopg.connect(dsn) as conn:
+        with psycopg.connect(_libpq(app_url)) as conn:
             scenes = conn.execute("SELECT count(*) FROM scenes").fetchone()[0]
             pending_obs = conn.execute("SELECT count(*) FROM observations WHERE status = 'pending'").fetchone()[0]
             status = dict(conn.execute("SELECT status::text, count(*) FROM analyses GROUP BY 1").fetchall())
+            sending = conn.execute(
+                "SELECT count(*) FROM deliveries WHERE status IN ('pending', 'sending')"
+            ).fetchone()[0]
         in_flight = sum(status.get(s, 0) for s in ("pending", "queued", "running"))
-        if scenes >= scene_count and pending_obs == 0 and in_flight == 0:
-            return status
-        time.sleep(0.5)
+        if scenes >= scene_count and pending_obs == 0 and in_flight == 0 and sending == 0:
+            # A finished analysis gets its alert rows a moment later (reports job): stay quiet for a while.
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since >= QUIET_SECONDS:
+                return
+        else:
+            quiet_since = None
+        time.sleep(0.3)
     raise click.ClickException(
-        f"timed out waiting for {scene_count} scenes to be analysed (analyses: {status}); see logs in {VAR}"
+        f"timed out waiting for {scene_count} scenes to be analysed (analyses: {status}); see logs in {var_dir}"
     )
 
 
-def _date_report(app_url: str, item: dict) -> str:
+@dataclass
+class DateOutcome:
+    """What happened to one published acquisition."""
+
+    item_id: str
+    date: str
+    observation: str | None  # clear | cloudy | failed
+    clear_fraction: float | None
+    reason: str | None  # why no analysis, when there is none
+    analysis_status: str | None
+    pair_reason: str | None
+    last_error: str | None
+    findings: int
+    changed_hectares: float | None
+    seconds_to_settle: float
+    seconds_to_email: float | None  # publish → alert accepted (None: no alert for this date)
+
+    def describe(self) -> str:
+        text = f"{self.observation} ({(self.clear_fraction or 0) * 100:.0f}% clear)"
+        if self.analysis_status is None:
+            return f"{text}; no analysis: {self.reason or 'no earlier clear acquisition'}"
+        text += f"; analysis {self.analysis_status}"
+        if self.analysis_status == "done":
+            text += f", {self.findings} finding(s), {self.changed_hectares or 0:.2f} ha changed"
+        elif self.last_error:
+            text += f": {self.last_error}"
+        if self.seconds_to_email is not None:
+            text += f"; alert emailed {self.seconds_to_email:.1f}s after publication"
+        return f"{text}\n        pair: {self.pair_reason}" if self.pair_reason else text
+
+
+@dataclass
+class DemoResult:
+    app_url: str
+    outbox: Path
+    dates: list[DateOutcome]
+
+
+def _outcome(app_url: str, item: dict, published_at: datetime, settled_s: float) -> DateOutcome:
     import psycopg
 
-    dsn = app_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    with psycopg.connect(dsn) as conn:
+    with psycopg.connect(_libpq(app_url)) as conn:
         row = conn.execute(
             """SELECT o.status::text, o.clear_fraction, o.reason, a.status::text, a.pair_reason, a.last_error,
-                      (SELECT count(*) FROM findings f WHERE f.analysis_id = a.id)
+                      (SELECT count(*) FROM findings f WHERE f.analysis_id = a.id),
+                      (SELECT f.hectares FROM findings f WHERE f.analysis_id = a.id AND f.kind = 'summary'),
+                      (SELECT min(d.sent_at) FROM deliveries d WHERE d.analysis_id = a.id AND d.status = 'sent')
                FROM scenes s JOIN observations o ON o.scene_id = s.id
                LEFT JOIN analyses a ON a.after_scene_id = s.id
                WHERE s.item_id = %s OR s.item->>'id' = %s ORDER BY a.id DESC NULLS LAST LIMIT 1""",
             (item["id"], item["id"]),
         ).fetchone()
+    date = item["properties"]["datetime"][:10]
     if row is None:
-        return "not seen yet"
-    obs, clear, reason, ana, pair_reason, err, nfind = row
-    text = f"{obs} ({(clear or 0) * 100:.0f}% clear)"
-    if ana is None:
-        return f"{text}; no analysis: {reason or 'no earlier clear acquisition'}"
-    text += f"; analysis {ana}"
-    if ana == "done":
-        text += f", {nfind} finding(s)"
-    elif err:
-        text += f": {err}"
-    return f"{text}\n        pair: {pair_reason}" if pair_reason else text
+        return DateOutcome(item["id"], date, None, None, "not seen by the poller", None, None, None, 0, None,
+                           settled_s, None)
+    obs, clear, reason, ana, pair_reason, err, nfind, hectares, sent_at = row
+    to_email = (sent_at - published_at).total_seconds() if sent_at else None
+    return DateOutcome(item["id"], date, obs, clear, reason, ana, pair_reason, err, nfind, hectares, settled_s,
+                       to_email)
 
 
-def run_demo(base_url: str, *, per_date_timeout: float = 300.0) -> None:
-    if VAR.exists():
-        shutil.rmtree(VAR)
-    (VAR / "outbox").mkdir(parents=True)
+def run_demo(base_url: str, *, var_dir: Path = VAR, dates: list[str] | None = None,
+             per_date_timeout: float = 300.0, echo=click.echo) -> DemoResult:
+    """Run the loop; ``dates`` (YYYY-MM-DD) restricts the acquisitions published (the whole-loop test)."""
+    if var_dir.exists():
+        shutil.rmtree(var_dir)
+    (var_dir / "outbox").mkdir(parents=True)
 
-    _step("fresh demo databases (application + pgstac) and migrations")
+    def step(msg: str) -> None:
+        echo(click.style("==> ", fg="cyan", bold=True) + msg)
+
+    step("fresh demo databases (application + pgstac) and migrations")
     env_cfg = _fresh_databases(base_url)
     _purge_broker(env_cfg.broker_url)
 
     items = sorted(localstac.read_sample_items(), key=lambda i: i["properties"]["datetime"])
-    collection = localstac.read_sample_collection()
-    localstac.load_collection(env_cfg.stac_dsn, collection)
+    if dates is not None:
+        items = [i for i in items if i["properties"]["datetime"][:10] in set(dates)]
+    localstac.load_collection(env_cfg.stac_dsn, localstac.read_sample_collection())
 
     procs: list[subprocess.Popen] = []
-    with localstac.CogServer(log_path=VAR / "cog-server.log") as cogs, localstac.StacApiServer(
-        dsn=env_cfg.stac_dsn, log_path=VAR / "stac-api.log", asset_base_url=cogs.url
+    outcomes: list[DateOutcome] = []
+    with localstac.CogServer(log_path=var_dir / "cog-server.log") as cogs, localstac.StacApiServer(
+        dsn=env_cfg.stac_dsn, log_path=var_dir / "stac-api.log", asset_base_url=cogs.url
     ) as stac:
-        _step(f"local STAC API at {stac.url}, COGs served with HTTP Range at {cogs.url}")
-        env = env_cfg.environ(stac.url)
-        os.environ.update({k: v for k, v in env.items() if k.startswith("UNIRS_")})
-        from monitor.config import get_settings
+        step(f"local STAC API at {stac.url}, COGs served with HTTP Range at {cogs.url}")
+        env = env_cfg.environ(stac.url, var_dir)
 
-        get_settings.cache_clear()
-
-        _step(f"register watched area {AREA_NAME!r} (alerts to {RECIPIENT})")
-        cli = [str(REPO / ".venv" / "bin" / "unirs-monitor")]
-        if not Path(cli[0]).exists():
-            cli = [sys.executable, "-m", "monitor.cli"]
+        step(f"register watched area {AREA_NAME!r} (alerts to {RECIPIENT})")
+        cli = [sys.executable, "-m", "monitor.cli"]
         subprocess.run(
             # --max-cloud 100: let cloudy acquisitions through so the report shows why they were skipped.
             [*cli, "areas", "add", json.dumps(_area_geometry(items)), "--name", AREA_NAME, "--recipient", RECIPIENT,
              "--max-cloud", "100", "--min-clear", "0.7", "--min-hectares", "0.5", "--frequency", "immediate"],
-            env=env, check=True,
+            env=env, check=True, stdout=subprocess.DEVNULL,
         )
 
-        _step("start the scheduler and a Celery worker (real processes; logs in var/demo/)")
-        procs.append(_spawn([*cli, "scheduler"], env, VAR / "scheduler.log"))
+        step(f"start the scheduler and a Celery worker (real processes; logs in {var_dir})")
+        procs.append(_spawn([*cli, "scheduler", "--reports-interval", "1"], env, var_dir / "scheduler.log"))
         procs.append(_spawn(
             [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--queues", "cpu,gpu",
-             "--pool", "solo", "--loglevel", "INFO", "--hostname", "demo@%h"],
-            env, VAR / "worker.log",
+             "--pool", "solo", "--loglevel", "INFO", "--hostname", f"demo-{os.getpid()}@%h"],
+            env, var_dir / "worker.log",
         ))
         try:
-            _step(f"publish {len(items)} real Sentinel-2 acquisitions, one date at a time")
+            step(f"publish {len(items)} real Sentinel-2 acquisitions, one date at a time")
             for n, item in enumerate(items, start=1):
-                t0 = time.monotonic()
+                published_at, t0 = datetime.now(UTC), time.monotonic()
                 stac.publish_item(item, asset_base_url=cogs.url)
-                _wait_settled(env_cfg.app_url, n, per_date_timeout)
-                click.echo(f"  {item['properties']['datetime'][:10]}  {item['id']:<28} "
-                           f"{_date_report(env_cfg.app_url, item)}  [{time.monotonic() - t0:.1f}s]")
-            _step("deliver alerts")
-            from monitor.reports import run_deliveries
-
-            click.echo(f"  {run_deliveries()}")
+                _wait_settled(env_cfg.app_url, n, per_date_timeout, var_dir)
+                outcome = _outcome(env_cfg.app_url, item, published_at, time.monotonic() - t0)
+                outcomes.append(outcome)
+                echo(f"  {outcome.date}  {item['id']:<28} {outcome.describe()}  [{outcome.seconds_to_settle:.1f}s]")
         finally:
             for p in procs:
                 _stop(p)
-
-    _step("findings")
-    subprocess.run([*cli, "findings", "--area", AREA_NAME], env=env, check=False)
-    emails = sorted((VAR / "outbox").glob("**/*.eml"))
-    previews = sorted((VAR / "outbox").glob("**/*.html"))
-    _step(f"{len(emails)} alert email(s) in {VAR / 'outbox'}")
-    for path in emails + previews:
-        click.echo(f"  {path.relative_to(REPO)}")
-    click.echo(f"\nDatabase: {env_cfg.app_url}\nQuery:    UNIRS_DATABASE_URL={env_cfg.app_url} "
-               f"unirs-monitor findings --format geojson\nLogs:     {VAR}")
+    return DemoResult(app_url=env_cfg.app_url, outbox=var_dir / "outbox", dates=outcomes)
 
 
 @click.command("demo")
 @click.option("--per-date-timeout", type=float, default=300.0, show_default=True,
               help="Give up if one acquisition takes longer than this to be analysed (seconds).")
 def demo(per_date_timeout: float) -> None:
-    """Run the whole loop on the bundled real Sentinel-2 sample (see scripts/demo)."""
+    """Run the whole loop on the bundled real Sentinel-2 sample (see scripts/demo).
+
+    Fresh demo databases, a local STAC API and COG server on loopback, a watched area, the scheduler and a
+    Celery worker as real processes; the 16 acquisitions are published one date at a time. Ends with
+    findings in PostGIS and alert emails (.eml + HTML preview) in var/demo/outbox. Safe to run again.
+    """
     from monitor.config import get_settings
 
-    run_demo(get_settings().database_url, per_date_timeout=per_date_timeout)
+    result = run_demo(get_settings().database_url, per_date_timeout=per_date_timeout)
+    env = {**os.environ, "UNIRS_DATABASE_URL": result.app_url}
+    click.echo(click.style("==> ", fg="cyan", bold=True) + "findings")
+    subprocess.run([sys.executable, "-m", "monitor.cli", "findings", "--area", AREA_NAME], env=env, check=False)
+    emails = sorted(result.outbox.glob("**/*.eml"))
+    latencies = [d.seconds_to_email for d in result.dates if d.seconds_to_email is not None]
+    click.echo(click.style("==> ", fg="cyan", bold=True) + f"{len(emails)} alert email(s) in {result.outbox}"
+               + (f" (publication → email: median {sorted(latencies)[len(latencies) // 2]:.1f}s)" if latencies else ""))
+    for path in emails + sorted(result.outbox.glob("**/*.html")):
+        click.echo(f"  {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+    click.echo(f"\nDatabase: {result.app_url}\nQuery:    UNIRS_DATABASE_URL={result.app_url} "
+               f"unirs-monitor findings --format geojson\nLogs:     {VAR}")
 
 
 if __name__ == "__main__":

@@ -228,3 +228,13 @@ def test_stored_geometry_equals_input(db, b, fmt):
         return
     stored, _, _ = stored_geometry(db, name)
     assert stored.geoms[0].normalize().equals_exact(geom.normalize(), 1e-9)
+
+
+def test_question_templates_are_checked(db):
+    from monitor.questions import load_templates
+
+    known = [t.id for t in load_templates()]
+    out = run("areas", "add", FOREST.wkt, "--name", "q", "--question", known[0], "--question", known[1], "--json")
+    assert json.loads(out.stdout)[0]["questions"] == known[:2]
+    refused = run("areas", "add", FOREST.wkt, "--name", "q2", "--question", "are-there-dragons", ok=False)
+    assert "unknown question template" in refused.output and known[0] in refused.output

@@ -76,6 +76,10 @@ from monitor.demo import demo  # noqa: E402
 
 cli.add_command(demo)
 
+from monitor.metrics import metrics  # noqa: E402
+
+cli.add_command(metrics)
+
 from workers.cli import worker  # noqa: E402
 
 cli.add_command(worker)

@@ -154,7 +154,9 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     smtp: SmtpSettings = SmtpSettings()
     reports: ReportSettings = ReportSettings()
+    # Prometheus /metrics served by the scheduler when set (`unirs-monitor metrics` prints them once).
     metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
 
     @classmethod
     def settings_customise_sources(

@@ -11,7 +11,12 @@ Jobs (APScheduler 3, ``BlockingScheduler``; each job is single-instance and coal
 - ``poll``: every ``poll.interval_minutes``: poll every catalogue, then pair right away;
 - ``pair``: periodically, for observations still pending (a crash mid-pairing, failed reads due a retry);
 - ``dispatch``: every ``analysis.dispatch_interval_seconds``: ``monitor.dispatch.dispatch_once()``;
-- ``reports``: ``monitor.reports.run_deliveries()``.
+- ``reports``: ``monitor.reports.run_deliveries()``;
+- ``health``: hourly, a WARNING (once per day per area) for each active area without a clear scene for
+  ``reports.no_clear_scene_days`` (``monitor.metrics.areas_without_clear_scene``).
+
+With ``metrics_port`` set, :func:`run_scheduler` also serves the Prometheus metrics (``monitor/metrics.py``;
+every scheduler, leader or not: they are read from the database).
 
 Dispatch and reports are imported lazily: they belong to other parts of the service and a deployment
 without them (or a broken import) still polls and pairs; the job logs why it did nothing.
@@ -25,7 +30,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -36,9 +41,10 @@ from monitor.locks import LEADER_LOCK, AdvisoryLock, cycle_lock, wait_for_leader
 
 logger = logging.getLogger(__name__)
 
-JOBS = ("poll", "pair", "dispatch", "reports")
+JOBS = ("poll", "pair", "dispatch", "reports", "health")
 PAIR_INTERVAL_SECONDS = 300.0
 REPORTS_INTERVAL_SECONDS = 60.0
+HEALTH_INTERVAL_SECONDS = 3600.0
 
 
 @dataclass
@@ -123,6 +129,31 @@ def run_deliveries() -> Any:
     return call_optional("monitor.reports", "run_deliveries")
 
 
+_health_warned: dict[str, date] = {}
+
+
+def check_health(settings: Settings | None = None, *, now: datetime | None = None,
+                 warned: dict[str, date] = _health_warned) -> list[str]:
+    """Log a WARNING for each active area without a clear scene for too long, once per (UTC) day per area."""
+    from monitor.db import session_scope
+    from monitor.metrics import areas_without_clear_scene
+
+    settings = settings or get_settings()
+    now = now or datetime.now(UTC)
+    days = settings.reports.no_clear_scene_days
+    with session_scope(settings.database_url) as session:
+        stale = areas_without_clear_scene(session, days, now=now)
+    warned_now = []
+    for name, last in stale:
+        if warned.get(name) == now.date():
+            continue
+        warned[name] = now.date()
+        warned_now.append(name)
+        logger.warning("area %r has had no clear scene for more than %g days (last clear scene: %s)", name, days,
+                       last.isoformat(timespec="minutes") if last else "none yet")
+    return warned_now
+
+
 class Scheduler:
     """Leader election + the APScheduler jobs. ``run()`` blocks until ``stop()`` (or SIGTERM/SIGINT)."""
 
@@ -186,6 +217,9 @@ class Scheduler:
         if "reports" in self.jobs:
             scheduler.add_job(self._guard("reports", run_deliveries), "interval",
                               seconds=self.reports_interval_seconds, id="reports")
+        if "health" in self.jobs:
+            scheduler.add_job(self._guard("health", lambda: check_health(settings)), "interval",
+                              seconds=HEALTH_INTERVAL_SECONDS, next_run_time=now, id="health")
         scheduler.add_job(self._watchdog, "interval", seconds=max(1.0, self.retry_seconds), id="leader-watchdog")
         self._scheduler = scheduler
         if self._stop.is_set():
@@ -222,5 +256,14 @@ class Scheduler:
 
 def run_scheduler(settings: Settings | None = None, **kwargs: Any) -> None:
     scheduler = Scheduler(settings, **kwargs)
+    settings = scheduler.settings
+    if settings.metrics_port is not None:
+        from monitor.metrics import serve
+
+        try:
+            serve(settings.metrics_port, settings.metrics_addr, settings)
+        except OSError:
+            logger.exception("cannot serve metrics on %s:%s; continuing without", settings.metrics_addr,
+                             settings.metrics_port)
     scheduler.install_signal_handlers()
     scheduler.run()

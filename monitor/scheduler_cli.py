@@ -20,7 +20,7 @@ def _parse_when(value: str, param: str) -> datetime:
 
 
 @click.command("scheduler")
-@click.option("--jobs", default="poll,pair,dispatch,reports", show_default=True,
+@click.option("--jobs", default="poll,pair,dispatch,reports,health", show_default=True,
               help="Comma-separated jobs this scheduler runs when it is the leader.")
 @click.option("--retry-seconds", type=float, default=5.0, show_default=True,
               help="How often a stand-by scheduler tries to become the leader.")

@@ -499,3 +499,19 @@ def test_email_renders_in_headless_chromium(db, configure, tmp_path):
             assert shot.size == (800, 1400)
             colours = shot.convert("RGB").getcolors(maxcolors=1_000_000)
             assert colours is not None and len(colours) > 50  # text and thumbnails, not a blank page
+
+
+def test_claim_lease_runs_from_the_claim_not_from_the_start_of_a_slow_run(db):
+    """A batch that started long ago (slow SMTP) must not hand out leases that are already expired: a
+    concurrent runner would settle the row as "outcome unknown" while it is still being sent."""
+    with session_scope() as s:
+        f.world(s, recipients=["ana@example.org"])
+    with session_scope() as s:
+        create_immediate_deliveries(s, datetime.now(UTC), get_settings())
+    run_started = datetime.now(UTC) - timedelta(hours=1)
+    (row,) = deliveries(db)
+    with session_scope() as s:
+        claim = ledger.claim(s, row["id"], run_started, get_settings().smtp.lease_seconds)
+    assert claim is not None
+    with session_scope() as s:
+        assert ledger.stale_sending(s, datetime.now(UTC)) == []

@@ -88,6 +88,17 @@ def test_landsat_qa_pixel_mask():
     assert not clear[5, 5] and not clear[5, 6] and clear[5, 7] and not clear[0, 9]
 
 
+def test_mask_band_nodata_is_never_clear():
+    # Outside a Landsat footprint the warped QA_PIXEL read is filled with the nodata value (0 by default),
+    # which has no cloud bit set: the declared nodata must still count as not clear.
+    from workers.raster import _clear_mask
+
+    qa = np.full((4, 4), 1 << 6, dtype=np.uint16)
+    qa[:, :2] = 0  # fill written by the warp
+    clear = _clear_mask(_scene(None), "qa_pixel", np.ma.masked_equal(qa, 0), buffer_px=0)
+    assert not clear[:, :2].any() and clear[:, 2:].all()
+
+
 def _scene(baseline: str | None, assets=None) -> SceneRef:
     return SceneRef(1, "x", datetime(2020, 1, 1, tzinfo=UTC), baseline, assets or {}, CATALOGUE)
 

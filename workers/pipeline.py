@@ -118,8 +118,7 @@ def run_analysis(analysis_id: int, worker: str, settings: Settings | None = None
         logger.warning("%s; results discarded", exc)
         return "lease lost"
     except SkipAnalysis as exc:
-        leases.finish_now(claim, "skipped", stats={"skip_reason": str(exc), "worker": worker}, last_error=str(exc))
-        return "skipped"
+        return _finish(claim, "skipped", str(exc), {"skip_reason": str(exc), "worker": worker})
     except HrefRefused as exc:
         return _fail(claim, f"refused to open an asset: {exc}")
     except (PermanentFailure, UnknownQuestion) as exc:
@@ -148,12 +147,17 @@ def describe_read_error(exc: CogReadError) -> str:
 
 
 def _fail(claim: leases.Claim, reason: str) -> str:
+    return _finish(claim, "failed", reason, {"failure": reason, "worker": claim.worker})
+
+
+def _finish(claim: leases.Claim, status: str, reason: str, stats: dict) -> str:
+    """End the analysis now; a worker whose lease was taken over writes nothing (the new owner decides)."""
     try:
-        leases.finish_now(claim, "failed", stats={"failure": reason, "worker": claim.worker}, last_error=reason)
+        leases.finish_now(claim, status, stats=stats, last_error=reason)
     except leases.LeaseLost as exc:
         logger.warning("%s", exc)
         return "lease lost"
-    return "failed"
+    return status
 
 
 def _analyse(ctx: AnalysisContext, claim: leases.Claim, heartbeat: leases.Heartbeat, settings: Settings) -> str:

@@ -203,9 +203,10 @@ def _reflectance(scene: SceneRef, band: str, dn: np.ma.MaskedArray) -> np.ndarra
 
 def _clear_mask(scene: SceneRef, band: str, values: np.ma.MaskedArray, buffer_px: int) -> np.ndarray:
     data = values.data
+    no_data = np.ma.getmaskarray(values)
     if band == "scl":
-        return scl_clear(data, buffer_px)
-    return qa_pixel_clear(data, buffer_px)
+        return scl_clear(data, buffer_px) & ~no_data
+    return qa_pixel_clear(data, buffer_px) & ~no_data
 
 
 def _mask_band(scene: SceneRef) -> str:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.dialects.postgresql import insert
@@ -124,7 +124,8 @@ def claim(session: Session, delivery_id: int, now: datetime, lease_seconds: floa
         .values(
             status=DeliveryStatus.SENDING,
             attempts=Delivery.attempts + 1,
-            next_attempt_at=now + timedelta(seconds=lease_seconds),
+            # The lease runs from the claim itself: ``now`` may be the start of a long run.
+            next_attempt_at=max(now, datetime.now(UTC)) + timedelta(seconds=lease_seconds),
         )
         .returning(Delivery.id, Delivery.attempts, Delivery.recipient, Delivery.message_id, Delivery.delivery_key)
     ).one_or_none()

@@ -94,9 +94,13 @@ def _validate_options(opts: AreaOptions) -> None:
             f"pairing policy must be one of {[p.value for p in PairingPolicy]}, got {opts.pairing_policy!r}"
         )
     if opts.collections is not None and (
-        not opts.collections or not all(isinstance(c, str) and c.strip() for c in opts.collections)
+        not isinstance(opts.collections, list | tuple) or not opts.collections
+        or not all(isinstance(c, str) and c.strip() for c in opts.collections)
     ):
         raise AreaError("collections must be a non-empty list of collection ids")
+    for key in ("recipients", "questions"):
+        if getattr(opts, key) is not None and not isinstance(getattr(opts, key), list | tuple):
+            raise AreaError(f"{key} must be a list, got {getattr(opts, key)!r}")
     if opts.questions:
         _validate_questions(opts.questions)
 

@@ -435,6 +435,9 @@ def choose_before(area: AreaInfo, after: SceneInfo, settings: Settings | None = 
                 if status is None:
                     checked += 1
                     continue
+            if status is ObservationStatus.FAILED and outcome.status is ObservationStatus.CLEAR:
+                # A failed "after" scene that reads now still needs its own pairing: pending again, fraction kept.
+                outcome = Outcome(ObservationStatus.PENDING, outcome.fraction, None)
             # A pending candidate is still someone's "after" scene: store the fraction, keep it pending.
             _save_observation(area.id, cand.scene.id, outcome, keep_pending=status is ObservationStatus.PENDING)
         checked += 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import socket
 from urllib.parse import urlsplit
 
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 # and a URL parser disagreement is the classic allow-list bypass).
 _FORBIDDEN_CHARS = set("\\ \t\r\n\x00") | {chr(c) for c in range(0x20)}
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_INET_ATON_RE = re.compile(r"(?:0x[0-9a-f]*|[0-9]+)(?:\.(?:0x[0-9a-f]*|[0-9]+)){0,3}")
 
 
 class HrefRefused(ValueError):
@@ -136,7 +138,14 @@ def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
     try:
         return ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
     except ValueError:
-        return None
+        pass
+    # curl (and so GDAL) also reads the inet_aton forms as IPv4 literals: 2130706433, 0x7f.1, 127.1, 0177.0.0.1.
+    if _INET_ATON_RE.fullmatch(host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
 
 
 def non_public_reason(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:

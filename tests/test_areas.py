@@ -238,3 +238,10 @@ def test_question_templates_are_checked(db):
     assert json.loads(out.stdout)[0]["questions"] == known[:2]
     refused = run("areas", "add", FOREST.wkt, "--name", "q2", "--question", "are-there-dragons", ok=False)
     assert "unknown question template" in refused.output and known[0] in refused.output
+
+
+def test_a_single_string_where_a_list_is_expected_is_refused_not_split_into_characters(db):
+    doc = json.dumps(feature(FOREST, name="strings", collections="sentinel-2-l2a"))
+    out = run("areas", "add", doc, ok=False).output
+    assert "collections must be a non-empty list" in out
+    assert "strings" not in run("areas", "list").output

@@ -367,3 +367,53 @@ def test_catalogue_rows_are_upserted_by_name(db):
         first = upsert_catalogue(session, CAT)
         again = upsert_catalogue(session, CatalogueSettings(name=CAT.name, url="http://127.0.0.1:10"))
     assert first == again
+
+
+def test_a_catalogue_whose_poll_raises_does_not_stop_the_others(stac_collection, make_settings, add_area,
+                                                                  items_by_date, sample_footprint, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    from monitor.catalogues import poller
+
+    stac_collection.publish(items_by_date["2020-08-04"])
+    add_area("forest", inner_aoi(sample_footprint), collections=[stac_collection.id])
+    cfg = make_settings(stac_collection.api.url, [stac_collection.id], lookback_days=40)
+    broken = cfg.catalogues[0].model_copy(update={"name": "broken"})
+    cfg = cfg.model_copy(update={"catalogues": [broken, *cfg.catalogues]})
+    real = poller.upsert_catalogue
+
+    def flaky(session, catalogue):
+        if catalogue.name == "broken":
+            raise OperationalError("INSERT INTO catalogues", {}, Exception("server closed the connection"))
+        return real(session, catalogue)
+
+    monkeypatch.setattr(poller, "upsert_catalogue", flaky)
+    result = poll_all(cfg, now=utc("2020-08-05T12:00:00"))  # "never raises for a catalogue failure"
+    assert not result.ok
+    failed = [p for p in result.polls if not p.ok]
+    assert [p.catalogue for p in failed] == ["broken"] and "server closed" in failed[0].error
+    assert result.total("new_scenes") == 1 and count(Scene) == 1
+
+
+def test_an_item_with_a_nul_byte_in_its_id_or_collection_is_quarantined_not_fatal(db, items_by_date):
+    nul_id = absolute(items_by_date["2020-08-04"])
+    nul_id["id"] = "evil\u0000id"
+    nul_collection = absolute(items_by_date["2020-07-30"])
+    nul_collection["collection"] = "sentinel-2-l2a\u0000"
+    good = absolute(items_by_date["2020-08-29"])
+    with session_scope() as session:
+        catalogue_id = upsert_catalogue(session, CAT)
+        stats = ingest_items(session, CAT, catalogue_id, "sentinel-2-l2a", [nul_id, nul_collection, good])
+    assert stats.items_seen == 3 and stats.new_scenes == 1 and stats.quarantined == 2
+    assert count(Scene) == 1 and count(QuarantinedItem) == 2
+
+
+def test_an_item_with_a_lone_surrogate_is_quarantined_not_fatal(db, items_by_date):
+    # JSON allows "\ud800" escapes; Python decodes them to lone surrogates that UTF-8 (so PostgreSQL) refuses.
+    bad = json.loads(json.dumps(absolute(items_by_date["2020-08-04"])).replace('"S2A_34TER', '"\\ud800S2A_34TER', 1))
+    good = absolute(items_by_date["2020-08-29"])
+    with session_scope() as session:
+        catalogue_id = upsert_catalogue(session, CAT)
+        stats = ingest_items(session, CAT, catalogue_id, "sentinel-2-l2a", [bad, good])
+    assert stats.items_seen == 2 and stats.new_scenes == 1 and stats.quarantined == 1
+    assert count(Scene) == 1 and count(QuarantinedItem) == 1

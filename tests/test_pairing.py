@@ -177,3 +177,32 @@ def test_unreadable_cloud_mask_is_a_failed_observation(stac_collection, make_set
     status, fraction, reason = observations(area)["2020-08-04"]
     assert status == "failed" and fraction is None
     assert reason.startswith("cloud mask unreadable: cannot read http://127.0.0.1:") and "missing-scl.tif" in reason
+
+
+def test_failed_after_scene_read_later_as_a_before_candidate_still_gets_its_own_analysis(
+        stac_collection, make_settings, add_area, items_by_date, sample_footprint, monkeypatch):
+    import monitor.pairing as pairing
+    from monitor.cog import CogReadError
+
+    for date in ("2020-07-30", "2020-08-04", "2020-08-29"):
+        stac_collection.publish(items_by_date[date])
+    cfg = make_settings(stac_collection.api.url, [stac_collection.id], lookback_days=40)
+    area = add_area("forest", inner_aoi(sample_footprint), collections=[stac_collection.id])
+    poll_all(cfg, now=datetime(2020, 8, 30, tzinfo=UTC))
+
+    real = pairing.aoi_clear_fraction
+    failures = {"2020-08-04": 1}  # one transient network error on the 08-04 cloud mask
+
+    def flaky(assets, geom, area_km2, catalogue):
+        for date, left in failures.items():
+            if left and date.replace("-", "") in assets["scl"]["href"].replace("-", ""):
+                failures[date] -= 1
+                raise CogReadError(assets["scl"]["href"], "HTTP 503")
+        return real(assets, geom, area_km2, catalogue)
+
+    monkeypatch.setattr(pairing, "aoi_clear_fraction", flaky)
+    process_pending(cfg)  # 08-04 fails as an "after" scene; 08-29 re-reads it fine as its before-candidate
+    assert pairs(area)["2020-08-29"][0] == "2020-08-04"
+    process_pending(cfg)
+    # 08-04 was a new acquisition too: its own analysis (against 07-30) must not be lost.
+    assert pairs(area).get("2020-08-04", ("none",))[0] == "2020-07-30"

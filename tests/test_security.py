@@ -134,3 +134,13 @@ def test_read_aoi_never_opens_a_refused_href(cog_server, sample_footprint):
     with pytest.raises(HrefRefused):
         read_aoi("file:///etc/passwd", sample_footprint, catalogue=LOOPBACK_OPT_IN)
     assert cog_server.stats()["requests"] == before
+
+
+@pytest.mark.parametrize("host", ["2130706433", "0x7f.1", "127.1", "017700000001", "0177.0.0.1", "0",
+                                  "0xa9.0xfe.0xa9.0xfe"])
+def test_numeric_ipv4_forms_are_ip_literals_even_without_dns(host):
+    # curl/GDAL (inet_aton) read these as 127.0.0.1, 0.0.0.0 or 169.254.169.254: the static (resolve=False)
+    # check at ingest must treat them as the IP literals they are, not as names to look up later.
+    cat = PUBLIC.model_copy(update={"allowed_hosts": [host]})
+    with pytest.raises(HrefRefused, match=r"loopback|unspecified|link-local"):
+        check_href(f"https://{host}/x.tif", cat, resolve=False, sign=False)

@@ -101,7 +101,13 @@ def poll_all(settings: Settings | None = None, *, now: datetime | None = None,
     for catalogue in settings.catalogues:
         if wanted is not None and catalogue.name not in wanted:
             continue
-        summary.polls.extend(poll_catalogue(catalogue, settings, now=now))
+        try:
+            summary.polls.extend(poll_catalogue(catalogue, settings, now=now))
+        except Exception as exc:  # a database error outside a collection poll must not stop the others
+            error = _describe(exc)
+            logger.exception("poll of catalogue %s failed: %s", catalogue.name, error)
+            summary.polls.extend(CollectionPoll(catalogue.name, collection, ok=False, error=error)
+                                 for collection in catalogue.collections)
     return summary
 
 

@@ -106,6 +106,9 @@ def upsert_scene(session: Session, catalogue_id: int, collection: str, parsed: P
 def quarantine(session: Session, catalogue_id: int, collection: str | None, raw: Any, reason: str) -> None:
     item_id = raw.get("id") if isinstance(raw, dict) else None
     item_id = item_id if isinstance(item_id, str) else None
+    # PostgreSQL text refuses NUL: an id/collection carrying one must not abort the batch (and every re-poll).
+    item_id = _text_safe(item_id) if item_id is not None else None
+    collection = _text_safe(collection) if collection is not None else None
     stored = raw if isinstance(raw, dict) and _jsonb_safe(raw) else None
     stmt = (
         insert(QuarantinedItem)
@@ -164,6 +167,13 @@ def catalogue_id_by_name(session: Session, name: str) -> int | None:
 def _jsonb_safe(value: Any) -> bool:
     try:
         text = json.dumps(value, allow_nan=False)
-    except (ValueError, TypeError):
+        # JSON "\ud800" escapes decode to lone surrogates, which UTF-8 (so PostgreSQL) cannot carry.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (ValueError, TypeError):  # UnicodeEncodeError is a ValueError
         return False
     return "\\u0000" not in text
+
+
+def _text_safe(text: str) -> str:
+    """``text`` without what PostgreSQL text refuses (NUL, lone surrogates), escaped instead."""
+    return text.replace("\x00", "\\u0000").encode("utf-8", "backslashreplace").decode("utf-8")

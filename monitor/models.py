@@ -190,7 +190,12 @@ class QuarantinedItem(Base):
     raw: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
-    __table_args__ = (UniqueConstraint("catalogue_id", "item_id", "reason", name="uq_quarantine_item_reason"),)
+    # NULLS NOT DISTINCT: an item without an id is quarantined once, not again on every poll.
+    __table_args__ = (
+        UniqueConstraint(
+            "catalogue_id", "item_id", "reason", name="uq_quarantine_item_reason", postgresql_nulls_not_distinct=True
+        ),
+    )
 
 
 class Observation(Base):

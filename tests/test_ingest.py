@@ -417,3 +417,12 @@ def test_an_item_with_a_lone_surrogate_is_quarantined_not_fatal(db, items_by_dat
         stats = ingest_items(session, CAT, catalogue_id, "sentinel-2-l2a", [bad, good])
     assert stats.items_seen == 2 and stats.new_scenes == 1 and stats.quarantined == 1
     assert count(Scene) == 1 and count(QuarantinedItem) == 1
+
+
+def test_an_item_without_id_is_quarantined_once_across_polls(db):
+    no_id = {"type": "Feature", "properties": {}}  # no id, no geometry, no datetime
+    for _ in range(3):  # the catalogue keeps returning it on every poll
+        with session_scope() as session:
+            catalogue_id = upsert_catalogue(session, CAT)
+            ingest_items(session, CAT, catalogue_id, "sentinel-2-l2a", [no_id])
+    assert count(QuarantinedItem) == 1

@@ -85,7 +85,7 @@ def upgrade() -> None:
     sa.Column('seen_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.ForeignKeyConstraint(['catalogue_id'], ['catalogues.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('catalogue_id', 'item_id', 'reason', name='uq_quarantine_item_reason')
+    sa.UniqueConstraint('catalogue_id', 'item_id', 'reason', name='uq_quarantine_item_reason', postgresql_nulls_not_distinct=True)
     )
     op.create_geospatial_table('scenes',
     sa.Column('id', sa.BigInteger(), nullable=False),

@@ -27,6 +27,19 @@ drop_database = dbadmin.drop_database
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _single_torch_thread() -> Iterator[None]:
+    """Tiny test models gain nothing from intra-op threads; on a shared 2-core machine the OpenMP threads
+    of concurrent processes spin against each other (10× slowdowns). One thread also makes bit-exact
+    comparisons (training resume) independent of the machine's core count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _test_outbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Emails written by any test (or a worker it starts) land in a temporary outbox, not in var/."""
     os.environ["UNIRS_SMTP__OUTBOX_DIR"] = str(tmp_path_factory.mktemp("outbox"))

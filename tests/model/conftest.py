@@ -3,20 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from model import UniRS
 from model.testing import random_image, write_random_checkpoint
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _single_thread():
-    # The tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
-    # OpenMP threads of several test processes spin against each other (10x slowdowns).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -4,20 +4,8 @@ mixture, and one trained model shared by the tests that only read it."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from .synthetic import write_mixture, write_small_checkpoint
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _single_thread():
-    # Tiny models gain nothing from intra-op threads; on a shared 2-core machine the OpenMP
-    # threads of concurrent test processes spin against each other. One thread also makes the
-    # bit-exact resume comparison independent of the machine's core count.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -106,6 +106,23 @@ def _generate(items, model_path, base_path, max_new_tokens, opts, out_dir, id_ke
     return {r["id"]: r["prediction"] for r in results}
 
 
+def _predictions(gt, *, model_path, pred_path, make_items, read_predictions, base_path, max_new_tokens, opts,
+                 no_progress, out_dir, id_key, text_key):
+    """(references, predictions): generated now with --model, or read from --predictions.
+
+    With --model and --limit only the first items are generated, so the references are cut to them.
+    """
+    if model_path is not None:
+        preds = _generate(make_items(), model_path, base_path, max_new_tokens, {**opts, "no_progress": no_progress},
+                          out_dir, id_key, text_key)
+        if opts["limit"] is not None:
+            gt = {k: v for k, v in gt.items() if k in preds}
+        return gt, preds
+    if pred_path is not None:
+        return gt, read_predictions(pred_path)
+    raise click.UsageError("Give --predictions or --model")
+
+
 def _finish(result: dict[str, Any], table: str, out_dir: Path | None, as_json: bool, settings: dict[str, Any]) -> None:
     result = {**result, "settings": settings}
     if out_dir is not None:
@@ -177,25 +194,15 @@ def rsvqa_cmd(
 ):
     """RSVQA accuracy per question type, with question-weighted and per-type-mean averages."""
     try:
-        gt = load_rsvqa(gt_path, prediction=False)
-        if model_path is not None:
-            items = _rsvqa_items(gt_path, image_root)
-            preds = _generate(
-                items,
-                model_path,
-                base_path,
-                max_new_tokens,
-                {**opts, "no_progress": no_progress},
-                out_dir,
-                "question_id",
-                "answer",
-            )
-            if opts["limit"] is not None:
-                gt = {k: v for k, v in gt.items() if k in preds}
-        elif pred_path is not None:
-            preds = {k: v["answer"] for k, v in load_rsvqa(pred_path, prediction=True).items()}
-        else:
-            raise click.UsageError("Give --predictions or --model")
+        gt, preds = _predictions(
+            load_rsvqa(gt_path, prediction=False),
+            model_path=model_path,
+            pred_path=pred_path,
+            make_items=lambda: _rsvqa_items(gt_path, image_root),
+            read_predictions=lambda p: {k: v["answer"] for k, v in load_rsvqa(p, prediction=True).items()},
+            base_path=base_path, max_new_tokens=max_new_tokens, opts=opts, no_progress=no_progress,
+            out_dir=out_dir, id_key="question_id", text_key="answer",
+        )
         selected = [t.strip() for t in types.split(",")] if types else None
         result = score_rsvqa(gt, preds, selected)
     except EvalFormatError as exc:
@@ -297,25 +304,15 @@ def caption_cmd(
 ):
     """Change captioning: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (printed x100, as in the LEVIR-CC papers)."""
     try:
-        refs = load_caption_references(ref_path, split=split, field=reference_field)
-        if model_path is not None:
-            items = _caption_items(ref_path, pairs_path, image_root, split, prompt)
-            preds = _generate(
-                items,
-                model_path,
-                base_path,
-                max_new_tokens,
-                {**opts, "no_progress": no_progress},
-                out_dir,
-                "id",
-                "caption",
-            )
-            if opts["limit"] is not None:
-                refs = {k: v for k, v in refs.items() if k in preds}
-        elif pred_path is not None:
-            preds = load_caption_predictions(pred_path)
-        else:
-            raise click.UsageError("Give --predictions or --model")
+        refs, preds = _predictions(
+            load_caption_references(ref_path, split=split, field=reference_field),
+            model_path=model_path,
+            pred_path=pred_path,
+            make_items=lambda: _caption_items(ref_path, pairs_path, image_root, split, prompt),
+            read_predictions=load_caption_predictions,
+            base_path=base_path, max_new_tokens=max_new_tokens, opts=opts, no_progress=no_progress,
+            out_dir=out_dir, id_key="id", text_key="caption",
+        )
         metrics = [m for m in DEFAULT_METRICS if not (no_meteor and m == "METEOR")]
         result = score_captions(refs, preds, tokenizer=tokenizer, metrics=metrics, allow_missing=allow_missing)
     except EvalFormatError as exc:
@@ -430,25 +427,15 @@ def era_cmd(
     """ERA event classification: free text mapped to class names, per-class accuracy and OA."""
     try:
         classes = json.loads(classes_path.read_text()) if classes_path else list(ERA_CLASSES)
-        gt = load_era(gt_path, prediction=False)
-        if model_path is not None:
-            items = _era_items(gt_path, video_root, question)
-            preds = _generate(
-                items,
-                model_path,
-                base_path,
-                max_new_tokens,
-                {**opts, "no_progress": no_progress},
-                out_dir,
-                "id",
-                "answer",
-            )
-            if opts["limit"] is not None:
-                gt = {k: v for k, v in gt.items() if k in preds}
-        elif pred_path is not None:
-            preds = load_era(pred_path, prediction=True)
-        else:
-            raise click.UsageError("Give --predictions or --model")
+        gt, preds = _predictions(
+            load_era(gt_path, prediction=False),
+            model_path=model_path,
+            pred_path=pred_path,
+            make_items=lambda: _era_items(gt_path, video_root, question),
+            read_predictions=lambda p: load_era(p, prediction=True),
+            base_path=base_path, max_new_tokens=max_new_tokens, opts=opts, no_progress=no_progress,
+            out_dir=out_dir, id_key="id", text_key="answer",
+        )
         result = score_era(gt, preds, classes)
     except EvalFormatError as exc:
         raise click.ClickException(str(exc)) from None

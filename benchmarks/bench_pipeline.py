@@ -45,10 +45,10 @@ from rasterio.shutil import copy as rio_copy
 from rasterio.warp import transform_bounds, transform_geom
 from shapely.geometry import box, mapping, shape
 
-from monitor import localstac
+from core.config import AnalysisSettings, CatalogueSettings
+from devtools import localstac
+from eo.cog import utm_crs_for
 from monitor.catalogues.items import parse_item
-from monitor.cog import utm_crs_for
-from monitor.config import AnalysisSettings, CatalogueSettings
 from workers import spectral
 from workers.pipeline import thumbnails
 from workers.raster import SceneRef, common_grid, prepare_pair

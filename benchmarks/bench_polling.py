@@ -1,7 +1,7 @@
 """Benchmark: grouped polling vs one search per area, against a real local STAC API.
 
 Setup (all on loopback, throw-away databases dropped at the end):
-- a pgstac database served by stac-fastapi-pgstac (``monitor.localstac``) holding generated Sentinel-2
+- a pgstac database served by stac-fastapi-pgstac (``devtools.localstac``) holding generated Sentinel-2
   shaped items: a grid of 1° × 1° "tiles" over a 10° × 5° region (Romania), several acquisitions each
   within the look-back window, random scene cloud cover;
 - an application database (the real Alembic schema) with N generated watched areas (small squares,
@@ -35,8 +35,9 @@ from geoalchemy2.shape import from_shape
 from shapely.geometry import MultiPolygon, box, mapping
 from sqlalchemy import insert
 
-from monitor import dbadmin, localstac, migrate
-from monitor.config import CatalogueSettings, PollSettings, Settings, get_settings
+from core import migrate
+from core.config import CatalogueSettings, PollSettings, Settings, get_settings
+from devtools import dbadmin, localstac
 
 ADMIN_URL = os.environ.get("UNIRS_BENCH_ADMIN_URL", "postgresql://unirs:unirs@127.0.0.1:5432/postgres")
 REGION = (20.0, 43.5, 30.0, 48.5)  # lon/lat box (about 780 km × 555 km)
@@ -80,8 +81,8 @@ def generate_areas(n: int, rng: random.Random) -> list[MultiPolygon]:
 
 
 def insert_areas(geoms: list[MultiPolygon], collection: str) -> list[int]:
-    from monitor.db import session_scope
-    from monitor.models import Area
+    from core.db import session_scope
+    from core.models import Area
 
     rows = [{"name": f"bench-{i:05d}", "geom": from_shape(g, srid=4326), "area_km2": 1.0, "collections": [collection],
              "max_cloud_cover": 80.0, "min_clear_fraction": 0.7, "recipients": [], "questions": [], "properties": {}}
@@ -96,11 +97,11 @@ def insert_areas(geoms: list[MultiPolygon], collection: str) -> list[int]:
 def naive_poll(settings: Settings, catalogue: CatalogueSettings, areas: list[tuple[int, MultiPolygon]],
                collection: str) -> tuple[int, float, int]:
     """One search per area (its own geometry), same ingest path. Returns (search requests, seconds, items)."""
+    from core.db import session_scope
     from monitor.catalogues.client import open_client
     from monitor.catalogues.groups import SearchGroup
     from monitor.catalogues.poller import RequestCounter, search_and_ingest
     from monitor.catalogues.store import IngestStats, upsert_catalogue
-    from monitor.db import session_scope
 
     with session_scope() as session:
         catalogue_id = upsert_catalogue(session, catalogue)
@@ -184,7 +185,7 @@ def main() -> int:
     finally:
         if api is not None:
             api.stop()
-        from monitor.db import reset_engines
+        from core.db import reset_engines
 
         reset_engines()
         dbadmin.drop_database(app_url)

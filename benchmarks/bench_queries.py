@@ -30,8 +30,9 @@ from sqlalchemy import event
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from monitor import dbadmin, migrate
-from monitor.db import get_engine, session_scope
+from core import migrate
+from core.db import get_engine, session_scope
+from devtools import dbadmin
 from monitor.findings import FindingFilter, query_findings
 
 ADMIN_URL = os.environ.get("UNIRS_BENCH_ADMIN_URL", "postgresql://unirs:unirs@127.0.0.1:5432/postgres")

@@ -9,8 +9,8 @@ from alembic import context
 from geoalchemy2 import alembic_helpers
 from sqlalchemy import create_engine, pool
 
-from monitor.config import get_settings
-from monitor.models import Base
+from core.config import get_settings
+from core.models import Base
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

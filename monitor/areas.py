@@ -13,9 +13,9 @@ from shapely.geometry import MultiPolygon
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from monitor.config import get_settings
+from core.config import get_settings
+from core.models import AlertFrequency, Area, AreaStatus, PairingPolicy
 from monitor.geometry import AreaGeometryError, ParsedArea, geodesic_area_km2, to_feature
-from monitor.models import AlertFrequency, Area, AreaStatus, PairingPolicy
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def _validate_options(opts: AreaOptions) -> None:
 
 def _validate_questions(ids: list[str]) -> None:
     try:
-        from monitor.questions import load_templates
+        from eo.questions import load_templates
     except ImportError:  # templates ship with the analysis workers; without them any id is accepted
         return
     known = {t.id for t in load_templates()}

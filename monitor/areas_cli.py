@@ -11,10 +11,10 @@ from typing import Any
 import click
 from shapely.geometry import shape
 
+from core.db import session_scope
+from core.models import AreaStatus
 from monitor import areas as svc
-from monitor.db import session_scope
 from monitor.geometry import AreaGeometryError, parse_areas, read_source, to_feature
-from monitor.models import AreaStatus
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:

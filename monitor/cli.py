@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import click
 
-from monitor import migrate
-from monitor.config import get_settings
-from monitor.logging import setup_logging
+from core import migrate
+from core.config import get_settings
+from core.logging import setup_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -72,7 +72,7 @@ from monitor.findings_cli import findings  # noqa: E402
 
 cli.add_command(findings)
 
-from monitor.demo import demo  # noqa: E402
+from devtools.demo import demo  # noqa: E402
 
 cli.add_command(demo)
 
@@ -80,9 +80,21 @@ from monitor.metrics import metrics  # noqa: E402
 
 cli.add_command(metrics)
 
-from workers.cli import worker  # noqa: E402
 
-cli.add_command(worker)
+
+@cli.command("worker", add_help_option=False,
+             context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def worker(args: tuple[str, ...]) -> None:
+    """Run an analysis worker (Celery) on the cpu and/or gpu queue (`unirs-monitor worker --help`).
+
+    The workers are a separate program (`unirs-worker`, workers/cli.py): the control plane starts it as a
+    process and never imports it.
+    """
+    import os
+    import sys
+
+    os.execv(sys.executable, [sys.executable, "-m", "workers.cli", *args])
 
 
 if __name__ == "__main__":

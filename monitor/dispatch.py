@@ -15,7 +15,9 @@ Called every ``analysis.dispatch_interval_seconds`` by the scheduler (``dispatch
    claim.
 4. **Pending** — ``pending`` (new rows from monitor.pairing) → ``queued`` and sent.
 
-Queue: ``gpu`` when the analyser includes UniRS, else ``cpu``. Messages carry the analysis id only.
+Queue: :func:`core.jobs.queue_for` (``gpu`` when the analysis asks for UniRS, else ``cpu``). Messages carry
+the analysis id only; the task is published by name (:data:`core.jobs.TASK_NAME`), so the control plane
+never imports the workers. Every status change is a :mod:`core.jobs` transition.
 
 Each row is moved and sent in its own transaction, and the message is published *before* the commit: if
 the broker is down the publish raises, the transaction rolls back and the row stays as it was for the next
@@ -30,10 +32,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import text
-
-from monitor.config import Settings, get_settings
-from monitor.db import session_scope
+from core import jobs
+from core.config import Settings, get_settings
+from core.db import session_scope
 
 logger = logging.getLogger(__name__)
 
@@ -44,51 +45,21 @@ PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step"
 
 Sender = Callable[[int, str], None]
 
-_FAIL_LOST = text("""
-    UPDATE analyses
-       SET status = 'failed', finished_at = now(), lease_expires_at = NULL,
-           last_error = 'worker lost ' || attempts || ' times; last worker ' || coalesce(worker, 'unknown')
-                        || ' (lease expired at ' || lease_expires_at || ')'
-     WHERE id IN (SELECT id FROM analyses
-                   WHERE status = 'running' AND lease_expires_at < now() AND attempts >= :max_attempts
-                   ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED)
- RETURNING id, last_error
-""")
-
-_REQUEUE_LOST = text("""
-    UPDATE analyses
-       SET status = 'queued', queued_at = now(),
-           last_error = 'attempt ' || attempts || ' lost: worker ' || coalesce(worker, 'unknown')
-                        || ' stopped heartbeating (lease expired at ' || lease_expires_at || '); re-queued',
-           lease_expires_at = NULL
-     WHERE id = (SELECT id FROM analyses
-                  WHERE status = 'running' AND lease_expires_at < now() AND attempts < :max_attempts
-                  ORDER BY lease_expires_at LIMIT 1 FOR UPDATE SKIP LOCKED)
- RETURNING id, analyser, last_error
-""")
-
-_RESEND_QUEUED = text("""
-    UPDATE analyses SET queued_at = now()
-     WHERE id = (SELECT id FROM analyses
-                  WHERE status = 'queued' AND queued_at < now() - make_interval(secs => :stale_seconds)
-                  ORDER BY queued_at LIMIT 1 FOR UPDATE SKIP LOCKED)
- RETURNING id, analyser
-""")
-
-_QUEUE_PENDING = text("""
-    UPDATE analyses SET status = 'queued', queued_at = now()
-     WHERE id = (SELECT id FROM analyses WHERE status = 'pending'
-                  ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)
- RETURNING id, analyser
-""")
+_producers: dict[str, Any] = {}
 
 
-def celery_sender() -> Sender:
-    """Publish ``unirs.analyse(id)`` by task name to the given queue (imports the Celery app lazily)."""
-    from workers.celery_app import TASK_NAME, app
+def celery_sender(settings: Settings) -> Sender:
+    """Publish ``unirs.analyse(id)`` by task name to the given queue on ``settings.broker_url``."""
+    from celery import Celery
+
+    app = _producers.get(settings.broker_url)
+    if app is None:
+        app = _producers[settings.broker_url] = Celery("unirs-dispatch", broker=settings.broker_url)
+        app.conf.update(broker_connection_retry_on_startup=True, task_serializer="json")
 
     def send(analysis_id: int, queue: str) -> None:
-        app.send_task(TASK_NAME, args=[analysis_id], queue=queue, retry=True, retry_policy=PUBLISH_RETRY_POLICY)
+        app.send_task(jobs.TASK_NAME, args=[analysis_id], queue=str(queue), retry=True,
+                      retry_policy=PUBLISH_RETRY_POLICY)
 
     return send
 
@@ -96,33 +67,30 @@ def celery_sender() -> Sender:
 def dispatch_once(settings: Settings | None = None, *, send: Sender | None = None,
                   limit: int = BATCH_LIMIT) -> dict[str, Any]:
     """One dispatcher pass; returns counts: failed, requeued, resent, queued, and errors (broker down…)."""
-    from workers.celery_app import queue_for  # the routing rule lives with the Celery app
-
     settings = settings or get_settings()
-    send = send or celery_sender()
-    analysis = settings.analysis
+    send = send or celery_sender(settings)
     summary: dict[str, Any] = {"failed": 0, "requeued": 0, "resent": 0, "queued": 0, "errors": []}
 
-    with session_scope() as session:
-        failed = session.execute(_FAIL_LOST, {"max_attempts": analysis.max_attempts, "limit": limit}).all()
-    for row in failed:
-        logger.error("analysis %s failed: %s", row.id, row.last_error)
+    with session_scope(settings) as session:
+        failed = jobs.fail_lost(session, settings, limit=limit)
+    for moved in failed:
+        logger.error("analysis %s failed: %s", moved.id, moved.reason)
     summary["failed"] = len(failed)
 
-    steps = (
-        ("requeued", _REQUEUE_LOST, {"max_attempts": analysis.max_attempts}),
-        ("resent", _RESEND_QUEUED, {"stale_seconds": QUEUED_RESEND_FACTOR * analysis.lease_seconds}),
-        ("queued", _QUEUE_PENDING, {}),
+    stale_seconds = QUEUED_RESEND_FACTOR * settings.analysis.lease_seconds
+    steps: tuple[tuple[str, Callable[[Any], jobs.Moved | None]], ...] = (
+        ("requeued", lambda session: jobs.requeue_lost(session, settings)),
+        ("resent", lambda session: jobs.touch_stale_queued(session, stale_seconds)),
+        ("queued", jobs.queue_next_pending),
     )
-    for key, statement, params in steps:
+    for key, transition in steps:
         for _ in range(limit):
             try:
-                with session_scope() as session:
-                    row = session.execute(statement, params).one_or_none()
-                    if row is None:
+                with session_scope(settings) as session:
+                    moved = transition(session)
+                    if moved is None:
                         break
-                    queue = queue_for(row.analyser)
-                    send(row.id, queue)  # before the commit: a failed publish rolls the row back
+                    send(moved.id, moved.queue.value)  # before the commit: a failed publish rolls the row back
             except Exception as exc:
                 message = f"{key}: could not publish (broker down?): {type(exc).__name__}: {exc}"
                 logger.warning("dispatch stopped: %s", message)
@@ -131,11 +99,11 @@ def dispatch_once(settings: Settings | None = None, *, send: Sender | None = Non
                 return summary
             summary[key] += 1
             if key == "requeued":
-                logger.warning("analysis %s re-queued to %s: %s", row.id, queue, row.last_error)
+                logger.warning("analysis %s re-queued to %s: %s", moved.id, moved.queue.value, moved.reason)
             elif key == "resent":
-                logger.info("analysis %s queued too long (message lost?): re-sent to %s", row.id, queue)
+                logger.info("analysis %s queued too long (message lost?): re-sent to %s", moved.id, moved.queue.value)
             else:
-                logger.debug("analysis %s queued to %s", row.id, queue)
+                logger.debug("analysis %s queued to %s", moved.id, moved.queue.value)
     _log_summary(summary)
     return summary
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from monitor.config import Settings, get_settings
+from core.config import Settings, get_settings
 
 
 @dataclass
@@ -32,8 +32,8 @@ def check_database(settings: Settings) -> str:
     from alembic.script import ScriptDirectory
     from sqlalchemy import text
 
-    from monitor.db import get_engine
-    from monitor.migrate import alembic_config
+    from core.db import get_engine
+    from core.migrate import alembic_config
 
     with get_engine(settings.database_url).connect() as conn:
         pg = conn.execute(text("SHOW server_version")).scalar()

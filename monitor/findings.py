@@ -2,7 +2,7 @@
 
 Used by ``unirs-monitor findings`` and by ``benchmarks/bench_queries.py`` (so the benchmark measures
 exactly what users run). Every value reaches SQL as a bound parameter. The indexes these queries rely on
-are declared on :class:`monitor.models.Finding` (area + time, time, GiST geometry, trigram text).
+are declared on :class:`core.models.Finding` (area + time, time, GiST geometry, trigram text).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from shapely.geometry import shape
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from monitor.models import Analysis, Area, Finding, FindingImage, Scene
+from core.models import Analysis, Area, Finding, FindingImage, Scene
 
 KINDS = ("summary", "region", "answer", "event")
 

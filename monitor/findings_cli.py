@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 import click
 
+from core.db import session_scope
 from monitor import findings as svc
-from monitor.db import session_scope
 
 
 def _parse_time(value: str, option: str, end_of_day: bool) -> datetime:

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import psycopg
 from sqlalchemy.engine import make_url
 
-from monitor.config import get_settings
+from core.config import get_settings
 
 logger = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Numeric, and_, case, cast, func, select
 from sqlalchemy.orm import Session
 
-from monitor.config import Settings, get_settings
-from monitor.db import session_scope
-from monitor.models import (
+from core.config import Settings, get_settings
+from core.db import session_scope
+from core.models import (
     Analysis,
     AnalysisStatus,
     Area,

@@ -33,19 +33,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import numpy as np
 from geoalchemy2.shape import to_shape
 from shapely.geometry.base import BaseGeometry
 from sqlalchemy import and_, func, or_, select, true, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from monitor.cog import CogReadError, read_aoi, utm_crs_for
-from monitor.config import CatalogueSettings, Settings, get_settings
-from monitor.db import session_scope
-from monitor.models import (
-    Analysis,
-    AnalysisStatus,
+from core import jobs
+from core.config import CatalogueSettings, Settings, get_settings
+from core.db import session_scope
+from core.models import (
     Area,
     AreaStatus,
     Catalogue,
@@ -54,19 +51,14 @@ from monitor.models import (
     PairingPolicy,
     Scene,
 )
-from monitor.security import HrefRefused
+from eo.cog import CogReadError, read_aoi, utm_crs_for
+from eo.masks import MASK_BANDS, clear_fraction
+from eo.security import HrefRefused
 
 logger = logging.getLogger(__name__)
 
-SPECTRAL_ANALYSER = "spectral@1"
 QUESTION_SET_VERSION = 1
 PAIRING_POLICY_VERSION = 1
-# Sentinel-2 SCL classes counted as clear: vegetation, not vegetated, water, unclassified. Shadows (2, 3),
-# clouds (8, 9, 10), snow (11), no data (0) and defective pixels (1) would all show up as false change.
-CLEAR_SCL_CLASSES = (4, 5, 6, 7)
-# Landsat QA_PIXEL: fill, dilated cloud, cirrus, cloud, cloud shadow, snow must be off; clear or water on.
-QA_BAD_BITS = (1 << 0) | (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5)
-QA_CLEAR_BITS = (1 << 6) | (1 << 7)
 # Seasonal policy: candidates within this many days of the after scene's date, in earlier years.
 SEASONAL_WINDOW_DAYS = 30
 # At most this many before-candidates get their clear fraction *computed* per after scene (COG reads);
@@ -82,15 +74,6 @@ FAILED_GIVE_UP_AFTER = timedelta(days=3)
 
 
 # --- identifiers -----------------------------------------------------------------------------------
-
-
-def analyser_id(settings: Settings | None = None) -> str:
-    """``spectral@1``, or ``unirs@<checkpoint dir name>+spectral@1`` when model weights are configured."""
-    settings = settings or get_settings()
-    weights = settings.model.weights_path
-    if weights is None:
-        return SPECTRAL_ANALYSER
-    return f"unirs@{weights.expanduser().resolve().name or weights.name}+{SPECTRAL_ANALYSER}"
 
 
 def question_set_id(questions: Iterable[str] | None) -> str:
@@ -114,23 +97,6 @@ class NoCloudMask(LookupError):
     """The scene has neither an SCL nor a QA_PIXEL asset."""
 
 
-def clear_fraction_scl(scl: np.ndarray, inside: np.ndarray) -> float:
-    """Share of AOI pixels whose SCL class is clear (no-data pixels count as not clear)."""
-    total = int(inside.sum())
-    if total == 0:
-        return 0.0
-    return float(np.isin(scl[inside], CLEAR_SCL_CLASSES).sum()) / total
-
-
-def clear_fraction_qa_pixel(qa: np.ndarray, inside: np.ndarray) -> float:
-    total = int(inside.sum())
-    if total == 0:
-        return 0.0
-    values = qa[inside].astype(np.uint32)
-    clear = ((values & QA_CLEAR_BITS) != 0) & ((values & QA_BAD_BITS) == 0)
-    return float(clear.sum()) / total
-
-
 def aoi_clear_fraction(assets: dict[str, Any], geom: BaseGeometry, area_km2: float,
                        catalogue: CatalogueSettings) -> float:
     """AOI clear fraction of one scene (windowed COG read of its cloud-mask asset)."""
@@ -138,12 +104,10 @@ def aoi_clear_fraction(assets: dict[str, Any], geom: BaseGeometry, area_km2: flo
     if area_km2 * 1e6 / (20.0 * 20.0) > MAX_MASK_PIXELS:
         # Very large areas: a coarser metric grid keeps the read bounded (a fraction needs no detail).
         grid = {"dst_crs": utm_crs_for(geom), "resolution": math.sqrt(area_km2 * 1e6 / MAX_MASK_PIXELS)}
-    if "scl" in assets:
-        raster = read_aoi(assets["scl"]["href"], geom, catalogue=catalogue, indexes=1, **grid)
-        return clear_fraction_scl(raster.array[0], raster.mask)
-    if "qa_pixel" in assets:
-        raster = read_aoi(assets["qa_pixel"]["href"], geom, catalogue=catalogue, indexes=1, **grid)
-        return clear_fraction_qa_pixel(raster.array[0], raster.mask)
+    for band in MASK_BANDS:
+        if band in assets:
+            raster = read_aoi(assets[band]["href"], geom, catalogue=catalogue, indexes=1, **grid)
+            return clear_fraction(band, raster.array[0], raster.mask)
     raise NoCloudMask("the scene has no SCL or QA_PIXEL asset")
 
 
@@ -256,7 +220,7 @@ def process_pending(settings: Settings | None = None, *, area_ids: Iterable[int]
     if progress is not None:
         progress.reset(total=len(todo))
     stats = PairingStats()
-    analyser = analyser_id(settings)
+    analyser = jobs.requested_analyser(settings)
     for area_id, scene_id in todo:
         try:
             stats.add(pair_observation(area_id, scene_id, settings, analyser=analyser))
@@ -272,7 +236,8 @@ def process_pending(settings: Settings | None = None, *, area_ids: Iterable[int]
     return stats
 
 
-def pair_observation(area_id: int, scene_id: int, settings: Settings, *, analyser: str | None = None) -> PairingStats:
+def pair_observation(area_id: int, scene_id: int, settings: Settings, *,
+                     analyser: jobs.AnalyserSpec | None = None) -> PairingStats:
     """Settle one (area, after scene) observation: clear fraction, before scene, analysis row."""
     stats = PairingStats(observations=1)
     loaded = _load(area_id, scene_id)
@@ -303,19 +268,14 @@ def pair_observation(area_id: int, scene_id: int, settings: Settings, *, analyse
         logger.info("area %r: %s is clear (%.0f%%) but %s", area.name, scene.item_id, 100 * outcome.fraction, reason)
         return stats
 
-    analyser = analyser or analyser_id(settings)
+    analyser = (analyser or jobs.requested_analyser(settings)).requested()
     question_set = question_set_id(area.questions)
-    key = idempotency_key(area.id, scene.acquisition_key, before.acquisition_key, analyser, question_set,
+    key = idempotency_key(area.id, scene.acquisition_key, before.acquisition_key, analyser.id, question_set,
                           area.policy)
-    with session_scope() as session:
-        analysis_id = session.execute(
-            insert(Analysis)
-            .values(idempotency_key=key, area_id=area.id, after_scene_id=scene.id, before_scene_id=before.id,
-                    analyser=analyser, question_set=question_set, pairing_policy=area.policy, pair_reason=reason,
-                    status=AnalysisStatus.PENDING, attempts=0, stats={})
-            .on_conflict_do_nothing(index_elements=[Analysis.idempotency_key])
-            .returning(Analysis.id)
-        ).scalar_one_or_none()
+    with session_scope(settings) as session:
+        analysis_id = jobs.create_pending(
+            session, idempotency_key=key, area_id=area.id, after_scene_id=scene.id, before_scene_id=before.id,
+            analyser=analyser, question_set=question_set, pairing_policy=area.policy, pair_reason=reason)
         _save_observation(area.id, scene.id, Outcome(ObservationStatus.CLEAR, outcome.fraction, reason),
                           session=session)
     if analysis_id is not None:

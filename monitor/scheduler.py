@@ -24,7 +24,6 @@ without them (or a broken import) still polls and pairs; the job logs why it did
 
 from __future__ import annotations
 
-import importlib
 import logging
 import signal
 import threading
@@ -36,8 +35,10 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
 
-from monitor.config import Settings, get_settings
+from core.config import Settings, get_settings
+from monitor.dispatch import dispatch_once
 from monitor.locks import LEADER_LOCK, AdvisoryLock, cycle_lock, wait_for_leadership
+from monitor.reports import run_deliveries
 
 logger = logging.getLogger(__name__)
 
@@ -95,47 +96,13 @@ def pair_pending(settings: Settings | None = None) -> None:
         process_pending(settings)
 
 
-_warned: set[str] = set()
-
-
-def call_optional(module: str, function: str) -> Any:
-    """Call ``module.function()`` if that module exists; log (once, not raise) when it does not."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name in (module, module.rsplit(".", 1)[0]):
-            _warn_once(f"{module} is not installed in this deployment; {function} skipped")
-            return None
-        raise
-    func = getattr(mod, function, None)
-    if func is None:
-        _warn_once(f"{module} has no {function}() yet; skipped")
-        return None
-    return func()
-
-
-def _warn_once(message: str) -> None:
-    # The dispatch job runs every few seconds: say it once per process, not thousands of times a day.
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning(message)
-
-
-def dispatch_once() -> Any:
-    return call_optional("monitor.dispatch", "dispatch_once")
-
-
-def run_deliveries() -> Any:
-    return call_optional("monitor.reports", "run_deliveries")
-
-
 _health_warned: dict[str, date] = {}
 
 
 def check_health(settings: Settings | None = None, *, now: datetime | None = None,
                  warned: dict[str, date] = _health_warned) -> list[str]:
     """Log a WARNING for each active area without a clear scene for too long, once per (UTC) day per area."""
-    from monitor.db import session_scope
+    from core.db import session_scope
     from monitor.metrics import areas_without_clear_scene
 
     settings = settings or get_settings()
@@ -212,10 +179,10 @@ class Scheduler:
             scheduler.add_job(self._guard("pair", lambda: pair_pending(settings)), "interval",
                               seconds=self.pair_interval_seconds, id="pair")
         if "dispatch" in self.jobs:
-            scheduler.add_job(self._guard("dispatch", dispatch_once), "interval",
+            scheduler.add_job(self._guard("dispatch", lambda: dispatch_once(settings)), "interval",
                               seconds=settings.analysis.dispatch_interval_seconds, next_run_time=now, id="dispatch")
         if "reports" in self.jobs:
-            scheduler.add_job(self._guard("reports", run_deliveries), "interval",
+            scheduler.add_job(self._guard("reports", lambda: run_deliveries(settings)), "interval",
                               seconds=self.reports_interval_seconds, id="reports")
         if "health" in self.jobs:
             scheduler.add_job(self._guard("health", lambda: check_health(settings)), "interval",

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import click
 
-from monitor.config import get_settings
+from core.config import get_settings
 
 
 def _parse_when(value: str, param: str) -> datetime:
@@ -67,8 +67,9 @@ def poll(once: bool, now_text: str | None, no_dispatch: bool) -> None:
     from monitor.scheduler import dispatch_once, poll_and_pair
 
     now = _parse_when(now_text, "--now") if now_text else None
-    summary = poll_and_pair(get_settings(), now=now)
-    dispatched = None if no_dispatch else dispatch_once()
+    settings = get_settings()
+    summary = poll_and_pair(settings, now=now)
+    dispatched = None if no_dispatch else dispatch_once(settings)
     click.echo(f"items seen: {summary.items_seen}")
     click.echo(f"new scenes: {summary.new_scenes}")
     click.echo(f"upgraded scenes: {summary.upgraded_scenes}")

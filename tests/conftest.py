@@ -9,9 +9,10 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from monitor import dbadmin, migrate
-from monitor.config import get_settings
-from monitor.db import reset_engines
+from core import migrate
+from core.config import get_settings
+from core.db import reset_engines
+from devtools import dbadmin
 
 pytest_plugins = ["tests.fixtures_stac", "tests.fixtures_ingest", "tests.fixtures_workers"]
 

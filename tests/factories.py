@@ -12,7 +12,7 @@ from geoalchemy2.shape import from_shape
 from PIL import Image, ImageDraw
 from shapely.geometry import MultiPolygon, box
 
-from monitor.models import (
+from core.models import (
     AlertFrequency,
     Analysis,
     AnalysisStatus,

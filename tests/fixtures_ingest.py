@@ -27,11 +27,11 @@ from geoalchemy2.shape import from_shape
 from shapely.geometry import MultiPolygon, Polygon, shape
 from shapely.geometry.base import BaseGeometry
 
-from monitor import localstac
-from monitor.config import CatalogueSettings, PollSettings, Settings
-from monitor.db import session_scope
+from core.config import CatalogueSettings, PollSettings, Settings
+from core.db import session_scope
+from core.models import Area
+from devtools import localstac
 from monitor.geometry import geodesic_area_km2
-from monitor.models import Area
 
 LOOPBACK_HOSTS = ["127.0.0.1"]
 

@@ -7,9 +7,9 @@ can ask for:
 - ``sample_items``: the curated Item dicts as committed (relative hrefs);
 - ``stac_db_dsn``: libpq DSN of a throw-away database ``unirs_test_stac_<hex>`` with pgstac migrated,
   context on and typed queryables (dropped at the end of the session);
-- ``cog_server``: a :class:`monitor.localstac.CogServer` serving ``sample_data_dir`` on 127.0.0.1
+- ``cog_server``: a :class:`devtools.localstac.CogServer` serving ``sample_data_dir`` on 127.0.0.1
   (Range requests, ``.stats()`` byte counters, JSON-lines access log at ``.access_log``);
-- ``stac_api``: a :class:`monitor.localstac.StacApiServer` (stac-fastapi-pgstac subprocess, transactions
+- ``stac_api``: a :class:`devtools.localstac.StacApiServer` (stac-fastapi-pgstac subprocess, transactions
   enabled) over ``stac_db_dsn`` with the sample collection and items loaded, asset hrefs pointing at
   ``cog_server``. Tests that publish items must delete them again (the fixture is shared).
 
@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from monitor import dbadmin, localstac
+from devtools import dbadmin, localstac
 
 ADMIN_URL = os.environ.get("UNIRS_TEST_ADMIN_URL", "postgresql://unirs:unirs@127.0.0.1:5432/postgres")
 

@@ -35,12 +35,12 @@ from shapely.geometry import MultiPolygon, shape
 from shapely.geometry.base import BaseGeometry
 from sqlalchemy import text
 
-from monitor import localstac
+from core.config import AnalysisSettings, CatalogueSettings, Settings
+from core.db import session_scope
+from core.models import Area, Observation, ObservationStatus
+from devtools import localstac
 from monitor.catalogues.items import parse_item
 from monitor.catalogues.store import upsert_catalogue, upsert_scene
-from monitor.config import AnalysisSettings, CatalogueSettings, Settings
-from monitor.db import session_scope
-from monitor.models import Analysis, Area, Observation, ObservationStatus
 
 ROOT = Path(__file__).resolve().parent.parent
 LEASE_SECONDS = 6
@@ -302,20 +302,21 @@ def insert_observation(area_id: int, scene_id: int, clear: float = 1.0) -> None:
 
 def insert_analysis(area_id: int, after_id: int, before_id: int | None, analyser: str = "spectral@1",
                     question_set: str = "@1") -> int:
+    from core import jobs
+
     with session_scope() as session:
-        row = Analysis(idempotency_key=uuid.uuid4().hex, area_id=area_id, after_scene_id=after_id,
-                       before_scene_id=before_id, analyser=analyser, question_set=question_set,
-                       pairing_policy="latest", pair_reason="inserted by the test")
-        session.add(row)
-        session.flush()
-        return row.id
+        return jobs.create_pending(session, idempotency_key=uuid.uuid4().hex, area_id=area_id,
+                                   after_scene_id=after_id, before_scene_id=before_id,
+                                   analyser=jobs.AnalyserSpec.parse(analyser), question_set=question_set,
+                                   pairing_policy="latest", pair_reason="inserted by the test")
 
 
 def analysis_rows(ids: list[int]) -> dict[int, dict[str, Any]]:
     with session_scope() as session:
         rows = session.execute(
             text(
-                "SELECT id, status::text AS status, attempts, worker, last_error, stats FROM analyses "
+                "SELECT id, status::text AS status, attempts, worker, last_error, stats, analyser, analyser_run "
+                "FROM analyses "
                 "WHERE id = ANY(:ids)"), {"ids": ids}).mappings().all()
     return {r["id"]: dict(r) for r in rows}
 

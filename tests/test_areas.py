@@ -231,7 +231,7 @@ def test_stored_geometry_equals_input(db, b, fmt):
 
 
 def test_question_templates_are_checked(db):
-    from monitor.questions import load_templates
+    from eo.questions import load_templates
 
     known = [t.id for t in load_templates()]
     out = run("areas", "add", FOREST.wkt, "--name", "q", "--question", known[0], "--question", known[1], "--json")

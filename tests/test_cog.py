@@ -9,8 +9,8 @@ import pytest
 import rasterio
 from shapely.geometry import box
 
-from monitor import localstac
-from monitor.cog import CogReadError, gdal_env, read_aoi, utm_crs_for
+from devtools import localstac
+from eo.cog import CogReadError, gdal_env, read_aoi, utm_crs_for
 from tests.fixtures_ingest import LOOPBACK_HOSTS, inner_aoi
 from tests.test_security import LOOPBACK_OPT_IN
 

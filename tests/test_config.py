@@ -2,7 +2,7 @@
 
 import pytest
 
-from monitor.config import Settings
+from core.config import Settings
 
 
 def test_toml_then_environment(tmp_path, monkeypatch):

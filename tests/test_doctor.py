@@ -4,8 +4,8 @@ import json
 
 from click.testing import CliRunner
 
+from core.config import get_settings
 from monitor.cli import cli
-from monitor.config import get_settings
 
 
 def _doctor(monkeypatch, **env):

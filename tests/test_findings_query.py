@@ -13,9 +13,9 @@ import shapely
 from click.testing import CliRunner
 from shapely.geometry import box, shape
 
+from core.db import session_scope
 from monitor import findings as svc
 from monitor.cli import cli
-from monitor.db import session_scope
 from tests import factories as f
 
 DELTA = box(28.90, 45.00, 29.10, 45.20)  # a second area far from the forest

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from workers.masks import haze_mask, scl_clear
+from eo.masks import haze_mask, scl_clear
 
 COGS = Path(__file__).resolve().parent.parent / "data" / "sentinel2-romania" / "cogs"
 # (date, DN offset of its processing baseline): baseline 05.00 dates carry +1000.

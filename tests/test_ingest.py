@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 from shapely.geometry import box
 from sqlalchemy import func, select
 
-from monitor import localstac
+from core.config import CatalogueSettings
+from core.db import session_scope
+from core.models import Analysis, Observation, PollState, QuarantinedItem, Scene
+from devtools import localstac
 from monitor.catalogues import ingest_items, parse_item, poll_all, upsert_catalogue
 from monitor.catalogues.groups import AreaFootprint, group_areas, search_geometry
 from monitor.catalogues.items import MalformedItem
-from monitor.config import CatalogueSettings
-from monitor.db import session_scope
-from monitor.models import Analysis, Observation, PollState, QuarantinedItem, Scene
 from tests.fixtures_ingest import inner_aoi, loopback_catalogue
 
 

@@ -31,7 +31,7 @@ import pytest
 import rasterio
 from rasterio.windows import Window
 
-from monitor import localstac
+from devtools import localstac
 
 if "tests.fixtures_stac" not in sys.modules:
     # Until tests/conftest.py registers the plugin (pytest_plugins = ["tests.fixtures_stac"]), take the

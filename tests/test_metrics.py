@@ -15,12 +15,12 @@ import pytest
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
+from core.config import Settings, get_settings
+from core.db import session_scope
+from core.models import AreaStatus, Delivery, DeliveryStatus, PollState, QuarantinedItem
+from devtools.localstac import free_port
 from monitor.cli import cli
-from monitor.config import Settings, get_settings
-from monitor.db import session_scope
-from monitor.localstac import free_port
 from monitor.metrics import StateCollector, areas_without_clear_scene, exposition
-from monitor.models import AreaStatus, Delivery, DeliveryStatus, PollState, QuarantinedItem
 from monitor.scheduler import check_health
 from tests import factories as f
 

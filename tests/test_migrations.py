@@ -6,9 +6,9 @@ from alembic.migration import MigrationContext
 from geoalchemy2 import alembic_helpers
 from sqlalchemy import create_engine
 
-from monitor import migrate
-from monitor.dbadmin import sqlalchemy_url
-from monitor.models import Base
+from core import migrate
+from core.models import Base
+from devtools.dbadmin import sqlalchemy_url
 from tests.conftest import create_database, drop_database
 
 

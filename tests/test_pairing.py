@@ -12,17 +12,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pytest
 from shapely.affinity import translate
 from sqlalchemy import select
 
+from core.config import AnalysisSettings, ModelSettings, Settings
+from core.db import session_scope
+from core.jobs import requested_analyser
+from core.models import Analysis, Observation, Scene
+from eo.masks import clear_fraction
 from monitor.catalogues import poll_all
-from monitor.config import ModelSettings, Settings
-from monitor.db import session_scope
-from monitor.models import Analysis, Observation, Scene
 from monitor.pairing import (
-    analyser_id,
-    clear_fraction_qa_pixel,
-    clear_fraction_scl,
     idempotency_key,
     process_pending,
     question_set_id,
@@ -54,10 +54,16 @@ def pairs(area_id: int) -> dict[str, tuple[str, str, Analysis]]:
 # --- pure rules ------------------------------------------------------------------------------------
 
 
-def test_analyser_and_question_set_ids():
-    assert analyser_id(Settings()) == "spectral@1"
-    with_model = Settings(model=ModelSettings(weights_path=Path("/srv/models/unirs-2026-03")))
-    assert analyser_id(with_model) == "unirs@unirs-2026-03+spectral@1"
+def test_requested_analyser_follows_the_gpu_workers_setting_not_the_weights():
+    assert requested_analyser(Settings()).id == "spectral@1"
+    # The scheduler has no weights in docker-compose: what it can see is whether GPU workers exist.
+    with_weights_only = Settings(model=ModelSettings(weights_path=Path("/srv/models/unirs-2026-03")))
+    assert requested_analyser(with_weights_only).id == "spectral@1"
+    with_gpu = Settings(analysis=AnalysisSettings(gpu_workers=1))
+    assert requested_analyser(with_gpu).id == "unirs+spectral@1"
+
+
+def test_question_set_ids():
     assert question_set_id(["roads", "deforestation", "roads"]) == "deforestation,roads@1"
     assert question_set_id([]) == "@1"
 
@@ -66,7 +72,7 @@ def test_idempotency_key_covers_every_ingredient():
     base = (1, "a|t|x", "a|t|y", "spectral@1", "q@1", "latest")
     key = idempotency_key(*base)
     assert len(key) == 64 and key == idempotency_key(*base)
-    for i, other in enumerate((2, "a|t|z", None, "unirs@x+spectral@1", "r@1", "seasonal")):
+    for i, other in enumerate((2, "a|t|z", None, "unirs+spectral@1", "r@1", "seasonal")):
         changed = list(base)
         changed[i] = other
         assert idempotency_key(*changed) != key
@@ -75,13 +81,16 @@ def test_idempotency_key_covers_every_ingredient():
 def test_clear_fraction_from_scl_and_qa_pixel():
     scl = np.array([[4, 5, 6, 7], [8, 9, 3, 0]], dtype=np.uint8)
     inside = np.ones_like(scl, dtype=bool)
-    assert clear_fraction_scl(scl, inside) == 0.5
+    assert clear_fraction("scl", scl, inside) == 0.5
     inside[1] = False
-    assert clear_fraction_scl(scl, inside) == 1.0
-    assert clear_fraction_scl(scl, np.zeros_like(inside)) == 0.0
+    assert clear_fraction("scl", scl, inside) == 1.0
+    assert clear_fraction("scl", scl, np.zeros_like(inside)) == 0.0
     clear, water, cloud, shadow, fill = 1 << 6, 1 << 7, (1 << 3) | (1 << 1), 1 << 4, 1
-    qa = np.array([clear, water, cloud, shadow | clear, fill], dtype=np.uint16)
-    assert clear_fraction_qa_pixel(qa, np.ones(5, dtype=bool)) == 0.4
+    # 0: no bit at all (neither clear nor water): not clear, the same verdict pairing and workers give.
+    qa = np.array([clear, water, cloud, shadow | clear, fill, 0], dtype=np.uint16)
+    assert clear_fraction("qa_pixel", qa, np.ones(6, dtype=bool)) == 2 / 6
+    with pytest.raises(ValueError, match="no clear-pixel rule for mask band 'fmask'"):
+        clear_fraction("fmask", qa, np.ones(6, dtype=bool))
 
 
 def test_seasonal_offset():
@@ -182,7 +191,7 @@ def test_unreadable_cloud_mask_is_a_failed_observation(stac_collection, make_set
 def test_failed_after_scene_read_later_as_a_before_candidate_still_gets_its_own_analysis(
         stac_collection, make_settings, add_area, items_by_date, sample_footprint, monkeypatch):
     import monitor.pairing as pairing
-    from monitor.cog import CogReadError
+    from eo.cog import CogReadError
 
     for date in ("2020-07-30", "2020-08-04", "2020-08-29"):
         stac_collection.publish(items_by_date[date])

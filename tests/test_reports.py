@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from PIL import Image
 from shapely.geometry import box, shape
 
-from monitor.config import get_settings
-from monitor.db import session_scope
-from monitor.models import Finding
+from core.config import get_settings
+from core.db import session_scope
+from core.models import Finding
 from monitor.reports import ledger, run_deliveries
 from monitor.reports.context import agreement, load_analysis_report, osm_link
 from monitor.reports.immediate import create_immediate_deliveries

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from monitor.locks import LEADER_LOCK, AdvisoryLock, libpq_url, lock_key
-from monitor.scheduler import Scheduler, call_optional
+from monitor.scheduler import Scheduler
 from tests.fixtures_ingest import inner_aoi, loopback_catalogue
 
 CLI = [str(Path(sys.executable).with_name("unirs-monitor"))]
@@ -109,12 +109,7 @@ def test_a_leader_that_loses_its_lock_connection_stops_and_stands_by(db, caplog)
     assert not thread.is_alive()
 
 
-def test_optional_jobs_are_skipped_with_a_log_line(caplog):
-    caplog.set_level(logging.WARNING, logger="monitor.scheduler")
-    assert call_optional("monitor.no_such_module", "dispatch_once") is None
-    assert "monitor.no_such_module is not installed" in caplog.text
-    assert call_optional("monitor.config", "no_such_function") is None
-    assert "has no no_such_function()" in caplog.text
+def test_unknown_jobs_are_refused():
     with pytest.raises(ValueError, match="unknown jobs"):
         Scheduler(jobs=("poll", "coffee"))
 

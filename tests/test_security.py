@@ -6,9 +6,9 @@ import socket
 
 import pytest
 
-from monitor.cog import read_aoi
-from monitor.config import CatalogueSettings
-from monitor.security import HrefRefused, check_href, host_allowed
+from core.config import CatalogueSettings
+from eo.cog import read_aoi
+from eo.security import HrefRefused, check_href, host_allowed
 
 PUBLIC = CatalogueSettings(
     name="earth-search", url="https://earth-search.aws.element84.com/v1",

@@ -14,8 +14,8 @@ from email import policy
 import psycopg
 import pytest
 
-from monitor import dbadmin
-from monitor.demo import AREA_NAME, RECIPIENT, run_demo
+from devtools import dbadmin
+from devtools.demo import AREA_NAME, RECIPIENT, run_demo
 
 DATES = ["2015-08-31", "2016-08-15", "2016-08-25", "2017-07-06", "2017-07-11"]
 

@@ -17,10 +17,10 @@ from rasterio.warp import transform_geom
 from shapely.geometry import mapping
 from sqlalchemy import select
 
-from monitor import localstac
-from monitor.db import session_scope
-from monitor.models import Finding, FindingImage
-from monitor.questions import load_templates
+from core.db import session_scope
+from core.models import Finding, FindingImage
+from devtools import localstac
+from eo.questions import load_templates
 from tests.fixtures_workers import (
     WorkerProcess,
     analysis_rows,

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
-from monitor.db import session_scope
+from core.db import session_scope
+from core.models import Finding
 from monitor.dispatch import dispatch_once
-from monitor.models import Finding
 from tests.fixtures_workers import (
     analysis_rows,
     insert_analysis,

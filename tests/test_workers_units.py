@@ -12,20 +12,20 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
 
-from monitor.config import AnalysisSettings, CatalogueSettings, Settings
-from monitor.db import session_scope
-from monitor.dispatch import dispatch_once
-from monitor.questions import (
+from core.config import AnalysisSettings, CatalogueSettings, Settings
+from core.db import session_scope
+from eo.masks import dilate, qa_pixel_clear, scl_clear
+from eo.questions import (
     UnknownQuestion,
     ids_from_question_set,
     load_templates,
     templates_for,
 )
+from monitor.dispatch import dispatch_once
 from tests.fixtures_workers import analysis_rows, insert_analysis, insert_area, insert_sample_scenes
 from workers import leases
-from workers.celery_app import app, queue_for
+from workers.celery_app import app
 from workers.cli import worker
-from workers.masks import dilate, qa_pixel_clear, scl_clear
 from workers.raster import SceneRef, harmonisation_rule
 from workers.unirs import agreement
 
@@ -139,8 +139,6 @@ def test_celery_reliability_settings():
     conf = app.conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
     assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit >= 3600
-    assert queue_for("spectral@1") == "cpu"
-    assert queue_for("unirs@ckpt+spectral@1") == "gpu"
     import workers.tasks  # noqa: F401  (the worker imports it through `include`)
 
     assert "unirs.analyse" in app.tasks
@@ -296,7 +294,7 @@ def test_pixels_contradicting_the_baseline_offset_are_noted():
 
 
 def test_read_errors_are_split_into_transient_and_permanent():
-    from monitor.cog import CogReadError
+    from eo.cog import CogReadError
     from workers.pipeline import _TRANSIENT, describe_read_error
 
     try:

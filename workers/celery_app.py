@@ -33,22 +33,16 @@ import os
 
 from celery import Celery, signals
 
-from monitor.config import get_settings
+from core.config import get_settings
+from core.jobs import QUEUES, TASK_NAME
 from workers.leases import MAX_RUN_SECONDS
 
 logger = logging.getLogger(__name__)
 
-TASK_NAME = "unirs.analyse"
-QUEUES = ("cpu", "gpu")
+__all__ = ["QUEUES", "TASK_NAME", "app", "make_app"]
 #: Hard limit of one analysis (prefork pool only; solo cannot enforce it — the heartbeat stops extending
 #: the lease after the same time, so a stuck GPU worker's analysis is still recovered).
 TASK_TIME_LIMIT = MAX_RUN_SECONDS
-
-
-def queue_for(analyser: str) -> str:
-    """``gpu`` when the analyser includes the UniRS model, else ``cpu``."""
-    names = {part.split("@", 1)[0] for part in analyser.split("+")}
-    return "gpu" if "unirs" in names else "cpu"
 
 
 def make_app() -> Celery:
@@ -82,8 +76,8 @@ app = make_app()
 
 @signals.setup_logging.connect
 def _setup_logging(**_: object) -> None:
-    # One logging format for the whole service (monitor/logging.py), JSON when configured.
-    from monitor.logging import setup_logging
+    # One logging format for the whole service (core/logging.py), JSON when configured.
+    from core.logging import setup_logging
 
     settings = get_settings()
     setup_logging(settings.log_level, settings.log_format)
@@ -92,7 +86,7 @@ def _setup_logging(**_: object) -> None:
 @signals.worker_process_init.connect
 def _init_process(**_: object) -> None:
     """Per worker process: fresh DB connections (never the parent's sockets) and the model, once."""
-    from monitor.db import reset_engines
+    from core.db import reset_engines
 
     reset_engines()
     settings = get_settings()

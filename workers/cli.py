@@ -1,4 +1,4 @@
-"""``unirs-monitor worker``: start a Celery analysis worker with the flags each role needs."""
+"""``unirs-worker`` (also ``unirs-monitor worker``): start a Celery analysis worker with the flags each role needs."""
 
 from __future__ import annotations
 
@@ -62,3 +62,11 @@ def worker(queues: str, concurrency: int | None, pool: str | None, loglevel: str
         return
     os.environ.update(env)
     os.execv(cmd[0], cmd)  # replace this process: signals from the supervisor reach celery directly
+
+
+def main() -> None:
+    worker(prog_name="unirs-monitor worker")
+
+
+if __name__ == "__main__":
+    main()

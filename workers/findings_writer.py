@@ -32,8 +32,10 @@ from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 from sqlalchemy import delete
 
-from monitor.db import session_scope
-from monitor.models import Finding, FindingImage
+from core.config import Settings
+from core.db import session_scope
+from core.jobs import AnalyserSpec
+from core.models import AnalysisStatus, Finding, FindingImage
 from workers import leases
 from workers.render import Png
 
@@ -88,12 +90,13 @@ def region_confidence(mean_dndvi: float | None, valid_fraction: float) -> float:
     return round(strength * valid_fraction, 3)
 
 
-def write_done(claim: leases.Claim, *, area_id: int, observed_at: datetime, before_observed_at: datetime | None,
-               rows: list[FindingRow], stats: dict[str, Any]) -> Written:
+def write_done(claim: leases.Claim, settings: Settings, *, area_id: int, observed_at: datetime,
+               before_observed_at: datetime | None, rows: list[FindingRow], stats: dict[str, Any],
+               analyser_run: AnalyserSpec) -> Written:
     """Mark the analysis done and store its findings atomically (or raise :class:`leases.LeaseLost`)."""
     images = 0
-    with session_scope() as session:
-        leases.finish(session, claim, "done", stats=stats)
+    with session_scope(settings) as session:
+        leases.finish(session, claim, AnalysisStatus.DONE, stats=stats, analyser_run=analyser_run)
         session.execute(delete(Finding).where(Finding.analysis_id == claim.analysis_id))
         for ordinal, row in enumerate(rows):
             finding = Finding(

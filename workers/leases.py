@@ -1,4 +1,7 @@
-"""The analysis state machine on the worker side: claim, heartbeat, finish — all in the ``analyses`` table.
+"""The worker side of the analysis job: claim, heartbeat, finish, release.
+
+The transitions themselves (SQL, statuses, fencing) are :mod:`core.jobs`; this module adds the logging and
+the heartbeat thread.
 
 ::
 
@@ -24,149 +27,62 @@
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, text
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Session
+from core import jobs
+from core.config import Settings
+from core.db import session_scope
+from core.jobs import Claim, LeaseLost, json_safe
+from core.models import AnalysisStatus
 
-from monitor.config import Settings
-from monitor.db import session_scope
+__all__ = ["MAX_RUN_SECONDS", "Claim", "Heartbeat", "LeaseLost", "claim", "finish", "finish_now", "json_safe",
+           "release"]
 
 logger = logging.getLogger(__name__)
 
 # A task that keeps heartbeating longer than this is presumed stuck (a hung read): the heartbeat stops
 # extending the lease so the dispatcher can recover the row. Also the Celery hard time limit.
 MAX_RUN_SECONDS = 3600
-LAST_ERROR_MAX = 4000
-
-
-class LeaseLost(RuntimeError):
-    """This worker no longer holds the analysis (its lease expired and the row moved on)."""
-
-
-@dataclass(frozen=True)
-class Claim:
-    analysis_id: int
-    attempts: int
-    worker: str
-    previous_error: str | None = None  # why the last attempt did not finish (kept in the stats of this one)
-
-
-_CLAIM = text("""
-    UPDATE analyses
-       SET status = 'running', attempts = attempts + 1, worker = :worker,
-           lease_expires_at = now() + make_interval(secs => :lease), heartbeat_at = now(),
-           started_at = now(), finished_at = NULL
-     WHERE id = :id
-       AND attempts < :max_attempts
-       AND (status IN ('queued', 'pending') OR (status = 'running' AND lease_expires_at < now()))
- RETURNING attempts, last_error
-""")
-
-_STATE = text("SELECT status::text AS status, worker, attempts, lease_expires_at FROM analyses WHERE id = :id")
-
-_HEARTBEAT = text("""
-    UPDATE analyses SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => :lease)
-     WHERE id = :id AND status = 'running' AND worker = :worker AND attempts = :attempts
-""")
-
-_FINISH = text("""
-    UPDATE analyses
-       SET status = CAST(:status AS analysis_status), finished_at = now(), lease_expires_at = NULL,
-           last_error = :last_error, stats = :stats
-     WHERE id = :id AND status = 'running' AND worker = :worker AND attempts = :attempts
- RETURNING id
-""").bindparams(bindparam("stats", type_=JSONB))
-
-# Transient trouble (database hiccup, network): give the row back while attempts last. It goes back as
-# `queued` *without* a message: the dispatcher re-sends rows queued longer than 2 × lease, which is the
-# back-off (an outage of the COG host does not burn every attempt within seconds).
-_RELEASE = text("""
-    UPDATE analyses
-       SET status = CASE WHEN attempts >= :max_attempts THEN 'failed'::analysis_status
-                         ELSE 'queued'::analysis_status END,
-           finished_at = CASE WHEN attempts >= :max_attempts THEN now() END,
-           queued_at = now(), lease_expires_at = NULL, last_error = :last_error
-     WHERE id = :id AND status = 'running' AND worker = :worker AND attempts = :attempts
- RETURNING status::text
-""")
 
 
 def claim(analysis_id: int, worker: str, settings: Settings) -> Claim | None:
     """Take the analysis for this worker, or None (already taken, finished, or out of attempts)."""
-    with session_scope() as session:
-        claimed = session.execute(_CLAIM, {
-            "id": analysis_id, "worker": worker, "lease": settings.analysis.lease_seconds,
-            "max_attempts": settings.analysis.max_attempts,
-        }).one_or_none()
-        attempts = claimed.attempts if claimed else None
-        if attempts is None:
-            row = session.execute(_STATE, {"id": analysis_id}).mappings().one_or_none()
-    if attempts is None:
-        if row is None:
-            logger.warning("analysis %s does not exist (deleted?); message dropped", analysis_id)
-        else:
-            logger.info("analysis %s not claimed: status %s, worker %s, attempts %s, lease until %s — nothing to do",
-                        analysis_id, row["status"], row["worker"], row["attempts"], row["lease_expires_at"])
+    with session_scope(settings) as session:
+        result = jobs.claim(session, analysis_id, worker, settings)
+    if result is None:
+        logger.warning("analysis %s does not exist (deleted?); message dropped", analysis_id)
         return None
-    logger.info("analysis %s claimed by %s (attempt %d)", analysis_id, worker, attempts)
-    return Claim(analysis_id, attempts, worker, claimed.last_error)
+    if not isinstance(result, Claim):
+        logger.info("analysis %s not claimed: status %s, worker %s, attempts %s, lease until %s — nothing to do",
+                    analysis_id, result["status"], result["worker"], result["attempts"], result["lease_expires_at"])
+        return None
+    logger.info("analysis %s claimed by %s (attempt %d)", analysis_id, worker, result.attempts)
+    return result
 
 
-def _params(c: Claim) -> dict[str, Any]:
-    return {"id": c.analysis_id, "worker": c.worker, "attempts": c.attempts}
-
-
-def finish(session: Session, c: Claim, status: str, *, stats: dict[str, Any], last_error: str | None = None) -> None:
+def finish(session: Any, c: Claim, status: AnalysisStatus | str, *, stats: dict[str, Any],
+           last_error: str | None = None, analyser_run: jobs.AnalyserSpec | None = None) -> None:
     """Move the claimed row to done / skipped / failed inside ``session`` (raise :class:`LeaseLost` if not ours)."""
-    row = session.execute(_FINISH, {**_params(c), "status": status, "stats": json_safe(stats),
-                                    "last_error": _truncate(last_error)}).one_or_none()
-    if row is None:
-        raise LeaseLost(f"analysis {c.analysis_id}: lease of {c.worker} (attempt {c.attempts}) was lost; "
-                        f"not marking it {status}")
+    jobs.finish(session, c, AnalysisStatus(status), stats=stats, last_error=last_error, analyser_run=analyser_run)
 
 
-def finish_now(c: Claim, status: str, *, stats: dict[str, Any], last_error: str | None = None) -> None:
-    with session_scope() as session:
-        finish(session, c, status, stats=stats, last_error=last_error)
-    logger.info("analysis %s %s%s", c.analysis_id, status, f": {last_error}" if last_error else "")
+def finish_now(c: Claim, status: AnalysisStatus | str, settings: Settings, *, stats: dict[str, Any],
+               last_error: str | None = None, analyser_run: jobs.AnalyserSpec | None = None) -> None:
+    with session_scope(settings) as session:
+        finish(session, c, status, stats=stats, last_error=last_error, analyser_run=analyser_run)
+    logger.info("analysis %s %s%s", c.analysis_id, AnalysisStatus(status).value,
+                f": {last_error}" if last_error else "")
 
 
 def release(c: Claim, reason: str, settings: Settings) -> str | None:
     """Give the row back for another attempt (or fail it when attempts are used up); returns the new status."""
-    with session_scope() as session:
-        status = session.execute(_RELEASE, {**_params(c), "last_error": _truncate(reason),
-                                            "max_attempts": settings.analysis.max_attempts}).scalar_one_or_none()
-    logger.warning("analysis %s released after attempt %d (%s): %s", c.analysis_id, c.attempts, status, reason)
-    return status
-
-
-def _truncate(message: str | None) -> str | None:
-    if message is None:
-        return None
-    return message if len(message) <= LAST_ERROR_MAX else message[: LAST_ERROR_MAX - 1] + "…"
-
-
-def json_safe(value: Any) -> Any:
-    """JSONB-storable copy: numpy scalars to Python, NaN/inf to null, dates to ISO strings."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, str | bytes):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
+    with session_scope(settings) as session:
+        status = jobs.release(session, c, reason, settings)
+    logger.warning("analysis %s released after attempt %d (%s): %s", c.analysis_id, c.attempts,
+                   status.value if status else None, reason)
+    return status.value if status else None
 
 
 def heartbeat_interval(settings: Settings) -> float:
@@ -178,6 +94,7 @@ class Heartbeat:
 
     def __init__(self, c: Claim, settings: Settings, max_run_seconds: float = MAX_RUN_SECONDS):
         self.claim = c
+        self.settings = settings
         self.lease_seconds = settings.analysis.lease_seconds
         self.interval = heartbeat_interval(settings)
         self.max_run_seconds = max_run_seconds
@@ -206,12 +123,12 @@ class Heartbeat:
                              self.claim.analysis_id, self.max_run_seconds)
                 return
             try:
-                with session_scope() as session:
-                    rows = session.execute(_HEARTBEAT, {**_params(self.claim), "lease": self.lease_seconds}).rowcount
+                with session_scope(self.settings) as session:
+                    ours = jobs.extend_lease(session, self.claim, self.lease_seconds)
             except Exception as exc:  # a DB blip must not kill the thread; the lease has slack (interval ≤ lease/3)
                 logger.warning("heartbeat of analysis %s failed: %s", self.claim.analysis_id, exc)
                 continue
-            if rows == 0:
+            if not ours:
                 logger.warning("analysis %s: lease lost (row re-queued or finished elsewhere)", self.claim.analysis_id)
                 self.lost.set()
                 return

@@ -30,12 +30,13 @@ from geoalchemy2.shape import to_shape
 from shapely.geometry.base import BaseGeometry
 from sqlalchemy import select
 
-from monitor.cog import CogReadError
-from monitor.config import Settings, get_settings
-from monitor.db import session_scope
-from monitor.models import Analysis, Observation, ObservationStatus, Scene
-from monitor.questions import QuestionTemplate, UnknownQuestion, ids_from_question_set, templates_for
-from monitor.security import HrefRefused, catalogue_for_scene
+from core.config import Settings, get_settings
+from core.db import session_scope
+from core.jobs import AnalyserSpec
+from core.models import Analysis, AnalysisStatus, Observation, ObservationStatus, Scene
+from eo.cog import CogReadError
+from eo.questions import QuestionTemplate, UnknownQuestion, ids_from_question_set, templates_for
+from eo.security import HrefRefused, catalogue_for_scene
 from workers import leases, render, spectral, unirs
 from workers.findings_writer import FindingRow, region_confidence, union_or, write_done
 from workers.raster import PreparedPair, SceneRef, SkipAnalysis, prepare_pair, read_rgb
@@ -55,7 +56,7 @@ class AnalysisContext:
     area_id: int
     area_name: str
     area_geom: BaseGeometry
-    analyser: str
+    analyser: AnalyserSpec
     question_ids: list[str]
     before: SceneRef | None
     after: SceneRef
@@ -85,7 +86,7 @@ def load_context(analysis_id: int, settings: Settings) -> AnalysisContext:
         question_ids = ids_from_question_set(analysis.question_set) or list(area.questions or [])
         return AnalysisContext(
             analysis_id=analysis.id, area_id=area.id, area_name=area.name, area_geom=to_shape(area.geom),
-            analyser=analysis.analyser, question_ids=question_ids,
+            analyser=AnalyserSpec.parse(analysis.analyser), question_ids=question_ids,
             before=_scene_ref(session, analysis.before_scene, settings) if analysis.before_scene else None,
             after=_scene_ref(session, analysis.after_scene, settings), pair_reason=analysis.pair_reason,
         )
@@ -118,16 +119,17 @@ def run_analysis(analysis_id: int, worker: str, settings: Settings | None = None
         logger.warning("%s; results discarded", exc)
         return "lease lost"
     except SkipAnalysis as exc:
-        return _finish(claim, "skipped", str(exc), {"skip_reason": str(exc), "worker": worker})
+        return _finish(claim, AnalysisStatus.SKIPPED, str(exc), {"skip_reason": str(exc), "worker": worker},
+                       settings)
     except HrefRefused as exc:
-        return _fail(claim, f"refused to open an asset: {exc}")
+        return _fail(claim, f"refused to open an asset: {exc}", settings)
     except (PermanentFailure, UnknownQuestion) as exc:
-        return _fail(claim, str(exc))
+        return _fail(claim, str(exc), settings)
     except CogReadError as exc:
         detail = describe_read_error(exc)
         if _TRANSIENT.search(detail):
             return leases.release(claim, f"transient read error (will retry): {detail}", settings) or "released"
-        return _fail(claim, f"unreadable or corrupt COG: {detail}")
+        return _fail(claim, f"unreadable or corrupt COG: {detail}", settings)
     except Exception as exc:
         logger.exception("analysis %s: unexpected error", analysis_id)
         return leases.release(claim, f"unexpected error: {type(exc).__name__}: {exc}", settings) or "released"
@@ -146,18 +148,18 @@ def describe_read_error(exc: CogReadError) -> str:
     return f"{exc} ({'; '.join(details)})" if details else str(exc)
 
 
-def _fail(claim: leases.Claim, reason: str) -> str:
-    return _finish(claim, "failed", reason, {"failure": reason, "worker": claim.worker})
+def _fail(claim: leases.Claim, reason: str, settings: Settings) -> str:
+    return _finish(claim, AnalysisStatus.FAILED, reason, {"failure": reason, "worker": claim.worker}, settings)
 
 
-def _finish(claim: leases.Claim, status: str, reason: str, stats: dict) -> str:
+def _finish(claim: leases.Claim, status: AnalysisStatus, reason: str, stats: dict, settings: Settings) -> str:
     """End the analysis now; a worker whose lease was taken over writes nothing (the new owner decides)."""
     try:
-        leases.finish_now(claim, status, stats=stats, last_error=reason)
+        leases.finish_now(claim, status, settings, stats=stats, last_error=reason)
     except leases.LeaseLost as exc:
         logger.warning("%s", exc)
         return "lease lost"
-    return status
+    return status.value
 
 
 def _analyse(ctx: AnalysisContext, claim: leases.Claim, heartbeat: leases.Heartbeat, settings: Settings) -> str:
@@ -177,11 +179,12 @@ def _analyse(ctx: AnalysisContext, claim: leases.Claim, heartbeat: leases.Heartb
 
     model_result: unirs.UnirsResult | None = None
     notes = list(result.notes)
-    wants_model = unirs.NAME in {part.split("@")[0] for part in ctx.analyser.split("+")}
-    if wants_model:
+    checkpoint: str | None = None
+    if ctx.analyser.model:
         model = unirs.get_model(settings)
+        checkpoint = unirs.loaded_checkpoint()
         if model is None:
-            notes.append("analyser asks for UniRS but this worker has no weights (model.weights_path unset): "
+            notes.append("the analysis asked for UniRS but this worker has no weights (model.weights_path unset): "
                          "spectral analysis only")
         else:
             heartbeat.check()
@@ -192,16 +195,17 @@ def _analyse(ctx: AnalysisContext, claim: leases.Claim, heartbeat: leases.Heartb
 
     t0 = time.monotonic()
     images = thumbnails(pair, result)
-    checkpoint = unirs.checkpoint_name(ctx.analyser)
-    rows = build_rows(ctx, pair, result, model_result, templates, images, checkpoint, settings)
+    ran = ctx.analyser.ran_with(checkpoint if model_result is not None else None)
+    rows = build_rows(ctx, pair, result, model_result, templates, images, ran.checkpoint or "none", settings)
     timings["render"] = time.monotonic() - t0
     timings["total"] = time.monotonic() - started
     stats = analysis_stats(ctx, claim, pair, result, model_result, notes, timings, settings)
+    stats["analyser_run"] = ran.id
     heartbeat.check()
-    write_done(claim, area_id=ctx.area_id, observed_at=ctx.after.acquired_at,
-               before_observed_at=ctx.before.acquired_at, rows=rows, stats=stats)
-    _deliver_soon()
-    return "done"
+    write_done(claim, settings, area_id=ctx.area_id, observed_at=ctx.after.acquired_at,
+               before_observed_at=ctx.before.acquired_at, rows=rows, stats=stats, analyser_run=ran)
+    # Alerts are the scheduler's reports job: it picks up this `done` row on its next run.
+    return AnalysisStatus.DONE.value
 
 
 def thumbnails(pair: PreparedPair, result: spectral.SpectralResult) -> dict[str, render.Png]:
@@ -307,7 +311,7 @@ def analysis_stats(ctx: AnalysisContext, claim: leases.Claim, pair: PreparedPair
                    settings: Settings) -> dict[str, Any]:
     grid = pair.grid
     return {
-        "analyser": ctx.analyser, "worker": claim.worker, "attempt": claim.attempts,
+        "analyser": ctx.analyser.id, "worker": claim.worker, "attempt": claim.attempts,
         "previous_error": claim.previous_error,
         "grid": {"crs": grid.crs.to_string(), "pixel_size_m": grid.pixel_size, "width": grid.width,
                  "height": grid.height},
@@ -329,15 +333,3 @@ def analysis_stats(ctx: AnalysisContext, claim: leases.Claim, pair: PreparedPair
         "event": model_result.event.label if model_result and model_result.event else None,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
-
-
-def _deliver_soon() -> None:
-    """Let the reports module send alerts for the analysis just committed (it also runs on its own schedule)."""
-    try:
-        from monitor.reports import run_deliveries
-    except ImportError:
-        return
-    try:
-        run_deliveries()
-    except Exception:  # the analysis is committed; a delivery problem is the reports job's to retry
-        logger.exception("run_deliveries after an analysis failed (the reports schedule will retry)")

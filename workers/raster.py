@@ -2,8 +2,8 @@
 
 1. **One grid.** The area's UTM zone at ``analysis.pixel_size_m`` (10 m), bounds snapped to whole pixels
    from the zone's origin, so every scene of an area lands pixel on pixel whatever its native CRS.
-2. **Window reads only.** Each band is read through :func:`monitor.cog.read_aoi` (hrefs checked by
-   :mod:`monitor.security`, HTTP Range reads of the tiles the AOI touches, warped through a WarpedVRT).
+2. **Window reads only.** Each band is read through :func:`eo.cog.read_aoi` (hrefs checked by
+   :mod:`eo.security`, HTTP Range reads of the tiles the AOI touches, warped through a WarpedVRT).
    Nearest-neighbour resampling: the target pixel size equals the native 10 m one, so nearest keeps the
    measured values (no blending across a field edge) and SCL classes stay classes. The cloud masks are
    read first: a pair too cloudy to compare is skipped before any reflectance is fetched.
@@ -11,7 +11,7 @@
    +1000 DN offset, reflectance = (DN − 1000) / 10000; before 04.00, DN / 10000. Decided from
    ``s2:processing_baseline``, not from the ``raster:bands`` flags, which Earth Search has had wrong.
    Other collections (Landsat) use the asset's scale and offset. No-data becomes NaN.
-4. **Mask.** SCL (or Landsat QA_PIXEL) clear classes, clouds and shadows buffered (:mod:`workers.masks`);
+4. **Mask.** SCL (or Landsat QA_PIXEL) clear classes, clouds and shadows buffered (:mod:`eo.masks`);
    a pixel is *valid* when it is inside the AOI, clear and has data in both scenes. Too few valid pixels
    (``analysis.min_valid_fraction``) → :class:`SkipAnalysis` with the numbers.
 5. **Chips.** The grid cut into squares of ``analysis.chip_size_m`` (384 px at 10 m: the model's input).
@@ -37,9 +37,10 @@ from rasterio.warp import transform_geom
 from shapely.geometry import mapping, shape
 from shapely.geometry.base import BaseGeometry
 
-from monitor.cog import read_aoi, utm_crs_for
-from monitor.config import AnalysisSettings, CatalogueSettings
-from workers.masks import haze_mask, qa_pixel_clear, scl_clear
+from core.config import AnalysisSettings, CatalogueSettings
+from eo import radiometry
+from eo.cog import read_aoi, utm_crs_for
+from eo.masks import MASK_BANDS, clear_mask, haze_mask
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +51,6 @@ warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module="rast
 
 REQUIRED_BANDS = ("red", "nir")
 OPTIONAL_BANDS = ("blue", "green", "swir16")
-MASK_BANDS = ("scl", "qa_pixel")
-# Sentinel-2 baseline from which DNs carry the +1000 offset (introduced 2022-01-25).
-S2_OFFSET_BASELINE = 4.0
-S2_OFFSET_DN = 1000.0
-S2_SCALE = 10000.0
 # Parallel band reads: GDAL releases the GIL while it waits on HTTP, and each read is a few requests.
 READ_THREADS = 4
 
@@ -148,25 +144,9 @@ def common_grid(geom_4326: BaseGeometry, pixel_size: float) -> Grid:
 
 
 def harmonisation_rule(scene: SceneRef, band: str) -> tuple[float, float, str]:
-    """(scale, offset, description) turning the DNs of ``band`` into surface reflectance."""
-    baseline = _baseline_number(scene.processing_baseline)
-    if baseline is not None:
-        if baseline >= S2_OFFSET_BASELINE:
-            rule = f"(DN - 1000) / 10000 (baseline {scene.processing_baseline})"
-            return 1.0 / S2_SCALE, -S2_OFFSET_DN / S2_SCALE, rule
-        return 1.0 / S2_SCALE, 0.0, f"DN / 10000 (baseline {scene.processing_baseline})"
-    entry = scene.assets.get(band, {})
-    scale, offset = float(entry.get("scale", 1.0)), float(entry.get("offset", 0.0))
-    return scale, offset, f"DN * {scale:g} + {offset:g} (asset scale/offset)"
-
-
-def _baseline_number(baseline: str | None) -> float | None:
-    if not baseline:
-        return None
-    try:
-        return float(baseline)
-    except ValueError:
-        return None
+    """(scale, offset, description) turning the DNs of ``band`` into surface reflectance (:mod:`eo.radiometry`)."""
+    rule = radiometry.reflectance_rule(scene.processing_baseline, scene.assets.get(band, {}))
+    return rule.scale, rule.offset, rule.description
 
 
 def chips_for(grid: Grid, chip_size_m: float) -> list[Chip]:
@@ -195,18 +175,14 @@ def _read_band(scene: SceneRef, band: str, geom: BaseGeometry, grid: Grid) -> np
 
 
 def _reflectance(scene: SceneRef, band: str, dn: np.ma.MaskedArray) -> np.ndarray:
-    scale, offset, _ = harmonisation_rule(scene, band)
-    out = dn.data.astype(np.float32) * np.float32(scale) + np.float32(offset)
-    out[np.ma.getmaskarray(dn)] = np.nan
-    return out
+    return radiometry.to_reflectance(dn, radiometry.reflectance_rule(scene.processing_baseline,
+                                                                     scene.assets.get(band, {})))
 
 
 def _clear_mask(scene: SceneRef, band: str, values: np.ma.MaskedArray, buffer_px: int) -> np.ndarray:
     data = values.data
     no_data = np.ma.getmaskarray(values)
-    if band == "scl":
-        return scl_clear(data, buffer_px) & ~no_data
-    return qa_pixel_clear(data, buffer_px) & ~no_data
+    return clear_mask(band, data, buffer_px) & ~no_data
 
 
 def _mask_band(scene: SceneRef) -> str:
@@ -291,20 +267,7 @@ def prepare_pair(geom_4326: BaseGeometry, before: SceneRef, after: SceneRef,
 
 
 def _offset_check(scene: SceneRef, red: np.ndarray, where: np.ndarray) -> str | None:
-    """The baseline decides the offset; the pixels can still contradict it (design notes §4.3: "check
-    against the pixels when in doubt"). Clear land almost never has negative red reflectance, so many
-    negative values mean the +1000 DN offset was probably already removed upstream."""
-    baseline = _baseline_number(scene.processing_baseline)
-    values = red[where & np.isfinite(red)]
-    if baseline is None or baseline < S2_OFFSET_BASELINE or values.size == 0:
-        return None
-    share = float((values < 0).mean())
-    if share <= 0.05:
-        return None
-    logger.warning("%s: %.0f%% of clear red pixels are negative after removing the baseline %s offset",
-                   scene.item_id, 100 * share, scene.processing_baseline)
-    return (f"{scene.item_id}: {share:.0%} of clear red reflectances are negative after subtracting the "
-            f"baseline {scene.processing_baseline} offset; the offset may already have been applied upstream")
+    return radiometry.offset_contradiction(scene.item_id, scene.processing_baseline, red, where)
 
 
 def _cloudy_reason(both: float, before: float, after: float, settings: AnalysisSettings) -> str:

@@ -47,7 +47,7 @@ from rasterio.warp import transform_geom
 from shapely.geometry import mapping, shape
 from shapely.geometry.base import BaseGeometry
 
-from monitor.questions import QuestionTemplate
+from eo.questions import QuestionTemplate
 from workers.raster import PreparedPair
 
 logger = logging.getLogger(__name__)

@@ -14,18 +14,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from monitor.config import Settings
-from monitor.questions import QuestionTemplate
+from core.config import Settings
+from eo.questions import QuestionTemplate
 from workers.raster import PreparedPair
 from workers.render import rgb_of, stretch_range, to_uint8
 from workers.spectral import SpectralResult
@@ -41,8 +43,9 @@ MAX_MODEL_CHIPS = 16
 # A numeric model answer "agrees" with the statistic when within this relative tolerance (or one MMU).
 NUMERIC_TOLERANCE = 0.5
 
+_FINGERPRINT_SPAN = 1 << 20
 _lock = threading.Lock()
-_state: dict[str, Any] = {"model": None, "path": None}
+_state: dict[str, Any] = {"model": None, "path": None, "label": None}
 
 _YES_NO = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
 _NUMBER = re.compile(r"(-?\d+(?:\.\d+)?)")
@@ -60,7 +63,7 @@ def load_model(settings: Settings) -> Any | None:
 
         started = time.monotonic()
         model = UniRS.from_pretrained(path, base_path=settings.model.base_weights_path, device=settings.model.device)
-        _state.update(model=model, path=path)
+        _state.update(model=model, path=path, label=checkpoint_label(path))
         logger.info("UniRS loaded from %s in %.1f s (device %s)", path, time.monotonic() - started,
                     getattr(model, "device", "?"))
         return model
@@ -74,13 +77,32 @@ def get_model(settings: Settings) -> Any | None:
     return load_model(settings)
 
 
-def checkpoint_name(analyser: str) -> str:
-    """``unirs@<ckpt>+spectral@1`` -> ``<ckpt>``."""
-    for part in analyser.split("+"):
-        name, _, version = part.partition("@")
-        if name == NAME:
-            return version or "unknown"
-    return "unknown"
+def checkpoint_label(path: Path) -> str:
+    """How a checkpoint is named in ``analyses.analyser_run`` and findings: ``<directory name>.<8 hex>``, the
+    hex a fingerprint of every file's name, size and bytes (the first and last MiB of large weight files),
+    so two checkpoints that share a directory name are told apart without hashing gigabytes.
+    Raises ``OSError`` if the directory cannot be read."""
+    path = Path(path).expanduser().resolve()
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path).as_posix()}\0{size}\0".encode())
+        with file.open("rb") as handle:
+            if size <= 2 * _FINGERPRINT_SPAN:
+                digest.update(handle.read())
+            else:
+                digest.update(handle.read(_FINGERPRINT_SPAN))
+                handle.seek(size - _FINGERPRINT_SPAN)
+                digest.update(handle.read())
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", path.name) or "checkpoint"
+    return f"{name}.{digest.hexdigest()[:8]}"
+
+
+def loaded_checkpoint() -> str | None:
+    """Label of the checkpoint this process has loaded, or None when no model is loaded."""
+    if _state["model"] is None:
+        return None
+    return _state["label"]
 
 
 @dataclass

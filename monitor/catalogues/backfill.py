@@ -16,13 +16,13 @@ from typing import Any
 
 from geoalchemy2.shape import to_shape
 
+from core.config import Settings, get_settings
+from core.db import session_scope
 from monitor.areas import get_area
 from monitor.catalogues.client import make_search, open_client
 from monitor.catalogues.groups import SearchGroup, search_geometry
 from monitor.catalogues.poller import search_and_ingest
 from monitor.catalogues.store import IngestStats, upsert_catalogue
-from monitor.config import Settings, get_settings
-from monitor.db import session_scope
 from monitor.locks import cycle_lock
 from monitor.pairing import PairingStats, process_pending
 

@@ -20,7 +20,7 @@ from shapely.geometry import mapping
 from shapely.geometry.base import BaseGeometry
 from urllib3 import Retry
 
-from monitor.config import CatalogueSettings, PollSettings
+from core.config import CatalogueSettings, PollSettings
 
 logger = logging.getLogger(__name__)
 

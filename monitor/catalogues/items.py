@@ -22,8 +22,8 @@ import shapely
 from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
 
-from monitor.config import CatalogueSettings
-from monitor.security import HrefRefused, check_href
+from core.config import CatalogueSettings
+from eo.security import HrefRefused, check_href
 
 # A scene needs these to be analysed: a cloud mask, and red + near-infrared for the spectral indices.
 MASK_BANDS = ("scl", "qa_pixel")
@@ -266,7 +266,7 @@ def normalise_assets(item: dict[str, Any], catalogue: CatalogueSettings, baselin
 
     Hrefs are checked statically here (scheme, allow-listed host, IP literals; no DNS): an asset the
     service would refuse to open is not kept, and an item left without a cloud mask, red or NIR is refused.
-    :func:`monitor.security.check_href` runs again, with DNS, right before any read.
+    :func:`eo.security.check_href` runs again, with DNS, right before any read.
     """
     raw_assets = item.get("assets")
     if not isinstance(raw_assets, dict):

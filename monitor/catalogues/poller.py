@@ -26,12 +26,12 @@ from sqlalchemy import any_, func, literal, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from core.config import CatalogueSettings, Settings, get_settings
+from core.db import session_scope
+from core.models import Area, AreaStatus, PollState, Scene
 from monitor.catalogues.client import open_client, search_items
 from monitor.catalogues.groups import AreaFootprint, SearchGroup, group_areas
 from monitor.catalogues.store import IngestStats, ingest_items, upsert_catalogue
-from monitor.config import CatalogueSettings, Settings, get_settings
-from monitor.db import session_scope
-from monitor.models import Area, AreaStatus, PollState, Scene
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def create_observations(session: Session, area_ids: list[int], scene_ids: list[i
     """
     if not area_ids or not scene_ids:
         return 0
-    from monitor.models import Observation, ObservationStatus
+    from core.models import Observation, ObservationStatus
 
     pending = literal(ObservationStatus.PENDING, type_=Observation.__table__.c.status.type)
     pairs = (

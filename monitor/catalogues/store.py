@@ -20,9 +20,9 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
+from core.config import CatalogueSettings
+from core.models import Catalogue, QuarantinedItem, Scene
 from monitor.catalogues.items import MalformedItem, ParsedItem, parse_item
-from monitor.config import CatalogueSettings
-from monitor.models import Catalogue, QuarantinedItem, Scene
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from shapely.geometry import shape
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
-from monitor.models import Analysis, Area, Finding, Observation, Scene
+from core.models import Analysis, Area, Finding, Observation, Scene
 
 IMAGE_ROLES = ("before", "after", "overlay")
 IMAGE_LABELS = {"before": "Before", "after": "After", "overlay": "Change overlay"}

@@ -21,8 +21,8 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from monitor.config import Settings
-from monitor.models import (
+from core.config import Settings
+from core.models import (
     AlertFrequency,
     Analysis,
     AnalysisStatus,

@@ -14,8 +14,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
-from monitor.config import Settings
-from monitor.models import AlertFrequency, Analysis, AnalysisStatus, Area, AreaStatus, Delivery, Finding
+from core.config import Settings
+from core.models import AlertFrequency, Analysis, AnalysisStatus, Area, AreaStatus, Delivery, Finding
 from monitor.reports.ledger import NewDelivery, insert_deliveries
 
 log = logging.getLogger(__name__)

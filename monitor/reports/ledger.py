@@ -38,8 +38,8 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from monitor.config import SmtpSettings
-from monitor.models import Delivery, DeliveryStatus
+from core.config import SmtpSettings
+from core.models import Delivery, DeliveryStatus
 
 log = logging.getLogger(__name__)
 

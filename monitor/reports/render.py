@@ -16,7 +16,7 @@ from typing import Any
 
 import jinja2
 
-from monitor.config import get_settings
+from core.config import get_settings
 from monitor.reports.context import AnalysisReport, InlineImage, confidence_tier
 from monitor.reports.sanitize import header_text, slug
 

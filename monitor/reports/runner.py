@@ -14,9 +14,9 @@ from email.message import EmailMessage
 
 from sqlalchemy.orm import Session
 
-from monitor.config import Settings, get_settings
-from monitor.db import session_scope
-from monitor.models import Delivery, DeliveryStatus
+from core.config import Settings, get_settings
+from core.db import session_scope
+from core.models import Delivery, DeliveryStatus
 from monitor.reports import ledger
 from monitor.reports.context import load_analysis_report
 from monitor.reports.digest import create_due_digests, load_digest_report
@@ -112,9 +112,10 @@ def send_due(transport: Transport, now: datetime, settings: Settings, limit: int
     return counts
 
 
-def run_deliveries(now: datetime | None = None, limit: int = 200) -> dict[str, int]:
+def run_deliveries(settings: Settings | None = None, *, now: datetime | None = None,
+                   limit: int = 200) -> dict[str, int]:
     """Queue what is due, then send it. Returns counts of what happened (for logs, metrics and tests)."""
-    settings = get_settings()
+    settings = settings or get_settings()
     now = now or datetime.now(UTC)
     counts: Counter[str] = Counter()
     with session_scope() as session:

@@ -26,7 +26,7 @@ from email.utils import parseaddr
 from pathlib import Path
 from typing import Protocol
 
-from monitor.config import SmtpSettings
+from core.config import SmtpSettings
 
 log = logging.getLogger(__name__)
 

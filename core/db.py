@@ -1,4 +1,8 @@
-"""The one engine / session factory. Every module gets sessions from :func:`session_scope`."""
+"""The one engine / session factory. Every module gets sessions from :func:`session_scope`.
+
+Functions that are handed ``settings`` pass them on (``session_scope(settings)``), so a process can hold two
+configurations (tests do) and a database URL is never read from the environment behind the caller's back.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +13,27 @@ from contextlib import contextmanager
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from monitor.config import get_settings
+from core.config import Settings, get_settings
 
 _lock = threading.Lock()
 _factories: dict[str, sessionmaker[Session]] = {}
 
 
-def get_engine(url: str | None = None) -> Engine:
-    return _factory(url).kw["bind"]
+Target = Settings | str | None
 
 
-def _factory(url: str | None) -> sessionmaker[Session]:
-    url = url or get_settings().database_url
+def get_engine(target: Target = None) -> Engine:
+    return _factory(target).kw["bind"]
+
+
+def _url(target: Target) -> str:
+    if isinstance(target, Settings):
+        return target.database_url
+    return target or get_settings().database_url
+
+
+def _factory(target: Target) -> sessionmaker[Session]:
+    url = _url(target)
     with _lock:
         if url not in _factories:
             engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
@@ -29,9 +42,10 @@ def _factory(url: str | None) -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope(url: str | None = None) -> Iterator[Session]:
-    """A transaction: commit on success, roll back on any exception."""
-    session = _factory(url)()
+def session_scope(target: Target = None) -> Iterator[Session]:
+    """A transaction on ``target`` (settings, a URL, or None for the process settings): commit on success,
+    roll back on any exception."""
+    session = _factory(target)()
     try:
         yield session
         session.commit()

@@ -5,7 +5,7 @@ header and the tiles that intersect the window) and warped through a ``WarpedVRT
 grid — the source grid by default, or a common grid (``dst_crs`` + ``resolution`` [+ ``bounds``]) when
 two scenes must line up pixel for pixel.
 
-Every href goes through :func:`monitor.security.check_href` first; nothing else in the service opens
+Every href goes through :func:`eo.security.check_href` first; nothing else in the service opens
 third-party URLs with GDAL.
 """
 
@@ -28,8 +28,8 @@ from rasterio.warp import calculate_default_transform, transform_geom
 from shapely.geometry import mapping, shape
 from shapely.geometry.base import BaseGeometry
 
-from monitor.config import CatalogueSettings
-from monitor.security import check_href
+from core.config import CatalogueSettings
+from eo.security import check_href
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def read_aoi(
       so every scene read for the same AOI lands on the same grid;
     - ``bounds`` (in ``dst_crs``): exactly this extent (a caller-defined common grid).
 
-    Pixels outside the file are ``nodata``. Raises :class:`monitor.security.HrefRefused` for hrefs that
+    Pixels outside the file are ``nodata``. Raises :class:`eo.security.HrefRefused` for hrefs that
     must not be opened and :class:`CogReadError` for unreadable or corrupt files.
     """
     url = check_href(href, catalogue)

@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 from shapely.geometry import mapping, shape
 
-from monitor import dbadmin, localstac
+from devtools import dbadmin, localstac
 
 REPO = Path(__file__).resolve().parent.parent
 VAR = REPO / "var" / "demo"
@@ -68,7 +68,7 @@ class DemoEnv:
 def _fresh_databases(base_url: str) -> DemoEnv:
     from sqlalchemy.engine import make_url
 
-    from monitor import migrate
+    from core import migrate
 
     base = make_url(base_url)
     app_url = base.set(database=f"{base.database}_demo")
@@ -275,7 +275,7 @@ def demo(per_date_timeout: float) -> None:
     Celery worker as real processes; the 16 acquisitions are published one date at a time. Ends with
     findings in PostGIS and alert emails (.eml + HTML preview) in var/demo/outbox. Safe to run again.
     """
-    from monitor.config import get_settings
+    from core.config import get_settings
 
     result = run_demo(get_settings().database_url, per_date_timeout=per_date_timeout)
     env = {**os.environ, "UNIRS_DATABASE_URL": result.app_url}

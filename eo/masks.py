@@ -1,4 +1,9 @@
-"""Clear-pixel masks from the scene classification (Sentinel-2 SCL) or QA_PIXEL bits (Landsat).
+"""The clear-pixel rule, one per sensor: Sentinel-2 SCL classes, Landsat Collection 2 QA_PIXEL bits.
+
+:func:`clear_mask` is used by pairing (AOI clear fraction, ``buffer_px=0``: is the sky clear over the
+area?) and by the workers (which pixels to compare, clouds and shadows buffered by
+``analysis.cloud_buffer_px``). Sources: ESA *Sentinel-2 L2A Product Specification* (SCL classes);
+USGS *Landsat 8-9 Collection 2 Level-2 Science Product Guide* (QA_PIXEL bits 0-7).
 
 Clouds and their shadows are the main source of false change (design notes §3.5): edges of clouds are
 missed by the classifiers and shadows are offset from the cloud that casts them. So cloud and shadow
@@ -10,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-# SCL classes counted as clear: vegetation, not vegetated, water, unclassified (the same set
-# monitor.pairing uses to choose pairs). Dark areas (2) are left out because unflagged cloud shadows
-# land there; snow (11) because snow appearing or melting is seasonal, not the land change users watch.
+# SCL classes counted as clear: vegetation, not vegetated, water, unclassified. Dark areas (2) are left
+# out because unflagged cloud shadows land there; snow (11) because snow appearing or melting is
+# seasonal, not the land change users watch.
 CLEAR_SCL = (4, 5, 6, 7)
 OPTIONAL_CLEAR_SCL = (2, 11)
 # Cloud shadow, cloud medium / high probability, thin cirrus: buffered before comparing.
@@ -25,6 +30,8 @@ QA_CIRRUS = 1 << 2
 QA_CLOUD = 1 << 3
 QA_SHADOW = 1 << 4
 QA_SNOW = 1 << 5
+QA_CLEAR = 1 << 6
+QA_WATER = 1 << 7
 QA_CLOUDY = QA_DILATED_CLOUD | QA_CIRRUS | QA_CLOUD | QA_SHADOW
 QA_NOT_CLEAR = QA_FILL | QA_CLOUDY | QA_SNOW
 
@@ -65,9 +72,10 @@ def scl_clear(scl: np.ndarray, buffer_px: int, extra_clear: tuple[int, ...] = ()
 
 
 def qa_pixel_clear(qa: np.ndarray, buffer_px: int) -> np.ndarray:
-    """Landsat: True where no fill / cloud / cirrus / shadow / snow bit is set, away from (buffered) clouds."""
+    """Landsat: True where the clear or water bit is set and no fill / cloud / cirrus / shadow / snow bit,
+    away from (buffered) clouds."""
     values = qa.astype(np.uint32)
-    clear = (values & QA_NOT_CLEAR) == 0
+    clear = ((values & QA_NOT_CLEAR) == 0) & ((values & (QA_CLEAR | QA_WATER)) != 0)
     cloudy = dilate((values & QA_CLOUDY) != 0, buffer_px)
     return clear & ~cloudy
 
@@ -85,3 +93,25 @@ def haze_mask(blue: np.ndarray, red: np.ndarray, buffer_px: int) -> np.ndarray:
     """True where a pixel looks like haze or cloud (HOT > 0), buffered like SCL clouds. NaN never flags."""
     hot = blue - HOT_SLOPE * red - HOT_INTERCEPT
     return dilate(np.nan_to_num(hot, nan=-1.0) > 0, buffer_px)
+
+
+#: Mask asset keys (logical band names) with a clear-pixel rule, in order of preference.
+MASK_BANDS = ("scl", "qa_pixel")
+
+
+def clear_mask(mask_band: str, values: np.ndarray, buffer_px: int = 0) -> np.ndarray:
+    """Boolean array, True where ``values`` of the mask asset ``mask_band`` (``"scl"`` or ``"qa_pixel"``)
+    say the pixel is clear (clouds/shadows grown by ``buffer_px``). Raises ``ValueError`` for another band."""
+    if mask_band == "scl":
+        return scl_clear(values, buffer_px)
+    if mask_band == "qa_pixel":
+        return qa_pixel_clear(values, buffer_px)
+    raise ValueError(f"no clear-pixel rule for mask band {mask_band!r} (have: {', '.join(MASK_BANDS)})")
+
+
+def clear_fraction(mask_band: str, values: np.ndarray, inside: np.ndarray) -> float:
+    """Share of the ``inside`` pixels that are clear (unbuffered); 0.0 when nothing is inside."""
+    total = int(inside.sum())
+    if total == 0:
+        return 0.0
+    return float(clear_mask(mask_band, values)[inside].sum()) / total

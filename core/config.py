@@ -76,6 +76,9 @@ class AnalysisSettings(BaseModel):
     # Chips whose spectral change score is below this never reach the model.
     model_score_threshold: float = 0.005
     video_frames: int = 8
+    # GPU workers deployed (consuming the `gpu` queue). The scheduler asks for the UniRS model only when
+    # this is > 0; the worker on the `gpu` queue decides what it runs from the weights it has loaded.
+    gpu_workers: int = 0
 
 
 class ModelSettings(BaseModel):

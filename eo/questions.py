@@ -1,6 +1,6 @@
 """Question templates: what an analysis is asked about a pair, and how the pixels answer it.
 
-The default set lives in ``monitor/data/questions.json`` (a data file, so it can be reviewed and
+The default set lives in ``eo/data/questions.json`` (a data file, so it can be reviewed and
 versioned without reading code). Each template has
 
 - ``id`` (what ``Area.questions`` and ``Analysis.question_set`` name),
@@ -63,7 +63,7 @@ def _parse(entry: dict[str, Any]) -> QuestionTemplate:
 
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[int, tuple[QuestionTemplate, ...]]:
-    raw = json.loads(resources.files("monitor").joinpath("data", DATA_FILE).read_text(encoding="utf-8"))
+    raw = json.loads(resources.files("eo").joinpath("data", DATA_FILE).read_text(encoding="utf-8"))
     templates = tuple(_parse(e) for e in raw["templates"])
     ids = [t.id for t in templates]
     if len(set(ids)) != len(ids):

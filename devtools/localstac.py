@@ -18,7 +18,7 @@ exercise the real paths (paging, ``query``, numeric sorting, POST ``next`` links
 Everything binds 127.0.0.1 only. Subprocesses run in their own process group, are stopped on
 ``stop()``/context exit/interpreter exit, and also exit by themselves when their parent dies.
 
-CLI: ``python -m monitor.localstac --help`` (``prepare``, ``load``, ``serve-cogs``, ``serve-api``, ``demo``).
+CLI: ``python -m devtools.localstac --help`` (``prepare``, ``load``, ``serve-cogs``, ``serve-api``, ``demo``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
-from monitor.dbadmin import create_database
+from devtools.dbadmin import create_database
 
 log = logging.getLogger(__name__)
 
@@ -377,11 +377,11 @@ class _Subprocess:
 
 
 def _module_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "monitor.localstac", *args, "--parent-pid", str(os.getpid())]
+    return [sys.executable, "-m", "devtools.localstac", *args, "--parent-pid", str(os.getpid())]
 
 
 def _module_env() -> dict[str, str]:
-    # The subprocess imports monitor.localstac: make the package importable from its private cwd.
+    # The subprocess imports devtools.localstac: make the package importable from its private cwd.
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -693,7 +693,7 @@ def _wait_forever(servers: list[_Subprocess]) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m monitor.localstac",
+        prog="python -m devtools.localstac",
         description="Local STAC API (stac-fastapi-pgstac + pgstac) and COG server on 127.0.0.1.")
     # The metavar hides the internal "_run-stac-api" command from the help.
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{prepare,load,serve-cogs,serve-api,demo}")

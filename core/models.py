@@ -228,7 +228,8 @@ class Analysis(Base):
     area_id: Mapped[int] = mapped_column(ForeignKey("areas.id", ondelete="CASCADE"))
     after_scene_id: Mapped[int] = mapped_column(ForeignKey("scenes.id", ondelete="CASCADE"))
     before_scene_id: Mapped[int | None] = mapped_column(ForeignKey("scenes.id", ondelete="CASCADE"))
-    analyser: Mapped[str] = mapped_column(Text)  # name@version
+    analyser: Mapped[str] = mapped_column(Text)  # requested: core.jobs.AnalyserSpec id
+    analyser_run: Mapped[str | None] = mapped_column(Text)  # what the worker ran, checkpoint included
     question_set: Mapped[str] = mapped_column(Text)  # sorted template ids @ templates version
     pairing_policy: Mapped[str] = mapped_column(Text)
     pair_reason: Mapped[str | None] = mapped_column(Text)

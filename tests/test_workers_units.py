@@ -216,8 +216,8 @@ def test_claim_is_exclusive_and_fenced(rows):
     second = leases.claim(analysis_id, "worker-b", settings)
     assert second is not None and second.attempts == 2
     with pytest.raises(leases.LeaseLost):
-        leases.finish_now(first, "done", stats={})  # worker-a's late result is refused
-    leases.finish_now(second, "done", stats={"ok": True})
+        leases.finish_now(first, "done", settings, stats={})  # worker-a's late result is refused
+    leases.finish_now(second, "done", settings, stats={"ok": True})
     assert leases.claim(analysis_id, "worker-c", settings) is None  # done stays done
     row = analysis_rows([analysis_id])[analysis_id]
     assert row["status"] == "done" and row["worker"] == "worker-b" and row["stats"] == {"ok": True}
@@ -277,8 +277,9 @@ def test_transient_errors_give_the_row_back_until_attempts_run_out(rows):
 
 def test_stats_are_stored_as_json(rows):
     analysis_id = insert_analysis(rows["area"], rows["after"], rows["before"])
-    claim = leases.claim(analysis_id, "w", _settings())
-    leases.finish_now(claim, "done", stats={"nan": float("nan"), "n": np.int64(3), "when": datetime(2020, 1, 1)})
+    settings = _settings()
+    claim = leases.claim(analysis_id, "w", settings)
+    leases.finish_now(claim, "done", settings, stats={"nan": float("nan"), "n": np.int64(3), "when": datetime(2020, 1, 1)})
     assert json.loads(json.dumps(analysis_rows([analysis_id])[analysis_id]["stats"])) == {
         "nan": None, "n": 3, "when": "2020-01-01T00:00:00"}
 

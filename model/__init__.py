@@ -26,7 +26,8 @@ from .checkpoint import CheckpointError
 from .configuration_unirs import InputType, UniRSConfig
 from .generation import SamplingConfig
 from .inference import PairAnalysis, SequenceClassification, match_class_name
-from .modeling_unirs import UniRS, VisualInput
+from .modeling_unirs import UniRSModel, VisualInput
+from .unirs import UniRS
 
 __all__ = [
     "CheckpointError",
@@ -36,6 +37,7 @@ __all__ = [
     "SequenceClassification",
     "UniRS",
     "UniRSConfig",
+    "UniRSModel",
     "VisualInput",
     "match_class_name",
 ]

@@ -23,7 +23,7 @@ import re
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -31,11 +31,9 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 from .configuration_unirs import UniRSConfig
+from .modeling_unirs import UniRSModel, UniRSMultimodalProjector
 from .processing import ImageProcessor
 from .tokenization import load_tokenizer
-
-if TYPE_CHECKING:
-    from .modeling_unirs import UniRS
 
 __all__ = [
     "CheckpointError",
@@ -46,6 +44,8 @@ __all__ = [
     "projector_keys_to_vila",
     "save_unirs",
 ]
+
+ModelT = TypeVar("ModelT", bound=UniRSModel)
 
 _VILA_PROJECTOR_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 _SELFTRANS_KEY = re.compile(r"^layers\.change\.selftrans\.(\d+)\.")
@@ -195,7 +195,7 @@ def _infer_settings_from_projector(top: dict[str, Any], state: dict[str, torch.T
 # Load / save
 # ---------------------------------------------------------------------------------------------
 def load_unirs(
-    cls: type[UniRS],
+    cls: type[ModelT],
     path: str | Path,
     base_path: str | Path | None = None,
     device: str | torch.device | None = None,
@@ -203,8 +203,12 @@ def load_unirs(
     allow_missing_keys: Sequence[str] = (),
     allow_unexpected_keys: Sequence[str] = (),
     **config_overrides: Any,
-) -> UniRS:
-    """See `UniRS.from_pretrained`."""
+) -> ModelT:
+    """Build `cls` (a `UniRSModel` subclass, usually `model.UniRS`) from a checkpoint directory.
+
+    See `UniRS.from_pretrained` for the arguments. Raises `CheckpointError` on a broken layout
+    or on any missing/unexpected key not allowed by the patterns.
+    """
     path = Path(path)
     _require_layout(path)
     device, dtype = default_device_and_dtype(device, dtype)
@@ -263,7 +267,7 @@ def _vision_tensor(directory: Path, name: str) -> torch.Tensor | None:
 
 
 def attach_base_model(
-    model: UniRS,
+    model: UniRSModel,
     base_path: str | Path,
     allow_missing_keys: Sequence[str] = (),
     allow_unexpected_keys: Sequence[str] = (),
@@ -274,8 +278,6 @@ def attach_base_model(
     the base model's visual features equal ours and are reused. A few vision-tower tensors are
     compared to check that; if the base projector differs, it is loaded as `model.base_projector`.
     """
-    from .modeling_unirs import UniRSMultimodalProjector
-
     base = Path(base_path)
     _require_layout(base)
     vision_dir = base / "vision_tower"
@@ -317,7 +319,7 @@ def attach_base_model(
     model.base_llm = llm.to(model.device).eval().requires_grad_(False)
 
 
-def save_unirs(model: UniRS, path: str | Path, layout: str = "unirs") -> Path:
+def save_unirs(model: UniRSModel, path: str | Path, layout: str = "unirs") -> Path:
     """Write `model` in the VILA directory layout. layout: "unirs" (change keys) or "vila" (VILA-1.5 keys)."""
     if layout not in ("unirs", "vila"):
         raise ValueError(f"layout must be 'unirs' or 'vila', got {layout!r}")

@@ -20,12 +20,11 @@ import torch
 from .configuration_unirs import InputType
 from .conversation import build_augmented_instruction, build_clue_prompt, build_prompt, clean_clue
 from .generation import SamplingConfig, generate_from_embeddings
+from .modeling_unirs import UniRSModel, VisualInput
 from .processing import load_video_frames, tokenizer_image_token
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
-
-    from .modeling_unirs import UniRS, VisualInput
 
 __all__ = ["EncodedVisual", "PairAnalysis", "SequenceClassification", "UniRSInferenceMixin", "match_class_name"]
 
@@ -103,16 +102,17 @@ def match_class_name(text: str, classes: Sequence[str]) -> tuple[str, float]:
 
 
 class UniRSInferenceMixin:
-    """Inference methods mixed into `UniRS` (see `model/__init__.py` for the stable service API)."""
+    """Text API of UniRS, mixed into `model.UniRS` on top of `UniRSModel` (whose attributes it uses).
+
+    See `model/__init__.py` for the stable service API.
+    """
 
     # ------------------------------------------------------------------ input handling
-    def prepare_visual(self: UniRS, visual: Any, input_type: InputType | str) -> VisualInput:
+    def prepare_visual(self: UniRSModel, visual: Any, input_type: InputType | str) -> VisualInput:
         """Raw input -> `VisualInput` with preprocessed pixels.
 
         image: one image; pair: (before, after); video: frames (sampled to `num_video_frames`).
         """
-        from .modeling_unirs import VisualInput
-
         input_type = InputType(input_type)
         if input_type is InputType.IMAGE:
             images = [visual]
@@ -125,22 +125,22 @@ class UniRSInferenceMixin:
         pixels = self.image_processor(images).to(device=self.device, dtype=self.dtype)
         return VisualInput(input_type, pixels)
 
-    def encode(self: UniRS, visuals: Sequence[VisualInput]) -> list[EncodedVisual]:
+    def encode(self: UniRSModel, visuals: Sequence[VisualInput]) -> list[EncodedVisual]:
         """Run the vision tower once for all inputs (pairs interleaved before/after)."""
         blocks, features = self.encode_visual_inputs(visuals, return_features=True)
         return [EncodedVisual(v.input_type, b, f) for v, b, f in zip(visuals, blocks, features, strict=True)]
 
-    def _tokenize(self: UniRS, prompt: str) -> list[int]:
+    def _tokenize(self: UniRSModel, prompt: str) -> list[int]:
         if self.tokenizer is None:
             raise RuntimeError("This model has no tokenizer; load it with UniRS.from_pretrained")
         return tokenizer_image_token(prompt, self.tokenizer, self.config.image_token, self.config.image_token_index)
 
-    def _decode(self: UniRS, ids: list[int]) -> str:
+    def _decode(self: UniRSModel, ids: list[int]) -> str:
         text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         return text.removesuffix("</s>").strip()
 
     def _run(
-        self: UniRS,
+        self: UniRSModel,
         llm: LlamaForCausalLM,
         requests: Sequence[tuple[str, torch.Tensor]],
         max_new_tokens: int | Sequence[int],
@@ -163,12 +163,12 @@ class UniRSInferenceMixin:
         return [self._decode(x) for x in ids]
 
     # ------------------------------------------------------------------ prompt augmentation
-    def _use_clues(self: UniRS, use_clues: bool | None) -> bool:
+    def _use_clues(self: UniRSModel, use_clues: bool | None) -> bool:
         if use_clues and self.base_llm is None:
             raise RuntimeError("Prompt augmentation needs base-model weights: pass base_path to from_pretrained")
         return self.base_llm is not None if use_clues is None else use_clues
 
-    def _base_blocks(self: UniRS, encoded: EncodedVisual, separate_frames: bool) -> torch.Tensor:
+    def _base_blocks(self: UniRSModel, encoded: EncodedVisual, separate_frames: bool) -> torch.Tensor:
         """Visual blocks as the base VLM sees them: VILA's `single` projector per frame, no change module."""
         projector = self.base_projector or self.mm_projector
         if encoded.input_type is not InputType.PAIR and self.base_projector is None:
@@ -176,7 +176,7 @@ class UniRSInferenceMixin:
         types = [InputType.IMAGE] * encoded.features.shape[0] if separate_frames else [encoded.input_type]
         return torch.cat(projector(encoded.features, types), dim=0)
 
-    def generate_clues(self: UniRS, encoded: Sequence[EncodedVisual]) -> list[str]:
+    def generate_clues(self: UniRSModel, encoded: Sequence[EncodedVisual]) -> list[str]:
         """Pass 1: the base VLM describes each input with the per-input-type clue prompt (greedy, capped)."""
         cfg = self.config
         requests: list[tuple[str, torch.Tensor]] = []
@@ -202,7 +202,7 @@ class UniRSInferenceMixin:
 
     # ------------------------------------------------------------------ generic entry point
     def generate_answers(
-        self: UniRS,
+        self: UniRSModel,
         encoded: Sequence[EncodedVisual],
         instructions: Sequence[tuple[int, str, int]],
         clues: Sequence[str | None] | None = None,
@@ -222,7 +222,7 @@ class UniRSInferenceMixin:
     # ------------------------------------------------------------------ public API
     @torch.inference_mode()
     def caption_change(
-        self: UniRS,
+        self: UniRSModel,
         before: Any,
         after: Any,
         *,
@@ -238,7 +238,7 @@ class UniRSInferenceMixin:
 
     @torch.inference_mode()
     def caption_changes(
-        self: UniRS,
+        self: UniRSModel,
         pairs: Sequence[tuple[Any, Any]],
         *,
         prompt: str | None = None,
@@ -259,7 +259,7 @@ class UniRSInferenceMixin:
 
     @torch.inference_mode()
     def answer(
-        self: UniRS,
+        self: UniRSModel,
         image_or_pair: Any,
         question: str,
         *,
@@ -287,7 +287,7 @@ class UniRSInferenceMixin:
 
     @torch.inference_mode()
     def classify_sequence(
-        self: UniRS,
+        self: UniRSModel,
         frames: Any,
         classes: Sequence[str],
         *,
@@ -313,7 +313,7 @@ class UniRSInferenceMixin:
 
     @torch.inference_mode()
     def analyse_pair(
-        self: UniRS,
+        self: UniRSModel,
         before: Any,
         after: Any,
         questions: Sequence[str],

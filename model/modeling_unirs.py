@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,12 +24,10 @@ from transformers import LlamaForCausalLM, SiglipVisionModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_unirs import InputType, UniRSConfig
-from .inference import UniRSInferenceMixin
+from .processing import ImageProcessor
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-    from .processing import ImageProcessor
 
 IGNORE_INDEX = -100
 
@@ -38,7 +35,7 @@ __all__ = [
     "IGNORE_INDEX",
     "ChangeExtractionModule",
     "DownSampleBlock",
-    "UniRS",
+    "UniRSModel",
     "UniRSMultimodalProjector",
     "UniRSVisionTower",
     "VisualInput",
@@ -342,12 +339,13 @@ class VisualInput:
 # ---------------------------------------------------------------------------------------------
 # Full model
 # ---------------------------------------------------------------------------------------------
-class UniRS(UniRSInferenceMixin, nn.Module):
-    """UniRS: SigLIP + (change module) + mlp_downsample projector + LLaMA.
+class UniRSModel(nn.Module):
+    """UniRS network: SigLIP + (change module) + mlp_downsample projector + LLaMA, and the LLM glue.
 
-    Build with `UniRS(config)` (random weights) or `UniRS.from_pretrained(dir)`. The inference API
-    (`caption_change`, `answer`, `classify_sequence`, `analyse_pair`) lives in
-    `model.inference.UniRSInferenceMixin`.
+    `UniRSModel(config)` has random weights. This is the bottom of the model's import order
+    (configuration -> modeling -> inference / checkpoint -> `model.unirs.UniRS`): the text API
+    lives in `model.inference`, loading and saving in `model.checkpoint`, and the public class
+    `model.UniRS` combines them.
     """
 
     def __init__(
@@ -360,8 +358,6 @@ class UniRS(UniRSInferenceMixin, nn.Module):
         image_processor: ImageProcessor | None = None,
     ):
         super().__init__()
-        from .processing import ImageProcessor
-
         self.config = config
         self.vision_tower = UniRSVisionTower(config, vision_model)
         self.mm_projector = UniRSMultimodalProjector(config)
@@ -397,7 +393,7 @@ class UniRS(UniRSInferenceMixin, nn.Module):
         if self.base_llm is not None:
             self.base_llm.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> UniRS:
+    def train(self, mode: bool = True) -> UniRSModel:
         """Frozen parts stay in eval mode (VILA's `freezed_module_patch`), so BN/dropout never change them."""
         super().train(mode)
         cfg = self.config
@@ -411,51 +407,6 @@ class UniRS(UniRSInferenceMixin, nn.Module):
             if self.base_llm is not None:
                 self.base_llm.eval()
         return self
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        base_path: str | Path | None = None,
-        device: str | torch.device | None = None,
-        *,
-        dtype: torch.dtype | None = None,
-        allow_missing_keys: Sequence[str] = (),
-        allow_unexpected_keys: Sequence[str] = (),
-        **config_overrides: Any,
-    ) -> UniRS:
-        """Load a VILA-1.5 or UniRS checkpoint directory (`llm/`, `vision_tower/`, `mm_projector/`, `config.json`).
-
-        base_path: a VILA-1.5-3B checkpoint; when given, prompt augmentation is on.
-        device: default CUDA if available else CPU. dtype: default bf16 on CUDA, fp32 on CPU.
-        allow_missing_keys / allow_unexpected_keys: fnmatch patterns over prefixed keys such as
-        `mm_projector.layers.change.*`; anything else missing or unexpected fails the load.
-        config_overrides: UniRSConfig fields, e.g. `use_change_module=True` on a VILA checkpoint.
-        """
-        from .checkpoint import load_unirs
-
-        return load_unirs(
-            cls,
-            path,
-            base_path=base_path,
-            device=device,
-            dtype=dtype,
-            allow_missing_keys=allow_missing_keys,
-            allow_unexpected_keys=allow_unexpected_keys,
-            **config_overrides,
-        )
-
-    def save_pretrained(self, path: str | Path, layout: str = "unirs") -> Path:
-        """Write the VILA directory layout. layout="vila" writes VILA projector keys (no change module)."""
-        from .checkpoint import save_unirs
-
-        return save_unirs(self, path, layout=layout)
-
-    def load_base_model(self, base_path: str | Path, **kwargs: Any) -> None:
-        """Load the base VLM (VILA-1.5-3B) LLM for prompt augmentation."""
-        from .checkpoint import attach_base_model
-
-        attach_base_model(self, base_path, **kwargs)
 
     @property
     def prompt_augmentation_enabled(self) -> bool:

@@ -112,7 +112,8 @@ def build_random_model(config: UniRSConfig, seed: int = 0, vision_seed: int | No
     """
     from transformers import LlamaForCausalLM, SiglipVisionModel
 
-    from .modeling_unirs import UniRS, UniRSMultimodalProjector
+    from .modeling_unirs import UniRSMultimodalProjector
+    from .unirs import UniRS
 
     vision_seed = seed if vision_seed is None else vision_seed
     with torch.random.fork_rng(devices=[]):

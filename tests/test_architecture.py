@@ -65,18 +65,36 @@ def test_the_rule_catches_a_violation(tmp_path, monkeypatch):
     assert violations("monitor") == ["monitor/bad.py:4 imports workers.pipeline"]
 
 
-@pytest.mark.xfail(strict=True, reason="modeling_unirs still imports inference/checkpoint (being untangled)")
-def test_model_imports_point_one_way():
-    """Inside model/: configuration → modeling → inference / checkpoint, never back (relative imports)."""
-    order = {"configuration_unirs": 0, "modeling_unirs": 1, "inference": 2, "checkpoint": 2}
+MODEL_ORDER = {"configuration_unirs": 0, "modeling_unirs": 1, "inference": 2, "checkpoint": 2, "unirs": 3}
+
+
+def model_order_violations(root: Path) -> list[str]:
+    """Relative imports inside model/ that point sideways or back up the order (lazy ones included)."""
     bad = []
-    for name, rank in order.items():
-        tree = ast.parse((ROOT / "model" / f"{name}.py").read_text(encoding="utf-8"))
+    for name, rank in MODEL_ORDER.items():
+        tree = ast.parse((root / "model" / f"{name}.py").read_text(encoding="utf-8"))
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module in order:
-                if order[node.module] >= rank and node.module != name:
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module in MODEL_ORDER:
+                if MODEL_ORDER[node.module] >= rank and node.module != name:
                     bad.append(f"model/{name}.py:{node.lineno} imports .{node.module}")
-    assert bad == []
+    return bad
+
+
+def test_model_imports_point_one_way():
+    """Inside model/: configuration → modeling → inference / checkpoint → unirs (the public class), never back."""
+    assert model_order_violations(ROOT) == []
+
+
+def test_model_order_check_catches_a_lazy_back_import(tmp_path):
+    """A function-level `from .inference import …` in modeling_unirs (the old cycle) is reported."""
+    (tmp_path / "model").mkdir()
+    for name in MODEL_ORDER:
+        (tmp_path / "model" / f"{name}.py").write_text((ROOT / "model" / f"{name}.py").read_text(encoding="utf-8"))
+    planted = "\n\ndef f():\n    from .checkpoint import load_unirs\n"
+    modeling = tmp_path / "model" / "modeling_unirs.py"
+    n_lines = len(modeling.read_text(encoding="utf-8").splitlines())
+    modeling.write_text(modeling.read_text(encoding="utf-8") + planted)
+    assert model_order_violations(tmp_path) == [f"model/modeling_unirs.py:{n_lines + 4} imports .checkpoint"]
 
 
 def test_no_module_over_the_size_limit():

@@ -18,8 +18,9 @@ import torch
 
 from ..configuration_unirs import InputType
 from ..generation import SamplingConfig
-from ..modeling_unirs import UniRS, VisualInput
+from ..modeling_unirs import VisualInput
 from ..processing import load_video_frames
+from ..unirs import UniRS
 
 __all__ = ["Decoding", "PredictionItem", "load_eval_model", "predict"]
 

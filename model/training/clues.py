@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from ..configuration_unirs import InputType
-from ..modeling_unirs import UniRS, VisualInput
+from ..modeling_unirs import VisualInput
+from ..unirs import UniRS
 from .collate import load_visual_frames
 from .data import DatasetFormatError, DatasetSpec, Record, load_dataset_records
 

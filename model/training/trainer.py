@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from ..modeling_unirs import UniRS, VisualInput
+from ..modeling_unirs import VisualInput
+from ..unirs import UniRS
 from .collate import IGNORE_INDEX, Collator, SampleBuilder
 from .data import DatasetSpec, InterleavedSampler, MixtureDataset, seed_everything
 

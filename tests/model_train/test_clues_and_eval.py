@@ -7,9 +7,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from model import UniRS, VisualInput
 from model.configuration_unirs import InputType
 from model.evaluation.cli import eval_main
-from model.modeling_unirs import UniRS, VisualInput
 from model.training.cli import clues_main
 from model.training.collate import SampleBuilder
 from model.training.data import DatasetSpec, load_dataset_records

@@ -222,8 +222,8 @@ def test_mixture_repeats_and_interleaves(mixture):
 
 
 def _tokenizer_and_config(small_vila):
+    from model import UniRS
     from model.checkpoint import load_unirs
-    from model.modeling_unirs import UniRS
 
     model = load_unirs(
         UniRS, small_vila, device="cpu", use_change_module=True, allow_missing_keys=["mm_projector.layers.change.*"]

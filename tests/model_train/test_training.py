@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from model.modeling_unirs import UniRS
+from model import UniRS
 from model.training.cli import train_main
 from model.training.collate import Collator, SampleBuilder
 from model.training.data import DatasetSpec, load_dataset_records

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 
 class CatalogueSettings(BaseModel):
@@ -136,7 +139,8 @@ class Settings(BaseSettings):
     database_url: str = "postgresql+psycopg://unirs:unirs@127.0.0.1:5432/unirs"
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str | None = None
-    log_level: str = "INFO"
+    # None = INFO for long-running services (scheduler, workers, servers), WARNING for one-shot commands.
+    log_level: str | None = None
     log_format: Literal["text", "json"] = "text"
     data_dir: Path = Path("var")
     # Areas larger than this are refused (a typo in a coordinate should not trigger a continent-wide poll).
@@ -185,6 +189,61 @@ class Settings(BaseSettings):
         raise KeyError(f"no catalogue named {name!r} is configured (have: {[c.name for c in self.catalogues]})")
 
 
+class ConfigError(ValueError):
+    """Settings that cannot be loaded; the message is one line naming the variable (or TOML key) and the fix."""
+
+
+def _env_name(loc: tuple[Any, ...]) -> str:
+    """The ``UNIRS_*`` variable that sets ``loc`` (the longest prefix of it that is set, e.g. a JSON list)."""
+    names = [str(part) for part in loc if not isinstance(part, int)]
+    for n in range(len(names), 0, -1):
+        candidate = "UNIRS_" + "__".join(names[:n]).upper()
+        if candidate in os.environ:
+            return candidate
+    return ""
+
+
+def _describe(loc: tuple[Any, ...], msg: str, value: Any) -> str:
+    env = _env_name(loc)
+    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    if env and env == "UNIRS_" + "__".join(str(p) for p in loc).upper():
+        return f"{env}={value!r}: {msg}; fix or unset {env}"
+    if env:
+        return f"{env}: {path}={value!r}: {msg}; fix {env}"
+    source = f" in {os.environ['UNIRS_CONFIG']}" if os.environ.get("UNIRS_CONFIG") else ""
+    return f"setting {path}={value!r}{source}: {msg}; fix it or override with UNIRS_{'__'.join(map(str, loc)).upper()}"
+
+
+def load_settings() -> Settings:
+    """:class:`Settings` from the file and environment, or :class:`ConfigError` with one line per problem.
+
+    Pydantic's own errors are a multi-line report naming model fields; an operator sets variables, so the
+    message names the ``UNIRS_*`` variable (or the TOML key) and says what to do.
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = [
+            _describe(e["loc"], "required" if e["type"] == "missing" else e["msg"],
+                      None if e["type"] == "missing" else e.get("input"))
+            for e in exc.errors()
+        ]
+        raise ConfigError("invalid configuration: " + " | ".join(problems)
+                          + " (see the README's configuration reference)") from None
+    except PydanticSettingsError as exc:
+        # "error parsing value for field "catalogues" from source "EnvSettingsSource"": a JSON value that
+        # does not parse; the cause says where.
+        field_name = re.search(r'field "([^"]+)"', str(exc))
+        env = "UNIRS_" + field_name.group(1).upper() if field_name else "a UNIRS_* variable"
+        raise ConfigError(f"invalid configuration: {env} is not valid JSON ({exc.__cause__}); "
+                          "complex settings (lists, objects) are JSON in the environment") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid configuration: {os.environ.get('UNIRS_CONFIG')} is not valid TOML: {exc}") from None
+    except FileNotFoundError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
+
+
 @functools.lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    """The process settings (cached); :class:`ConfigError` with a one-line message when they are invalid."""
+    return load_settings()

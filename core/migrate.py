@@ -30,3 +30,32 @@ def downgrade(url: str | None = None, revision: str = "base") -> None:
 
 def current(url: str | None = None) -> None:
     command.current(alembic_config(url), verbose=False)
+
+
+class SchemaError(RuntimeError):
+    """The database schema is missing or behind the code; the message says which command fixes it."""
+
+
+def revisions(url: str | None = None) -> tuple[str | None, str]:
+    """(revision the database is at — None for an empty database —, head revision of this code)."""
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import text
+
+    from core.db import get_engine
+
+    # Read alembic_version directly: MigrationContext would log its dialect chatter on every command.
+    with get_engine(url).connect() as conn:
+        exists = conn.execute(text("SELECT to_regclass('alembic_version') IS NOT NULL")).scalar()
+        current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar() if exists else None
+    return current, ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def require_current(url: str | None = None) -> None:
+    """Raise :class:`SchemaError` unless the database is at the head revision."""
+    current, head = revisions(url)
+    if current is None:
+        raise SchemaError(f"the database has no UniRS schema yet (code expects revision {head}): "
+                          "run `unirs-monitor db upgrade` once")
+    if current != head:
+        raise SchemaError(f"the database schema is at revision {current}, the code expects {head}: "
+                          "run `unirs-monitor db upgrade`")

@@ -6,17 +6,92 @@ is registered here, so ``unirs-monitor --help`` lists everything in one place.
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from core import migrate
-from core.config import get_settings
-from core.logging import setup_logging
+from core.config import ConfigError, get_settings
+from core.logging import COMMAND_LEVEL, SERVICE_LEVEL, setup_logging
+
+# Commands that run until stopped log what they do (INFO); one-shot commands only warnings and errors.
+LONG_RUNNING = frozenset({"scheduler", "worker", "serve"})
+_VERBOSITY = {1: "INFO", 2: "DEBUG"}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING… (default: UNIRS_LOG_LEVEL or INFO).")
+def hoist_log_options(args: list[str]) -> list[str]:
+    """Move ``-v``/``-vv``/``--verbose`` and ``--log-level X`` from anywhere (before ``--``) to the front,
+    where the group parses them: ``unirs-monitor areas list -v`` works like ``unirs-monitor -v areas list``."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg in ("--verbose",) or (arg.startswith("-v") and set(arg[1:]) == {"v"}):
+            front.append(arg)
+        elif arg == "--log-level" and i + 1 < len(args):
+            front += args[i:i + 2]
+            i += 1
+        elif arg.startswith("--log-level="):
+            front.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
+
+
+def _database_error(exc: Exception) -> click.ClickException | None:
+    """One line for the database errors an operator causes (not running, wrong URL, schema missing)."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    if isinstance(exc, OperationalError):
+        url = get_settings().database_url
+        safe = url.split("@", 1)[-1] if "@" in url else url
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        return click.ClickException(
+            f"cannot use the database {safe}: {reason} — is PostgreSQL running (scripts/setup-services) "
+            "and UNIRS_DATABASE_URL right? `unirs-monitor doctor` checks everything"
+        )
+    if isinstance(exc, ProgrammingError):
+        try:
+            migrate.require_current()
+        except migrate.SchemaError as schema:
+            return click.ClickException(str(schema))
+        except Exception:  # the database itself is unusable: the original error is the better report
+            return None
+    return None
+
+
+class UnirsGroup(click.Group):
+    """The root group: log options anywhere on the line, and one-line errors for configuration, schema
+    and database problems instead of tracebacks."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_log_options(list(args)))
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ConfigError, migrate.SchemaError) as exc:
+            raise click.ClickException(str(exc)) from None
+        except Exception as exc:
+            friendly = _database_error(exc)
+            if friendly is None:
+                raise
+            raise friendly from None
+
+
+@click.group(cls=UnirsGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--log-level", default=None, metavar="LEVEL",
+              help="DEBUG, INFO, WARNING, ERROR (default: UNIRS_LOG_LEVEL, else INFO for scheduler/worker/serve "
+                   "and WARNING for other commands). Accepted anywhere on the command line.")
+@click.option("-v", "--verbose", count=True, help="INFO (-v) or DEBUG (-vv) logs; anywhere on the command line.")
 @click.version_option(package_name="unirs-monitor")
-def cli(log_level: str | None) -> None:
+@click.pass_context
+def cli(ctx: click.Context, log_level: str | None, verbose: int) -> None:
     """UniRS Monitor: watch places on Earth change.
 
     Register watched areas, poll STAC catalogues for new Sentinel-2 / Landsat scenes, pair each new clear
@@ -24,10 +99,18 @@ def cli(log_level: str | None) -> None:
     findings in PostGIS and email alert reports.
 
     Configuration comes from UNIRS_* environment variables or a TOML file named by UNIRS_CONFIG
-    (see the README's configuration reference).
+    (see the README's configuration reference). First run on a new database: `unirs-monitor db upgrade`.
     """
-    settings = get_settings()
-    setup_logging(log_level or settings.log_level, settings.log_format)
+    try:
+        settings = get_settings()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    default = SERVICE_LEVEL if ctx.invoked_subcommand in LONG_RUNNING else COMMAND_LEVEL
+    level = log_level or _VERBOSITY.get(min(verbose, 2)) or settings.log_level
+    try:
+        setup_logging(level, settings.log_format, default=default)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.group()
@@ -38,15 +121,15 @@ def db() -> None:
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(revision: str) -> None:
-    """Apply migrations up to REVISION (idempotent)."""
-    migrate.upgrade(revision=revision)
+    """Create the schema on a new database, or bring it up to REVISION (idempotent)."""
+    migrate.upgrade(get_settings().database_url, revision=revision)
     click.echo(f"database at {revision}")
 
 
 @db.command("current")
 def db_current() -> None:
     """Show the current revision."""
-    migrate.current()
+    migrate.current(get_settings().database_url)
 
 
 def main() -> None:
@@ -79,7 +162,6 @@ cli.add_command(demo)
 from monitor.metrics import metrics  # noqa: E402
 
 cli.add_command(metrics)
-
 
 
 @cli.command("worker", add_help_option=False,

@@ -60,10 +60,41 @@ def check_broker(settings: Settings) -> str:
         return f"{conn.transport_cls} broker reachable at {conn.as_uri()}"
 
 
-def check_catalogue(cat) -> str:
-    from pystac_client import Client
+# A reachability check answers in seconds: no retries (polling has its own), a short connect timeout.
+CONNECT_TIMEOUT_SECONDS = 5.0
 
-    client = Client.open(cat.url, timeout=cat.timeout_seconds)
+
+def unreachable_reason(exc: BaseException) -> str:
+    """The innermost cause of a failed HTTP request, in a few words ("Connection refused", "timed out")."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    reason = str(exc)
+    while stack:
+        cur = stack.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.strerror:
+            return cur.strerror
+        if isinstance(cur, TimeoutError) or "timed out" in str(cur).lower():
+            reason = "timed out"
+        linked = (cur.__cause__, cur.__context__, getattr(cur, "reason", None))
+        stack += [e for e in linked if isinstance(e, BaseException)]
+        stack += [a for a in getattr(cur, "args", ()) if isinstance(a, BaseException)]
+    return reason.splitlines()[0] if reason else type(exc).__name__
+
+
+def check_catalogue(cat) -> str:
+    import requests
+    from pystac_client import Client
+    from pystac_client.exceptions import APIError
+    from pystac_client.stac_api_io import StacApiIO
+
+    timeout = (min(CONNECT_TIMEOUT_SECONDS, cat.timeout_seconds), cat.timeout_seconds)
+    try:
+        client = Client.open(cat.url, stac_io=StacApiIO(timeout=timeout, max_retries=0), timeout=timeout)
+    except (requests.RequestException, APIError) as exc:
+        raise RuntimeError(f"cannot reach {cat.url}: {unreachable_reason(exc)}") from None
     missing = [c for c in cat.collections if client.get_collection(c) is None]
     if missing:
         raise RuntimeError(f"collections {missing} not found at {cat.url}")

@@ -36,11 +36,14 @@ def scheduler(jobs: str, retry_seconds: float, pair_interval: float, reports_int
     when the leader dies. Intervals come from the settings (poll.interval_minutes,
     analysis.dispatch_interval_seconds). Stop with SIGTERM or Ctrl-C.
     """
+    from core.migrate import require_current
     from monitor.scheduler import run_scheduler
 
+    settings = get_settings()
+    require_current(settings.database_url)  # one line now, not a traceback from every job later
     chosen = [j.strip() for j in jobs.split(",") if j.strip()]
     try:
-        run_scheduler(get_settings(), jobs=chosen, retry_seconds=retry_seconds, pair_interval_seconds=pair_interval,
+        run_scheduler(settings, jobs=chosen, retry_seconds=retry_seconds, pair_interval_seconds=pair_interval,
                       reports_interval_seconds=reports_interval)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
@@ -64,10 +67,12 @@ def poll(once: bool, now_text: str | None, no_dispatch: bool) -> None:
     """
     if not once:
         raise click.UsageError("use `poll --once` (one cycle), or `unirs-monitor scheduler` to keep polling")
+    from core.migrate import require_current
     from monitor.scheduler import dispatch_once, poll_and_pair
 
     now = _parse_when(now_text, "--now") if now_text else None
     settings = get_settings()
+    require_current(settings.database_url)  # each catalogue's failure would otherwise log a traceback
     summary = poll_and_pair(settings, now=now)
     dispatched = None if no_dispatch else dispatch_once(settings)
     click.echo(f"items seen: {summary.items_seen}")
@@ -98,11 +103,13 @@ def backfill(area: str, since_text: str, until_text: str | None) -> None:
     """
     from tqdm import tqdm
 
+    from core.migrate import require_current
     from monitor.areas import AreaError
     from monitor.catalogues.backfill import backfill_area
 
     since = _parse_when(since_text, "--since")
     until = _parse_when(until_text, "--until") if until_text else None
+    require_current(get_settings().database_url)
 
     def progress(description: str, total: int | None) -> tqdm:
         return tqdm(desc=description, total=total, unit="item" if description != "pairing" else "obs",

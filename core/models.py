@@ -84,6 +84,9 @@ class DeliveryStatus(enum.StrEnum):
     FAILED = "failed"
 
 
+DEFAULT_ALERT_CLASSES = ("new_built_up_or_bare", "vegetation_loss")
+
+
 def _now() -> Any:
     return func.now()
 
@@ -107,8 +110,13 @@ class Area(Base):
     alert_frequency: Mapped[AlertFrequency] = mapped_column(
         _enum(AlertFrequency, "alert_frequency"), default=AlertFrequency.IMMEDIATE
     )
-    # Immediate alerts only when the changed area reaches this many hectares.
-    min_alert_hectares: Mapped[float] = mapped_column(Float, default=0.5)
+    # Which change classes alert (eo/change_classes.py; default the loss classes, repeated here because
+    # core imports nothing above it) and the smallest alerting area, in hectares, that sends an alert.
+    alert_classes: Mapped[list[str]] = mapped_column(
+        ARRAY(Text), default=lambda: list(DEFAULT_ALERT_CLASSES),
+        server_default=text("'{new_built_up_or_bare,vegetation_loss}'::text[]"),
+    )
+    min_alert_hectares: Mapped[float] = mapped_column(Float, default=0.2)
     pairing_policy: Mapped[PairingPolicy] = mapped_column(
         _enum(PairingPolicy, "pairing_policy"), default=PairingPolicy.LATEST
     )

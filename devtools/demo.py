@@ -239,7 +239,7 @@ def run_demo(base_url: str, *, var_dir: Path = VAR, dates: list[str] | None = No
         subprocess.run(
             # --max-cloud 100: let cloudy acquisitions through so the report shows why they were skipped.
             [*cli, "areas", "add", json.dumps(_area_geometry(items)), "--name", AREA_NAME, "--recipient", RECIPIENT,
-             "--max-cloud", "100", "--min-clear", "0.7", "--min-hectares", "0.5", "--frequency", "immediate"],
+             "--max-cloud", "100", "--min-clear", "0.7", "--frequency", "immediate"],
             env=env, check=True, stdout=subprocess.DEVNULL,
         )
 

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from core.config import get_settings
 from core.models import AlertFrequency, Area, AreaStatus, PairingPolicy
+from eo.change_classes import CLASS_ORDER
 from monitor.geometry import AreaGeometryError, ParsedArea, geodesic_area_km2, to_feature
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,12 @@ class AreaOptions:
     alert_frequency: str | None = None
     min_alert_hectares: float | None = None
     pairing_policy: str | None = None
+    alert_classes: list[str] | None = None  # change class ids of eo/change_classes.py
 
     # GeoJSON property names accepted on import, so `areas export` output can be added back.
     PROPERTY_KEYS = (
         "collections", "max_cloud_cover", "min_clear_fraction", "recipients", "questions", "alert_frequency",
-        "min_alert_hectares", "pairing_policy",
+        "min_alert_hectares", "pairing_policy", "alert_classes",
     )
 
     @classmethod
@@ -98,11 +100,16 @@ def _validate_options(opts: AreaOptions) -> None:
         or not all(isinstance(c, str) and c.strip() for c in opts.collections)
     ):
         raise AreaError("collections must be a non-empty list of collection ids")
-    for key in ("recipients", "questions"):
+    for key in ("recipients", "questions", "alert_classes"):
         if getattr(opts, key) is not None and not isinstance(getattr(opts, key), list | tuple):
             raise AreaError(f"{key} must be a list, got {getattr(opts, key)!r}")
     if opts.questions:
         _validate_questions(opts.questions)
+    if opts.alert_classes is not None:
+        unknown = [c for c in opts.alert_classes if c not in CLASS_ORDER]
+        if unknown or not opts.alert_classes:
+            raise AreaError(f"alert classes must be a non-empty list of {list(CLASS_ORDER)}, got "
+                            f"{list(opts.alert_classes)!r}")
 
 
 def _validate_questions(ids: list[str]) -> None:
@@ -130,6 +137,8 @@ def _apply(area: Area, opts: AreaOptions) -> None:
     _validate_options(opts)
     if opts.recipients is not None:
         area.recipients = validate_recipients(list(opts.recipients))
+    if opts.alert_classes is not None:
+        area.alert_classes = [c for c in CLASS_ORDER if c in opts.alert_classes]
     for key in ("collections", "questions"):
         if getattr(opts, key) is not None:
             setattr(area, key, [str(v).strip() for v in getattr(opts, key)])
@@ -241,6 +250,7 @@ def area_properties(area: Area) -> dict[str, Any]:
         "questions": list(area.questions),
         "alert_frequency": area.alert_frequency.value,
         "min_alert_hectares": area.min_alert_hectares,
+        "alert_classes": list(area.alert_classes),
         "pairing_policy": area.pairing_policy.value,
     }
 

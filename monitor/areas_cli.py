@@ -13,6 +13,7 @@ from shapely.geometry import shape
 
 from core.db import session_scope
 from core.models import AreaStatus
+from eo.change_classes import CLASS_ORDER
 from monitor import areas as svc
 from monitor.geometry import AreaGeometryError, parse_areas, read_source, to_feature
 
@@ -44,7 +45,10 @@ def _settings_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--frequency", "alert_frequency", type=click.Choice(["immediate", "daily", "off"]),
                      help="Alert emails: immediate, a daily digest, or off (default immediate)."),
         click.option("--min-hectares", "min_alert_hectares", type=float,
-                     help="Immediate alerts only when at least this many hectares changed (default 0.5)."),
+                     help="Alert only when the alerting classes cover at least this many hectares (default 0.2)."),
+        click.option("--alert-class", "alert_classes", multiple=True, type=click.Choice(list(CLASS_ORDER)),
+                     help="Change class that sends an alert (repeatable; replaces the list; default the loss "
+                          "classes vegetation_loss and new_built_up_or_bare). Other classes are still reported."),
         click.option("--policy", "pairing_policy", type=click.Choice(["latest", "seasonal"]),
                      help="Before-scene choice: latest earlier clear scene, or same season in earlier years."),
     ]

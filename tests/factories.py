@@ -127,8 +127,8 @@ def findings(session, an: Analysis, *, caption: str = "A new forest road and two
         "before_observed_at": before.acquired_at if before else None,
     }
     if regions is None:
-        regions = [(box(23.12, 46.52, 23.13, 46.525), "forest loss", 3.2),
-                   (box(23.15, 46.55, 23.152, 46.556), "bare soil", 1.1)]
+        regions = [(box(23.12, 46.52, 23.13, 46.525), "vegetation_loss", 3.2),
+                   (box(23.15, 46.55, 23.152, 46.556), "new_built_up_or_bare", 1.1)]
     rows = []
     ordinal = itertools.count()
     total = sum(r[2] for r in regions)

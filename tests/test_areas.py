@@ -245,3 +245,23 @@ def test_a_single_string_where_a_list_is_expected_is_refused_not_split_into_char
     out = run("areas", "add", doc, ok=False).output
     assert "collections must be a non-empty list" in out
     assert "strings" not in run("areas", "list").output
+
+
+def test_alert_classes_default_validate_and_update(db):
+    from core.models import DEFAULT_ALERT_CLASSES
+    from eo.change_classes import LOSS_CLASSES
+
+    assert DEFAULT_ALERT_CLASSES == LOSS_CLASSES  # core repeats eo's default (core imports nothing above it)
+    run("areas", "add", FOREST.wkt, "--name", "watch")
+    shown = json.loads(run("areas", "show", "watch", "--json").stdout)["properties"]
+    assert shown["alert_classes"] == ["new_built_up_or_bare", "vegetation_loss"]
+    assert shown["min_alert_hectares"] == 0.2
+    run("areas", "update", "watch", "--alert-class", "vegetation_gain", "--alert-class", "vegetation_loss")
+    shown = json.loads(run("areas", "show", "watch", "--json").stdout)["properties"]
+    assert shown["alert_classes"] == ["vegetation_loss", "vegetation_gain"]
+    bad = run("areas", "update", "watch", "--alert-class", "clouds", ok=False)
+    assert bad.exit_code == 2 and "clouds" in bad.output
+    fc = {"type": "FeatureCollection", "features": [feature(box(23.1, 46.5, 23.11, 46.51), name="typo",
+                                                            alert_classes=["forest loss"])]}
+    typo = run("areas", "add", json.dumps(fc), ok=False)
+    assert typo.exit_code == 1 and "alert classes must be a non-empty list" in typo.output

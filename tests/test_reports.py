@@ -191,7 +191,8 @@ def test_hostile_area_names_and_model_text_are_escaped_and_kept_out_of_headers(d
                     "&lt;b&gt;Is it a road?&lt;/b&gt;", "&lt;script&gt;steal()&lt;/script&gt; yes"):
         assert escaped in html
     assert "\r" not in rendered.subject and "\n" not in rendered.subject
-    assert rendered.subject.startswith('[UniRS] Apuseni <script>alert("x")</script> Bcc: victim@evil.example:')
+    assert rendered.subject == ('Forest loss 4.30 ha — Apuseni <script>alert("x")</script> Bcc: victim@evil.example'
+                                " — 2020-08-29")
 
     msg = build_message(rendered, sender="UniRS <alerts@example.org>", recipient="ana@example.org",
                         message_id="<m1@unirs-monitor>", delivery_key="analysis:1")
@@ -228,7 +229,7 @@ def test_sparse_analysis_renders_every_empty_state(db, configure):
         assert fact in rendered.html, fact
     assert ATTRIBUTION not in rendered.html and ATTRIBUTION not in rendered.text  # not Sentinel-2 data
     assert "Questions" not in rendered.html
-    assert rendered.subject == "[UniRS] Sparse: 0.00 ha changed (2021-03-01)"
+    assert rendered.subject == "0.00 ha changed, none of it alerting — Sparse — 2021-03-01"
 
 
 # -------------------------------------------------------------------------------------- delivery
@@ -238,7 +239,8 @@ def test_each_recipient_gets_exactly_one_complete_email(db, smtp):
     recipients = ["ana@example.org", "bob@example.org"]
     with session_scope() as s:
         an = f.world(s, recipients=recipients)
-        f.world(s, name="Quiet valley", min_ha=5.0, regions=[(box(23.12, 46.52, 23.121, 46.521), "bare soil", 1.0)])
+        f.world(s, name="Quiet valley", min_ha=5.0,
+                regions=[(box(23.12, 46.52, 23.121, 46.521), "new_built_up_or_bare", 1.0)])
         f.world(s, name="Digest only", frequency="daily", recipients=["d@example.org"])
         f.world(s, name="Muted", frequency="off", recipients=["m@example.org"])
 
@@ -251,14 +253,15 @@ def test_each_recipient_gets_exactly_one_complete_email(db, smtp):
     for rcpt, msg in alerts:
         assert msg["To"] == rcpt[0]
         assert msg["Message-ID"] == ledger.message_id_for(f"analysis:{an.id}", rcpt[0])
-        assert msg["Subject"] == "[UniRS] Apuseni forest: 4.30 ha changed (2020-08-29)"
+        assert msg["Subject"] == "Forest loss 4.30 ha — Apuseni forest — 2020-08-29"
         p = parts_of(msg)
         assert [i.get_content_type() for i in p["images"]] == ["image/png"] * 3
         for image in p["images"]:
             assert f'src="cid:{image["Content-ID"].strip("<>")}"' in p["html"]
             assert Image.open(io.BytesIO(image.get_content())).size == (96, 96)
         html, text = p["html"], p["text"]
-        for fact in ("A new forest road and two clear-cuts appear.", "forest loss", "3.20 ha", "bare soil",
+        for fact in ("A new forest road and two clear-cuts appear.", "vegetation loss", "3.20 ha",
+                     "new built-up land or bare ground",
                      "Has forest been cleared?", "statistic agrees", "statistic disagrees", "sentinel-2b",
                      "21 %", "88 %", "97 %", "latest earlier clear scene of tile 34TFS", "unirs", "0.3.1",
                      "https://www.openstreetmap.org/?mlat=", ATTRIBUTION):
@@ -268,7 +271,8 @@ def test_each_recipient_gets_exactly_one_complete_email(db, smtp):
         assert geojson.get_content_type() == "application/geo+json"
         assert geojson.get_filename() == f"changes-apuseni-forest-analysis-{an.id}.geojson"
         fc = json.loads(geojson.get_content())
-        assert [feat["properties"]["change_class"] for feat in fc["features"]] == ["forest loss", "bare soil"]
+        assert [feat["properties"]["change_class"] for feat in fc["features"]] == [
+            "vegetation_loss", "new_built_up_or_bare"]
         for feat in fc["features"]:
             minx, miny, maxx, maxy = shape(feat["geometry"]).bounds
             assert 23.1 <= minx < maxx <= 23.2 and 46.5 <= miny < maxy <= 46.6  # lon/lat order

@@ -34,6 +34,7 @@ from core.config import Settings, get_settings
 from core.db import session_scope
 from core.jobs import AnalyserSpec
 from core.models import Analysis, AnalysisStatus, Observation, ObservationStatus, Scene
+from eo.change_classes import format_hectares
 from eo.cog import CogReadError
 from eo.questions import QuestionTemplate, UnknownQuestion, ids_from_question_set, templates_for
 from eo.security import HrefRefused, catalogue_for_scene
@@ -271,7 +272,7 @@ def build_rows(ctx: AnalysisContext, pair: PreparedPair, result: spectral.Spectr
         rows.append(FindingRow(
             kind="region", analyser_name=spectral_id[0], analyser_version=spectral_id[1], geom=region.geom_4326,
             change_class=region.change_class, hectares=region.hectares,
-            caption=f"{spectral.CLASS_LABELS[region.change_class].capitalize()} of {region.hectares:.2f} ha"
+            caption=f"{spectral.CLASS_LABELS[region.change_class].capitalize()} of {format_hectares(region.hectares)}"
                     + (" (long and narrow: road or track?)" if region.linear else ""),
             confidence=region_confidence(region.mean_dndvi, valid_fraction),
             statistics={"pixels": region.pixels, "mean_dndvi": region.mean_dndvi, "linear": region.linear,

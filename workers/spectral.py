@@ -47,6 +47,7 @@ from rasterio.warp import transform_geom
 from shapely.geometry import mapping, shape
 from shapely.geometry.base import BaseGeometry
 
+from eo.change_classes import CLASS_LABELS, CLASS_ORDER, format_hectares
 from eo.questions import QuestionTemplate
 from workers.raster import PreparedPair
 
@@ -55,14 +56,7 @@ logger = logging.getLogger(__name__)
 NAME = "spectral"
 VERSION = "1"
 
-CLASS_ORDER = ("water_change", "new_built_up_or_bare", "vegetation_loss", "vegetation_gain")
 CLASS_CODES = {name: code for code, name in enumerate(CLASS_ORDER, start=1)}
-CLASS_LABELS = {
-    "water_change": "water change",
-    "new_built_up_or_bare": "new built-up land or bare ground",
-    "vegetation_loss": "vegetation loss",
-    "vegetation_gain": "vegetation gain",
-}
 # More regions than this are summarised, not written one by one (a noisy pair must not write 100k rows).
 MAX_REGIONS = 500
 SECTORS = (("north-west", "north", "north-east"), ("west", "centre", "east"), ("south-west", "south", "south-east"))
@@ -322,7 +316,7 @@ def caption(result: SpectralResult, pair: PreparedPair, min_mapping_unit_ha: flo
             continue
         where = f", {info['where']}" if info["where"] else ""
         label = CLASS_LABELS[name]
-        parts.append(f"{label} of {info['hectares']:.1f} ha{where}")
+        parts.append(f"{label} of {format_hectares(info['hectares'])}{where}")
     dates = f"{pair.before.scene.acquired_at:%Y-%m-%d} → {pair.after.scene.acquired_at:%Y-%m-%d}"
     seen = f"{pair.valid_fraction:.0%} of the area was clear in both images ({dates})."
     if not parts:

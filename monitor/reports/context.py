@@ -6,6 +6,10 @@ GeoJSON attachment.
 
 "Changed hectares" of an analysis, everywhere in reports: the sum over its ``region`` findings, or, when
 it has none, the hectares of its ``summary`` finding (a spectral-only analyser may report just a total).
+"Alerting hectares": the same over the regions whose class is one of the area's ``alert_classes``
+(:func:`alerting_hectares`; the SQL twin is :func:`monitor.reports.immediate.alert_hectares_sql`). The
+subject and the headline figure say only what alerts ("Forest loss 0.25 ha"); everything else is in the
+body's class table, marked as reported, not alerted.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from core.models import Analysis, Area, Finding, Observation, Scene
+from eo.change_classes import headline, label
 
 IMAGE_ROLES = ("before", "after", "overlay")
 IMAGE_LABELS = {"before": "Before", "after": "After", "overlay": "Change overlay"}
@@ -77,6 +82,11 @@ class ClassTotal:
     change_class: str
     regions: int
     hectares: float
+    alerts: bool = False  # one of the area's alert classes
+
+    @property
+    def label(self) -> str:
+        return label(self.change_class)
 
 
 @dataclass
@@ -100,6 +110,8 @@ class AnalysisReport:
     caption: str | None
     confidence: float | None
     total_hectares: float
+    alert_hectares: float
+    headline: str  # "Forest loss 0.25 ha" — the alerting classes only; "" when nothing alerts
     classes: list[ClassTotal]
     region_count: int
     answers: list[AnswerRow]
@@ -320,6 +332,22 @@ def _map_url(session: Session, area_id: int, features: list[dict[str, Any]], bas
     return osm_link(base_url, (minx + maxx) / 2, (miny + maxy) / 2, zoom_for(bounds))
 
 
+def alerting_hectares(findings: list[Finding], alert_classes: list[str]) -> dict[str, float]:
+    """Hectares per alerting class: regions of those classes, or (no regions at all) the summary's
+    total when the summary's class alerts."""
+    totals: dict[str, float] = {}
+    regions = [f for f in findings if f.kind == "region"]
+    if regions:
+        for f in regions:
+            if f.change_class in alert_classes and f.hectares is not None:
+                totals[f.change_class] = totals.get(f.change_class, 0.0) + f.hectares
+        return totals
+    for f in findings:
+        if f.kind == "summary" and f.change_class in alert_classes and f.hectares:
+            totals[f.change_class] = max(totals.get(f.change_class, 0.0), f.hectares)
+    return totals
+
+
 def changed_hectares(findings: list[Finding]) -> float:
     regions = [f.hectares for f in findings if f.kind == "region" and f.hectares is not None]
     if regions:
@@ -350,6 +378,8 @@ def load_analysis_report(session: Session, analysis_id: int, base_url: str, with
     features = _regions(session, analysis_id, area.name)
 
     shown = {k for keys in _CLEAR_KEYS.values() for k in keys}
+    alert_classes = list(area.alert_classes or [])
+    alerting = alerting_hectares(findings, alert_classes)
     return AnalysisReport(
         analysis_id=analysis.id,
         area_id=area.id,
@@ -365,8 +395,11 @@ def load_analysis_report(session: Session, analysis_id: int, base_url: str, with
         caption=captioned.caption if captioned else None,
         confidence=captioned.confidence if captioned else None,
         total_hectares=changed_hectares(findings),
+        alert_hectares=float(sum(alerting.values())),
+        headline=headline(alerting),
         classes=sorted(
-            (ClassTotal(c, len(v), float(sum(v))) for c, v in classes.items()), key=lambda c: -c.hectares
+            (ClassTotal(c, len(v), float(sum(v)), c in alert_classes) for c, v in classes.items()),
+            key=lambda c: (not c.alerts, -c.hectares),
         ),
         region_count=sum(len(v) for v in classes.values()),
         answers=[

@@ -95,7 +95,8 @@ class DigestReport:
 
     @property
     def significant(self) -> list[AnalysisReport]:
-        return [a for a in self.analyses if a.total_hectares > 0 and a.total_hectares >= self.min_alert_hectares]
+        # Same rule as an immediate alert: the alerting classes' hectares, not all change.
+        return [a for a in self.analyses if a.alert_hectares > 0 and a.alert_hectares >= self.min_alert_hectares]
 
     @property
     def sentinel2(self) -> bool:

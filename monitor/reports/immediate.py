@@ -1,9 +1,12 @@
 """Immediate alerts: a delivery per recipient for each finished analysis that matters.
 
-An analysis matters when its changed hectares (regions summed, else the summary's total — the same rule
-as :func:`monitor.reports.context.changed_hectares`) are above zero and reach the area's
-``min_alert_hectares``. Insignificant analyses get no delivery row at all; they still appear in the
-findings query and, for daily areas, in the digest.
+An analysis matters when its *alerting* hectares — the regions whose change class is one of the area's
+``alert_classes`` (default the loss classes, :mod:`eo.change_classes`), summed; for an analysis that
+wrote no regions, its summary's total when the summary's class alerts — are above zero and reach the
+area's ``min_alert_hectares`` (the same rule as :func:`monitor.reports.context.alerting_hectares`).
+Vegetation gain on an area that watches for loss is a finding, never an alert. Analyses that do not
+matter get no delivery row at all; they still appear in the findings query and, for daily areas, in the
+digest.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import exists, func, select
+from sqlalchemy import any_, case, exists, func, select
 from sqlalchemy.orm import Session
 
 from core.config import Settings
@@ -37,12 +40,31 @@ def changed_hectares_sql():
     )
 
 
+def alert_hectares_sql():
+    """Correlated scalar subquery: alerting hectares of ``Analysis.id`` under its ``Area.alert_classes``."""
+    alerting = Finding.change_class == any_(Area.alert_classes)
+    regions = func.count().filter(Finding.kind == "region")
+    return (
+        select(
+            case(
+                (regions > 0, func.coalesce(func.sum(Finding.hectares).filter(Finding.kind == "region", alerting),
+                                            0.0)),
+                else_=func.coalesce(func.max(Finding.hectares).filter(Finding.kind == "summary", alerting), 0.0),
+            )
+        )
+        .where(Finding.analysis_id == Analysis.id)
+        .correlate(Analysis, Area)
+        .scalar_subquery()
+    )
+
+
 def create_immediate_deliveries(session: Session, now: datetime, settings: Settings) -> int:
     """Queue alerts for significant analyses finished within the look-back window. Returns rows created."""
-    changed = changed_hectares_sql()
+    changed = alert_hectares_sql()
     since = now - timedelta(days=settings.reports.immediate_lookback_days)
     candidates = session.execute(
-        select(Analysis.id, Area.name, Area.recipients, Area.min_alert_hectares, changed.label("changed_ha"))
+        select(Analysis.id, Area.name, Area.recipients, Area.min_alert_hectares, Area.alert_classes,
+               changed.label("changed_ha"))
         .join(Area, Area.id == Analysis.area_id)
         .where(
             Analysis.status == AnalysisStatus.DONE,
@@ -63,6 +85,6 @@ def create_immediate_deliveries(session: Session, now: datetime, settings: Setti
             NewDelivery(f"analysis:{row.id}", recipient, analysis_id=row.id) for recipient in row.recipients
         ])
         created += n
-        log.info("analysis %s (area %r): %.2f ha changed ≥ %.2f ha threshold; alert queued for %d recipient(s)",
-                 row.id, row.name, row.changed_ha, row.min_alert_hectares, n)
+        log.info("analysis %s (area %r): %.2f ha of %s ≥ %.2f ha threshold; alert queued for %d recipient(s)",
+                 row.id, row.name, row.changed_ha, "/".join(row.alert_classes), row.min_alert_hectares, n)
     return created

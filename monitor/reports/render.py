@@ -17,6 +17,7 @@ from typing import Any
 import jinja2
 
 from core.config import get_settings
+from eo.change_classes import format_hectares
 from monitor.reports.context import AnalysisReport, InlineImage, confidence_tier
 from monitor.reports.sanitize import header_text, slug
 
@@ -58,7 +59,7 @@ def _percent(value: float | None) -> str:
 
 
 def _ha(value: float | None) -> str:
-    return "—" if value is None else f"{value:,.2f} ha"
+    return format_hectares(value)
 
 
 def _confidence(value: float | None) -> str:

@@ -64,6 +64,11 @@ class PollSettings(BaseModel):
     group_distance_km: float = 50.0
     max_retries: int = 5
     backoff_factor: float = 1.0
+    # A 429/503 asking for a longer `Retry-After` waits only this long (then retries or fails the poll).
+    max_retry_after_seconds: float = 60.0
+    # The whole poll (every catalogue × collection) stops starting requests after this long; what was
+    # not finished keeps its cursor and is re-read next cycle.
+    deadline_seconds: float = 600.0
 
 
 class AnalysisSettings(BaseModel):

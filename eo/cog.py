@@ -5,8 +5,9 @@ header and the tiles that intersect the window) and warped through a ``WarpedVRT
 grid — the source grid by default, or a common grid (``dst_crs`` + ``resolution`` [+ ``bounds``]) when
 two scenes must line up pixel for pixel.
 
-Every href goes through :func:`eo.security.check_href` first; nothing else in the service opens
-third-party URLs with GDAL.
+Every href goes through :func:`eo.security.check_href` first, and every connection GDAL then makes for
+it — each redirect hop included — through the policy proxy of :mod:`eo.egress`; nothing else in the
+service opens third-party URLs with GDAL.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from shapely.geometry import mapping, shape
 from shapely.geometry.base import BaseGeometry
 
 from core.config import CatalogueSettings
-from eo.security import check_href
+from eo import egress
+from eo.security import HrefRefused, check_href
 
 logger = logging.getLogger(__name__)
 
@@ -118,14 +120,23 @@ def read_aoi(
     must not be opened and :class:`CogReadError` for unreadable or corrupt files.
     """
     url = check_href(href, catalogue)
+    proxy = egress.guard() if egress.uses_proxy(url) else None
+    token = proxy.open_read(catalogue) if proxy else None
     try:
-        with gdal_env(catalogue.timeout_seconds), rasterio.open(url) as src:
+        options = proxy.gdal_options(token) if proxy and token else {}
+        with gdal_env(catalogue.timeout_seconds, **options), rasterio.open(url) as src:
             return _read(src, href, geom_4326, dst_crs, resolution, resampling, bounds, indexes)
     except CogReadError:
         raise
     except (RasterioError, OSError, ValueError) as exc:
+        refused = proxy.refusals(token) if proxy and token else []
+        if refused:  # a redirect hop outside the policy: say so, not "HTTP error 403"
+            raise HrefRefused(f"href {href!r} redirected outside the policy: {refused[0].reason}") from exc
         # RasterioIOError (not found, not a TIFF), CPLE_* (corrupt tiles), HTTP errors surfaced by GDAL.
         raise CogReadError(href, str(exc) or exc.__class__.__name__) from exc
+    finally:
+        if proxy and token:
+            proxy.close_read(token)
 
 
 def _read(src: Any, href: str, geom_4326: BaseGeometry, dst_crs: Any, resolution: Any, resampling: Resampling,

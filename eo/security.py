@@ -12,10 +12,10 @@ goes through :func:`check_href` first:
 - unless the catalogue sets ``allow_private_hosts`` (tests, the local demo), the host — an IP literal, or
   every address it resolves to — must be a public unicast address.
 
-Residual risk, stated so nobody assumes otherwise: GDAL (libcurl) resolves the name again when it
-connects (DNS rebinding window) and follows HTTP redirects; GDAL 3.10 has no option to turn redirects off.
-The allow-list of hosts is the main defence; deployments should also block egress to metadata and
-private ranges at the network level.
+GDAL (libcurl) follows HTTP redirects and GDAL 3.10 has no option to turn that off, so asset reads go
+through the loopback policy proxy of :mod:`eo.egress`, which applies this same check to every hop and
+connects to the address it checked (no DNS-rebinding window). Deployments should still block egress to
+metadata and private ranges at the network level.
 """
 
 from __future__ import annotations

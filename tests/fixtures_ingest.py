@@ -126,7 +126,9 @@ class FaultProxy:
     ``fail(*actions, path="/search")`` queues actions for the next matching requests: an int is an HTTP
     status to answer with (``Retry-After: 0`` on 429/503 so the client does not sleep), ``"stall"`` holds
     the request for ``stall_seconds`` and then drops the connection (a read timeout for the client),
-    ``"pass"`` forwards that request normally.
+    ``"pass"`` forwards that request normally, ``(status, {header: value})`` answers with those headers
+    (``(429, {"Retry-After": "600"})``, ``(302, {"Location": ...})``), and a callable forwards the request
+    and replaces the response body with ``action(body_bytes)`` (an emptied page, bad JSON, a NaN item).
     The Host header is forwarded unchanged, so the API's paging links point back at the proxy.
     """
 
@@ -154,14 +156,17 @@ class FaultProxy:
                     time.sleep(proxy.stall_seconds)
                     self.close_connection = True
                     return
-                if isinstance(action, int):
-                    proxy._record(self.command, self.path, action)
-                    payload = json.dumps({"code": "Injected", "description": f"injected HTTP {action}"}).encode()
-                    self.send_response(action)
+                if isinstance(action, int | tuple):
+                    status, extra = (action, {}) if isinstance(action, int) else action
+                    proxy._record(self.command, self.path, status)
+                    payload = json.dumps({"code": "Injected", "description": f"injected HTTP {status}"}).encode()
+                    self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
-                    if action in (429, 503):
+                    if status in (429, 503) and "Retry-After" not in extra:
                         self.send_header("Retry-After", "0")
+                    for name, value in extra.items():
+                        self.send_header(name, value)
                     self.end_headers()
                     self.wfile.write(payload)
                     return
@@ -174,7 +179,11 @@ class FaultProxy:
                 resp = conn.getresponse()
                 data = resp.read()
                 conn.close()
-                proxy._record(self.command, self.path, resp.status)
+                if callable(action):
+                    data = action(data)
+                    proxy._record(self.command, self.path, f"rewritten {resp.status}")
+                else:
+                    proxy._record(self.command, self.path, resp.status)
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length",

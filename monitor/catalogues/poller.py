@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from core.config import CatalogueSettings, Settings, get_settings
 from core.db import session_scope
 from core.models import Area, AreaStatus, PollState, Scene
-from monitor.catalogues.client import open_client, search_items
+from monitor.catalogues.client import open_client, search_pages
 from monitor.catalogues.groups import AreaFootprint, SearchGroup, group_areas
 from monitor.catalogues.store import IngestStats, ingest_items, upsert_catalogue
 
@@ -97,12 +97,13 @@ def poll_all(settings: Settings | None = None, *, now: datetime | None = None,
     """Poll every configured catalogue (or the named ones) once. Never raises for a catalogue failure."""
     settings = settings or get_settings()
     summary = PollSummary()
+    deadline = time.monotonic() + settings.poll.deadline_seconds
     wanted = set(catalogues) if catalogues is not None else None
     for catalogue in settings.catalogues:
         if wanted is not None and catalogue.name not in wanted:
             continue
         try:
-            summary.polls.extend(poll_catalogue(catalogue, settings, now=now))
+            summary.polls.extend(poll_catalogue(catalogue, settings, now=now, deadline=deadline))
         except Exception as exc:  # a database error outside a collection poll must not stop the others
             error = _describe(exc)
             logger.exception("poll of catalogue %s failed: %s", catalogue.name, error)
@@ -111,9 +112,11 @@ def poll_all(settings: Settings | None = None, *, now: datetime | None = None,
     return summary
 
 
-def poll_catalogue(catalogue: CatalogueSettings, settings: Settings, *,
-                   now: datetime | None = None) -> list[CollectionPoll]:
+def poll_catalogue(catalogue: CatalogueSettings, settings: Settings, *, now: datetime | None = None,
+                   deadline: float | None = None) -> list[CollectionPoll]:
+    """Poll one catalogue's collections; ``deadline`` (``time.monotonic()``) defaults to now + the setting."""
     now = (now or datetime.now(UTC)).astimezone(UTC)
+    deadline = deadline if deadline is not None else time.monotonic() + settings.poll.deadline_seconds
     with session_scope() as session:
         catalogue_id = upsert_catalogue(session, catalogue)
         work = {c: _active_areas(session, c) for c in catalogue.collections}
@@ -126,7 +129,7 @@ def poll_catalogue(catalogue: CatalogueSettings, settings: Settings, *,
     counter = RequestCounter()
     results: list[CollectionPoll] = []
     try:
-        client = open_client(catalogue, settings.poll, response_hooks=[counter])
+        client = open_client(catalogue, settings.poll, response_hooks=[counter], deadline=deadline)
     except Exception as exc:  # any failure to reach the API is recorded, never fatal for the scheduler
         error = f"cannot open {catalogue.url}: {_describe(exc)}"
         logger.error("catalogue %s: %s", catalogue.name, error)
@@ -165,9 +168,9 @@ def search_and_ingest(
     (API errors propagate to the caller, which keeps the cursor).
     """
     observations = 0
-    items = search_items(client, collection=collection, intersects=group.geometry, start=start, end=end,
+    pages = search_pages(client, collection=collection, intersects=group.geometry, start=start, end=end,
                          max_cloud_cover=group.max_cloud_cover, page_size=page_size)
-    for batch in _batches(items, page_size):
+    for batch in pages:  # one transaction per page: what was read is kept even if a later page fails
         with session_scope() as session:
             batch_stats = ingest_items(session, catalogue, catalogue_id, collection, batch)
             scene_ids = _scene_ids_for(session, catalogue_id, batch_stats)
@@ -306,17 +309,6 @@ def _record_failure(catalogue_id: int, collection: str, now: datetime, error: st
             },
         )
         session.execute(stmt)
-
-
-def _batches(items: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def _describe(exc: BaseException) -> str:

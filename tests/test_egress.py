@@ -1,0 +1,107 @@
+"""Asset reads never leave the href policy, redirects included (real servers on 127.0.0.1 / 127.0.0.2)."""
+
+from __future__ import annotations
+
+import base64
+import socket
+
+import pytest
+
+from eo import egress
+from eo.cog import CogReadError, read_aoi
+from eo.security import HrefRefused
+from tests.fixtures_egress import RangeFileServer, Redirector
+from tests.fixtures_ingest import inner_aoi
+from tests.test_security import LOOPBACK_OPT_IN
+
+RED = "cogs/2020-08-29/red.tif"
+ONLY_127_0_0_1 = LOOPBACK_OPT_IN.model_copy(update={"allowed_hosts": ["127.0.0.1"]})
+
+
+@pytest.fixture
+def other_host(sample_data_dir):
+    """The sample COGs served on 127.0.0.2, a loopback host that is NOT on the allow-list."""
+    with RangeFileServer(sample_data_dir, host="127.0.0.2") as server:
+        yield server
+
+
+def test_the_other_host_really_serves_the_cog(other_host, sample_footprint):
+    # Control: with 127.0.0.2 allowed the very same read succeeds, so a refusal below is the policy.
+    both = ONLY_127_0_0_1.model_copy(update={"allowed_hosts": ["127.0.0.1", "127.0.0.2"]})
+    raster = read_aoi(f"{other_host.url}/{RED}", inner_aoi(sample_footprint), catalogue=both)
+    assert raster.array.size > 0 and other_host.requests
+
+
+def test_redirect_to_a_host_off_the_allow_list_is_refused(other_host, sample_footprint):
+    with Redirector(lambda path: other_host.url + path) as redirector:
+        href = f"{redirector.url}/{RED}"
+        with pytest.raises(HrefRefused) as info:
+            read_aoi(href, inner_aoi(sample_footprint), catalogue=ONLY_127_0_0_1)
+    assert redirector.requests, "the allowed first hop was asked"
+    assert other_host.requests == [], "the off-list host was never contacted"
+    message = str(info.value)
+    assert "redirected outside the policy" in message and "'127.0.0.2'" in message and "allow-list" in message
+
+
+def test_a_chain_of_redirects_is_checked_at_every_hop(other_host, sample_footprint):
+    with Redirector(lambda path: other_host.url + path) as last, \
+            Redirector(lambda path: last.url + path, status=307) as first:
+        with pytest.raises(HrefRefused):
+            read_aoi(f"{first.url}/{RED}", inner_aoi(sample_footprint), catalogue=ONLY_127_0_0_1)
+        assert first.requests and last.requests  # both allowed hops were followed
+    assert other_host.requests == []
+
+
+def test_redirect_within_the_allow_list_still_reads(sample_data_dir, sample_footprint):
+    with RangeFileServer(sample_data_dir) as files, Redirector(lambda path: files.url + path) as redirector:
+        raster = read_aoi(f"{redirector.url}/{RED}", inner_aoi(sample_footprint), catalogue=ONLY_127_0_0_1)
+    assert raster.array.size > 0 and redirector.requests and files.requests
+
+
+def test_redirect_to_file_url_is_refused(sample_data_dir, sample_footprint):
+    local = (sample_data_dir / RED).resolve()
+    with Redirector(lambda path: f"file://{local}") as redirector:
+        with pytest.raises((HrefRefused, CogReadError)):
+            read_aoi(f"{redirector.url}/{RED}", inner_aoi(sample_footprint), catalogue=ONLY_127_0_0_1)
+    assert redirector.requests
+
+
+def test_redirect_to_a_private_address_is_refused_without_the_opt_in(sample_data_dir, sample_footprint):
+    # The first hop's name is allowed, but without allow_private_hosts the proxy refuses loopback targets:
+    # the address the proxy resolved is what it checks and connects to.
+    strict = ONLY_127_0_0_1.model_copy(update={"allowed_hosts": ["localhost", "127.0.0.1"],
+                                               "allow_private_hosts": False})
+    proxy = egress.guard()
+    token = proxy.open_read(strict)
+    try:
+        with pytest.raises(HrefRefused, match="loopback"):
+            proxy._vet("http://localhost:9/x.tif", strict)
+    finally:
+        proxy.close_read(token)
+
+
+def _proxy_status(request: bytes) -> int:
+    with socket.create_connection(("127.0.0.1", egress.guard().port), timeout=10) as sock:
+        sock.sendall(request)
+        reply = sock.recv(4096).decode("latin-1")
+    return int(reply.split(" ", 2)[1])
+
+
+def test_the_proxy_is_not_an_open_relay(cog_server):
+    target = cog_server.url.removeprefix("http://")
+    assert _proxy_status(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode()) == 407
+    wrong = base64.b64encode(b"unirs:not-a-live-token").decode()
+    request = f"GET {cog_server.url}/_stats HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {wrong}\r\n\r\n"
+    assert _proxy_status(request.encode()) == 407
+    proxy = egress.guard()
+    token = proxy.open_read(ONLY_127_0_0_1)
+    try:
+        good = base64.b64encode(f"unirs:{token}".encode()).decode()
+        ok = f"GET {cog_server.url}/_stats HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {good}\r\n\r\n"
+        assert _proxy_status(ok.encode()) == 200
+        off_list = f"CONNECT 127.0.0.2:443 HTTP/1.1\r\nProxy-Authorization: Basic {good}\r\n\r\n"
+        assert _proxy_status(off_list.encode()) == 403
+        assert any("127.0.0.2" in r.target for r in proxy.refusals(token))
+    finally:
+        proxy.close_read(token)
+    assert _proxy_status(ok.encode()) == 407  # the token dies with its read

@@ -8,8 +8,10 @@ first so earlier scenes are settled before later ones look for a partner:
    reason; unreadable → ``failed`` with the reason (retried on later runs for a while).
 2. A clear scene looks for its *before* scene: same catalogue, collection and tile, same relative orbit
    when known, intersecting the area, earlier, clear enough for this area (computing that observation if
-   it is missing). Policy ``latest``: the most recent such scene. Policy ``seasonal``: the clear one
-   nearest the same day of year in earlier years (within :data:`SEASONAL_WINDOW_DAYS`).
+   it is missing). Policy ``latest``: the most recent such scene. Policy ``seasonal``: a clear one within
+   :data:`SEASONAL_WINDOW_DAYS` of the same day of year, from the most recent earlier year that has one
+   (nearest day of year within that year). The most recent year first because a baseline from years
+   back re-reports every change since then (2020-08-29 against 2015-08-31 re-alerts five years of cuts).
 3. The analysis row is inserted (status ``pending``) with a UNIQUE idempotency key — before anything is
    enqueued (the dispatcher reads the table: the outbox pattern). A repeated run changes nothing.
 
@@ -366,11 +368,11 @@ def choose_before(area: AreaInfo, after: SceneInfo, settings: Settings | None = 
     if seasonal:
         ranked = []
         for cand in candidates:
-            offset = seasonal_offset_days(cand.scene.acquired_at, after.acquired_at)
-            if offset is not None and offset <= SEASONAL_WINDOW_DAYS:
-                ranked.append((offset, -cand.scene.acquired_at.timestamp(), cand))
-        ranked.sort(key=lambda r: (r[0], r[1]))
-        ordered = [(offset, cand) for offset, _, cand in ranked]
+            match = seasonal_match(cand.scene.acquired_at, after.acquired_at)
+            if match is not None and match[1] <= SEASONAL_WINDOW_DAYS:
+                ranked.append((match, -cand.scene.acquired_at.timestamp(), cand))
+        ranked.sort(key=lambda r: (r[0], r[1]))  # fewest years back, then nearest day of year, then newest
+        ordered = [(match[1], cand) for match, _, cand in ranked]
     else:
         ordered = [(None, cand) for cand in candidates]  # already newest first
 
@@ -405,10 +407,12 @@ def choose_before(area: AreaInfo, after: SceneInfo, settings: Settings | None = 
             continue
         day = cand.scene.acquired_at.date().isoformat()
         if seasonal:
-            same_day = _same_day_in_year(after.acquired_at, cand.scene.acquired_at.year)
+            years_back, _ = seasonal_match(cand.scene.acquired_at, after.acquired_at) or (0, 0)
+            same_day = _same_day_in_year(after.acquired_at, after.acquired_at.year - years_back)
             return cand.scene, (
-                f"seasonal baseline: clear acquisition of {after.label()} nearest the same day of year in an "
-                f"earlier year: {day} (clear {100 * fraction:.0f}%, {offset} days from {same_day.date().isoformat()})"
+                f"seasonal baseline: clear acquisition of {after.label()} near the same day of year in the most "
+                f"recent earlier year that has one: {day} (clear {100 * fraction:.0f}%, {offset} days from "
+                f"{same_day.date().isoformat()})"
             )
         return cand.scene, f"latest earlier clear acquisition of {after.label()}: {day} (clear {100 * fraction:.0f}%)"
 
@@ -459,23 +463,30 @@ def _candidates(area: AreaInfo, after: SceneInfo) -> list[_Candidate]:
     ]
 
 
-def seasonal_offset_days(candidate: datetime, after: datetime) -> int | None:
-    """Days between ``candidate`` and the after scene's date moved into a year before ``after``'s year.
+def seasonal_match(candidate: datetime, after: datetime) -> tuple[int, int] | None:
+    """(years back, days off): the after scene's date moved into the earlier year nearest ``candidate``,
+    how many years that is before ``after``'s year, and how many days the candidate is from it.
 
     None when the candidate is not at least ~a year older (a scene from last month is not a seasonal
     baseline even if, across New Year, it is close in day of year).
     """
     if candidate > after - timedelta(days=300):
         return None
-    best: int | None = None
+    best: tuple[int, int] | None = None
     for year in (candidate.year - 1, candidate.year, candidate.year + 1):
         if year >= after.year:
             continue
         moved = _same_day_in_year(after, year)
         offset = abs((candidate.date() - moved.date()).days)
-        if best is None or offset < best:
-            best = offset
+        if best is None or offset < best[1]:
+            best = (after.year - year, offset)
     return best
+
+
+def seasonal_offset_days(candidate: datetime, after: datetime) -> int | None:
+    """Days off the same day of year in an earlier year (:func:`seasonal_match`), or None."""
+    match = seasonal_match(candidate, after)
+    return None if match is None else match[1]
 
 
 def _same_day_in_year(when: datetime, year: int) -> datetime:

@@ -26,6 +26,7 @@ from monitor.pairing import (
     idempotency_key,
     process_pending,
     question_set_id,
+    seasonal_match,
     seasonal_offset_days,
 )
 from tests.fixtures_ingest import inner_aoi
@@ -100,6 +101,8 @@ def test_seasonal_offset():
     assert seasonal_offset_days(datetime(2020, 8, 4, tzinfo=UTC), after) is None  # same season, not a year back
     # Across New Year: 2018-12-30 is 5 days from 2019-01-04 (the after date moved one year back).
     assert seasonal_offset_days(datetime(2018, 12, 30, tzinfo=UTC), datetime(2020, 1, 4, tzinfo=UTC)) == 5
+    assert seasonal_match(datetime(2015, 8, 31, tzinfo=UTC), after) == (5, 2)
+    assert seasonal_match(datetime(2019, 8, 20, tzinfo=UTC), after) == (1, 9)
 
 
 # --- against the local STAC API and COG server ----------------------------------------------------
@@ -143,11 +146,11 @@ def test_latest_and_seasonal_pairing_over_the_full_history(stac_api, make_settin
 
     seasonal_pairs = pairs(seasonal)
     before, reason, _ = seasonal_pairs["2020-08-29"]
-    # Nearest the same day of year: 2019-08-30 and 2017-08-30 (1 day) are cloudy over the area, 2015-08-31
-    # (2 days) is clear.
-    assert before == "2015-08-31"
-    assert reason == ("seasonal baseline: clear acquisition of tile 34TER orbit R136 nearest the same day of year "
-                      "in an earlier year: 2015-08-31 (clear 100%, 2 days from 2015-08-29)")
+    # The most recent earlier year first: 2019-08-30 (1 day off) is cloudy over the area, 2019-08-20 (9 days)
+    # is clear — preferred to 2015-08-31 (2 days off, but five years of change ago).
+    assert before == "2019-08-20"
+    assert reason == ("seasonal baseline: clear acquisition of tile 34TER orbit R136 near the same day of year in "
+                      "the most recent earlier year that has one: 2019-08-20 (clear 100%, 9 days from 2019-08-29)")
     assert seasonal_pairs["2019-08-20"][0] == "2018-08-25"
     assert "2017-07-11" not in seasonal_pairs  # nothing clear within ±30 days in 2015–2016
     assert seasonal_pairs["2016-08-15"][0] == "2015-08-31"

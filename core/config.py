@@ -38,17 +38,14 @@ class CatalogueSettings(BaseModel):
     allowed_hosts: list[str] = []
     # Loopback/link-local/private addresses are refused unless a deployment opts in (tests, the demo).
     allow_private_hosts: bool = False
-    # Logical band name -> asset key in this catalogue (Earth Search v1 names by default).
-    asset_keys: dict[str, str] = {
-        "blue": "blue",
-        "green": "green",
-        "red": "red",
-        "nir": "nir",
-        "swir16": "swir16",
-        "scl": "scl",
-        "visual": "visual",
-        "qa_pixel": "qa_pixel",
-    }
+    # Logical band name -> asset key. None: the collection profile's map (eo/profiles.py: Earth Search,
+    # Planetary Computer, Landsat C2 L2 ...), else eo:bands common names. Set, it applies to every
+    # collection of this catalogue; `collection_asset_keys` overrides it per collection.
+    asset_keys: dict[str, str] | None = None
+    collection_asset_keys: dict[str, dict[str, str]] = {}
+    # Collection -> profile name (eo.profiles.PROFILES, or "generic"); unset collections are detected
+    # from the items (collection id plus tell-tale properties/assets).
+    profiles: dict[str, str] = {}
     # "planetary-computer" signs hrefs right before reading (needs the `pc` extra).
     signing: Literal["none", "planetary-computer"] = "none"
     # Earth Search ignores CQL2 `filter` silently; the STACQL `query` extension works everywhere we poll.

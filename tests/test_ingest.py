@@ -92,10 +92,17 @@ def test_planetary_computer_and_landsat_shapes(items_by_date):
         if key.startswith(("s2:", "grid:", "mgrs:")):
             lp.pop(key)
     lp.update({"platform": "landsat-8", "landsat:wrs_path": "186", "landsat:wrs_row": "029"})
+    landsat["collection"] = "landsat-c2-l2"
     landsat["assets"]["qa_pixel"] = landsat["assets"].pop("scl")
+    landsat["assets"]["nir08"] = landsat["assets"].pop("nir")
+    for asset in ("red", "nir08"):
+        landsat["assets"][asset]["raster:bands"][0].update(scale=2.75e-5, offset=-0.2)
     parsed = parse_item(landsat, CAT)
     assert parsed.tile == "186029" and parsed.relative_orbit is None
-    assert "qa_pixel" in parsed.assets
+    assert parsed.profile == "earth-search/landsat-c2-l2"
+    assert "qa_pixel" in parsed.assets and parsed.assets["nir"]["asset_key"] == "nir08"
+    assert (parsed.assets["red"]["scale"], parsed.assets["red"]["offset"]) == (2.75e-5, -0.2)
+    assert parsed.assets["red"]["radiometry"]["rule"] == "raster-bands"
 
 
 def test_version_rank_orders_reprocessing(items_by_date, sample_data_dir):

@@ -284,16 +284,6 @@ def test_stats_are_stored_as_json(rows):
         "nan": None, "n": 3, "when": "2020-01-01T00:00:00"}
 
 
-def test_pixels_contradicting_the_baseline_offset_are_noted():
-    from workers.raster import _offset_check
-
-    red = np.full((10, 10), -0.05, dtype=np.float32)  # offset removed twice: negative reflectance
-    everywhere = np.ones((10, 10), dtype=bool)
-    assert "may already have been applied" in _offset_check(_scene("05.00"), red, everywhere)
-    assert _offset_check(_scene("02.12"), red, everywhere) is None
-    assert _offset_check(_scene("05.00"), red + 0.1, everywhere) is None
-
-
 def test_read_errors_are_split_into_transient_and_permanent():
     from eo.cog import CogReadError
     from workers.pipeline import _TRANSIENT, describe_read_error

@@ -10,7 +10,8 @@
 5. thumbnails (:mod:`workers.render`) and findings, written with the status change in one transaction
    (:mod:`workers.findings_writer`).
 
-Failures end with a readable ``last_error``: refused hrefs and unreadable/corrupt COGs fail the analysis at
+Failures end with a readable ``last_error``: refused hrefs, unreadable/corrupt COGs and pixels that
+contradict the item's radiometry metadata (:class:`eo.radiometry.RadiometryMismatch`) fail the analysis at
 once (retrying cannot fix them); transient trouble (HTTP 5xx/timeouts, database errors, anything
 unexpected) gives the row back (``queued``, re-sent by the dispatcher after 2 × lease) until
 ``analysis.max_attempts``.
@@ -37,6 +38,7 @@ from core.models import Analysis, AnalysisStatus, Observation, ObservationStatus
 from eo.change_classes import format_hectares
 from eo.cog import CogReadError
 from eo.questions import QuestionTemplate, UnknownQuestion, ids_from_question_set, templates_for
+from eo.radiometry import RadiometryMismatch
 from eo.security import HrefRefused, catalogue_for_scene
 from workers import leases, render, spectral, unirs
 from workers.findings_writer import FindingRow, region_confidence, union_or, write_done
@@ -124,7 +126,7 @@ def run_analysis(analysis_id: int, worker: str, settings: Settings | None = None
                        settings)
     except HrefRefused as exc:
         return _fail(claim, f"refused to open an asset: {exc}", settings)
-    except (PermanentFailure, UnknownQuestion) as exc:
+    except (PermanentFailure, UnknownQuestion, RadiometryMismatch) as exc:
         return _fail(claim, str(exc), settings)
     except CogReadError as exc:
         detail = describe_read_error(exc)
@@ -320,6 +322,7 @@ def analysis_stats(ctx: AnalysisContext, claim: leases.Claim, pair: PreparedPair
         "before_clear_fraction": round(pair.before_clear_fraction, 4),
         "after_clear_fraction": round(pair.after_clear_fraction, 4),
         "harmonisation": {"before": pair.before.harmonisation, "after": pair.after.harmonisation},
+        "radiometry": {"before": pair.before.radiometry, "after": pair.after.radiometry},
         "bands": list(pair.bands), "notes": notes, "metrics": result.metrics,
         "regions": len(result.regions), "regions_below_mapping_unit": result.regions_dropped,
         "chips_total": len(result.chip_scores),

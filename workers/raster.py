@@ -7,10 +7,10 @@
    Nearest-neighbour resampling: the target pixel size equals the native 10 m one, so nearest keeps the
    measured values (no blending across a field edge) and SCL classes stay classes. The cloud masks are
    read first: a pair too cloudy to compare is skipped before any reflectance is fetched.
-3. **Reflectance.** Sentinel-2 by processing baseline (design notes §4.3): baseline ≥ 04.00 carries a
-   +1000 DN offset, reflectance = (DN − 1000) / 10000; before 04.00, DN / 10000. Decided from
-   ``s2:processing_baseline``, not from the ``raster:bands`` flags, which Earth Search has had wrong.
-   Other collections (Landsat) use the asset's scale and offset. No-data becomes NaN.
+3. **Reflectance.** The rule decided at ingest per collection profile (:mod:`eo.radiometry`: the item's
+   offset flag, its processing baseline and ``raster:bands`` together) and stored with each asset, then
+   checked against the clear red pixels: a contradiction fails the analysis
+   (:class:`eo.radiometry.RadiometryMismatch`). No-data becomes NaN.
 4. **Mask.** SCL (or Landsat QA_PIXEL) clear classes, clouds and shadows buffered (:mod:`eo.masks`);
    a pixel is *valid* when it is inside the AOI, clear and has data in both scenes. Too few valid pixels
    (``analysis.min_valid_fraction``) → :class:`SkipAnalysis` with the numbers.
@@ -96,6 +96,7 @@ class SceneRaster:
     reflectance: dict[str, np.ndarray]  # band -> float32 (H, W), NaN where no data
     clear: np.ndarray  # bool (H, W) from the cloud mask (buffered)
     harmonisation: str  # the rule applied, for the record
+    radiometry: dict[str, Any] = field(default_factory=dict)  # rule, profile, offset_in_pixels
 
 
 @dataclass
@@ -174,9 +175,12 @@ def _read_band(scene: SceneRef, band: str, geom: BaseGeometry, grid: Grid) -> np
     return np.ma.masked_equal(array, nodata)
 
 
+def _rule(scene: SceneRef, band: str) -> radiometry.ReflectanceRule:
+    return radiometry.reflectance_rule(scene.processing_baseline, scene.assets.get(band, {}))
+
+
 def _reflectance(scene: SceneRef, band: str, dn: np.ma.MaskedArray) -> np.ndarray:
-    return radiometry.to_reflectance(dn, radiometry.reflectance_rule(scene.processing_baseline,
-                                                                     scene.assets.get(band, {})))
+    return radiometry.to_reflectance(dn, _rule(scene, band))
 
 
 def _clear_mask(scene: SceneRef, band: str, values: np.ma.MaskedArray, buffer_px: int) -> np.ndarray:
@@ -224,8 +228,14 @@ def prepare_pair(geom_4326: BaseGeometry, before: SceneRef, after: SceneRef,
             else:
                 notes.append(f"no {band} band in {'both scenes' if not have else 'one scene'}")
         jobs = [(s, b) for s in (before, after) for b in bands]
-        arrays = list(pool.map(lambda sb: _reflectance(sb[0], sb[1], _read_band(sb[0], sb[1], geom_4326, grid)), jobs))
+        dns = list(pool.map(lambda sb: _read_band(sb[0], sb[1], geom_4326, grid), jobs))
 
+    # The metadata's rule against the pixels, before anything is compared (raises RadiometryMismatch).
+    for scene, dn, clear in ((before, dns[0], clear_b), (after, dns[len(bands)], clear_a)):
+        note = radiometry.check_pixels(scene.item_id, _rule(scene, "red"), dn, clear & grid.aoi)
+        if note:
+            notes.append(note)
+    arrays = [_reflectance(s, b, dn) for (s, b), dn in zip(jobs, dns, strict=True)]
     refl_b = {b: arrays[i] for i, b in enumerate(bands)}
     refl_a = {b: arrays[len(bands) + i] for i, b in enumerate(bands)}
     if "blue" in bands:
@@ -235,10 +245,6 @@ def prepare_pair(geom_4326: BaseGeometry, before: SceneRef, after: SceneRef,
                 clear &= ~hazy  # in place: the scene's clear mask is what the spectral step trusts
                 notes.append(f"{int(hazy.sum())} px of haze or small cloud that the {label} scene's cloud mask "
                              "missed were excluded (blue/red haze test)")
-    for scene, refl, clear in ((before, refl_b, clear_b), (after, refl_a, clear_a)):
-        note = _offset_check(scene, refl["red"], clear & grid.aoi)
-        if note:
-            notes.append(note)
     has_data = np.ones((grid.height, grid.width), dtype=bool)
     for band in bands:
         has_data &= np.isfinite(refl_b[band]) & np.isfinite(refl_a[band])
@@ -251,8 +257,8 @@ def prepare_pair(geom_4326: BaseGeometry, before: SceneRef, after: SceneRef,
         )
     pair = PreparedPair(
         grid=grid,
-        before=SceneRaster(before, refl_b, clear_b, harmonisation_rule(before, "red")[2]),
-        after=SceneRaster(after, refl_a, clear_a, harmonisation_rule(after, "red")[2]),
+        before=SceneRaster(before, refl_b, clear_b, harmonisation_rule(before, "red")[2], _record(before)),
+        after=SceneRaster(after, refl_a, clear_a, harmonisation_rule(after, "red")[2], _record(after)),
         valid=valid,
         valid_fraction=valid_fraction,
         before_clear_fraction=frac_b,
@@ -266,8 +272,10 @@ def prepare_pair(geom_4326: BaseGeometry, before: SceneRef, after: SceneRef,
     return pair
 
 
-def _offset_check(scene: SceneRef, red: np.ndarray, where: np.ndarray) -> str | None:
-    return radiometry.offset_contradiction(scene.item_id, scene.processing_baseline, red, where)
+def _record(scene: SceneRef) -> dict[str, Any]:
+    rule = _rule(scene, "red")
+    return {"rule": rule.rule, "profile": rule.profile, "offset_in_pixels": rule.offset_in_pixels,
+            "scale": rule.scale, "offset": rule.offset}
 
 
 def _cloudy_reason(both: float, before: float, after: float, settings: AnalysisSettings) -> str:

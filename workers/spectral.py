@@ -290,6 +290,11 @@ def analyse(pair: PreparedPair, min_mapping_unit_ha: float, t: Thresholds = THRE
         diff = (after - before)[valid]
         diff = diff[np.isfinite(diff)]
         metrics[f"mean_d{key}"] = round(float(diff.mean()), 4) if diff.size else None
+    # Scene-level NDVI over the valid pixels: what a radiometry mistake shows first (a whole-area shift).
+    for label, idx in (("before", idx_b), ("after", idx_a)):
+        values = idx["ndvi"][valid]
+        values = values[np.isfinite(values)]
+        metrics[f"mean_ndvi_{label}"] = round(float(values.mean()), 4) if values.size else None
 
     scores = []
     for chip in pair.chips:

@@ -23,13 +23,14 @@ from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
 
 from core.config import CatalogueSettings
+from eo import radiometry
+from eo.profiles import GENERIC, CollectionProfile, detect_profile, generic_asset_keys
 from eo.security import HrefRefused, check_href
 
 # A scene needs these to be analysed: a cloud mask, and red + near-infrared for the spectral indices.
 MASK_BANDS = ("scl", "qa_pixel")
 REQUIRED_BANDS = ("red", "nir")
-# Bands that are not surface reflectance (no baseline offset applies).
-NON_REFLECTANCE = {"scl", "qa_pixel", "visual", "thumbnail"}
+NON_REFLECTANCE = radiometry.NON_REFLECTANCE
 
 _ORBIT_RE = re.compile(r"_R(\d{3})_")
 _SEQUENCE_RE = re.compile(r"_(\d+)_L[12][ABC]?$")
@@ -56,6 +57,7 @@ class ParsedItem:
     processing_baseline: str | None
     footprint: BaseGeometry
     assets: dict[str, dict[str, Any]]
+    profile: str = GENERIC.name
     warnings: list[str] = field(default_factory=list)
 
 
@@ -87,7 +89,11 @@ def parse_item(item: Any, catalogue: CatalogueSettings) -> ParsedItem:
         _generation_epoch(props, item_id),
         float(_sequence(props, item_id)),
     ]
-    assets = normalise_assets(item, catalogue, baseline)
+    try:
+        profile = detect_profile(item, collection, catalogue.profiles)
+    except KeyError as exc:  # a misspelt profile in the catalogue settings
+        raise MalformedItem(f"catalogue {catalogue.name!r}: {exc.args[0]}") from None
+    assets = normalise_assets(item, catalogue, baseline, profile=profile, collection=collection)
     key = "|".join([platform or "unknown", tile or "", acquired_at.strftime("%Y-%m-%dT%H:%M:%SZ")])
     return ParsedItem(
         item_id=item_id,
@@ -102,6 +108,7 @@ def parse_item(item: Any, catalogue: CatalogueSettings) -> ParsedItem:
         processing_baseline=baseline,
         footprint=footprint,
         assets=assets,
+        profile=profile.name,
     )
 
 
@@ -261,8 +268,26 @@ def _sequence(props: dict[str, Any], item_id: str) -> int:
 # --- assets ----------------------------------------------------------------------------------------
 
 
-def normalise_assets(item: dict[str, Any], catalogue: CatalogueSettings, baseline: str | None) -> dict[str, Any]:
-    """Logical band -> {href, scale, offset, nodata, type}, via the catalogue's asset-key mapping.
+def asset_keys_for(catalogue: CatalogueSettings, collection: str | None, profile: CollectionProfile,
+                   raw_assets: dict[str, Any]) -> dict[str, str]:
+    """Logical band -> asset key: the catalogue's mapping for this collection, else its catalogue-wide
+    mapping, else the collection profile's, else (unknown collections) the assets' eo:bands common names."""
+    if collection is not None and collection in catalogue.collection_asset_keys:
+        return dict(catalogue.collection_asset_keys[collection])
+    if catalogue.asset_keys is not None:
+        return dict(catalogue.asset_keys)
+    if profile.asset_keys:
+        return dict(profile.asset_keys)
+    return generic_asset_keys(raw_assets)
+
+
+def normalise_assets(item: dict[str, Any], catalogue: CatalogueSettings, baseline: str | None, *,
+                     profile: CollectionProfile = GENERIC, collection: str | None = None) -> dict[str, Any]:
+    """Logical band -> {href, scale, offset, radiometry, nodata, type}, via the collection's asset-key map.
+
+    ``scale``/``offset`` and the ``radiometry`` record (rule, profile, whether the +1000 DN offset is in
+    the pixels) are decided here from the item's flags, baseline and ``raster:bands``
+    (:func:`eo.radiometry.decide`); the workers check them against the pixels.
 
     Hrefs are checked statically here (scheme, allow-listed host, IP literals; no DNS): an asset the
     service would refuse to open is not kept, and an item left without a cloud mask, red or NIR is refused.
@@ -272,9 +297,11 @@ def normalise_assets(item: dict[str, Any], catalogue: CatalogueSettings, baselin
     if not isinstance(raw_assets, dict):
         raise MalformedItem(f"assets must be an object, got {_show(raw_assets)}")
     base = _self_href(item)
+    props = item.get("properties") if isinstance(item.get("properties"), dict) else {}
+    mapping = asset_keys_for(catalogue, collection, profile, raw_assets)
     out: dict[str, Any] = {}
     refused: list[str] = []
-    for band, key in catalogue.asset_keys.items():
+    for band, key in mapping.items():
         asset = raw_assets.get(key)
         if asset is None:
             continue
@@ -288,7 +315,7 @@ def normalise_assets(item: dict[str, Any], catalogue: CatalogueSettings, baselin
         except HrefRefused as exc:
             refused.append(f"{band}: {exc}")
             continue
-        out[band] = _asset_entry(band, key, asset, href, baseline)
+        out[band] = _asset_entry(band, key, asset, href, baseline, profile, props)
     has_mask = any(b in out for b in MASK_BANDS)
     missing = [b for b in REQUIRED_BANDS if b not in out]
     if not has_mask or missing:
@@ -296,7 +323,7 @@ def normalise_assets(item: dict[str, Any], catalogue: CatalogueSettings, baselin
         detail = f"; refused hrefs: {'; '.join(refused)}" if refused else ""
         raise MalformedItem(
             f"assets: no usable {', '.join(need)} (asset keys {sorted(raw_assets)[:12]}, "
-            f"mapping {catalogue.asset_keys}){detail}"
+            f"mapping {mapping}, profile {profile.name}){detail}"
         )
     return out
 
@@ -310,19 +337,18 @@ def _self_href(item: dict[str, Any]) -> str | None:
     return None
 
 
-def _asset_entry(band: str, key: str, asset: dict[str, Any], href: str, baseline: str | None) -> dict[str, Any]:
+def _asset_entry(band: str, key: str, asset: dict[str, Any], href: str, baseline: str | None,
+                 profile: CollectionProfile, props: dict[str, Any]) -> dict[str, Any]:
     bands = asset.get("raster:bands")
     first = bands[0] if isinstance(bands, list) and bands and isinstance(bands[0], dict) else {}
-    scale = _num(first.get("scale"), 1.0)
-    offset = _num(first.get("offset"), 0.0)
     nodata = first.get("nodata", 0)
     if not isinstance(nodata, int | float) or isinstance(nodata, bool):
         nodata = 0
-    if band not in NON_REFLECTANCE and baseline is not None:
-        # Sentinel-2: the processing baseline decides the offset (the raster:bands flags have been wrong
-        # on Earth Search): >= 04.00 carries +1000 DN, i.e. reflectance = (DN - 1000) / 10000.
-        scale, offset = 0.0001, (-0.1 if float(baseline) >= 4.0 else 0.0)
-    entry: dict[str, Any] = {"href": href, "asset_key": key, "scale": scale, "offset": offset, "nodata": nodata}
+    entry: dict[str, Any] = {"href": href, "asset_key": key, "nodata": nodata}
+    if band in NON_REFLECTANCE:
+        entry.update(scale=_num(first.get("scale"), 1.0), offset=_num(first.get("offset"), 0.0))
+    else:
+        entry.update(radiometry.decide(profile, props, asset, baseline).as_asset_fields())
     if isinstance(asset.get("type"), str):
         entry["type"] = asset["type"]
     return entry

@@ -8,7 +8,8 @@ Stable API used by the monitoring service::
     model.caption_change(before, after) -> str
     model.answer(image_or_pair, question) -> str            # pair = (before, after) tuple
     model.classify_sequence(frames, classes) -> SequenceClassification
-        # .label, .raw_text, .score, .clue; unpacks as (label, raw_text)
+        # .label, .raw_text, .score, .clue, .method; unpacks as (label, raw_text)
+    match_class(text, classes) -> ClassMatch(label, method, score)   # the one text -> class mapper
     model.analyse_pair(before, after, questions: list[str], max_new_tokens=None) -> PairAnalysis
         # .caption: str, .answers: list[str] (one per question), .questions, .clue (None without base_path)
 
@@ -23,14 +24,16 @@ preset="tiny", seed=0)`).
 """
 
 from .checkpoint import CheckpointError
+from .class_mapping import ClassMatch, match_class
 from .configuration_unirs import InputType, UniRSConfig
 from .generation import SamplingConfig
-from .inference import PairAnalysis, SequenceClassification, match_class_name
+from .inference import PairAnalysis, SequenceClassification
 from .modeling_unirs import UniRSModel, VisualInput
 from .unirs import UniRS
 
 __all__ = [
     "CheckpointError",
+    "ClassMatch",
     "InputType",
     "PairAnalysis",
     "SamplingConfig",
@@ -39,5 +42,5 @@ __all__ = [
     "UniRSConfig",
     "UniRSModel",
     "VisualInput",
-    "match_class_name",
+    "match_class",
 ]

@@ -9,14 +9,13 @@ augmentation, spec section 4); the vision features are computed once and shared 
 
 from __future__ import annotations
 
-import difflib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .class_mapping import match_class
 from .configuration_unirs import InputType
 from .conversation import build_augmented_instruction, build_clue_prompt, build_prompt, clean_clue
 from .generation import SamplingConfig, generate_from_embeddings
@@ -26,7 +25,7 @@ from .processing import load_video_frames, tokenizer_image_token
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
 
-__all__ = ["EncodedVisual", "PairAnalysis", "SequenceClassification", "UniRSInferenceMixin", "match_class_name"]
+__all__ = ["EncodedVisual", "PairAnalysis", "SequenceClassification", "UniRSInferenceMixin"]
 
 
 @dataclass
@@ -47,6 +46,7 @@ class SequenceClassification:
     raw_text: str
     score: float
     clue: str | None = None
+    method: str | None = None  # how raw_text was mapped: "exact" | "substring" | "fuzzy"
 
     def __iter__(self):
         yield self.label
@@ -64,41 +64,6 @@ class EncodedVisual:
     input_type: InputType
     blocks: torch.Tensor
     features: torch.Tensor
-
-
-def _normalise(text: str) -> str:
-    text = text.lower().replace("_", " ").replace("-", " ").replace("/", " ")
-    return re.sub(r"[^a-z0-9 ]+", " ", re.sub(r"\s+", " ", text)).strip()
-
-
-def match_class_name(text: str, classes: Sequence[str]) -> tuple[str, float]:
-    """Map free text to the nearest class name; returns (class, score in [0, 1]).
-
-    A class whose normalised name occurs in the text as whole words wins (the longest such name,
-    so "traffic congestion" beats "traffic"; the earliest mention breaks ties). Otherwise the
-    best character-level similarity to any same-length word window of the text decides.
-    """
-    if not classes:
-        raise ValueError("classes must not be empty")
-    norm_text = f" {_normalise(text)} "
-    hits = []
-    for k, name in enumerate(classes):
-        norm = _normalise(name)
-        pos = norm_text.find(f" {norm} ") if norm else -1
-        if pos >= 0:
-            hits.append((-len(norm), pos, k))
-    if hits:
-        return classes[min(hits)[2]], 1.0
-    words = norm_text.split()
-    best, best_score = 0, -1.0
-    for k, name in enumerate(classes):
-        norm = _normalise(name)
-        n = max(1, len(norm.split()))
-        windows = [" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))] or [""]
-        score = max(difflib.SequenceMatcher(None, norm, w).ratio() for w in windows)
-        if score > best_score:
-            best, best_score = k, score
-    return classes[best], best_score
 
 
 class UniRSInferenceMixin:
@@ -299,8 +264,9 @@ class UniRSInferenceMixin:
         """Classify an image sequence (video) into one of `classes`.
 
         `num_video_frames` frames are sampled as VILA-1.5 does; the model answers in free text
-        (default question: "What is the event in the video?") and the text is mapped to the
-        nearest class name. Returns `SequenceClassification(label, raw_text, score, clue)`,
+        (default question: "What is the event in the video?") and the text is mapped to a class
+        by `model.class_mapping.match_class` (the mapper the ERA scorer uses). Returns
+        `SequenceClassification(label, raw_text, score, clue, method)`,
         which also unpacks as `(label, raw_text)`.
         """
         encoded = self.encode([self.prepare_visual(frames, InputType.VIDEO)])
@@ -308,8 +274,8 @@ class UniRSInferenceMixin:
         limit = max_new_tokens if max_new_tokens is not None else self.config.answer_max_new_tokens
         instruction = question or self.config.video_question
         raw = self.generate_answers(encoded, [(0, instruction, limit)], clues, sampling=sampling)[0]
-        label, score = match_class_name(raw, classes)
-        return SequenceClassification(label, raw, score, clues[0] if clues else None)
+        match = match_class(raw, classes)
+        return SequenceClassification(match.label, raw, match.score, clues[0] if clues else None, match.method)
 
     @torch.inference_mode()
     def analyse_pair(

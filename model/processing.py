@@ -27,6 +27,7 @@ __all__ = [
     "ImageProcessor",
     "build_supervised_example",
     "expand2square",
+    "left_pad_frames",
     "load_image",
     "load_video_frames",
     "sample_frame_indices",
@@ -165,23 +166,39 @@ class ImageProcessor:
 # Video frames
 # ---------------------------------------------------------------------------------------------
 def sample_frame_indices(frame_count: int, num_frames: int) -> list[int]:
-    """Frame indices kept by VILA-1.5's sampler (`get_frame_from_vcap`).
+    """Frame indices kept by VILA-1.5's sampler (`get_frame_from_vcap`, NVlabs/VILA `llava/mm_utils.py`).
 
-    VILA decodes sequentially and keeps frame k if k is in `np.linspace(0, frame_count - 2, N, dtype=int)`.
-    Duplicate indices therefore yield a single frame; the caller left-pads with black frames.
+    A clip of at least `num_frames` frames is decoded sequentially and frame k is kept if k is in
+    `np.linspace(0, frame_count - 2, N, dtype=int)`; duplicate indices yield a single frame.
     For 120 frames and N = 8: [0, 16, 33, 50, 67, 84, 101, 118].
+    A shorter clip (frame_count < N) keeps *every* frame, [0, ..., T - 1]: VILA's "left padding"
+    branch reads them all, and the caller pads the front (`left_pad_frames`). The one deviation:
+    for a single-frame clip VILA returns N empty images; the frame is kept here instead.
     """
     if frame_count <= 0:
         return []
+    if frame_count < num_frames:
+        return list(range(frame_count))
     wanted = np.linspace(0, frame_count - 2, num_frames, dtype=int)
     return sorted({int(i) for i in wanted if 0 <= i < frame_count})
+
+
+def left_pad_frames(frames: list[Image.Image], num_frames: int) -> list[Image.Image]:
+    """Prepend black frames of the first frame's size up to `num_frames`, as VILA-1.5 does for short clips."""
+    if not frames:
+        raise ValueError("No frames to pad")
+    missing = num_frames - len(frames)
+    if missing <= 0:
+        return frames
+    return [Image.new("RGB", frames[0].size, (0, 0, 0))] * missing + frames
 
 
 def load_video_frames(frames: Any, num_frames: int) -> list[Image.Image]:
     """Sample `num_frames` frames from a sequence, VILA style, left-padding short clips with black.
 
     frames: a list of images/arrays/paths, a (T, H, W, 3) array, or a directory of image files
-    (sorted by name). Returns exactly `num_frames` PIL images.
+    (sorted by name). Returns exactly `num_frames` PIL images: for T < num_frames all T frames in
+    order after num_frames - T black ones (see `sample_frame_indices`).
     """
     if isinstance(frames, (str, Path)) and Path(frames).is_dir():
         frames = sorted(p for p in Path(frames).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
@@ -197,10 +214,7 @@ def load_video_frames(frames: Any, num_frames: int) -> list[Image.Image]:
     if not frames:
         raise ValueError("No frames given")
     picked = [load_image(frames[i]) for i in sample_frame_indices(len(frames), num_frames)]
-    if len(picked) < num_frames:
-        black = Image.new("RGB", picked[0].size, (0, 0, 0))
-        picked = [black] * (num_frames - len(picked)) + picked
-    return picked
+    return left_pad_frames(picked, num_frames)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +250,9 @@ def build_supervised_example(
     """Tokenise a conversation for SFT with VILA `preprocess_v1` masking.
 
     turns: [(instruction, answer), ...]; `num_images` `<image>\\n` placeholders are put at the
-    start of the first instruction. Labels are −100 on the system prompt and every user turn
+    start of the first instruction, unless the instructions already hold exactly `num_images`
+    (the released `preprocess_multimodal` leaves a placeholder where the data put it; any other
+    count raises ValueError). Labels are −100 on the system prompt and every user turn
     (including "ASSISTANT:"); the answers and their `</s>` are supervised. Visual positions are
     masked later, when the placeholders are expanded (`UniRS.prepare_inputs_for_llm`).
     Returns (input_ids, labels), both with −200 placeholders still in place.
@@ -244,7 +260,12 @@ def build_supervised_example(
     from .conversation import get_conversation_template
 
     conv = get_conversation_template(config.conv_template, system=config.system_prompt)
-    placeholders = (config.image_token + "\n") * num_images
+    present = sum(instruction.count(config.image_token) for instruction, _ in turns)
+    if present not in (0, num_images):
+        raise ValueError(
+            f"The conversation holds {present} {config.image_token} placeholders; the input needs {num_images}"
+        )
+    placeholders = (config.image_token + "\n") * (num_images if present == 0 else 0)
     for k, (instruction, answer) in enumerate(turns):
         conv.append_message(conv.roles[0], (placeholders if k == 0 else "") + instruction.strip())
         conv.append_message(conv.roles[1], answer.strip())

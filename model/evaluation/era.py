@@ -1,128 +1,33 @@
 """ERA event classification from free text: per-class accuracy and overall accuracy (spec section 6.2).
 
-The model answers in free text ("This is a video about police chase."). `map_to_class` maps it
-to one of the class names, in this order:
+The model answers in free text ("This is a video about police chase."); `map_to_class` maps it
+to one of the class names with `model.class_mapping.match_class`, the same mapper
+`UniRS.classify_sequence` uses (exact, then whole-word substring, then fuzzy), and records the
+method per sample so that `fuzzy` hits can be audited.
 
-1. **exact**: the normalised text equals a normalised class name or alias;
-2. **substring**: class names / aliases occurring in the text as whole words; the longest match
-   wins, ties go to the earliest position in the text;
-3. **fuzzy**: the class with the largest token overlap (|text ∩ class| / |class tokens|, tokens
-   compared after light stemming), ties broken by `difflib.SequenceMatcher` ratio; if no token is
-   shared at all, the class with the highest difflib ratio against the whole text.
-
-So every answer maps to some class; the method used is recorded per sample so unmatched answers
-can be audited (`fuzzy` hits are the suspicious ones).
-
-Normalisation: lower-case; "_", "-", "/" become spaces; other punctuation is dropped.
 Per-class accuracy = correct / samples of that ground-truth class (i.e. recall); OA = correct / all.
 """
 
 from __future__ import annotations
 
-import difflib
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..class_mapping import ERA_ALIASES, ERA_CLASSES, match_class, normalise_label
 from .io import EvalFormatError, format_table, get_field, read_records
 
 __all__ = ["ERA_ALIASES", "ERA_CLASSES", "era_table", "load_era", "map_to_class", "normalise_label", "score_era"]
-
-# The 25 ERA classes in the order of the UniRS table.
-ERA_CLASSES = (
-    "post-earthquake",
-    "flood",
-    "fire",
-    "landslide",
-    "mudslide",
-    "traffic collision",
-    "traffic congestion",
-    "harvesting",
-    "ploughing",
-    "constructing",
-    "police chase",
-    "conflict",
-    "baseball",
-    "basketball",
-    "boating",
-    "cycling",
-    "running",
-    "soccer",
-    "swimming",
-    "car racing",
-    "party",
-    "concert",
-    "parade/protest",
-    "religious activity",
-    "non-event",
-)
-
-# Extra surface forms accepted in steps 1-2 (keys are normalised class names).
-ERA_ALIASES: dict[str, tuple[str, ...]] = {
-    "post earthquake": ("earthquake",),
-    "parade protest": ("parade", "protest"),
-    "non event": ("no event", "nonevent"),
-    "ploughing": ("plowing",),
-    "mudslide": ("mud slide",),
-    "landslide": ("land slide",),
-    "car racing": ("car race",),
-    "traffic collision": ("traffic accident", "car accident", "car crash"),
-    "traffic congestion": ("traffic jam",),
-    "constructing": ("construction",),
-    "religious activity": ("religious",),
-}
 
 ID_FIELDS = ("question_id", "id", "video", "video_id")
 GT_FIELDS = ("label", "class", "answer", "ground_truth", "gt")
 PRED_FIELDS = ("answer", "text", "prediction", "output")
 
 
-def normalise_label(text: str) -> str:
-    text = str(text).lower().replace("_", " ").replace("-", " ").replace("/", " ")
-    text = re.sub(r"[^a-z0-9 ]+", " ", text)
-    return " ".join(text.split())
-
-
-def _stem(token: str) -> str:
-    for suffix in ("ing", "es", "s"):
-        if token.endswith(suffix) and len(token) - len(suffix) >= 3:
-            return token[: -len(suffix)]
-    return token
-
-
 def map_to_class(text: str, classes: Sequence[str] = ERA_CLASSES, aliases: Mapping[str, Sequence[str]] | None = None):
-    """Return (class name, method) with method in {"exact", "substring", "fuzzy"}."""
-    if not classes:
-        raise ValueError("No classes to map to")
-    aliases = ERA_ALIASES if aliases is None else aliases
-    norm_text = normalise_label(text)
-    forms: list[tuple[str, str]] = []  # (normalised surface form, class)
-    for cls in classes:
-        base = normalise_label(cls)
-        forms.append((base, cls))
-        forms.extend((normalise_label(a), cls) for a in aliases.get(base, ()))
-    for form, cls in forms:
-        if norm_text == form:
-            return cls, "exact"
-    padded = f" {norm_text} "
-    hits = []
-    for form, cls in forms:
-        pos = padded.find(f" {form} ")
-        if form and pos >= 0:
-            hits.append((-len(form), pos, cls))
-    if hits:
-        return min(hits)[2], "substring"
-    text_tokens = {_stem(t) for t in norm_text.split()}
-    best = None
-    for cls in classes:
-        cls_tokens = {_stem(t) for t in normalise_label(cls).split()}
-        overlap = len(text_tokens & cls_tokens) / len(cls_tokens)
-        ratio = difflib.SequenceMatcher(None, norm_text, normalise_label(cls)).ratio()
-        key = (overlap, ratio)
-        if best is None or key > best[0]:
-            best = (key, cls)
-    return best[1], "fuzzy"
+    """Return (class name, method) with method in {"exact", "substring", "fuzzy"} (`match_class`)."""
+    match = match_class(text, classes, aliases)
+    return match.label, match.method
 
 
 def load_era(path: str | Path, *, prediction: bool) -> dict[str, str]:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..configuration_unirs import InputType, UniRSConfig
 from ..conversation import build_augmented_instruction
-from ..processing import ImageProcessor, build_supervised_example, load_video_frames
+from ..processing import ImageProcessor, build_supervised_example, left_pad_frames, load_video_frames
 from .data import VIDEO_SUFFIXES, Record, load_video_file_frames
 
 __all__ = ["IGNORE_INDEX", "Collator", "SampleBuilder", "load_visual_frames"]
@@ -44,9 +44,7 @@ def load_visual_frames(record: Record, num_video_frames: int) -> list[Any]:
         ]
         if not frames:
             raise ValueError(f"{record.source}: no frames decoded from {target}")
-        if len(frames) < num_video_frames:  # VILA left-pads short clips with black frames
-            frames = [Image.new("RGB", frames[0].size, (0, 0, 0))] * (num_video_frames - len(frames)) + frames
-        return frames
+        return left_pad_frames(frames, num_video_frames)
     raise ValueError(f"{record.source}: {target} is neither a frame folder nor a video file")
 
 

@@ -56,6 +56,8 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".m4
 HUMAN_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant"}
 _PLACEHOLDER = re.compile(r"\s*<(?:image|video)>\s*")
+_VIDEO_PLACEHOLDER = re.compile(r"\s*<video>\s*")
+_LEADING_IMAGE = re.compile(r"^<image>\s*")
 
 
 class DatasetFormatError(ValueError):
@@ -67,7 +69,11 @@ class Record:
     """One validated training sample.
 
     media: [] (text only), [image], [before, after], [video file or frame folder] or [frame, ...].
-    turns: [(instruction, answer), ...] with the `<image>`/`<video>` placeholders removed.
+    turns: [(instruction, answer), ...]. Video and text-only records have every `<image>`/`<video>`
+    placeholder removed (the sample builder prepends `num_video_frames` of them, as the released
+    ERA dataset does). Image and pair records keep an `<image>` where the data put it, laid out
+    like the released `preprocess_multimodal` ("What is <image>\nhere?"); only a placeholder that
+    opens the first instruction is removed, and the builder puts it back there, before any clue.
     """
 
     input_type: str | None  # "image" | "pair" | "video" | None (text only)
@@ -179,7 +185,21 @@ def _media_list(rec: dict[str, Any], input_type: str | None, fail) -> list[str]:
     return value
 
 
-def _parse_turns(conversations: Any, fail) -> list[tuple[str, str]]:
+def _released_image_layout(value: str) -> str:
+    """UniRS/VILA `preprocess_multimodal` on one human turn: every `<image>` stays in place.
+
+    The text around each placeholder is stripped, a space goes before it and a newline after it
+    ("Q\n<image>" -> "Q <image>", "<image>Q" -> "<image>\nQ"); a turn without one is only stripped.
+    Source: `llava/data/dataset.py@476abda` (IntelliSensing/UniRS), `preprocess_multimodal`.
+    """
+    value = _VIDEO_PLACEHOLDER.sub(" ", value)
+    if "<image>" not in value:
+        return value.strip()
+    chunks = [c.strip() for c in value.split("<image>")]
+    return "<image>\n".join([c + " " for c in chunks[:-1]] + [chunks[-1]]).strip()
+
+
+def _parse_turns(conversations: Any, fail, input_type: str | None) -> list[tuple[str, str]]:
     if not isinstance(conversations, list) or not conversations:
         fail("'conversations' must be a non-empty list")
     if len(conversations) % 2:
@@ -192,15 +212,22 @@ def _parse_turns(conversations: Any, fail) -> list[tuple[str, str]]:
         expected = HUMAN_ROLES if k % 2 == 0 else ASSISTANT_ROLES
         if role not in expected:
             fail(f"conversations[{k}] is from {turn['from']!r}; expected {'human' if k % 2 == 0 else 'gpt'}")
+    keep_image = input_type in ("image", "pair")
     for k in range(0, len(conversations), 2):
-        instruction = _PLACEHOLDER.sub(" ", conversations[k]["value"]).strip()
+        value = conversations[k]["value"]
+        instruction = _released_image_layout(value) if keep_image else _PLACEHOLDER.sub(" ", value).strip()
         answer = conversations[k + 1]["value"].strip()
         if not answer:
             fail(f"conversations[{k + 1}] (the answer) is empty")
         if "<image>" in answer or "<video>" in answer:
             fail(f"conversations[{k + 1}] (an answer) contains an <image>/<video> placeholder")
         turns.append((instruction, answer))
-    if not turns[0][0]:
+    if keep_image:
+        count = sum(q.count("<image>") for q, _ in turns)
+        if count > 1:
+            fail(f"an {input_type} sample takes one <image> placeholder (a pair is fused into one), got {count}")
+        turns[0] = (_LEADING_IMAGE.sub("", turns[0][0]), turns[0][1])
+    if not turns[0][0] or turns[0][0] == "<image>":
         fail("the first instruction is empty")
     return turns
 
@@ -251,7 +278,7 @@ def load_dataset_records(spec: DatasetSpec, check_files: bool = True) -> list[Re
             for m in media:
                 if not m.is_file():
                     fail(f"media file {m} not found")
-        turns = _parse_turns(rec.get("conversations"), fail)
+        turns = _parse_turns(rec.get("conversations"), fail, input_type)
         clue = rec.get("clue")
         if clue is not None and not isinstance(clue, str):
             fail("'clue' must be a string")

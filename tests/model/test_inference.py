@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import model.inference as inference_module
-from model import CheckpointError, InputType, PairAnalysis, UniRS, VisualInput, match_class_name
+from model import CheckpointError, InputType, PairAnalysis, UniRS, VisualInput
 from model.conversation import build_prompt
 from model.generation import generate_from_embeddings
 from model.processing import build_supervised_example, tokenizer_image_token
@@ -201,14 +201,6 @@ def test_classify_sequence(model):
     label, raw = result
     assert label in classes and raw == result.raw_text and 0.0 <= result.score <= 1.0
     assert model.prepare_visual(frames, InputType.VIDEO).pixel_values.shape[0] == 8
-
-
-def test_match_class_name():
-    classes = ["traffic collision", "traffic congestion", "flood", "police chase", "non-event"]
-    assert match_class_name("This is a video about police chase.", classes) == ("police chase", 1.0)
-    assert match_class_name("Heavy traffic congestion on the bridge", classes)[0] == "traffic congestion"
-    assert match_class_name("It shows flooding in a town", classes)[0] == "flood"
-    assert match_class_name("nothing happens, a non event", classes)[0] == "non-event"
 
 
 # ---------------------------------------------------------------------------- prompt augmentation

@@ -66,18 +66,30 @@ def test_inputs_as_pil_numpy_or_path_are_equivalent(tmp_path):
 
 # ---------------------------------------------------------------------------- video frames
 def test_video_frame_indices_match_vila():
+    """VILA-1.5 `get_frame_from_vcap` (NVlabs/VILA llava/mm_utils.py, used by UniRS): linspace(0, T - 2, 8)."""
     assert sample_frame_indices(120, 8) == [0, 16, 33, 50, 67, 84, 101, 118]  # ERA: 5 s at 24 fps
-    assert sample_frame_indices(8, 8) == [0, 1, 2, 3, 4, 5, 6]  # linspace(0, 6, 8) repeats index 0..6 once
-    assert sample_frame_indices(1, 8) == [0]
+    assert sample_frame_indices(9, 8) == [0, 1, 2, 3, 4, 5, 6, 7]  # linspace(0, 7, 8): no duplicates
+    assert sample_frame_indices(8, 8) == [0, 1, 2, 3, 4, 5, 6]  # linspace(0, 6, 8) repeats index 0 once
 
 
-def test_short_videos_are_left_padded_with_black_frames():
-    frames = [random_image(k, (32, 32)) for k in range(3)]
+@pytest.mark.parametrize("length", [1, 2, 5, 7])
+def test_clips_shorter_than_8_frames_keep_every_frame(length):
+    """VILA's short-clip branch reads all T < 8 frames (no linspace), so none is dropped."""
+    assert sample_frame_indices(length, 8) == list(range(length))
+
+
+def test_short_videos_keep_all_frames_and_pad_the_front_with_black():
+    """VILA-1.5 / UniRS: a 5-frame clip becomes [black x 3, f0, f1, f2, f3, f4].
+
+    The earlier sampler took linspace(0, 3, 8) = {0, 1, 2, 3}: it dropped f4 and padded 4 black frames.
+    """
+    frames = [random_image(k, (32, 32)) for k in range(5)]
     picked = load_video_frames(frames, 8)
+    assert [np.asarray(f).max() for f in picked[:3]] == [0, 0, 0]
+    assert [np.asarray(f).shape for f in picked[:3]] == [(32, 32, 3)] * 3
+    for k in range(5):
+        assert np.array_equal(np.asarray(picked[3 + k]), frames[k])
     assert len(picked) == 8
-    # linspace(0, 1, 8) keeps frames 0 and 1 -> 6 black frames first.
-    assert all(np.asarray(f).max() == 0 for f in picked[:6])
-    assert np.array_equal(np.asarray(picked[6]), frames[0]) and np.array_equal(np.asarray(picked[7]), frames[1])
     stacked = load_video_frames(np.stack([random_image(k, (16, 16)) for k in range(120)]), 8)
     assert np.array_equal(np.asarray(stacked[1]), random_image(16, (16, 16)))
 

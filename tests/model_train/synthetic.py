@@ -126,7 +126,9 @@ def write_mixture(root: Path) -> dict[str, Path]:
                 "id": f"pair{k}",
                 "image": [f"levir/A/{k}.png", f"levir/B/{k}.png"],
                 "conversations": [
-                    {"from": "human", "value": f"{CAPTION_PROMPT}\n<image>"},
+                    # Placeholder first, as the eval and inference prompts put it: training keeps
+                    # the data's placement (released `preprocess_multimodal`), so it must match.
+                    {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
                     {"from": "gpt", "value": caption},
                 ],
             }

@@ -60,7 +60,8 @@ def test_reader_accepts_all_input_types(media):
     )
     recs = load_dataset_records(DatasetSpec("x", path))
     assert [r.input_type for r in recs] == ["image", "pair", "pair", "video", "video", "video", None]
-    assert recs[0].turns == [("Q?", "A.")]  # placeholders removed, text stripped
+    assert recs[0].turns == [("Q? <image>", "A.")]  # kept where the data put it (released preprocess_multimodal)
+    assert recs[1].turns == [("Q?", "A.")] and recs[3].turns == [("What?", "A.")]  # leading / video: removed
     assert recs[1].media == [media / "a.png", media / "b.png"] == recs[2].media
     assert recs[6].turns == [("Just text?", "Yes."), ("More?", "No.")] and recs[6].clue == "c"
     assert load_dataset_records(DatasetSpec("x", path, use_clues=False))[6].clue is None
@@ -86,6 +87,7 @@ def test_reader_accepts_all_input_types(media):
         ({"video": "a.png", "conversations": _conv()}, "neither a frame folder nor a video file"),
         ({"image": "a.png", "conversations": _conv(), "clue": 3}, "'clue' must be a string"),
         ({"image": "a.png", "conversations": _conv("<image>")}, "the first instruction is empty"),
+        ({"image": "a.png", "conversations": _conv("<image> Q? <image>")}, "takes one <image> placeholder"),
     ],
 )
 def test_reader_rejects_malformed_records_with_file_and_index(media, record, message):
@@ -276,3 +278,51 @@ def test_sample_builder_masks_prompt_and_merges_clue(small_vila, mixture, tmp_pa
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
     assert [t.value for t in batch["input_types"]] == ["pair", "video"]
     assert torch.equal(batch["pixel_values"][0], sample["pixel_values"])
+
+
+@pytest.mark.parametrize(
+    ("value", "instruction"),
+    [
+        ("What is in <image> this picture?", "What is in <image>\nthis picture?"),
+        ("Q?\n<image>", "Q? <image>"),
+        ("  <image>Q?", "Q?"),  # opens the turn: removed here, put back at the front by the builder
+        ("Q?", "Q?"),  # no placeholder: the builder prepends one, as preprocess_multimodal does
+    ],
+)
+def test_reader_keeps_an_image_placeholder_where_the_released_code_leaves_it(media, value, instruction):
+    """UniRS `preprocess_multimodal` (llava/data/dataset.py@476abda) prepends `<image>\\n` only when the
+    conversation has none; an existing one stays in place (text around it stripped, a space before it
+    and a newline after it). The earlier reader moved every placeholder to the front."""
+    path = _write(media / "d.json", [{"image": "a.png", "conversations": _conv(value)}])
+    assert load_dataset_records(DatasetSpec("x", path))[0].turns == [(instruction, "A.")]
+
+
+def test_sample_builder_tokenises_the_placeholder_in_place(small_vila, media):
+    model = _tokenizer_and_config(small_vila)
+    cfg, tok = model.config, model.tokenizer
+    records = [
+        {"id": "mid", "image": "a.png", "conversations": _conv("Q? <image> Which colour?")},
+        {"id": "second", "image": "a.png", "conversations": _conv("Hi.", "Hello.") + _conv("<image> Q?", "A.")},
+        {"id": "front", "image": "a.png", "conversations": _conv("<image>\nQ?")},
+        {"id": "video", "video": "frames", "conversations": _conv("Q? <video>")},
+    ]
+    recs = load_dataset_records(DatasetSpec("x", _write(media / "d.json", records)))
+    builder = SampleBuilder(cfg, tok, model.image_processor)
+
+    def around_placeholder(ids):
+        k = ids.index(cfg.image_token_index)
+        return tok.decode(ids[:k]).strip(), tok.decode(ids[k + 1 :]).strip()
+
+    mid = builder(recs[0])["input_ids"].tolist()
+    assert mid.count(cfg.image_token_index) == 1
+    before, after = around_placeholder(mid)
+    assert before.endswith("USER: Q?") and after.startswith("Which colour? ASSISTANT: A.")
+    second = builder(recs[1])["input_ids"].tolist()
+    before, after = around_placeholder(second)  # the first turn gets no placeholder
+    assert before.endswith("ASSISTANT: Hello.</s>USER:") and after.startswith("Q? ASSISTANT: A.")
+    front = builder(recs[2])["input_ids"].tolist()
+    before, after = around_placeholder(front)
+    assert before.endswith("USER:") and after.startswith("Q? ASSISTANT: A.")
+    video = builder(recs[3])["input_ids"].tolist()
+    assert video.count(cfg.image_token_index) == VIDEO_FRAMES  # ERA: stripped, then 8 at the front
+    assert tok.decode([t for t in video[video.index(cfg.image_token_index) - 3 :] if t >= 0]).startswith("USER:")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from dataclasses import dataclass
@@ -47,6 +48,16 @@ class AreaOptions:
         "min_alert_hectares", "pairing_policy", "alert_classes",
     )
 
+    # Also accepted on import: the name, free attributes, and what `areas export` writes but a new area
+    # cannot take over (its old id, status and size).
+    NAME_KEY = "name"
+    ATTRIBUTES_KEY = "attributes"
+    EXPORT_ONLY_KEYS = ("id", "status", "area_km2")
+
+    @classmethod
+    def accepted_keys(cls) -> tuple[str, ...]:
+        return (cls.NAME_KEY, *cls.PROPERTY_KEYS, cls.ATTRIBUTES_KEY)
+
     @classmethod
     def from_properties(cls, props: dict[str, Any]) -> AreaOptions:
         return cls(**{k: props[k] for k in cls.PROPERTY_KEYS if props.get(k) is not None})
@@ -56,6 +67,42 @@ class AreaOptions:
         return AreaOptions(**{
             k: getattr(self, k) if getattr(self, k) is not None else getattr(base, k) for k in self.PROPERTY_KEYS
         })
+
+
+def split_properties(props: dict[str, Any], where: str, *, keep_unknown: bool = False) -> dict[str, Any]:
+    """The free attributes of a feature (its ``attributes`` object); any other key must be an accepted one.
+
+    An unknown key is refused with the accepted list (a misspelled ``recipient`` must not silently leave an
+    area that alerts nobody); with ``keep_unknown`` it is kept as an attribute instead.
+    """
+    attributes = props.get(AreaOptions.ATTRIBUTES_KEY) or {}
+    if not isinstance(attributes, dict):
+        raise AreaError(f"{where}: 'attributes' must be an object, got {attributes!r}")
+    known = set(AreaOptions.accepted_keys()) | set(AreaOptions.EXPORT_ONLY_KEYS)
+    unknown = [k for k in props if k not in known]
+    if unknown and not keep_unknown:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, n=1)) else repr(k)
+                 for k in unknown]
+        raise AreaError(
+            f"{where}: unknown propert{'y' if len(unknown) == 1 else 'ies'} {', '.join(hints)}; accepted: "
+            f"{', '.join(AreaOptions.accepted_keys())} (--keep-unknown-properties stores others as attributes)"
+        )
+    return {**attributes, **{k: props[k] for k in unknown}}
+
+
+def alert_targets(area: Area) -> list[str]:
+    """Where an area's alerts go: its email recipients (the place to add other channels, e.g. webhooks)."""
+    return list(area.recipients or [])
+
+
+def alerts_nobody(area: Area) -> bool:
+    """True when the area sends alerts (immediately or in a digest) but has nowhere to send them."""
+    return area.alert_frequency != AlertFrequency.OFF and not alert_targets(area)
+
+
+def alerts_nobody_warning(area: Area) -> str:
+    return (f"area {area.name!r} sends {area.alert_frequency.value} alerts but has no recipient: add one with "
+            f"`unirs-monitor areas update {area.name!r} --recipient you@example.org` (or --frequency off)")
 
 
 def validate_name(name: Any) -> str:
@@ -151,15 +198,23 @@ def _apply(area: Area, opts: AreaOptions) -> None:
         area.pairing_policy = PairingPolicy(opts.pairing_policy)
 
 
-def add_areas(session: Session, parsed: list[ParsedArea], name: str | None, opts: AreaOptions) -> list[Area]:
-    """Create one area per parsed geometry. All or nothing: any refusal rolls back the whole batch."""
+def add_areas(session: Session, parsed: list[ParsedArea], name: str | None, opts: AreaOptions, *,
+              keep_unknown: bool = False) -> list[Area]:
+    """Create one area per parsed geometry. All or nothing: any refusal rolls back the whole batch.
+
+    Feature properties other than :meth:`AreaOptions.accepted_keys` are refused unless ``keep_unknown``
+    (see :func:`split_properties`)."""
     if name is not None and len(parsed) > 1:
         raise AreaError(f"--name given but the input has {len(parsed)} features; use --union, or name each feature "
                         "with a 'name' property")
     created = []
     seen: set[str] = set()
     for item in parsed:
-        area_name = validate_name(name if name is not None else item.properties.get("name"))
+        attributes = split_properties(item.properties, item.source, keep_unknown=keep_unknown)
+        try:
+            area_name = validate_name(name if name is not None else item.properties.get("name"))
+        except AreaError as exc:
+            raise AreaError(f"{item.source}: {exc}") from None
         if area_name in seen or session.scalar(select(Area.id).where(Area.name == area_name)) is not None:
             raise AreaError(f"{item.source}: an area named {area_name!r} already exists")
         seen.add(area_name)
@@ -170,8 +225,7 @@ def add_areas(session: Session, parsed: list[ParsedArea], name: str | None, opts
             collections=["sentinel-2-l2a"],
             recipients=[],
             questions=[],
-            properties={k: v for k, v in item.properties.items()
-                        if k not in AreaOptions.PROPERTY_KEYS and k not in {"name", "id", "area_km2", "status"}},
+            properties=attributes,
         )
         _apply(area, opts.merged_over(AreaOptions.from_properties(item.properties)))
         session.add(area)
@@ -238,7 +292,6 @@ def area_geometry(area: Area) -> MultiPolygon:
 
 def area_properties(area: Area) -> dict[str, Any]:
     return {
-        **(area.properties or {}),
         "id": area.id,
         "name": area.name,
         "status": area.status.value,
@@ -252,11 +305,16 @@ def area_properties(area: Area) -> dict[str, Any]:
         "min_alert_hectares": area.min_alert_hectares,
         "alert_classes": list(area.alert_classes),
         "pairing_policy": area.pairing_policy.value,
+        "attributes": dict(area.properties or {}),
     }
+
+
+def area_feature(area: Area) -> dict[str, Any]:
+    """The area as an RFC 7946 Feature: its id as the Feature ``id``, every other property kept."""
+    props = {k: v for k, v in area_properties(area).items() if k != "id"}
+    return to_feature(area_geometry(area), props, feature_id=area.id)
 
 
 def export_feature_collection(areas: list[Area]) -> dict[str, Any]:
-    return {
-        "type": "FeatureCollection",
-        "features": [to_feature(area_geometry(a), area_properties(a)) for a in areas],
-    }
+    """RFC 7946 FeatureCollection (no ``crs`` member: WGS84 lon/lat); `areas add` reads it back."""
+    return {"type": "FeatureCollection", "features": [area_feature(a) for a in areas]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -15,7 +16,8 @@ from core.db import session_scope
 from core.models import AreaStatus
 from eo.change_classes import CLASS_ORDER
 from monitor import areas as svc
-from monitor.geometry import AreaGeometryError, parse_areas, read_source, to_feature
+from monitor.geometry import AreaGeometryError, parse_areas, read_source
+from monitor.tables import Column, render_table
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -63,12 +65,27 @@ def _options(**kw: Any) -> svc.AreaOptions:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    cols = ["id", "name", "status", "area_km2", "collections", "alert_frequency", "recipients"]
-    data = [[", ".join(r[c]) if isinstance(r[c], list) else str(r[c]) for c in cols] for r in rows]
-    widths = [max([len(c)] + [len(d[i]) for d in data]) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(d, widths, strict=True)) for d in data]
-    return "\n".join(lines)
+    columns = [Column("id", justify="right"), Column("name", 40), Column("status"),
+               Column("area_km2", justify="right"), Column("collections", 30), Column("alerts"),
+               Column("recipients", 50)]
+    return render_table(columns, [
+        [r["id"], r["name"], r["status"], f"{r['area_km2']:.2f}", ", ".join(r["collections"]), r["alert_frequency"],
+         ", ".join(r["recipients"]) or ("(nobody!)" if r["alert_frequency"] != "off" else "")]
+        for r in rows
+    ])
+
+
+def _warn_if_alerting_nobody(areas: list[Any]) -> None:
+    for area in areas:
+        if svc.alerts_nobody(area):
+            click.echo(f"warning: {svc.alerts_nobody_warning(area)}", err=True)
+
+
+_PROPERTIES_HELP = "\b\nFeature properties accepted (others are refused, unless --keep-unknown-properties):\n" + "\n".join(
+    textwrap.wrap(", ".join(svc.AreaOptions.accepted_keys()), 76, initial_indent="  ", subsequent_indent="  ")
+) + """
+  attributes: an object of your own fields, kept and exported as they are;
+  id, status and area_km2 (written by `areas export`) are ignored."""
 
 
 @click.group()
@@ -80,15 +97,18 @@ def areas() -> None:
     """
 
 
-@areas.command("add")
+@areas.command("add", epilog=_PROPERTIES_HELP)
 @click.argument("source")
 @click.option("--name", help="Area name (required unless each feature has a 'name' property).")
 @click.option("--union", is_flag=True, help="Merge all features of a FeatureCollection into one area.")
 @click.option("--fix", is_flag=True, help="Repair invalid polygons (self-intersections…) instead of refusing them.")
+@click.option("--keep-unknown-properties", "keep_unknown", is_flag=True,
+              help="Store feature properties that are not settings as the area's attributes instead of refusing.")
 @_settings_options
 @click.option("--json", "as_json", is_flag=True, help="Print the created areas as JSON.")
 @_friendly
-def add_cmd(source: str, name: str | None, union: bool, fix: bool, as_json: bool, **kw: Any) -> None:
+def add_cmd(source: str, name: str | None, union: bool, fix: bool, keep_unknown: bool, as_json: bool,
+            **kw: Any) -> None:
     """Add watched area(s) from SOURCE (GeoJSON / WKT text, or a file; '-' reads stdin).
 
     \b
@@ -100,8 +120,9 @@ def add_cmd(source: str, name: str | None, union: bool, fix: bool, as_json: bool
     text = sys.stdin.read() if source == "-" else read_source(source)
     parsed = parse_areas(text, union=union, fix=fix)
     with session_scope() as session:
-        created = svc.add_areas(session, parsed, name, _options(**kw))
+        created = svc.add_areas(session, parsed, name, _options(**kw), keep_unknown=keep_unknown)
         out = [svc.area_properties(a) for a in created]
+        _warn_if_alerting_nobody(created)
     if as_json:
         click.echo(json.dumps(out, indent=2))
     else:
@@ -132,11 +153,11 @@ def show_cmd(area: str, as_json: bool) -> None:
     """Show one area (by name or id)."""
     with session_scope() as session:
         a = svc.get_area(session, area)
-        feature = to_feature(svc.area_geometry(a), svc.area_properties(a))
+        feature = svc.area_feature(a)
     if as_json:
         click.echo(json.dumps(feature, indent=2))
         return
-    for key, value in feature["properties"].items():
+    for key, value in {"id": feature["id"], **feature["properties"]}.items():
         click.echo(f"{key:>20}: {', '.join(map(str, value)) if isinstance(value, list) else value}")
     click.echo(f"{'bounds':>20}: {shape(feature['geometry']).bounds}")
 
@@ -159,6 +180,7 @@ def update_cmd(area: str, geometry_source: str | None, fix: bool, rename: str | 
     with session_scope() as session:
         a = svc.update_area(session, area, _options(**kw), geometry=geometry, rename=rename)
         props = svc.area_properties(a)
+        _warn_if_alerting_nobody([a])
     click.echo(json.dumps(props, indent=2) if as_json else f"updated area {props['id']} {props['name']!r}")
 
 

@@ -18,11 +18,18 @@ class Check:
     name: str
     ok: bool
     detail: str
+    warning: bool = False  # works, but probably not as intended (exit status stays 0)
+
+
+class DoctorWarning(Exception):
+    """A check's finding that is not a failure."""
 
 
 def _check(name: str, fn: Callable[[], str]) -> Check:
     try:
         return Check(name, True, fn())
+    except DoctorWarning as warn:
+        return Check(name, True, str(warn), warning=True)
     except Exception as exc:  # every failure becomes a line of the report, never a traceback
         return Check(name, False, f"{type(exc).__name__}: {exc}".strip())
 
@@ -141,9 +148,28 @@ def check_model(settings: Settings, load: bool) -> str:
     return f"loaded {path} ({n / 1e6:.1f} M parameters)"
 
 
+def check_areas(settings: Settings) -> str:
+    """Active areas, and the ones that alert nobody (a warning: they are watched, their findings stored)."""
+    from core.db import session_scope
+    from monitor import areas as svc
+
+    with session_scope(settings) as session:
+        active = svc.list_areas(session, "active")
+        silent = [a.name for a in active if svc.alerts_nobody(a)]
+    if not active:
+        return "no active areas yet: add one with `unirs-monitor areas add FILE --name NAME --recipient EMAIL`"
+    if silent:
+        raise DoctorWarning(f"{len(silent)} of {len(active)} active area(s) send alerts to nobody: "
+                       f"{', '.join(map(repr, silent))} (`unirs-monitor areas update NAME --recipient EMAIL`)")
+    return f"{len(active)} active area(s), each with a recipient"
+
+
 def run_checks(settings: Settings, *, load_model: bool = False) -> list[Check]:
+    database = _check("database", lambda: check_database(settings))
     checks = [
-        _check("database", lambda: check_database(settings)),
+        database,
+        _check("areas", lambda: check_areas(settings)) if database.ok
+        else Check("areas", False, "not checked: the database is not usable"),
         _check("broker", lambda: check_broker(settings)),
     ]
     checks += [_check(f"catalogue {c.name}", lambda c=c: check_catalogue(c)) for c in settings.catalogues]
@@ -159,13 +185,15 @@ def run_checks(settings: Settings, *, load_model: bool = False) -> list[Check]:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def doctor(load_model: bool, as_json: bool) -> None:
     """Check configuration and connectivity: database + PostGIS + schema revision, broker, each STAC
-    catalogue, SMTP (or the outbox directory), model weights. Exit status 1 if anything is wrong."""
+    catalogue, SMTP (or the outbox directory), model weights, and areas that alert nobody (WARN).
+    Exit status 1 if anything is wrong (FAIL)."""
     checks = run_checks(get_settings(), load_model=load_model)
     if as_json:
         click.echo(json.dumps([c.__dict__ for c in checks], indent=2))
     else:
         for c in checks:
-            mark = click.style("ok  ", fg="green") if c.ok else click.style("FAIL", fg="red")
+            mark = (click.style("WARN", fg="yellow") if c.warning else click.style("ok  ", fg="green")) if c.ok \
+                else click.style("FAIL", fg="red")
             click.echo(f"{mark} {c.name:<24} {c.detail}")
     if not all(c.ok for c in checks):
         raise SystemExit(1)

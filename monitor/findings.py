@@ -20,6 +20,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from core.models import Analysis, Area, Finding, FindingImage, Scene
+from monitor.tables import Column, render_table
 
 KINDS = ("summary", "region", "answer", "event")
 
@@ -232,23 +233,15 @@ def write_csv(rows: list[dict[str, Any]], out: IO[str]) -> None:
         writer.writerow(record)
 
 
-def _cell(value: Any, width: int) -> str:
-    text = "" if value is None else " ".join(str(value).split())  # model text may carry line breaks
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """A terminal table: the fields people scan for, long text cut."""
-    header = ("id", "observed", "area", "kind", "class", "hectares", "text")
-    data = [
+def format_table(rows: list[dict[str, Any]], *, terminal: bool | None = None) -> str:
+    """A terminal table (rich): the fields people scan for, long text cut with "…"."""
+    columns = [Column("id", justify="right"), Column("observed"), Column("area", 24), Column("kind"),
+               Column("class", 16), Column("hectares", justify="right"), Column("text", 60)]
+    return render_table(columns, [
         (
-            str(r["id"]), r["observed_at"].strftime("%Y-%m-%d"), _cell(r["area"], 24), r["kind"],
-            _cell(r["change_class"] or "", 16), "" if r["hectares"] is None else f"{r['hectares']:.2f}",
-            _cell(r["caption"] if r["kind"] != "answer" else f"{r['question']} → {r['answer']}", 60),
+            r["id"], r["observed_at"].strftime("%Y-%m-%d"), r["area"], r["kind"], r["change_class"],
+            None if r["hectares"] is None else f"{r['hectares']:.2f}",
+            r["caption"] if r["kind"] != "answer" else f"{r['question']} → {r['answer']}",
         )
         for r in rows
-    ]
-    widths = [max([len(h)] + [len(d[i]) for d in data]) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(d, widths, strict=True)).rstrip() for d in data]
-    return "\n".join(lines)
+    ], terminal=terminal)

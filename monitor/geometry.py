@@ -1,7 +1,8 @@
 """Reading and validating watched-area geometries (GeoJSON, WKT, files).
 
-Every refusal is an :class:`AreaGeometryError` whose message says what is wrong and where (the feature
-index, shapely's explanation of an invalid ring, the offending coordinate), so a user can fix the file.
+Every refusal is an :class:`AreaGeometryError` whose message says what is wrong and where (the 1-based
+feature number and its name, shapely's explanation of an invalid ring, the offending coordinate), so a
+user can fix the file.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class ParsedArea:
 
     geometry: MultiPolygon
     properties: dict[str, Any] = field(default_factory=dict)
-    source: str = "input"  # e.g. "feature 3" — used in error messages
+    source: str = "input"  # e.g. "feature 3 ('north')", 1-based — used in error messages
 
     @property
     def area_km2(self) -> float:
@@ -57,8 +58,9 @@ def read_source(source: str) -> str:
             return path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             raise AreaGeometryError(f"{path}: not a UTF-8 text file (GeoJSON or WKT expected): {exc}") from None
-    if len(stripped) < 256 and ("/" in stripped or stripped.endswith((".json", ".geojson", ".wkt"))):
-        raise AreaGeometryError(f"{source}: no such file")
+    # WKT always has a "(" (or is "… EMPTY"); anything else short is meant as a file name, e.g. `parcels`.
+    if stripped and len(stripped) < 256 and "(" not in stripped and not stripped.upper().endswith("EMPTY"):
+        raise AreaGeometryError(f"{source}: no such file (expected a GeoJSON or WKT file, GeoJSON text or WKT)")
     return stripped
 
 
@@ -95,7 +97,8 @@ def _parse_geojson(text: str) -> list[tuple[BaseGeometry, dict[str, Any], str]]:
         features = doc.get("features")
         if not isinstance(features, list) or not features:
             raise AreaGeometryError("FeatureCollection has no features")
-        return [_feature(f, f"feature {i}") for i, f in enumerate(features)]
+        # 1-based, as people count (and as QGIS numbers features).
+        return [_feature(f, f"feature {i}") for i, f in enumerate(features, start=1)]
     if kind == "Feature":
         return [_feature(doc, "feature")]
     if isinstance(kind, str):
@@ -223,8 +226,23 @@ def _shift_lon(coords: np.ndarray, delta: float, only_negative: bool = False) ->
     return out
 
 
-def to_feature(geom: MultiPolygon, properties: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "Feature", "geometry": mapping(geom), "properties": properties}
+# RFC 7946 §11.2: 7 decimals of a degree are about 1 cm, more than any satellite pixel resolves.
+GEOJSON_DECIMALS = 7
+
+
+def rfc7946_geometry(geom: BaseGeometry) -> dict[str, Any]:
+    """GeoJSON geometry per RFC 7946: exterior rings counter-clockwise, holes clockwise (§3.1.6),
+    coordinates rounded to :data:`GEOJSON_DECIMALS` (§11.2). Lon/lat WGS84, as stored."""
+    oriented = shapely.orient_polygons(geom, exterior_cw=False)
+    return mapping(shapely.transform(oriented, lambda c: np.round(c, GEOJSON_DECIMALS)))
+
+
+def to_feature(geom: MultiPolygon, properties: dict[str, Any], feature_id: int | str | None = None) -> dict[str, Any]:
+    """An RFC 7946 Feature; ``feature_id`` becomes the Feature's ``id`` member (§3.2), not a property."""
+    feature: dict[str, Any] = {"type": "Feature"}
+    if feature_id is not None:
+        feature["id"] = feature_id
+    return {**feature, "geometry": rfc7946_geometry(geom), "properties": properties}
 
 
 __all__ = [
@@ -233,5 +251,6 @@ __all__ = [
     "geodesic_area_km2",
     "parse_areas",
     "read_source",
+    "rfc7946_geometry",
     "to_feature",
 ]

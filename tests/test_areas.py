@@ -97,7 +97,7 @@ def test_wkt_and_stdin(db):
         ('{"type": "Polygon", "coordinates": [[[23, 46], [23.1, 46]', "invalid JSON at line 1"),
         ("POLYGON((23 46, 23.1 46", "invalid WKT"),
         ('{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": null, "properties": {}}]}',
-         "feature 0: has no geometry"),
+         "feature 1: has no geometry"),
         ("POLYGON((0 0, 200 0, 200 1, 0 0))", "more than 180°"),
         ("/no/such/file.geojson", "no such file"),
     ],

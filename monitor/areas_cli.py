@@ -81,9 +81,10 @@ def _warn_if_alerting_nobody(areas: list[Any]) -> None:
             click.echo(f"warning: {svc.alerts_nobody_warning(area)}", err=True)
 
 
-_PROPERTIES_HELP = "\b\nFeature properties accepted (others are refused, unless --keep-unknown-properties):\n" + "\n".join(
-    textwrap.wrap(", ".join(svc.AreaOptions.accepted_keys()), 76, initial_indent="  ", subsequent_indent="  ")
-) + """
+_KEYS_HELP = textwrap.wrap(", ".join(svc.AreaOptions.accepted_keys()), 76, initial_indent="  ", subsequent_indent="  ")
+_PROPERTIES_HELP = "\n".join([
+    "\b", "Feature properties accepted (others are refused, unless --keep-unknown-properties):", *_KEYS_HELP,
+]) + """
   attributes: an object of your own fields, kept and exported as they are;
   id, status and area_km2 (written by `areas export`) are ignored."""
 

@@ -147,6 +147,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("var")
     # Areas larger than this are refused (a typo in a coordinate should not trigger a continent-wide poll).
     max_area_km2: float = 10_000.0
+    # Areas with more vertices than this are refused (a 1 M-vertex polygon costs ~0.5 GB to validate and
+    # slows every intersection query); simplify such boundaries first.
+    max_area_vertices: int = 100_000
     public_url: str = "https://www.openstreetmap.org"
     catalogues: list[CatalogueSettings] = Field(
         default_factory=lambda: [

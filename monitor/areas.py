@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -106,14 +107,53 @@ def alerts_nobody_warning(area: Area) -> str:
 
 
 def validate_name(name: Any) -> str:
+    """The name with runs of whitespace collapsed; refused unless printable Unicode, 1–200 characters."""
     if not isinstance(name, str) or not name.strip():
         raise AreaError("an area needs a non-empty name (--name, or a 'name' property per feature)")
     if _CONTROL.search(name):
         raise AreaError(f"area name {name!r} contains control characters (line breaks, tabs…)")
     name = " ".join(name.split())
+    bad = _unprintable(name)
+    if bad:
+        raise AreaError(f"area name {name!r} contains {bad}; names must be printable Unicode")
     if len(name) > 200:
         raise AreaError(f"area name is {len(name)} characters long; the maximum is 200")
     return name
+
+
+def _unprintable(text: str) -> str | None:
+    """What makes ``text`` not printable Unicode (invalid UTF-8 from argv, lone surrogates, format or
+    private-use characters such as U+202E), or None."""
+    for index, ch in enumerate(text):
+        if ch.isprintable():
+            continue
+        if "\udc80" <= ch <= "\udcff":
+            return f"invalid UTF-8 (byte 0x{ord(ch) - 0xDC00:02x} at character {index})"
+        if "\ud800" <= ch <= "\udfff":
+            return f"a lone surrogate U+{ord(ch):04X} at character {index}"
+        return f"the non-printable character U+{ord(ch):04X} at character {index}"
+    return None
+
+
+def _storable(value: Any, where: str) -> None:
+    """Refuse JSON that PostgreSQL JSONB cannot hold (NaN/Infinity, NUL, lone surrogates)."""
+    try:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")
+    except (ValueError, TypeError) as exc:
+        raise AreaError(f"{where} cannot be stored: {exc}") from None
+    if "\x00" in text or "\\u0000" in text:
+        raise AreaError(f"{where} cannot be stored: contains a NUL character")
+
+
+def _number(value: Any, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise AreaError(f"{name} must be a number, got {value!r}") from None
+    if number != number:
+        raise AreaError(f"{name} must be a number, got NaN")
+    return number
 
 
 def validate_recipients(recipients: list[str]) -> list[str]:
@@ -129,16 +169,19 @@ def validate_recipients(recipients: list[str]) -> list[str]:
 
 
 def _validate_options(opts: AreaOptions) -> None:
-    if opts.max_cloud_cover is not None and not 0 <= float(opts.max_cloud_cover) <= 100:
+    if opts.max_cloud_cover is not None and not 0 <= _number(opts.max_cloud_cover, "max cloud cover") <= 100:
         raise AreaError(f"max cloud cover must be a percentage in [0, 100], got {opts.max_cloud_cover}")
-    if opts.min_clear_fraction is not None and not 0 <= float(opts.min_clear_fraction) <= 1:
+    if opts.min_clear_fraction is not None and not 0 <= _number(opts.min_clear_fraction, "minimum clear fraction") <= 1:
         raise AreaError(f"minimum clear fraction must be in [0, 1], got {opts.min_clear_fraction}")
-    if opts.min_alert_hectares is not None and float(opts.min_alert_hectares) < 0:
+    if opts.min_alert_hectares is not None and not 0 <= _number(opts.min_alert_hectares,
+                                                                "minimum alert hectares") < float("inf"):
         raise AreaError(f"minimum alert hectares must be ≥ 0, got {opts.min_alert_hectares}")
-    if opts.alert_frequency is not None and opts.alert_frequency not in {f.value for f in AlertFrequency}:
+    if opts.alert_frequency is not None and (not isinstance(opts.alert_frequency, str)
+                                             or opts.alert_frequency not in {f.value for f in AlertFrequency}):
         raise AreaError(f"alert frequency must be one of {[f.value for f in AlertFrequency]}, got "
                         f"{opts.alert_frequency!r}")
-    if opts.pairing_policy is not None and opts.pairing_policy not in {p.value for p in PairingPolicy}:
+    if opts.pairing_policy is not None and (not isinstance(opts.pairing_policy, str)
+                                            or opts.pairing_policy not in {p.value for p in PairingPolicy}):
         raise AreaError(
             f"pairing policy must be one of {[p.value for p in PairingPolicy]}, got {opts.pairing_policy!r}"
         )
@@ -150,10 +193,15 @@ def _validate_options(opts: AreaOptions) -> None:
     for key in ("recipients", "questions", "alert_classes"):
         if getattr(opts, key) is not None and not isinstance(getattr(opts, key), list | tuple):
             raise AreaError(f"{key} must be a list, got {getattr(opts, key)!r}")
+    for key in ("collections", "recipients", "questions"):
+        for value in getattr(opts, key) or []:
+            bad = _unprintable(value) if isinstance(value, str) else None
+            if bad:
+                raise AreaError(f"{key}: {value!r} contains {bad}")
     if opts.questions:
         _validate_questions(opts.questions)
     if opts.alert_classes is not None:
-        unknown = [c for c in opts.alert_classes if c not in CLASS_ORDER]
+        unknown = [c for c in opts.alert_classes if not isinstance(c, str) or c not in CLASS_ORDER]
         if unknown or not opts.alert_classes:
             raise AreaError(f"alert classes must be a non-empty list of {list(CLASS_ORDER)}, got "
                             f"{list(opts.alert_classes)!r}")
@@ -165,7 +213,7 @@ def _validate_questions(ids: list[str]) -> None:
     except ImportError:  # templates ship with the analysis workers; without them any id is accepted
         return
     known = {t.id for t in load_templates()}
-    unknown = [q for q in ids if q not in known]
+    unknown = [q for q in ids if not isinstance(q, str) or q not in known]
     if unknown:
         raise AreaError(f"unknown question template(s) {unknown}; known: {sorted(known)}")
 
@@ -218,6 +266,7 @@ def add_areas(session: Session, parsed: list[ParsedArea], name: str | None, opts
         if area_name in seen or session.scalar(select(Area.id).where(Area.name == area_name)) is not None:
             raise AreaError(f"{item.source}: an area named {area_name!r} already exists")
         seen.add(area_name)
+        _storable(item.properties, f"{item.source}: properties")
         area = Area(
             name=area_name,
             geom=from_shape(item.geometry, srid=4326),
@@ -239,6 +288,9 @@ def add_areas(session: Session, parsed: list[ParsedArea], name: str | None, opts
 def get_area(session: Session, ref: str | int) -> Area:
     """Look an area up by name, or by id when REF is all digits."""
     ref_s = str(ref).strip()
+    bad = _unprintable(ref_s)
+    if bad:
+        raise AreaError(f"no area named or numbered {ref_s!r}: the name contains {bad}")
     area = session.scalar(select(Area).where(Area.name == ref_s))
     if area is None and ref_s.isdigit():
         area = session.get(Area, int(ref_s))

@@ -16,7 +16,7 @@ from core.db import session_scope
 from core.models import AreaStatus
 from eo.change_classes import CLASS_ORDER
 from monitor import areas as svc
-from monitor.geometry import AreaGeometryError, parse_areas, read_source
+from monitor.geometry import AreaGeometryError, parse_areas, read_source, read_stdin
 from monitor.tables import Column, render_table
 
 
@@ -118,7 +118,7 @@ def add_cmd(source: str, name: str | None, union: bool, fix: bool, keep_unknown:
       unirs-monitor areas add 'POLYGON((23.1 46.5, 23.2 46.5, 23.2 46.6, 23.1 46.6, 23.1 46.5))' --name test
       unirs-monitor areas add parcels.geojson            # one area per feature, named by properties.name
     """
-    text = sys.stdin.read() if source == "-" else read_source(source)
+    text = read_stdin(sys.stdin.buffer) if source == "-" else read_source(source)
     parsed = parse_areas(text, union=union, fix=fix)
     with session_scope() as session:
         created = svc.add_areas(session, parsed, name, _options(**kw), keep_unknown=keep_unknown)

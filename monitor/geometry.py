@@ -49,11 +49,20 @@ def geodesic_area_km2(geom: BaseGeometry) -> float:
 
 def read_source(source: str) -> str:
     """SOURCE is a file path, GeoJSON text or WKT text; return the text."""
+    _check_text(source, "the argument")
     stripped = source.strip()
     if stripped.startswith(("{", "[")) or stripped[:20].upper().startswith(("POLYGON", "MULTIPOLYGON")):
         return stripped
-    path = Path(source).expanduser()
-    if path.is_file():
+    try:
+        path = Path(source).expanduser()
+    except RuntimeError:  # "~user" whose home directory cannot be determined
+        user = source.split("/", 1)[0]
+        raise AreaGeometryError(f"{source}: cannot expand {user!r}: no such user or no home directory") from None
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, or holding a NUL: it is text
+        is_file = False
+    if is_file:
         try:
             return path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
@@ -64,19 +73,44 @@ def read_source(source: str) -> str:
     return stripped
 
 
-def parse_areas(text: str, *, union: bool = False, fix: bool = False) -> list[ParsedArea]:
+def read_stdin(stream: Any) -> str:
+    """The whole of a binary stream (``sys.stdin.buffer``) as UTF-8 text, or a one-line error."""
+    data = stream.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AreaGeometryError(
+            f"stdin: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); GeoJSON or WKT expected"
+        ) from None
+
+
+def parse_areas(text: str, *, union: bool = False, fix: bool = False,
+                max_vertices: int | None = None) -> list[ParsedArea]:
     """Parse GeoJSON (Geometry, Feature, FeatureCollection) or WKT into validated MultiPolygons.
 
     A FeatureCollection gives one area per feature, or a single area with ``union=True``.
     ``fix=True`` repairs invalid rings with ``shapely.make_valid`` instead of refusing them.
+    Z and M ordinates are dropped. An input with more than ``max_vertices`` vertices in all (default: the
+    ``max_area_vertices`` setting) is refused with its count before any validation work.
     """
+    _check_text(text, "input")
     text = text.strip()
     if not text:
         raise AreaGeometryError("empty input: expected GeoJSON, WKT or a file path")
+    if max_vertices is None:
+        from core.config import get_settings
+
+        max_vertices = get_settings().max_area_vertices
     if text[0] in "{[":
         raw = _parse_geojson(text)
     else:
         raw = [(_parse_wkt(text), {}, "WKT")]
+    vertices = sum(shapely.get_num_coordinates(g) for g, _, _ in raw)
+    if vertices > max_vertices:
+        raise AreaGeometryError(
+            f"input has {vertices:,} vertices, above the maximum of {max_vertices:,} (setting "
+            "UNIRS_MAX_AREA_VERTICES); simplify it first (e.g. ogr2ogr -simplify or mapshaper)"
+        )
 
     if union and len(raw) > 1:
         geoms = [_validated(g, src, fix) for g, _, src in raw]
@@ -90,6 +124,8 @@ def _parse_geojson(text: str) -> list[tuple[BaseGeometry, dict[str, Any], str]]:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise AreaGeometryError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise AreaGeometryError("invalid GeoJSON: arrays/objects nested too deeply") from None
     if not isinstance(doc, dict):
         raise AreaGeometryError("GeoJSON must be an object with a 'type' member")
     kind = doc.get("type")
@@ -125,18 +161,37 @@ def _geometry(obj: Any, where: str) -> BaseGeometry:
     kind = obj.get("type")
     if kind not in _POLYGONAL:
         raise AreaGeometryError(f"{where}: {kind!r} is not polygonal; a watched area must be a Polygon or MultiPolygon")
+    depth = 3 if kind == "Polygon" else 4
+    coordinates = _planar(obj.get("coordinates"), depth, f"{where}: coordinates")
     try:
-        geom = shape(obj)
+        geom = shape({"type": kind, "coordinates": coordinates})
     except Exception as exc:  # shapely raises several types for malformed coordinate arrays
         raise AreaGeometryError(f"{where}: malformed {kind} coordinates ({exc})") from None
     return geom
+
+
+def _planar(value: Any, depth: int, where: str) -> list[Any]:
+    """Coordinates nested ``depth`` deep (positions at the bottom) with each position cut to [lon, lat].
+
+    Checks the nesting before shapely sees it (no RecursionError on hostile input) and drops Z/M
+    ordinates like ``force_2d`` does for WKT.
+    """
+    if depth == 1:
+        if (not isinstance(value, list) or len(value) < 2
+                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value[:2])):
+            raise AreaGeometryError(f"{where} is not a position [lon, lat]: {str(value)[:60]}")
+        return [float(value[0]), float(value[1])]
+    if not isinstance(value, list):
+        raise AreaGeometryError(f"{where} must be an array, got {type(value).__name__}")
+    return [_planar(v, depth - 1, f"{where}[{i}]") for i, v in enumerate(value)]
 
 
 def _parse_wkt(text: str) -> BaseGeometry:
     try:
         geom = shapely.from_wkt(text)
     except shapely.errors.GEOSException as exc:
-        raise AreaGeometryError(f"invalid WKT: {exc}") from None
+        detail = str(exc).strip() or f"cannot parse {text[:40]!r}"
+        raise AreaGeometryError(f"invalid WKT: {detail}") from None
     if geom.geom_type not in _POLYGONAL:
         raise AreaGeometryError(f"WKT: {geom.geom_type} is not polygonal; a watched area must be a (MULTI)POLYGON")
     return geom
@@ -145,7 +200,7 @@ def _parse_wkt(text: str) -> BaseGeometry:
 def _validated(geom: BaseGeometry, where: str, fix: bool) -> MultiPolygon:
     if geom.is_empty:
         raise AreaGeometryError(f"{where}: geometry is empty")
-    if geom.has_z:
+    if geom.has_z or geom.has_m:  # POLYGON Z / M / ZM: a watched area is planar lon/lat
         geom = shapely.force_2d(geom)
     coords = shapely.get_coordinates(geom)
     if not all(math.isfinite(v) for v in coords.ravel()):
@@ -226,6 +281,14 @@ def _shift_lon(coords: np.ndarray, delta: float, only_negative: bool = False) ->
     return out
 
 
+def _check_text(text: str, what: str) -> None:
+    """Refuse text Python decoded with surrogateescape (invalid UTF-8 in argv) or holding lone surrogates."""
+    for index, ch in enumerate(text):
+        if "\ud800" <= ch <= "\udfff":
+            hint = f"byte 0x{ord(ch) - 0xDC00:02x}" if "\udc80" <= ch <= "\udcff" else f"U+{ord(ch):04X}"
+            raise AreaGeometryError(f"{what} is not valid UTF-8 text ({hint} at character {index})")
+
+
 # RFC 7946 §11.2: 7 decimals of a degree are about 1 cm, more than any satellite pixel resolves.
 GEOJSON_DECIMALS = 7
 
@@ -251,6 +314,7 @@ __all__ = [
     "geodesic_area_km2",
     "parse_areas",
     "read_source",
+    "read_stdin",
     "rfc7946_geometry",
     "to_feature",
 ]

@@ -68,12 +68,15 @@ def parse_item(item: Any, catalogue: CatalogueSettings) -> ParsedItem:
     item_id = item.get("id")
     if not isinstance(item_id, str) or not item_id:
         raise MalformedItem(f"id must be a non-empty string, got {_show(item_id)}")
+    _check_identifier(item_id, "id")
     props = item.get("properties")
     if not isinstance(props, dict):
         raise MalformedItem(f"properties must be an object, got {_show(props)}")
     collection = item.get("collection")
     if collection is not None and not isinstance(collection, str):
         raise MalformedItem(f"collection must be a string, got {_show(collection)}")
+    if collection is not None:
+        _check_identifier(collection, "collection")
 
     acquired_at = _sensing_time(props)
     footprint = _footprint(item.get("geometry"))
@@ -113,6 +116,22 @@ def parse_item(item: Any, catalogue: CatalogueSettings) -> ParsedItem:
 
 
 # --- fields ----------------------------------------------------------------------------------------
+
+
+# Ids flow into file names, log lines, email and the web app: printable Unicode without markup or quotes.
+_MARKUP = set("<>&\"'`\\")
+MAX_ID_LENGTH = 256
+
+
+def _check_identifier(value: str, name: str) -> None:
+    if len(value) > MAX_ID_LENGTH:
+        raise MalformedItem(f"{name} is {len(value)} characters long (max {MAX_ID_LENGTH})")
+    for index, ch in enumerate(value):
+        if not ch.isprintable():
+            raise MalformedItem(f"{name} contains a control or non-printable character "
+                                f"U+{ord(ch):04X} at {index}: {_show(value)}")
+        if ch in _MARKUP:
+            raise MalformedItem(f"{name} contains the markup character {ch!r} at {index}: {_show(value)}")
 
 
 def _show(value: Any) -> str:

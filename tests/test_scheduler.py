@@ -29,7 +29,9 @@ def leader_pids(database_url: str) -> list[int]:
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
         rows = conn.execute(
             "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s::oid AND l.objid = %s::oid",
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s::oid AND l.objid = %s::oid "
+            # Advisory locks are per database: schedulers of other databases on this server are not ours.
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF),
         ).fetchall()
     return [int(re.search(r"pid=(\d+)", r[0]).group(1)) for r in rows]

@@ -18,6 +18,7 @@ from geoalchemy2 import Geometry, WKBElement
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Enum,
     Float,
@@ -117,6 +118,8 @@ class Area(Base):
         server_default=text("'{new_built_up_or_bare,vegetation_loss}'::text[]"),
     )
     min_alert_hectares: Mapped[float] = mapped_column(Float, default=0.2)
+    # "probable": alert on first detection; "confirmed": only once the next clear acquisition still shows it.
+    alert_on: Mapped[str] = mapped_column(Text, default="probable", server_default=text("'probable'"))
     pairing_policy: Mapped[PairingPolicy] = mapped_column(
         _enum(PairingPolicy, "pairing_policy"), default=PairingPolicy.LATEST
     )
@@ -125,7 +128,10 @@ class Area(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now(), onupdate=_now())
 
-    __table_args__ = (Index("ix_areas_geom", "geom", postgresql_using="gist"),)
+    __table_args__ = (
+        Index("ix_areas_geom", "geom", postgresql_using="gist"),
+        CheckConstraint("alert_on IN ('probable', 'confirmed')", name="ck_areas_alert_on"),
+    )
 
 
 class Catalogue(Base):
@@ -287,6 +293,12 @@ class Finding(Base):
     analyser_version: Mapped[str] = mapped_column(Text)
     observed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # the after scene's time
     before_observed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Regions only (workers/confirmation.py): probable on first detection → confirmed / dismissed by the
+    # next clear acquisition; "redetected" when it overlaps an earlier region, linked to that change's
+    # first finding (first_finding_id) so it is never alerted twice. state_changed_at: when it was settled.
+    alert_state: Mapped[str | None] = mapped_column(Text)
+    first_finding_id: Mapped[int | None] = mapped_column(ForeignKey("findings.id", ondelete="SET NULL"))
+    state_changed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
     images: Mapped[list[FindingImage]] = relationship(back_populates="finding", cascade="all, delete-orphan")
@@ -298,6 +310,7 @@ class Finding(Base):
         Index("ix_findings_area_observed", "area_id", "observed_at"),
         Index("ix_findings_observed_at", "observed_at"),
         Index("ix_findings_kind", "kind"),
+        Index("ix_findings_area_state", "area_id", "alert_state", postgresql_where=text("kind = 'region'")),
         # `findings --text` is ILIKE '%…%': trigram GIN indexes (revision 0002, extension pg_trgm).
         Index(
             "ix_findings_caption_trgm", "caption", postgresql_using="gin", postgresql_ops={"caption": "gin_trgm_ops"}

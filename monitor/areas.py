@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+# When an alert goes out: on the first detection, or once the next clear acquisition confirms it.
+ALERT_ON = ("probable", "confirmed")
+
+
 class AreaError(ValueError):
     """A request about areas that cannot be carried out; the message says why."""
 
@@ -42,11 +46,12 @@ class AreaOptions:
     min_alert_hectares: float | None = None
     pairing_policy: str | None = None
     alert_classes: list[str] | None = None  # change class ids of eo/change_classes.py
+    alert_on: str | None = None  # probable | confirmed
 
     # GeoJSON property names accepted on import, so `areas export` output can be added back.
     PROPERTY_KEYS = (
         "collections", "max_cloud_cover", "min_clear_fraction", "recipients", "questions", "alert_frequency",
-        "min_alert_hectares", "pairing_policy", "alert_classes",
+        "min_alert_hectares", "pairing_policy", "alert_classes", "alert_on",
     )
 
     # Also accepted on import: the name, free attributes, and what `areas export` writes but a new area
@@ -200,6 +205,8 @@ def _validate_options(opts: AreaOptions) -> None:
                 raise AreaError(f"{key}: {value!r} contains {bad}")
     if opts.questions:
         _validate_questions(opts.questions)
+    if opts.alert_on is not None and opts.alert_on not in ALERT_ON:
+        raise AreaError(f"alert on must be one of {list(ALERT_ON)}, got {opts.alert_on!r}")
     if opts.alert_classes is not None:
         unknown = [c for c in opts.alert_classes if not isinstance(c, str) or c not in CLASS_ORDER]
         if unknown or not opts.alert_classes:
@@ -232,6 +239,8 @@ def _apply(area: Area, opts: AreaOptions) -> None:
     _validate_options(opts)
     if opts.recipients is not None:
         area.recipients = validate_recipients(list(opts.recipients))
+    if opts.alert_on is not None:
+        area.alert_on = opts.alert_on
     if opts.alert_classes is not None:
         area.alert_classes = [c for c in CLASS_ORDER if c in opts.alert_classes]
     for key in ("collections", "questions"):
@@ -356,6 +365,7 @@ def area_properties(area: Area) -> dict[str, Any]:
         "alert_frequency": area.alert_frequency.value,
         "min_alert_hectares": area.min_alert_hectares,
         "alert_classes": list(area.alert_classes),
+        "alert_on": area.alert_on,
         "pairing_policy": area.pairing_policy.value,
         "attributes": dict(area.properties or {}),
     }

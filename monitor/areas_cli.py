@@ -51,6 +51,9 @@ def _settings_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--alert-class", "alert_classes", multiple=True, type=click.Choice(list(CLASS_ORDER)),
                      help="Change class that sends an alert (repeatable; replaces the list; default the loss "
                           "classes vegetation_loss and new_built_up_or_bare). Other classes are still reported."),
+        click.option("--alert-on", "alert_on", type=click.Choice(list(svc.ALERT_ON)),
+                     help="Alert on the first detection of a change (probable, default) or only once the next "
+                          "clear acquisition confirms it (confirmed)."),
         click.option("--policy", "pairing_policy", type=click.Choice(["latest", "seasonal"]),
                      help="Before-scene choice: latest earlier clear scene, or same season in earlier years."),
     ]

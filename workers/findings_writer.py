@@ -30,7 +30,8 @@ from geoalchemy2.shape import from_shape
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
-from sqlalchemy import delete
+from sqlalchemy import cast, delete, func, or_, update
+from sqlalchemy.dialects.postgresql import JSONB
 
 from core.config import Settings
 from core.db import session_scope
@@ -58,6 +59,8 @@ class FindingRow:
     confidence: float | None = None
     statistics: dict[str, Any] = field(default_factory=dict)
     images: dict[str, Png] = field(default_factory=dict)  # role -> PNG
+    alert_state: str | None = None  # regions: probable | redetected (workers/confirmation.py)
+    first_finding_id: int | None = None
 
 
 @dataclass
@@ -92,8 +95,11 @@ def region_confidence(mean_dndvi: float | None, valid_fraction: float) -> float:
 
 def write_done(claim: leases.Claim, settings: Settings, *, area_id: int, observed_at: datetime,
                before_observed_at: datetime | None, rows: list[FindingRow], stats: dict[str, Any],
-               analyser_run: AnalyserSpec) -> Written:
-    """Mark the analysis done and store its findings atomically (or raise :class:`leases.LeaseLost`)."""
+               analyser_run: AnalyserSpec, settlements: list[Any] | None = None) -> Written:
+    """Mark the analysis done and store its findings atomically (or raise :class:`leases.LeaseLost`).
+
+    ``settlements`` (:class:`workers.confirmation.Settlement`): earlier probable regions this acquisition
+    confirmed or dismissed, updated in the same transaction and only while still probable."""
     images = 0
     with session_scope(settings) as session:
         leases.finish(session, claim, AnalysisStatus.DONE, stats=stats, analyser_run=analyser_run)
@@ -107,12 +113,22 @@ def write_done(claim: leases.Claim, settings: Settings, *, area_id: int, observe
                 confidence=row.confidence, statistics=leases.json_safe(row.statistics),
                 analyser_name=row.analyser_name, analyser_version=row.analyser_version,
                 observed_at=observed_at, before_observed_at=before_observed_at,
+                alert_state=row.alert_state, first_finding_id=row.first_finding_id,
             )
             for role, png in row.images.items():
                 finding.images.append(FindingImage(role=role, mime_type="image/png", width=png.width,
                                                    height=png.height, data=png.data))
                 images += 1
             session.add(finding)
+        for settled in settlements or []:
+            session.execute(
+                update(Finding)
+                .where(Finding.id == settled.finding_id, or_(Finding.alert_state.is_(None),
+                                                             Finding.alert_state == "probable"))
+                .values(alert_state=settled.state, state_changed_at=func.now(),
+                        statistics=Finding.statistics.op("||")(
+                            cast({"settlement": leases.json_safe(settled.statistics)}, JSONB)))
+            )
         session.flush()
     logger.info("analysis %s done: %d findings, %d images", claim.analysis_id, len(rows), images)
     return Written(len(rows), images)

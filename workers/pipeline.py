@@ -40,7 +40,7 @@ from eo.cog import CogReadError
 from eo.questions import QuestionTemplate, UnknownQuestion, ids_from_question_set, templates_for
 from eo.radiometry import RadiometryMismatch
 from eo.security import HrefRefused, catalogue_for_scene
-from workers import leases, render, spectral, unirs
+from workers import confirmation, leases, render, spectral, unirs
 from workers.findings_writer import FindingRow, region_confidence, union_or, write_done
 from workers.raster import PreparedPair, SceneRef, SkipAnalysis, prepare_pair, read_rgb
 
@@ -178,6 +178,10 @@ def _analyse(ctx: AnalysisContext, claim: leases.Claim, heartbeat: leases.Heartb
 
     t0 = time.monotonic()
     result = spectral.analyse(pair, settings.analysis.min_mapping_unit_ha)
+    with session_scope(settings) as session:
+        earlier = confirmation.earlier_regions(session, ctx.area_id, ctx.after.acquired_at)
+    settled = confirmation.settle(earlier, pair)
+    states = confirmation.new_states(result.regions, earlier, settled)
     timings["spectral"] = time.monotonic() - t0
 
     model_result: unirs.UnirsResult | None = None
@@ -199,14 +203,21 @@ def _analyse(ctx: AnalysisContext, claim: leases.Claim, heartbeat: leases.Heartb
     t0 = time.monotonic()
     images = thumbnails(pair, result)
     ran = ctx.analyser.ran_with(checkpoint if model_result is not None else None)
-    rows = build_rows(ctx, pair, result, model_result, templates, images, ran.checkpoint or "none", settings)
+    rows = build_rows(ctx, pair, result, model_result, templates, images, ran.checkpoint or "none", settings,
+                      states)
     timings["render"] = time.monotonic() - t0
     timings["total"] = time.monotonic() - started
     stats = analysis_stats(ctx, claim, pair, result, model_result, notes, timings, settings)
     stats["analyser_run"] = ran.id
+    stats["confirmation"] = {
+        "confirmed": sum(s.state == confirmation.CONFIRMED for s in settled),
+        "dismissed": sum(s.state == confirmation.DISMISSED for s in settled),
+        "redetected": sum(s.state == confirmation.REDETECTED for s in states),
+    }
     heartbeat.check()
     write_done(claim, settings, area_id=ctx.area_id, observed_at=ctx.after.acquired_at,
-               before_observed_at=ctx.before.acquired_at, rows=rows, stats=stats, analyser_run=ran)
+               before_observed_at=ctx.before.acquired_at, rows=rows, stats=stats, analyser_run=ran,
+               settlements=settled)
     # Alerts are the scheduler's reports job: it picks up this `done` row on its next run.
     return AnalysisStatus.DONE.value
 
@@ -250,7 +261,8 @@ def sequence_frames(ctx: AnalysisContext, pair: PreparedPair, settings: Settings
 
 def build_rows(ctx: AnalysisContext, pair: PreparedPair, result: spectral.SpectralResult,
                model_result: unirs.UnirsResult | None, templates: list[QuestionTemplate],
-               images: dict[str, render.Png], checkpoint: str, settings: Settings) -> list[FindingRow]:
+               images: dict[str, render.Png], checkpoint: str, settings: Settings,
+               states: list[confirmation.NewState] | None = None) -> list[FindingRow]:
     spectral_id = (spectral.NAME, spectral.VERSION)
     unirs_id = (unirs.NAME, checkpoint)
     best = model_result.best if model_result else None
@@ -270,15 +282,17 @@ def build_rows(ctx: AnalysisContext, pair: PreparedPair, result: spectral.Spectr
         caption=best.caption if best else result.caption,
         confidence=valid_fraction, statistics=summary_stats, images=images,
     )]
-    for region in result.regions:
+    states = states or [confirmation.NewState(confirmation.PROBABLE, None, {}) for _ in result.regions]
+    for region, state in zip(result.regions, states, strict=True):
         rows.append(FindingRow(
             kind="region", analyser_name=spectral_id[0], analyser_version=spectral_id[1], geom=region.geom_4326,
-            change_class=region.change_class, hectares=region.hectares,
+            change_class=region.change_class, hectares=region.hectares, alert_state=state.state,
+            first_finding_id=state.first_finding_id,
             caption=f"{spectral.CLASS_LABELS[region.change_class].capitalize()} of {format_hectares(region.hectares)}"
                     + (" (long and narrow: road or track?)" if region.linear else ""),
             confidence=region_confidence(region.mean_dndvi, valid_fraction),
             statistics={"pixels": region.pixels, "mean_dndvi": region.mean_dndvi, "linear": region.linear,
-                        "elongation": region.elongation},
+                        "elongation": region.elongation, "before_means": region.before_means, **state.statistics},
         ))
     for k, template in enumerate(templates):
         text, says_yes, value = result.answer(template)

@@ -87,6 +87,9 @@ class Region:
     mean_dndvi: float | None
     linear: bool
     elongation: float
+    # Mean index values of the region's pixels in the before scene (ndvi, ndwi, ndbi; None when not
+    # computable): what a later acquisition is compared with to confirm or dismiss the change.
+    before_means: dict[str, float | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -170,7 +173,33 @@ def classify(before: dict[str, np.ndarray | None], after: dict[str, np.ndarray |
     return class_map, masks
 
 
-def _regions(class_map: np.ndarray, pair: PreparedPair, d_ndvi: np.ndarray, min_ha: float) -> tuple[list[Region], int]:
+def still_changed(change_class: str, before_means: dict[str, float | None], after: dict[str, np.ndarray | None],
+                  t: Thresholds = THRESHOLDS) -> np.ndarray | None:
+    """Per pixel of a later acquisition: does it still show ``change_class`` against the region's mean
+    before values (the class rules of :func:`classify`, the before scene replaced by its region means)?
+    None when an index the rule needs is missing."""
+    ndvi = after["ndvi"]
+    b_ndvi = before_means.get("ndvi")
+    with np.errstate(invalid="ignore"):
+        if change_class == "vegetation_loss":
+            return None if b_ndvi is None else (ndvi - b_ndvi <= t.ndvi_drop) & (b_ndvi >= t.vegetated_ndvi)
+        if change_class == "vegetation_gain":
+            return None if b_ndvi is None else (ndvi - b_ndvi >= t.ndvi_rise) & (ndvi >= t.vegetated_ndvi)
+        if change_class == "new_built_up_or_bare":
+            b_ndbi, ndbi = before_means.get("ndbi"), after.get("ndbi")
+            if b_ndbi is None or ndbi is None:
+                return None
+            return (ndbi - b_ndbi >= t.ndbi_rise) & (ndbi > 0) & (ndvi < t.vegetated_ndvi)
+        if change_class == "water_change":
+            b_ndwi, ndwi = before_means.get("ndwi"), after.get("ndwi")
+            if b_ndwi is None or ndwi is None:
+                return None
+            return ((b_ndwi > 0) != (ndwi > 0)) & (np.abs(ndwi - b_ndwi) >= t.ndwi_change)
+    return None
+
+
+def _regions(class_map: np.ndarray, pair: PreparedPair, d_ndvi: np.ndarray, min_ha: float,
+             before: dict[str, np.ndarray | None]) -> tuple[list[Region], int]:
     grid = pair.grid
     pixel_m2 = grid.pixel_area_m2
     found: list[Region] = []
@@ -208,8 +237,12 @@ def _regions(class_map: np.ndarray, pair: PreparedPair, d_ndvi: np.ndarray, min_
         labels = rasterize([(r.geom_utm, k + 1) for k, r in enumerate(found)], out_shape=class_map.shape,
                            transform=grid.transform, fill=0, dtype="int32")
         for k, region in enumerate(found):
-            values = d_ndvi[(labels == k + 1) & np.isfinite(d_ndvi)]
+            inside = labels == k + 1
+            values = d_ndvi[inside & np.isfinite(d_ndvi)]
             region.mean_dndvi = round(float(values.mean()), 4) if values.size else None
+            for name, index in before.items():
+                v = index[inside & np.isfinite(index)] if index is not None else np.zeros(0)
+                region.before_means[name] = round(float(v.mean()), 4) if v.size else None
     return found, dropped
 
 
@@ -239,7 +272,7 @@ def analyse(pair: PreparedPair, min_mapping_unit_ha: float, t: Thresholds = THRE
     idx_b, idx_a = indices(pair.before.reflectance), indices(pair.after.reflectance)
     class_map, masks = classify(idx_b, idx_a, valid, t)
     d_ndvi = idx_a["ndvi"] - idx_b["ndvi"]
-    regions, dropped = _regions(class_map, pair, d_ndvi, min_mapping_unit_ha)
+    regions, dropped = _regions(class_map, pair, d_ndvi, min_mapping_unit_ha, idx_b)
     mapped = np.zeros(valid.shape, dtype=bool)
     if regions:
         mapped = rasterize([(r.geom_utm, 1) for r in regions], out_shape=valid.shape, transform=grid.transform,

@@ -112,6 +112,8 @@ class AnalysisReport:
     total_hectares: float
     alert_hectares: float
     headline: str  # "Forest loss 0.25 ha" — the alerting classes only; "" when nothing alerts
+    alert_on: str  # probable | confirmed (the area's rule)
+    alert_states: dict[str, float]  # hectares of the alerting classes by state: probable, confirmed, redetected…
     classes: list[ClassTotal]
     region_count: int
     answers: list[AnswerRow]
@@ -332,20 +334,33 @@ def _map_url(session: Session, area_id: int, features: list[dict[str, Any]], bas
     return osm_link(base_url, (minx + maxx) / 2, (miny + maxy) / 2, zoom_for(bounds))
 
 
-def alerting_hectares(findings: list[Finding], alert_classes: list[str]) -> dict[str, float]:
-    """Hectares per alerting class: regions of those classes, or (no regions at all) the summary's
-    total when the summary's class alerts."""
+def region_alerts(finding: Finding, alert_classes: list[str], alert_on: str = "probable") -> bool:
+    """Python twin of :func:`monitor.reports.immediate.region_alerts_sql`."""
+    state = finding.alert_state or "probable"
+    wanted = ("confirmed",) if alert_on == "confirmed" else ("probable", "confirmed")
+    return finding.change_class in alert_classes and finding.first_finding_id is None and state in wanted
+
+
+def alerting_hectares(findings: list[Finding], alert_classes: list[str], alert_on: str = "probable"
+                      ) -> dict[str, float]:
+    """Hectares per alerting class: regions that alert (:func:`region_alerts`), or (no regions at all)
+    the summary's total when the summary's class alerts."""
     totals: dict[str, float] = {}
     regions = [f for f in findings if f.kind == "region"]
     if regions:
         for f in regions:
-            if f.change_class in alert_classes and f.hectares is not None:
+            if region_alerts(f, alert_classes, alert_on) and f.hectares is not None:
                 totals[f.change_class] = totals.get(f.change_class, 0.0) + f.hectares
         return totals
     for f in findings:
         if f.kind == "summary" and f.change_class in alert_classes and f.hectares:
             totals[f.change_class] = max(totals.get(f.change_class, 0.0), f.hectares)
     return totals
+
+
+def _headline(alerting: dict[str, float], alert_on: str) -> str:
+    text = headline(alerting)
+    return f"Confirmed {text[0].lower()}{text[1:]}" if text and alert_on == "confirmed" else text
 
 
 def changed_hectares(findings: list[Finding]) -> float:
@@ -379,7 +394,11 @@ def load_analysis_report(session: Session, analysis_id: int, base_url: str, with
 
     shown = {k for keys in _CLEAR_KEYS.values() for k in keys}
     alert_classes = list(area.alert_classes or [])
-    alerting = alerting_hectares(findings, alert_classes)
+    alerting = alerting_hectares(findings, alert_classes, area.alert_on)
+    states: dict[str, float] = defaultdict(float)
+    for f in findings:
+        if f.kind == "region" and f.change_class in alert_classes:
+            states[f.alert_state or "probable"] += f.hectares or 0.0
     return AnalysisReport(
         analysis_id=analysis.id,
         area_id=area.id,
@@ -396,7 +415,9 @@ def load_analysis_report(session: Session, analysis_id: int, base_url: str, with
         confidence=captioned.confidence if captioned else None,
         total_hectares=changed_hectares(findings),
         alert_hectares=float(sum(alerting.values())),
-        headline=headline(alerting),
+        headline=_headline(alerting, area.alert_on),
+        alert_on=area.alert_on,
+        alert_states=dict(states),
         classes=sorted(
             (ClassTotal(c, len(v), float(sum(v)), c in alert_classes) for c, v in classes.items()),
             key=lambda c: (not c.alerts, -c.hectares),

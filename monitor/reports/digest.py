@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import any_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -30,11 +30,13 @@ from core.models import (
     AreaStatus,
     Catalogue,
     Digest,
+    Finding,
     Observation,
     ObservationStatus,
     PollState,
     Scene,
 )
+from eo.change_classes import label
 from monitor.reports.context import AnalysisReport, load_analysis_report
 from monitor.reports.ledger import NewDelivery, insert_deliveries
 
@@ -78,6 +80,24 @@ class Health:
 
 
 @dataclass
+class SettledChange:
+    """A change region confirmed or dismissed in the digest's period (workers/confirmation.py)."""
+
+    finding_id: int
+    analysis_id: int
+    change_class: str
+    hectares: float
+    state: str  # confirmed | dismissed
+    first_seen: datetime  # the acquisition it was first detected on
+    settled_by: str | None  # the acquisition date that confirmed or dismissed it
+    settled_at: datetime
+
+    @property
+    def label(self) -> str:
+        return label(self.change_class)
+
+
+@dataclass
 class DigestReport:
     digest_id: int
     area_id: int
@@ -88,6 +108,15 @@ class DigestReport:
     analyses: list[AnalysisReport]  # everything in the period, newest acquisition first
     detailed: list[AnalysisReport]  # the largest changes, with images and answers
     health: Health = field(repr=False)
+    settled: list[SettledChange] = field(default_factory=list)  # confirmed or dismissed in the period
+
+    @property
+    def confirmed(self) -> list[SettledChange]:
+        return [c for c in self.settled if c.state == "confirmed"]
+
+    @property
+    def dismissed(self) -> list[SettledChange]:
+        return [c for c in self.settled if c.state == "dismissed"]
 
     @property
     def total_hectares(self) -> float:
@@ -218,4 +247,23 @@ def load_digest_report(session: Session, digest_id: int, settings: Settings) -> 
         analyses=reports,
         detailed=detailed,
         health=load_health(session, area.id, digest.period_start, digest.period_end, settings),
+        settled=load_settled(session, area.id, digest.period_start, digest.period_end),
     )
+
+
+def load_settled(session: Session, area_id: int, start: datetime | None, end: datetime) -> list[SettledChange]:
+    """Regions of the area's alerting classes confirmed or dismissed in (start, end], oldest first."""
+    where = [Finding.area_id == area_id, Finding.kind == "region", Finding.alert_state.in_(("confirmed", "dismissed")),
+             Finding.state_changed_at <= end, Finding.change_class == any_(Area.alert_classes)]
+    if start is not None:
+        where.append(Finding.state_changed_at > start)
+    rows = session.execute(
+        select(Finding.id, Finding.analysis_id, Finding.change_class, Finding.hectares, Finding.alert_state,
+               Finding.observed_at, Finding.statistics, Finding.state_changed_at)
+        .join(Area, Area.id == Finding.area_id)
+        .where(*where)
+        .order_by(Finding.state_changed_at, Finding.id)
+    ).all()
+    return [SettledChange(r.id, r.analysis_id, r.change_class or "unclassified", r.hectares or 0.0, r.alert_state,
+                          r.observed_at, ((r.statistics or {}).get("settlement") or {}).get("settled_by"),
+                          r.state_changed_at) for r in rows]

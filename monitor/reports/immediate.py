@@ -1,7 +1,10 @@
 """Immediate alerts: a delivery per recipient for each finished analysis that matters.
 
 An analysis matters when its *alerting* hectares — the regions whose change class is one of the area's
-``alert_classes`` (default the loss classes, :mod:`eo.change_classes`), summed; for an analysis that
+``alert_classes`` (default the loss classes, :mod:`eo.change_classes`), that are the first detection of
+their change (a re-detected region links to its first finding and is never alerted again) and that are
+probable or confirmed (only confirmed when the area has ``alert_on = confirmed``; then the alert goes
+out when the next clear acquisition confirms the change), summed; for an analysis that
 wrote no regions, its summary's total when the summary's class alerts — are above zero and reach the
 area's ``min_alert_hectares`` (the same rule as :func:`monitor.reports.context.alerting_hectares`).
 Vegetation gain on an area that watches for loss is a finding, never an alert. Analyses that do not
@@ -14,7 +17,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import any_, case, exists, func, select
+from sqlalchemy import and_, any_, case, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from core.config import Settings
@@ -40,9 +43,21 @@ def changed_hectares_sql():
     )
 
 
+def region_alerts_sql():
+    """The condition under which a region finding counts towards its area's alert (correlated on Area):
+    an alerting class, the first detection of its change (not linked to an earlier finding), and
+    probable or confirmed — only confirmed for areas with ``alert_on = 'confirmed'``."""
+    state = func.coalesce(Finding.alert_state, "probable")  # rows from before revision 0005: probable
+    return and_(
+        Finding.change_class == any_(Area.alert_classes),
+        Finding.first_finding_id.is_(None),
+        case((Area.alert_on == "confirmed", state == "confirmed"), else_=state.in_(("probable", "confirmed"))),
+    )
+
+
 def alert_hectares_sql():
-    """Correlated scalar subquery: alerting hectares of ``Analysis.id`` under its ``Area.alert_classes``."""
-    alerting = Finding.change_class == any_(Area.alert_classes)
+    """Correlated scalar subquery: alerting hectares of ``Analysis.id`` under its area's alert rule."""
+    alerting = region_alerts_sql()
     regions = func.count().filter(Finding.kind == "region")
     return (
         select(
@@ -68,7 +83,12 @@ def create_immediate_deliveries(session: Session, now: datetime, settings: Setti
         .join(Area, Area.id == Analysis.area_id)
         .where(
             Analysis.status == AnalysisStatus.DONE,
-            func.coalesce(Analysis.finished_at, Analysis.created_at) >= since,
+            or_(
+                func.coalesce(Analysis.finished_at, Analysis.created_at) >= since,
+                # Confirmed-only areas: the change is alerted when a later acquisition confirms it.
+                exists().where(Finding.analysis_id == Analysis.id, Finding.kind == "region",
+                               Finding.state_changed_at >= since),
+            ),
             Area.alert_frequency == AlertFrequency.IMMEDIATE,
             Area.status == AreaStatus.ACTIVE,
             func.cardinality(Area.recipients) > 0,

@@ -1,0 +1,156 @@
+"""Confirmation and re-detection of changed regions across acquisitions (GLAD-style "probable" → "confirmed").
+
+A region found on one pair is a claim about one after acquisition; haze, a shadow or a wet field can
+make a single date look like a clear-cut. So, per area and per region (Hansen et al. 2016, GLAD alerts:
+a first detection is *probable*, a repeat on the next clear observation *confirms* it):
+
+- every new region is ``probable`` …
+- … unless at least :data:`REDETECTED_SHARE` of its area lies in earlier, not dismissed regions of the
+  same headline group (loss / gain / water, :data:`eo.change_classes.HEADLINE_GROUPS`): then it is
+  ``redetected`` and links to that change's first finding (``first_finding_id``). A seasonal baseline
+  or a long gap between clear dates sees old cuts again; linking is what keeps each hectare emailed once.
+- when an analysis runs on a later acquisition, every earlier ``probable`` region of the area is looked
+  at in that acquisition's pixels: if at least :data:`SEEN_SHARE` of its pixels are clear there, it is
+  ``confirmed`` when at least :data:`CONFIRM_SHARE` of those still show the class against the region's
+  own before values (``workers.spectral.still_changed``), ``dismissed`` otherwise. A region hidden by
+  clouds stays probable until a clear look.
+
+The states are written with the analysis's findings in one transaction
+(:func:`workers.findings_writer.write_done`), earlier rows only while they are still ``probable``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from geoalchemy2.shape import to_shape
+from rasterio.features import geometry_mask
+from rasterio.warp import transform_geom
+from shapely.geometry import mapping
+from shapely.geometry.base import BaseGeometry
+from shapely.ops import unary_union
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
+
+from core.models import Finding
+from eo.change_classes import HEADLINE_GROUPS
+from workers import spectral
+from workers.raster import PreparedPair
+
+logger = logging.getLogger(__name__)
+
+PROBABLE, CONFIRMED, DISMISSED, REDETECTED = "probable", "confirmed", "dismissed", "redetected"
+REDETECTED_SHARE = 0.5  # of the new region's area inside earlier regions of its group
+SEEN_SHARE = 0.5  # of an earlier region's pixels clear in the later acquisition, to judge it at all
+CONFIRM_SHARE = 0.5  # of those pixels still showing the class
+
+
+@dataclass
+class EarlierRegion:
+    finding_id: int
+    change_class: str
+    geom: BaseGeometry  # EPSG:4326
+    observed_at: datetime
+    state: str | None
+    first_finding_id: int | None
+    before_means: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def root(self) -> int:
+        return self.first_finding_id or self.finding_id
+
+
+@dataclass
+class Settlement:
+    finding_id: int
+    state: str  # confirmed | dismissed
+    statistics: dict[str, Any]
+
+
+@dataclass
+class NewState:
+    state: str
+    first_finding_id: int | None
+    statistics: dict[str, Any]
+
+
+def group(change_class: str | None) -> str:
+    return HEADLINE_GROUPS.get(change_class or "", change_class or "")
+
+
+def earlier_regions(session: Session, area_id: int, before: datetime) -> list[EarlierRegion]:
+    """Region findings of the area from acquisitions before ``before``, not dismissed."""
+    rows = session.execute(
+        select(Finding.id, Finding.change_class, Finding.geom, Finding.observed_at, Finding.alert_state,
+               Finding.first_finding_id, Finding.statistics)
+        .where(Finding.area_id == area_id, Finding.kind == "region", Finding.geom.is_not(None),
+               Finding.observed_at < before,
+               or_(Finding.alert_state.is_(None), Finding.alert_state != DISMISSED),
+               func.ST_Dimension(Finding.geom) == 2)
+        .order_by(Finding.observed_at, Finding.id)
+    ).all()
+    return [EarlierRegion(r.id, r.change_class, to_shape(r.geom), r.observed_at, r.alert_state, r.first_finding_id,
+                          dict((r.statistics or {}).get("before_means") or {})) for r in rows]
+
+
+def settle(earlier: list[EarlierRegion], pair: PreparedPair) -> list[Settlement]:
+    """Confirm or dismiss the earlier probable regions from the after acquisition's pixels."""
+    grid, after = pair.grid, pair.after
+    idx = spectral.indices(after.reflectance)
+    seen_ok = grid.aoi & after.clear & np.isfinite(idx["ndvi"])
+    out: list[Settlement] = []
+    for region in earlier:
+        if region.state not in (None, PROBABLE) or region.first_finding_id is not None:
+            continue
+        inside = geometry_mask([transform_geom("EPSG:4326", grid.crs, mapping(region.geom))],
+                               out_shape=(grid.height, grid.width), transform=grid.transform, invert=True,
+                               all_touched=False)
+        total = int(inside.sum())
+        if total == 0:
+            continue  # outside this grid (another part of a large area)
+        seen = inside & seen_ok
+        n_seen = int(seen.sum())
+        if n_seen < SEEN_SHARE * total:
+            continue  # mostly hidden: judge it on a clearer acquisition
+        still = spectral.still_changed(region.change_class, region.before_means, idx)
+        if still is None:
+            continue
+        share = float(still[seen].sum()) / n_seen
+        state = CONFIRMED if share >= CONFIRM_SHARE else DISMISSED
+        out.append(Settlement(region.finding_id, state, {
+            "settled_by": f"{after.scene.acquired_at:%Y-%m-%d}", "still_changed_share": round(share, 3),
+            "pixels_seen": n_seen, "pixels": total,
+        }))
+    return out
+
+
+def new_states(regions: list[spectral.Region], earlier: list[EarlierRegion],
+               settled: list[Settlement]) -> list[NewState]:
+    """State and link of each new region (same order as ``regions``)."""
+    dismissed = {s.finding_id for s in settled if s.state == DISMISSED}
+    by_group: dict[str, list[EarlierRegion]] = {}
+    for e in earlier:
+        if e.finding_id not in dismissed:
+            by_group.setdefault(group(e.change_class), []).append(e)
+    out: list[NewState] = []
+    for region in regions:
+        geom = region.geom_4326
+        candidates = [e for e in by_group.get(group(region.change_class), []) if e.geom.intersects(geom)]
+        if candidates and geom.area > 0:
+            covered = unary_union([e.geom for e in candidates]).intersection(geom).area / geom.area
+            if covered >= REDETECTED_SHARE:
+                best = max(candidates, key=lambda e: e.geom.intersection(geom).area)
+                out.append(NewState(REDETECTED, best.root, {"overlap_share": round(covered, 3),
+                                                            "first_observed_at": _first_date(best, earlier)}))
+                continue
+        out.append(NewState(PROBABLE, None, {}))
+    return out
+
+
+def _first_date(region: EarlierRegion, earlier: list[EarlierRegion]) -> str:
+    root = next((e for e in earlier if e.finding_id == region.root), region)
+    return f"{root.observed_at:%Y-%m-%d}"

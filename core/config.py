@@ -73,6 +73,9 @@ class AnalysisSettings(BaseModel):
     heartbeat_seconds: int = 60
     max_attempts: int = 3
     dispatch_interval_seconds: float = 10.0
+    # When the broker holds fewer messages than published `queued` rows (lost with a broker restart), rows
+    # queued longer than this are re-sent at the next dispatch pass (without broker access: 2 × lease).
+    queued_resend_seconds: float = 10.0
     pixel_size_m: float = 10.0
     chip_size_m: float = 3840.0
     min_valid_fraction: float = 0.3

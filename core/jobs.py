@@ -171,18 +171,34 @@ _REQUEUE_LOST = text(f"""
        SET status = '{_S.QUEUED.value}', queued_at = now(),
            last_error = 'attempt ' || attempts || ' lost: worker ' || coalesce(worker, 'unknown')
                         || ' stopped heartbeating (lease expired at ' || lease_expires_at || '); re-queued',
-           lease_expires_at = NULL
+           lease_expires_at = NULL, worker = NULL
      WHERE id = (SELECT id FROM analyses
                   WHERE status = '{_S.RUNNING.value}' AND lease_expires_at < now() AND attempts < :max_attempts
                   ORDER BY lease_expires_at LIMIT 1 FOR UPDATE SKIP LOCKED)
  RETURNING id, analyser, last_error
 """)  # noqa: S608
 
+# A `queued` row with `worker` NULL was published by the dispatcher (pending → queued, lost → re-queued,
+# or re-sent); one the worker gave back (release) keeps that worker's name and has no message.
 _RESEND_QUEUED = text(f"""
-    UPDATE analyses SET queued_at = now()
+    UPDATE analyses SET queued_at = now(), worker = NULL
      WHERE id = (SELECT id FROM analyses
                   WHERE status = '{_S.QUEUED.value}' AND queued_at < now() - make_interval(secs => :stale_seconds)
                   ORDER BY queued_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+ RETURNING id, analyser
+""")  # noqa: S608
+
+_SENT_QUEUED = text(f"""
+    SELECT analyser, count(*) AS n FROM analyses
+     WHERE status = '{_S.QUEUED.value}' AND worker IS NULL GROUP BY analyser
+""")  # noqa: S608
+
+_RESEND_SENT = text(f"""
+    UPDATE analyses SET queued_at = now()
+     WHERE id = (SELECT id FROM analyses
+                  WHERE status = '{_S.QUEUED.value}' AND worker IS NULL AND analyser = ANY(:analysers)
+                    AND queued_at < now() - make_interval(secs => :min_age) AND queued_at < :before
+                  ORDER BY queued_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)
  RETURNING id, analyser
 """)  # noqa: S608
 
@@ -219,6 +235,27 @@ def touch_stale_queued(session: Session, stale_seconds: float) -> Moved | None:
     """One row ``queued`` for longer than ``stale_seconds`` (message lost with the broker, or given back
     after a transient error): its ``queued_at`` is renewed and it is to be re-sent. Status unchanged."""
     row = session.execute(_RESEND_QUEUED, {"stale_seconds": stale_seconds}).one_or_none()
+    return Moved(row.id, queue_for(row.analyser)) if row else None
+
+
+def sent_queued_counts(session: Session) -> dict[Queue, tuple[int, list[str]]]:
+    """Per queue: how many ``queued`` rows should have a message in the broker, and their analysers."""
+    counts: dict[Queue, tuple[int, list[str]]] = {}
+    for row in session.execute(_SENT_QUEUED):
+        queue = queue_for(row.analyser)
+        n, analysers = counts.get(queue, (0, []))
+        counts[queue] = (n + row.n, [*analysers, row.analyser])
+    return counts
+
+
+def resend_sent_queued(session: Session, analysers: list[str], min_age_seconds: float,
+                       before: Any) -> Moved | None:
+    """One published ``queued`` row of these analysers, older than ``min_age_seconds`` and queued before
+    ``before`` (the start of this dispatch pass, so a row is re-sent once per pass): its ``queued_at`` is
+    renewed and it is to be re-sent. Used when the broker holds fewer messages than such rows (lost with
+    a broker restart). Status unchanged."""
+    row = session.execute(_RESEND_SENT, {"analysers": analysers, "min_age": min_age_seconds,
+                                         "before": before}).one_or_none()
     return Moved(row.id, queue_for(row.analyser)) if row else None
 
 

@@ -8,12 +8,15 @@ Called every ``analysis.dispatch_interval_seconds`` by the scheduler (``dispatch
    that dies (kill -9, OOM, machine gone) stops heartbeating; its lease runs out; this is where the work
    comes back. (The worker's own message may also be re-delivered by the broker; whichever arrives first
    claims the row, the other finds it taken and does nothing.)
-3. **Queued too long** — ``queued`` for more than :data:`QUEUED_RESEND_FACTOR` × lease without being
-   claimed → re-sent. This is what makes a broker restart harmless: messages lost with the broker
-   are sent again from the table, and rows a worker gave back after a transient error (it leaves them
-   ``queued`` without a message) are retried after this back-off. A duplicate message costs one no-op
-   claim.
-4. **Pending** — ``pending`` (new rows from monitor.pairing) → ``queued`` and sent.
+3. **Lost with the broker** — per queue, the broker's message count is compared with the ``queued`` rows
+   that were published (``worker`` NULL, see :mod:`core.jobs`); when the broker holds fewer (a Redis
+   restart without persistence empties it), that many of the oldest such rows queued longer than
+   ``analysis.queued_resend_seconds`` are re-sent in this pass. A message a worker has just taken but
+   not yet claimed looks missing too: at worst one duplicate, which costs one no-op claim.
+4. **Queued too long** — ``queued`` for more than :data:`QUEUED_RESEND_FACTOR` × lease without being
+   claimed → re-sent. The backstop when the broker cannot be asked, and the back-off of rows a worker
+   gave back after a transient error (it leaves them ``queued`` without a message).
+5. **Pending** — ``pending`` (new rows from monitor.pairing) → ``queued`` and sent.
 
 Queue: :func:`core.jobs.queue_for` (``gpu`` when the analysis asks for UniRS, else ``cpu``). Messages carry
 the analysis id only; the task is published by name (:data:`core.jobs.TASK_NAME`), so the control plane
@@ -32,6 +35,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import text
+
 from core import jobs
 from core.config import Settings, get_settings
 from core.db import session_scope
@@ -44,6 +49,8 @@ BATCH_LIMIT = 1000
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
 
 Sender = Callable[[int, str], None]
+# Messages waiting in a queue of the broker, or None when the broker cannot say.
+Depth = Callable[[str], "int | None"]
 
 _producers: dict[str, Any] = {}
 
@@ -64,12 +71,35 @@ def celery_sender(settings: Settings) -> Sender:
     return send
 
 
+def broker_depth(settings: Settings) -> Depth:
+    """Ready messages per queue on ``settings.broker_url`` (kombu passive declare; Redis and AMQP)."""
+    from kombu import Connection
+    from kombu.exceptions import ChannelError
+
+    def depth(queue: str) -> int | None:
+        try:
+            with Connection(settings.broker_url, connect_timeout=2) as conn:
+                conn.ensure_connection(max_retries=1)
+                try:
+                    return int(conn.default_channel.queue_declare(queue=queue, passive=True).message_count)
+                except ChannelError:  # no such queue: Redis drops an empty list, a restarted broker has none
+                    return 0
+        except Exception as exc:  # broker down or unsupported: fall back to the long backstop
+            logger.debug("broker depth of %s unknown: %s", queue, exc)
+            return None
+
+    return depth
+
+
 def dispatch_once(settings: Settings | None = None, *, send: Sender | None = None,
-                  limit: int = BATCH_LIMIT) -> dict[str, Any]:
-    """One dispatcher pass; returns counts: failed, requeued, resent, queued, and errors (broker down…)."""
+                  depth: Depth | None = None, limit: int = BATCH_LIMIT) -> dict[str, Any]:
+    """One dispatcher pass; returns counts: failed, requeued, lost (re-sent: missing from the broker),
+    resent (queued too long), queued, and errors (broker down…)."""
     settings = settings or get_settings()
+    # A caller's own sender may publish elsewhere than settings.broker_url: then ask it for the depth too.
+    depth = depth or (broker_depth(settings) if send is None else (lambda queue: None))
     send = send or celery_sender(settings)
-    summary: dict[str, Any] = {"failed": 0, "requeued": 0, "resent": 0, "queued": 0, "errors": []}
+    summary: dict[str, Any] = {"failed": 0, "requeued": 0, "lost": 0, "resent": 0, "queued": 0, "errors": []}
 
     with session_scope(settings) as session:
         failed = jobs.fail_lost(session, settings, limit=limit)
@@ -78,13 +108,17 @@ def dispatch_once(settings: Settings | None = None, *, send: Sender | None = Non
     summary["failed"] = len(failed)
 
     stale_seconds = QUEUED_RESEND_FACTOR * settings.analysis.lease_seconds
-    steps: tuple[tuple[str, Callable[[Any], jobs.Moved | None]], ...] = (
-        ("requeued", lambda session: jobs.requeue_lost(session, settings)),
-        ("resent", lambda session: jobs.touch_stale_queued(session, stale_seconds)),
-        ("queued", jobs.queue_next_pending),
-    )
-    for key, transition in steps:
-        for _ in range(limit):
+    with session_scope(settings) as session:
+        pass_started = session.execute(text("SELECT now()")).scalar_one()
+    steps: list[tuple[str, Callable[[Any], jobs.Moved | None], int]] = [
+        ("requeued", lambda session: jobs.requeue_lost(session, settings), limit)]
+    for _queue, (missing, analysers) in _missing_messages(settings, depth).items():
+        steps.append(("lost", lambda session, a=analysers: jobs.resend_sent_queued(
+            session, a, settings.analysis.queued_resend_seconds, pass_started), min(missing, limit)))
+    steps += [("resent", lambda session: jobs.touch_stale_queued(session, stale_seconds), limit),
+              ("queued", jobs.queue_next_pending, limit)]
+    for key, transition, budget in steps:
+        for _ in range(budget):
             try:
                 with session_scope(settings) as session:
                     moved = transition(session)
@@ -100,6 +134,9 @@ def dispatch_once(settings: Settings | None = None, *, send: Sender | None = Non
             summary[key] += 1
             if key == "requeued":
                 logger.warning("analysis %s re-queued to %s: %s", moved.id, moved.queue.value, moved.reason)
+            elif key == "lost":
+                logger.warning("analysis %s missing from the broker (restarted?): re-sent to %s", moved.id,
+                               moved.queue.value)
             elif key == "resent":
                 logger.info("analysis %s queued too long (message lost?): re-sent to %s", moved.id, moved.queue.value)
             else:
@@ -108,8 +145,21 @@ def dispatch_once(settings: Settings | None = None, *, send: Sender | None = Non
     return summary
 
 
+def _missing_messages(settings: Settings, depth: Depth) -> dict[jobs.Queue, tuple[int, list[str]]]:
+    """Per queue: published ``queued`` rows minus the broker's message count, when positive."""
+    with session_scope(settings) as session:
+        counts = jobs.sent_queued_counts(session)
+    missing = {}
+    for queue, (rows, analysers) in counts.items():
+        held = depth(queue.value)
+        if held is not None and held < rows:
+            missing[queue] = (rows - held, analysers)
+    return missing
+
+
 def _log_summary(summary: dict[str, Any]) -> None:
-    if any(summary[k] for k in ("failed", "requeued", "resent", "queued")) or summary["errors"]:
-        logger.info("dispatch: %d queued, %d re-queued after a lost worker, %d re-sent, %d failed%s",
-                    summary["queued"], summary["requeued"], summary["resent"], summary["failed"],
+    if any(summary[k] for k in ("failed", "requeued", "lost", "resent", "queued")) or summary["errors"]:
+        logger.info("dispatch: %d queued, %d re-queued after a lost worker, %d re-sent (missing from the broker), "
+                    "%d re-sent (queued too long), %d failed%s",
+                    summary["queued"], summary["requeued"], summary["lost"], summary["resent"], summary["failed"],
                     f", errors: {summary['errors']}" if summary["errors"] else "")

@@ -89,3 +89,34 @@ def test_broker_restart_mid_run_loses_nothing(db, worker_settings, worker_redis,
     for analysis_id in ids[:2]:
         assert _findings_by_kind(analysis_id)["summary"] == 1
     assert "Connection to broker lost" in worker.log() or "Cannot connect" in worker.log()
+
+
+def test_queued_work_lost_with_the_broker_is_resent_in_the_next_pass(db, worker_settings, worker_redis, cog_server,
+                                                                     send_task, start_worker):
+    from monitor.dispatch import broker_depth
+
+    # A production-sized lease: the old 2 × lease backstop would wait 30 minutes.
+    settings = worker_settings.model_copy(update={"analysis": worker_settings.analysis.model_copy(
+        update={"lease_seconds": 900, "queued_resend_seconds": 0.0})})
+    depth = broker_depth(settings)
+    scenes = insert_sample_scenes(settings.catalogues[0], cog_server.url, ["2015-08-31", "2020-08-29",
+                                                                           "2017-07-06", "2017-07-11"])
+    area_id = insert_area(scenes.footprint.buffer(-0.0003))
+    ids = [insert_analysis(area_id, scenes.ids["2020-08-29"], scenes.ids["2015-08-31"]),
+           insert_analysis(area_id, scenes.ids["2017-07-11"], scenes.ids["2017-07-06"])]
+    assert dispatch_once(settings, send=send_task, depth=depth)["queued"] == 2  # no worker yet: both wait
+    assert depth("cpu") == 2
+    again = dispatch_once(settings, send=send_task, depth=depth)
+    assert again["lost"] == 0 and again["resent"] == 0, "the broker holds both: nothing is sent twice"
+
+    worker_redis.restart()  # both messages vanish
+    assert depth("cpu") == 0
+    summary = dispatch_once(settings, send=send_task, depth=depth)
+    assert summary["lost"] == 2 and summary["errors"] == [], summary
+    assert depth("cpu") == 2
+    assert dispatch_once(settings, send=send_task, depth=depth)["lost"] == 0
+
+    worker = start_worker(settings=settings)
+    rows = run_until_terminal(ids, settings, send_task, workers=[worker])
+    assert [rows[i]["status"] for i in ids] == ["done", "done"], rows
+    assert all(rows[i]["attempts"] == 1 for i in ids), "nothing ran twice"

@@ -163,6 +163,10 @@ from monitor.metrics import metrics  # noqa: E402
 
 cli.add_command(metrics)
 
+from monitor.health import health  # noqa: E402
+
+cli.add_command(health)
+
 
 @cli.command("worker", add_help_option=False,
              context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

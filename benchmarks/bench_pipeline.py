@@ -51,7 +51,8 @@ from eo.cog import utm_crs_for
 from monitor.catalogues.items import parse_item
 from workers import spectral
 from workers.pipeline import thumbnails
-from workers.raster import SceneRef, common_grid, prepare_pair
+from workers.raster import SceneRef, common_grid
+from workers.tiling import analyse_pair
 
 SAMPLE = localstac.SAMPLE_DATA_DIR
 BANDS = ("blue", "green", "red", "nir", "scl")
@@ -138,8 +139,7 @@ def one_pair(server: localstac.CogServer, run_dir: str, catalogue: CatalogueSett
     before, after = scene_refs(f"{server.url}/{run_dir}", catalogue, dates)
     server.reset_stats()
     started = time.perf_counter()
-    pair = prepare_pair(geom, before, after, settings)
-    result = spectral.analyse(pair, settings.min_mapping_unit_ha)
+    pair, result = analyse_pair(geom, before, after, settings)
     thumbnails(pair, result)
     seconds = time.perf_counter() - started
     return seconds, server.stats()["bytes_sent"], result, pair

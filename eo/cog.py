@@ -35,8 +35,9 @@ from eo.security import HrefRefused, check_href
 
 logger = logging.getLogger(__name__)
 
-# A read larger than this (pixels per band) is refused: it would mean a continent-sized AOI at full
-# resolution, which is a configuration mistake, not something to fetch.
+# One read larger than this (pixels per band) is refused: it would mean a continent-sized window at full
+# resolution, which is a programming or configuration mistake, not something to fetch. The workers read
+# large areas block by block (workers/raster.py), so no read of theirs comes near it.
 MAX_PIXELS = 64_000_000
 
 
@@ -57,8 +58,9 @@ class AoiRaster:
     transform: Affine
     crs: CRS
     nodata: float | None
-    mask: np.ndarray  # (height, width) bool: True where the pixel centre is inside the AOI polygon
+    mask: np.ndarray | None  # (height, width) bool: True where the pixel centre is inside the AOI polygon
     href: str
+    overview_level: int | None = None  # the overview read (0 = first), None = full resolution
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -100,7 +102,7 @@ def utm_crs_for(geom_4326: BaseGeometry) -> CRS:
 
 def read_aoi(
     href: str,
-    geom_4326: BaseGeometry,
+    geom_4326: BaseGeometry | None,
     *,
     catalogue: CatalogueSettings,
     dst_crs: Any = None,
@@ -108,13 +110,21 @@ def read_aoi(
     resampling: Resampling = Resampling.nearest,
     bounds: tuple[float, float, float, float] | None = None,
     indexes: int | list[int] | None = None,
+    aoi_mask: bool = True,
+    use_overviews: bool = False,
 ) -> AoiRaster:
-    """Read the window of ``href`` covering ``geom_4326`` (EPSG:4326) on the requested grid.
+    """Read the window of ``href`` covering ``geom_4326`` (EPSG:4326) on the requested grid (``geom_4326``
+    may be None when ``bounds`` are given and ``aoi_mask`` is False).
 
     - default grid: the file's own CRS and pixel size, window snapped to its pixel grid (no resampling);
     - ``dst_crs`` / ``resolution``: that CRS and pixel size, window snapped to multiples of the pixel size
       so every scene read for the same AOI lands on the same grid;
     - ``bounds`` (in ``dst_crs``): exactly this extent (a caller-defined common grid).
+
+    ``aoi_mask=False`` skips rasterising the AOI polygon (``mask`` is None; block readers that have their own
+    AOI mask). ``use_overviews=True`` reads from the coarsest internal overview whose pixels are still no
+    larger than the requested ``resolution`` (thumbnails, coarse cloud screens: a fraction of the bytes);
+    nearest resampling of an overview built with nearest (SCL) keeps classes classes.
 
     Pixels outside the file are ``nodata``. Raises :class:`eo.security.HrefRefused` for hrefs that
     must not be opened and :class:`CogReadError` for unreadable or corrupt files.
@@ -124,8 +134,15 @@ def read_aoi(
     token = proxy.open_read(catalogue) if proxy else None
     try:
         options = proxy.gdal_options(token) if proxy and token else {}
-        with gdal_env(catalogue.timeout_seconds, **options), rasterio.open(url) as src:
-            return _read(src, href, geom_4326, dst_crs, resolution, resampling, bounds, indexes)
+        with gdal_env(catalogue.timeout_seconds, **options):
+            with rasterio.open(url) as src:
+                level = _overview_level(src, dst_crs, resolution) if use_overviews else None
+                if level is None:
+                    return _read(src, href, geom_4326, dst_crs, resolution, resampling, bounds, indexes, aoi_mask)
+            with rasterio.open(url, overview_level=level) as src:
+                raster = _read(src, href, geom_4326, dst_crs, resolution, resampling, bounds, indexes, aoi_mask)
+                raster.overview_level = level
+                return raster
     except CogReadError:
         raise
     except (RasterioError, OSError, ValueError) as exc:
@@ -139,8 +156,26 @@ def read_aoi(
             proxy.close_read(token)
 
 
-def _read(src: Any, href: str, geom_4326: BaseGeometry, dst_crs: Any, resolution: Any, resampling: Resampling,
-          bounds: tuple[float, float, float, float] | None, indexes: int | list[int] | None) -> AoiRaster:
+def _overview_level(src: Any, dst_crs: Any, resolution: Any) -> int | None:
+    """Index of the coarsest overview whose pixel is no larger than ``resolution``; None = full resolution."""
+    if resolution is None:
+        return None
+    target = min(resolution) if isinstance(resolution, tuple | list) else float(resolution)
+    native = min(abs(src.res[0]), abs(src.res[1]))
+    crs = CRS.from_user_input(dst_crs) if dst_crs is not None else src.crs
+    if src.crs is not None and crs != src.crs:
+        transform, _, _ = calculate_default_transform(src.crs, crs, src.width, src.height, *src.bounds)
+        native = min(abs(transform.a), abs(transform.e))
+    level = None
+    for k, factor in enumerate(src.overviews(1)):
+        if native * factor <= target * (1 + 1e-6):
+            level = k
+    return level
+
+
+def _read(src: Any, href: str, geom_4326: BaseGeometry | None, dst_crs: Any, resolution: Any,
+          resampling: Resampling, bounds: tuple[float, float, float, float] | None, indexes: int | list[int] | None,
+          aoi_mask: bool = True) -> AoiRaster:
     if src.crs is None:
         raise CogReadError(href, "the file has no CRS (not georeferenced)")
     crs = CRS.from_user_input(dst_crs) if dst_crs is not None else src.crs
@@ -156,7 +191,8 @@ def _read(src: Any, href: str, geom_4326: BaseGeometry, dst_crs: Any, resolution
     else:
         res = (float(resolution), float(resolution))
 
-    geom_dst = shape(transform_geom("EPSG:4326", crs, mapping(geom_4326)))
+    # Block readers pass their own bounds and AOI mask: no need to reproject the polygon for every band.
+    geom_dst = shape(transform_geom("EPSG:4326", crs, mapping(geom_4326))) if bounds is None or aoi_mask else None
     if bounds is None:
         origin = (src.transform.c, src.transform.f) if same_grid else (0.0, 0.0)
         bounds = _snap(geom_dst.bounds, origin, res)
@@ -173,6 +209,9 @@ def _read(src: Any, href: str, geom_4326: BaseGeometry, dst_crs: Any, resolution
         array = vrt.read(indexes)
     if array.ndim == 2:
         array = array[np.newaxis, ...]
+    if not aoi_mask:
+        return AoiRaster(array=array, transform=dst_transform, crs=crs, nodata=nodata if nodata is not None else 0,
+                         mask=None, href=href)
     mask = geometry_mask([mapping(geom_dst)], out_shape=(height, width), transform=dst_transform, invert=True)
     if not mask.any():
         # An AOI smaller than a pixel: count the pixels it touches rather than none.

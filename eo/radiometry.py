@@ -190,10 +190,24 @@ def check_pixels(item_id: str, rule: ReflectanceRule, red_dn: np.ma.MaskedArray,
     or above 1000 DN: suspicious, but a bright surface can do that, so it is only recorded.
     """
     values = red_dn.data[where & ~np.ma.getmaskarray(red_dn)]
-    if values.size == 0 or rule.offset_in_pixels is None:
+    return check_pixel_counts(item_id, rule, *red_counts(values))
+
+
+def red_counts(values: np.ndarray) -> tuple[int, int, int | None]:
+    """(pixels below 1000 DN, pixels, darkest DN or None) of clear red DNs: what :func:`check_pixel_counts`
+    needs, summable block by block (the darkest by ``min``)."""
+    if values.size == 0:
+        return 0, 0, None
+    return int((values < S2_OFFSET_DN).sum()), int(values.size), int(values.min())
+
+
+def check_pixel_counts(item_id: str, rule: ReflectanceRule, below: int, total: int,
+                       darkest: int | None) -> str | None:
+    """:func:`check_pixels` from counts (:func:`red_counts`), so a large area can be checked block by block."""
+    if total == 0 or rule.offset_in_pixels is None:
         return None
     if rule.offset_in_pixels:
-        share = float((values < S2_OFFSET_DN).mean())
+        share = below / total
         if share <= NEGATIVE_SHARE_LIMIT:
             return None
         logger.warning("%s: %.0f%% of clear red pixels below 1000 DN under rule %s", item_id, 100 * share, rule.rule)
@@ -201,8 +215,7 @@ def check_pixels(item_id: str, rule: ReflectanceRule, red_dn: np.ma.MaskedArray,
             f"radiometry of {item_id} contradicts its metadata: {share:.0%} of the clear red pixels are below "
             f"1000 DN, impossible if the +1000 DN offset were in the pixels as the metadata say "
             f"({rule.description}); the catalogue has probably removed it already without flagging it")
-    darkest = int(values.min())
-    if darkest >= S2_OFFSET_DN and rule.rule == "flag-offset-removed":
+    if darkest is not None and darkest >= S2_OFFSET_DN and rule.rule == "flag-offset-removed":
         return (f"{item_id}: even the darkest clear red pixel is {darkest} DN although the offset is flagged as "
                 "removed; if this area has no dark surface the flag may be wrong")
     return None

@@ -22,15 +22,17 @@ The states are written with the analysis's findings in one transaction
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import numpy as np
+from affine import Affine
 from geoalchemy2.shape import to_shape
 from rasterio.features import geometry_mask
 from rasterio.warp import transform_geom
-from shapely.geometry import mapping
+from shapely.geometry import mapping, shape
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 from sqlalchemy import func, or_, select
@@ -39,7 +41,7 @@ from sqlalchemy.orm import Session
 from core.models import Finding
 from eo.change_classes import HEADLINE_GROUPS
 from workers import spectral
-from workers.raster import PreparedPair
+from workers.raster import BlockPair, SceneRef
 
 logger = logging.getLogger(__name__)
 
@@ -97,35 +99,66 @@ def earlier_regions(session: Session, area_id: int, before: datetime) -> list[Ea
                           dict((r.statistics or {}).get("before_means") or {})) for r in rows]
 
 
-def settle(earlier: list[EarlierRegion], pair: PreparedPair) -> list[Settlement]:
-    """Confirm or dismiss the earlier probable regions from the after acquisition's pixels."""
-    grid, after = pair.grid, pair.after
-    idx = spectral.indices(after.reflectance)
-    seen_ok = grid.aoi & after.clear & np.isfinite(idx["ndvi"])
-    out: list[Settlement] = []
-    for region in earlier:
-        if region.state not in (None, PROBABLE) or region.first_finding_id is not None:
-            continue
-        inside = geometry_mask([transform_geom("EPSG:4326", grid.crs, mapping(region.geom))],
-                               out_shape=(grid.height, grid.width), transform=grid.transform, invert=True,
-                               all_touched=False)
-        total = int(inside.sum())
-        if total == 0:
-            continue  # outside this grid (another part of a large area)
-        seen = inside & seen_ok
-        n_seen = int(seen.sum())
-        if n_seen < SEEN_SHARE * total:
-            continue  # mostly hidden: judge it on a clearer acquisition
-        still = spectral.still_changed(region.change_class, region.before_means, idx)
-        if still is None:
-            continue
-        share = float(still[seen].sum()) / n_seen
-        state = CONFIRMED if share >= CONFIRM_SHARE else DISMISSED
-        out.append(Settlement(region.finding_id, state, {
-            "settled_by": f"{after.scene.acquired_at:%Y-%m-%d}", "still_changed_share": round(share, 3),
-            "pixels_seen": n_seen, "pixels": total,
-        }))
-    return out
+class Settler:
+    """Confirm or dismiss the earlier probable regions from the after acquisition's pixels, block by block
+    (:func:`workers.tiling.analyse_pair` calls :meth:`add` with every block; :meth:`finish` decides).
+
+    Each region is rasterised only over its own bounding window inside a block (no full-area mask per
+    region); its pixel counts — inside, seen clear, still changed — add up across blocks.
+    """
+
+    def __init__(self, earlier: list[EarlierRegion]):
+        self.pending = [r for r in earlier if r.state in (None, PROBABLE) and r.first_finding_id is None]
+        self._utm: list[tuple[BaseGeometry, tuple[float, float, float, float]]] | None = None
+        self.counts = {r.finding_id: [0, 0, 0] for r in self.pending}  # inside, seen, still
+        self.judgeable = {r.finding_id: True for r in self.pending}
+
+    def add(self, block: BlockPair) -> None:
+        if not self.pending:
+            return
+        grid = block.grid
+        if self._utm is None:
+            geoms = [shape(transform_geom("EPSG:4326", grid.crs, mapping(r.geom))) for r in self.pending]
+            self._utm = [(g, g.bounds) for g in geoms]
+        idx = spectral.indices(block.after)
+        seen_ok = block.aoi & block.clear_after & np.isfinite(idx["ndvi"])
+        t, px = grid.transform, grid.pixel_size
+        for region, (geom, (minx, miny, maxx, maxy)) in zip(self.pending, self._utm, strict=True):
+            c0, c1 = max(0, math.floor((minx - t.c) / px)), min(grid.width, math.ceil((maxx - t.c) / px))
+            r0, r1 = max(0, math.floor((t.f - maxy) / px)), min(grid.height, math.ceil((t.f - miny) / px))
+            if c0 >= c1 or r0 >= r1:
+                continue
+            window = (slice(r0, r1), slice(c0, c1))
+            inside = geometry_mask([mapping(geom)], out_shape=(r1 - r0, c1 - c0),
+                                   transform=t @ Affine.translation(c0, r0), invert=True, all_touched=False)
+            seen = inside & seen_ok[window]
+            counts = self.counts[region.finding_id]
+            counts[0] += int(inside.sum())
+            counts[1] += int(seen.sum())
+            still = spectral.still_changed(region.change_class, region.before_means,
+                                           {k: (v[window] if v is not None else None) for k, v in idx.items()})
+            if still is None:
+                self.judgeable[region.finding_id] = False
+            else:
+                counts[2] += int(still[seen].sum())
+
+    def finish(self, after: SceneRef) -> list[Settlement]:
+        out: list[Settlement] = []
+        for region in self.pending:
+            total, n_seen, n_still = self.counts[region.finding_id]
+            if total == 0:
+                continue  # outside this grid (another part of a large area)
+            if n_seen < SEEN_SHARE * total:
+                continue  # mostly hidden: judge it on a clearer acquisition
+            if not self.judgeable[region.finding_id]:
+                continue
+            share = n_still / n_seen
+            state = CONFIRMED if share >= CONFIRM_SHARE else DISMISSED
+            out.append(Settlement(region.finding_id, state, {
+                "settled_by": f"{after.acquired_at:%Y-%m-%d}", "still_changed_share": round(share, 3),
+                "pixels_seen": n_seen, "pixels": total,
+            }))
+        return out
 
 
 def new_states(regions: list[spectral.Region], earlier: list[EarlierRegion],

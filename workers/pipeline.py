@@ -3,11 +3,11 @@
 ``run_analysis(id, worker)``: claim the row (:mod:`workers.leases`), heartbeat while working, then
 
 1. load the area, the two scenes and their catalogue (short read-only transaction);
-2. raster prep (:mod:`workers.raster`) — a pair that cannot be compared ends ``skipped`` with the reason;
-3. spectral analysis (:mod:`workers.spectral`), always;
-4. UniRS (:mod:`workers.unirs`) on the chips that pass the spectral screen, when the analyser asks for it
+2. raster prep and spectral analysis, block by block (:mod:`workers.tiling`, :mod:`workers.raster`,
+   :mod:`workers.spectral`) — a pair that cannot be compared ends ``skipped`` with the reason;
+3. UniRS (:mod:`workers.unirs`) on the chips that pass the spectral screen, when the analyser asks for it
    and this worker has weights;
-5. thumbnails (:mod:`workers.render`) and findings, written with the status change in one transaction
+4. thumbnails (:mod:`workers.render`) and findings, written with the status change in one transaction
    (:mod:`workers.findings_writer`).
 
 Failures end with a readable ``last_error``: refused hrefs, unreadable/corrupt COGs and pixels that
@@ -42,7 +42,8 @@ from eo.radiometry import RadiometryMismatch
 from eo.security import HrefRefused, catalogue_for_scene
 from workers import confirmation, leases, render, spectral, unirs
 from workers.findings_writer import FindingRow, region_confidence, union_or, write_done
-from workers.raster import PreparedPair, SceneRef, SkipAnalysis, prepare_pair, read_rgb
+from workers.raster import SceneRef, SkipAnalysis
+from workers.tiling import PreparedPair, analyse_pair, frame, overlay_classes
 
 logger = logging.getLogger(__name__)
 
@@ -172,17 +173,14 @@ def _analyse(ctx: AnalysisContext, claim: leases.Claim, heartbeat: leases.Heartb
         raise SkipAnalysis("no earlier clear scene of this area to compare with")
     templates = templates_for(ctx.question_ids)
 
-    pair = prepare_pair(ctx.area_geom, ctx.before, ctx.after, settings.analysis)
-    timings["prepare"] = time.monotonic() - started
-    heartbeat.check()
-
-    t0 = time.monotonic()
-    result = spectral.analyse(pair, settings.analysis.min_mapping_unit_ha)
     with session_scope(settings) as session:
         earlier = confirmation.earlier_regions(session, ctx.area_id, ctx.after.acquired_at)
-    settled = confirmation.settle(earlier, pair)
+    settler = confirmation.Settler(earlier)
+    pair, result = analyse_pair(ctx.area_geom, ctx.before, ctx.after, settings.analysis, on_block=settler.add)
+    settled = settler.finish(ctx.after)
     states = confirmation.new_states(result.regions, earlier, settled)
-    timings["spectral"] = time.monotonic() - t0
+    timings["prepare_and_spectral"] = time.monotonic() - started
+    heartbeat.check()
 
     model_result: unirs.UnirsResult | None = None
     notes = list(result.notes)
@@ -223,16 +221,18 @@ def _analyse(ctx: AnalysisContext, claim: leases.Claim, heartbeat: leases.Heartb
 
 
 def thumbnails(pair: PreparedPair, result: spectral.SpectralResult) -> dict[str, render.Png]:
-    rgb_b, rgb_a = render.rgb_of(pair.before.reflectance), render.rgb_of(pair.after.reflectance)
-    value_range = render.stretch_range(rgb_b, rgb_a, valid=pair.valid)
-    img_b, img_a = render.to_uint8(rgb_b, value_range), render.to_uint8(rgb_a, value_range)
-    tinted = render.overlay(img_a, result.class_map, result.mapped, pair.grid.aoi)
+    """Before, after and overlay PNGs from the thumbnail canvas (every f-th pixel; f = 1 up to 1024 px)."""
+    thumbs = pair.thumbs
+    value_range = render.stretch_range(thumbs.before, thumbs.after, valid=thumbs.valid)
+    img_b, img_a = render.to_uint8(thumbs.before, value_range), render.to_uint8(thumbs.after, value_range)
+    tinted = render.overlay(img_a, overlay_classes(pair, result.regions), thumbs.aoi)
     return {"before": render.encode_png(img_b), "after": render.encode_png(img_a),
             "overlay": render.encode_png(tinted)}
 
 
 def sequence_frames(ctx: AnalysisContext, pair: PreparedPair, settings: Settings) -> tuple[list[np.ndarray], list[str]]:
-    """RGB renders of the last ``video_frames`` clear acquisitions of the area (before and after included)."""
+    """RGB renders of the last ``video_frames`` clear acquisitions of the area (before and after included), on
+    the thumbnail grid (full resolution up to 1024 px a side, decimated above)."""
     limit = max(2, settings.analysis.video_frames)
     with session_scope() as session:
         scenes = session.execute(
@@ -245,17 +245,17 @@ def sequence_frames(ctx: AnalysisContext, pair: PreparedPair, settings: Settings
         ).scalars().all()
         others = [_scene_ref(session, s, settings) for s in scenes]
     frames: list[tuple[Any, np.ndarray]] = [
-        (ctx.before.acquired_at, render.rgb_of(pair.before.reflectance)),
-        (ctx.after.acquired_at, render.rgb_of(pair.after.reflectance)),
+        (ctx.before.acquired_at, pair.thumbs.before),
+        (ctx.after.acquired_at, pair.thumbs.after),
     ]
     for scene in others:
         try:
-            frames.append((scene.acquired_at, read_rgb(scene, ctx.area_geom, pair.grid)))
+            frames.append((scene.acquired_at, frame(scene, pair)))
         except (CogReadError, HrefRefused, SkipAnalysis) as exc:  # one bad frame must not sink the analysis
             logger.warning("video frame %s left out: %s", scene.item_id, exc)
     frames.sort(key=lambda f: f[0])
     frames = frames[-limit:]
-    value_range = render.stretch_range(*(f[1] for f in frames), valid=pair.grid.aoi)
+    value_range = render.stretch_range(*(f[1] for f in frames), valid=pair.thumbs.aoi)
     return [render.to_uint8(f[1], value_range) for f in frames], [f"{f[0]:%Y-%m-%d}" for f in frames]
 
 
@@ -331,7 +331,7 @@ def analysis_stats(ctx: AnalysisContext, claim: leases.Claim, pair: PreparedPair
         "analyser": ctx.analyser.id, "worker": claim.worker, "attempt": claim.attempts,
         "previous_error": claim.previous_error,
         "grid": {"crs": grid.crs.to_string(), "pixel_size_m": grid.pixel_size, "width": grid.width,
-                 "height": grid.height},
+                 "height": grid.height, "blocks": pair.blocks, "thumbnail_step_px": pair.thumbs.factor},
         "valid_fraction": round(pair.valid_fraction, 4),
         "before_clear_fraction": round(pair.before_clear_fraction, 4),
         "after_clear_fraction": round(pair.after_clear_fraction, 4),

@@ -5,16 +5,21 @@
 2. **Window reads only.** Each band is read through :func:`eo.cog.read_aoi` (hrefs checked by
    :mod:`eo.security`, HTTP Range reads of the tiles the AOI touches, warped through a WarpedVRT).
    Nearest-neighbour resampling: the target pixel size equals the native 10 m one, so nearest keeps the
-   measured values (no blending across a field edge) and SCL classes stay classes. The cloud masks are
-   read first: a pair too cloudy to compare is skipped before any reflectance is fetched.
+   measured values (no blending across a field edge) and SCL classes stay classes.
+   **Block by block**: the grid is cut into blocks of whole chips (:data:`BLOCK_PX`), each read with a
+   halo of ``cloud_buffer_px`` so buffered clouds and the haze test are the same as on one big read;
+   nothing of full-area size is held (:mod:`workers.tiling` merges the results). The cloud masks are read
+   first: a pair too cloudy to compare is skipped before any reflectance is fetched (large areas: a coarse
+   screen from the mask's overviews, then the exact figures from the blocks).
 3. **Reflectance.** The rule decided at ingest per collection profile (:mod:`eo.radiometry`: the item's
    offset flag, its processing baseline and ``raster:bands`` together) and stored with each asset, then
-   checked against the clear red pixels: a contradiction fails the analysis
+   checked against the clear red pixels (counted block by block): a contradiction fails the analysis
    (:class:`eo.radiometry.RadiometryMismatch`). No-data becomes NaN.
 4. **Mask.** SCL (or Landsat QA_PIXEL) clear classes, clouds and shadows buffered (:mod:`eo.masks`);
    a pixel is *valid* when it is inside the AOI, clear and has data in both scenes. Too few valid pixels
    (``analysis.min_valid_fraction``) → :class:`SkipAnalysis` with the numbers.
-5. **Chips.** The grid cut into squares of ``analysis.chip_size_m`` (384 px at 10 m: the model's input).
+5. **Chips.** The grid cut into squares of ``analysis.chip_size_m`` (384 px at 10 m: the model's input),
+   numbered row by row; blocks are whole chips, so a chip never straddles two blocks.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ REQUIRED_BANDS = ("red", "nir")
 OPTIONAL_BANDS = ("blue", "green", "swir16")
 # Parallel band reads: GDAL releases the GIL while it waits on HTTP, and each read is a few requests.
 READ_THREADS = 4
+# Block side (pixels, rounded to whole chips): 1536 px = 15.4 km at 10 m, 2.4 M pixels; both scenes' bands
+# and the indices of one block stay within a few hundred MB whatever the area's size.
+BLOCK_PX = 1536
 
 
 class SkipAnalysis(Exception):
@@ -73,12 +81,19 @@ class SceneRef:
 
 @dataclass
 class Grid:
+    """The analysis grid of an area: ``width`` × ``height`` pixels of ``pixel_size`` m in ``crs``.
+
+    No full-size array is held: the AOI mask of any window is rasterised on demand (:meth:`aoi`), so a
+    10,000 km² area (10⁸ pixels at 10 m) costs what one block costs.
+    """
+
     crs: CRS
     transform: Affine
     width: int
     height: int
     pixel_size: float
-    aoi: np.ndarray  # bool (H, W): pixel centre inside the area polygon
+    geom: BaseGeometry  # the area in ``crs``
+    all_touched: bool = False  # an area smaller than a pixel gets the pixels it touches
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:
@@ -89,12 +104,32 @@ class Grid:
     def pixel_area_m2(self) -> float:
         return self.pixel_size * self.pixel_size
 
+    def window(self, rows: slice, cols: slice) -> Grid:
+        """The sub-grid of ``rows`` × ``cols`` (pixel offsets on this grid, clipped to it)."""
+        r0, r1 = max(0, rows.start), min(self.height, rows.stop)
+        c0, c1 = max(0, cols.start), min(self.width, cols.stop)
+        return Grid(self.crs, self.transform @ Affine.translation(c0, r0), c1 - c0, r1 - r0, self.pixel_size,
+                    self.geom, self.all_touched)
+
+    def aoi(self) -> np.ndarray:
+        """bool (H, W): pixel centre inside the area polygon (or touching it, for sub-pixel areas)."""
+        return geometry_mask([mapping(self.geom)], out_shape=(self.height, self.width), transform=self.transform,
+                             invert=True, all_touched=self.all_touched)
+
+    def decimated(self, factor: int) -> Grid:
+        """Every ``factor``-th pixel (rows and columns 0, f, 2f…): coarse pixels centred on those fine pixels,
+        so a coarse read samples the same places as striding a fine array (``factor`` 1 is this grid)."""
+        if factor <= 1:
+            return self
+        shift = 0.5 - factor / 2.0
+        transform = self.transform @ Affine.translation(shift, shift) @ Affine.scale(factor)
+        return Grid(self.crs, transform, -(-self.width // factor), -(-self.height // factor),
+                    self.pixel_size * factor, self.geom, self.all_touched)
+
 
 @dataclass
 class SceneRaster:
     scene: SceneRef
-    reflectance: dict[str, np.ndarray]  # band -> float32 (H, W), NaN where no data
-    clear: np.ndarray  # bool (H, W) from the cloud mask (buffered)
     harmonisation: str  # the rule applied, for the record
     radiometry: dict[str, Any] = field(default_factory=dict)  # rule, profile, offset_in_pixels
 
@@ -113,17 +148,34 @@ class Chip:
 
 
 @dataclass
-class PreparedPair:
-    grid: Grid
-    before: SceneRaster
-    after: SceneRaster
-    valid: np.ndarray  # bool (H, W): in AOI, clear in both, data in both
-    valid_fraction: float
-    before_clear_fraction: float
-    after_clear_fraction: float
-    bands: tuple[str, ...]  # reflectance bands present in both scenes
+class Block:
+    """One block of the grid: ``rows`` × ``cols`` (whole chips), read with ``halo`` extra pixels each side
+    (clipped to the grid) so cloud buffers and the haze dilation see across the block edge."""
+
+    rows: slice
+    cols: slice
+    halo: int = 0
+
+    def read_window(self, grid: Grid) -> tuple[slice, slice]:
+        return (slice(max(0, self.rows.start - self.halo), min(grid.height, self.rows.stop + self.halo)),
+                slice(max(0, self.cols.start - self.halo), min(grid.width, self.cols.stop + self.halo)))
+
+    def inner(self, grid: Grid) -> tuple[slice, slice]:
+        """The block inside its halo'd read window."""
+        rows, cols = self.read_window(grid)
+        r, c = self.rows.start - rows.start, self.cols.start - cols.start
+        return slice(r, r + self.rows.stop - self.rows.start), slice(c, c + self.cols.stop - self.cols.start)
+
+
+@dataclass
+class Survey:
+    """What the whole AOI looks like on the grid, gathered block by block without a full-size mask."""
+
+    aoi_pixels: int
+    rows: tuple[int, int]  # [first, last + 1) grid rows holding AOI pixels
+    cols: tuple[int, int]
     chips: list[Chip]
-    notes: list[str] = field(default_factory=list)
+    blocks: list[Block]
 
 
 def common_grid(geom_4326: BaseGeometry, pixel_size: float) -> Grid:
@@ -137,11 +189,46 @@ def common_grid(geom_4326: BaseGeometry, pixel_size: float) -> Grid:
     top = max(math.ceil(maxy / pixel_size) * pixel_size, bottom + pixel_size)
     width, height = round((right - left) / pixel_size), round((top - bottom) / pixel_size)
     transform = Affine(pixel_size, 0.0, left, 0.0, -pixel_size, top)
-    aoi = geometry_mask([mapping(geom)], out_shape=(height, width), transform=transform, invert=True)
-    if not aoi.any():  # an area smaller than a pixel still gets the pixels it touches
-        aoi = geometry_mask([mapping(geom)], out_shape=(height, width), transform=transform, invert=True,
-                            all_touched=True)
-    return Grid(crs=crs, transform=transform, width=width, height=height, pixel_size=pixel_size, aoi=aoi)
+    return Grid(crs=crs, transform=transform, width=width, height=height, pixel_size=pixel_size, geom=geom)
+
+
+def block_size_px(chip_px: int, target_px: int = BLOCK_PX) -> int:
+    """Block side in pixels: a whole number of chips, about ``target_px``."""
+    return chip_px * max(1, target_px // max(chip_px, 1))
+
+
+def survey(grid: Grid, chip_size_m: float, *, block_px: int = BLOCK_PX, halo: int = 0) -> Survey:
+    """Blocks, chips (squares of ``chip_size_m``, edge chips smaller, chips outside the AOI dropped, numbered
+    row by row over the whole grid) and the AOI's pixel count and extent. Switches the grid to
+    ``all_touched`` when no pixel centre falls inside the area (an area smaller than a pixel)."""
+    chip_px = max(1, round(chip_size_m / grid.pixel_size))
+    size = block_size_px(chip_px, block_px)
+    for attempt in (0, 1):
+        blocks, cells, total = [], [], 0
+        r_lo, r_hi, c_lo, c_hi = grid.height, 0, grid.width, 0
+        for row in range(0, grid.height, size):
+            for col in range(0, grid.width, size):
+                rows, cols = slice(row, min(row + size, grid.height)), slice(col, min(col + size, grid.width))
+                blocks.append(Block(rows, cols, halo))
+                aoi = grid.window(rows, cols).aoi()
+                count = int(aoi.sum())
+                if not count:
+                    continue
+                total += count
+                hit_r, hit_c = np.flatnonzero(aoi.any(axis=1)), np.flatnonzero(aoi.any(axis=0))
+                r_lo, r_hi = min(r_lo, row + int(hit_r[0])), max(r_hi, row + int(hit_r[-1]) + 1)
+                c_lo, c_hi = min(c_lo, col + int(hit_c[0])), max(c_hi, col + int(hit_c[-1]) + 1)
+                for r in range(0, aoi.shape[0], chip_px):
+                    for c in range(0, aoi.shape[1], chip_px):
+                        if aoi[r:r + chip_px, c:c + chip_px].any():
+                            h, w = min(chip_px, aoi.shape[0] - r), min(chip_px, aoi.shape[1] - c)
+                            cells.append((row + r, col + c, h, w))
+        if total or attempt or grid.all_touched:
+            break
+        grid.all_touched = True
+    cells.sort()
+    chips = [Chip(index=k, row=r, col=c, height=h, width=w) for k, (r, c, h, w) in enumerate(cells)]
+    return Survey(aoi_pixels=total, rows=(r_lo, r_hi), cols=(c_lo, c_hi), chips=chips, blocks=blocks)
 
 
 def harmonisation_rule(scene: SceneRef, band: str) -> tuple[float, float, str]:
@@ -150,22 +237,13 @@ def harmonisation_rule(scene: SceneRef, band: str) -> tuple[float, float, str]:
     return rule.scale, rule.offset, rule.description
 
 
-def chips_for(grid: Grid, chip_size_m: float) -> list[Chip]:
-    """Squares of ``chip_size_m`` over the grid (edge chips are smaller); chips outside the AOI are dropped."""
-    size = max(1, round(chip_size_m / grid.pixel_size))
-    chips: list[Chip] = []
-    for row in range(0, grid.height, size):
-        for col in range(0, grid.width, size):
-            h, w = min(size, grid.height - row), min(size, grid.width - col)
-            if grid.aoi[row:row + h, col:col + w].any():
-                chips.append(Chip(index=len(chips), row=row, col=col, height=h, width=w))
-    return chips
-
-
-def _read_band(scene: SceneRef, band: str, geom: BaseGeometry, grid: Grid) -> np.ndarray:
+def read_band(scene: SceneRef, band: str, grid: Grid, *, use_overviews: bool = False) -> np.ma.MaskedArray:
+    """DNs of ``band`` on ``grid`` (nearest), no-data masked. ``use_overviews``: from the coarsest internal
+    overview still at least as fine as the grid (coarse grids: thumbnails, cloud screens)."""
     entry = scene.assets[band]
-    raster = read_aoi(entry["href"], geom, catalogue=scene.catalogue, dst_crs=grid.crs, resolution=grid.pixel_size,
-                      bounds=grid.bounds, resampling=Resampling.nearest, indexes=1)
+    raster = read_aoi(entry["href"], None, catalogue=scene.catalogue, dst_crs=grid.crs, resolution=grid.pixel_size,
+                      bounds=grid.bounds, resampling=Resampling.nearest, indexes=1, aoi_mask=False,
+                      use_overviews=use_overviews)
     array = raster.array[0]
     if array.shape != (grid.height, grid.width):  # read_aoi honours bounds; a mismatch is a bug, say so
         raise RuntimeError(f"{band} of {scene.item_id}: read {array.shape}, grid is {(grid.height, grid.width)}")
@@ -175,124 +253,139 @@ def _read_band(scene: SceneRef, band: str, geom: BaseGeometry, grid: Grid) -> np
     return np.ma.masked_equal(array, nodata)
 
 
-def _rule(scene: SceneRef, band: str) -> radiometry.ReflectanceRule:
+def rule_of(scene: SceneRef, band: str) -> radiometry.ReflectanceRule:
     return radiometry.reflectance_rule(scene.processing_baseline, scene.assets.get(band, {}))
 
 
+def radiometry_record(scene: SceneRef) -> dict[str, Any]:
+    rule = rule_of(scene, "red")
+    return {"rule": rule.rule, "profile": rule.profile, "offset_in_pixels": rule.offset_in_pixels,
+            "scale": rule.scale, "offset": rule.offset}
+
+
 def _reflectance(scene: SceneRef, band: str, dn: np.ma.MaskedArray) -> np.ndarray:
-    return radiometry.to_reflectance(dn, _rule(scene, band))
+    return radiometry.to_reflectance(dn, rule_of(scene, band))
 
 
-def _clear_mask(scene: SceneRef, band: str, values: np.ma.MaskedArray, buffer_px: int) -> np.ndarray:
-    data = values.data
-    no_data = np.ma.getmaskarray(values)
-    return clear_mask(band, data, buffer_px) & ~no_data
+def _clear_mask(band: str, values: np.ma.MaskedArray, buffer_px: int) -> np.ndarray:
+    return clear_mask(band, values.data, buffer_px) & ~np.ma.getmaskarray(values)
 
 
-def _mask_band(scene: SceneRef) -> str:
+def mask_band(scene: SceneRef) -> str:
+    """The scene's cloud-mask asset key (``scl`` or ``qa_pixel``); :class:`SkipAnalysis` when it has none."""
     for band in MASK_BANDS:
         if band in scene.assets:
             return band
     raise SkipAnalysis(f"scene {scene.item_id} has no cloud mask asset (scl or qa_pixel)")
 
 
-def prepare_pair(geom_4326: BaseGeometry, before: SceneRef, after: SceneRef,
-                 settings: AnalysisSettings) -> PreparedPair:
-    """Read, harmonise and mask both scenes over the area; raise :class:`SkipAnalysis` when not comparable."""
-    grid = common_grid(geom_4326, settings.pixel_size_m)
-    aoi_pixels = int(grid.aoi.sum())
+def pair_bands(before: SceneRef, after: SceneRef) -> tuple[list[str], list[str]]:
+    """(reflectance bands both scenes have, notes on the optional ones missing); SkipAnalysis when a
+    required band or the cloud mask is missing."""
     for scene in (before, after):
         missing = [b for b in REQUIRED_BANDS if b not in scene.assets]
         if missing:
             raise SkipAnalysis(f"scene {scene.item_id} has no {', '.join(missing)} asset")
-    mask_bands = (_mask_band(before), _mask_band(after))
+        mask_band(scene)
+    notes: list[str] = []
+    bands = list(REQUIRED_BANDS)
+    for band in OPTIONAL_BANDS:
+        have = [s.item_id for s in (before, after) if band in s.assets]
+        if len(have) == 2:
+            bands.append(band)
+        else:
+            notes.append(f"no {band} band in {'both scenes' if not have else 'one scene'}")
+    return bands, notes
 
-    with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="cog-read") as pool:
-        # Masks first: a cloudy pair is skipped without fetching any reflectance.
-        masks = list(pool.map(lambda sb: _read_band(sb[0], sb[1], geom_4326, grid),
-                              [(before, mask_bands[0]), (after, mask_bands[1])]))
-        clear_b = _clear_mask(before, mask_bands[0], masks[0], settings.cloud_buffer_px)
-        clear_a = _clear_mask(after, mask_bands[1], masks[1], settings.cloud_buffer_px)
-        frac_b = float((clear_b & grid.aoi).sum()) / max(aoi_pixels, 1)
-        frac_a = float((clear_a & grid.aoi).sum()) / max(aoi_pixels, 1)
-        both = float((clear_b & clear_a & grid.aoi).sum()) / max(aoi_pixels, 1)
-        if both < settings.min_valid_fraction:
-            raise SkipAnalysis(_cloudy_reason(both, frac_b, frac_a, settings))
 
-        notes: list[str] = []
-        bands = list(REQUIRED_BANDS)
-        for band in OPTIONAL_BANDS:
-            have = [s.item_id for s in (before, after) if band in s.assets]
-            if len(have) == 2:
-                bands.append(band)
-            else:
-                notes.append(f"no {band} band in {'both scenes' if not have else 'one scene'}")
-        jobs = [(s, b) for s in (before, after) for b in bands]
-        dns = list(pool.map(lambda sb: _read_band(sb[0], sb[1], geom_4326, grid), jobs))
+@dataclass
+class BlockPair:
+    """Both scenes over one block: reflectance, clear masks (buffered, haze removed), validity, counts."""
 
-    # The metadata's rule against the pixels, before anything is compared (raises RadiometryMismatch).
-    for scene, dn, clear in ((before, dns[0], clear_b), (after, dns[len(bands)], clear_a)):
-        note = radiometry.check_pixels(scene.item_id, _rule(scene, "red"), dn, clear & grid.aoi)
-        if note:
-            notes.append(note)
+    block: Block
+    grid: Grid  # the block's own sub-grid (no halo)
+    aoi: np.ndarray  # bool (h, w)
+    before: dict[str, np.ndarray]  # band -> float32 reflectance (h, w), NaN where no data
+    after: dict[str, np.ndarray]
+    valid: np.ndarray  # bool (h, w): in AOI, clear in both, data in both
+    clear_after: np.ndarray  # bool (h, w): the after scene's clear mask (buffered, haze removed)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def read_block_masks(grid: Grid, block: Block, before: SceneRef, after: SceneRef, buffer_px: int,
+                     pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+    """(AOI, clear before, clear after) over the block — clear masks on the halo'd window — and the counts
+    of AOI pixels clear in each and in both (unbuffered by haze)."""
+    read_grid = grid.window(*block.read_window(grid))
+    inner = block.inner(grid)
+    bands = (mask_band(before), mask_band(after))
+    values = list(pool.map(lambda sb: read_band(sb[0], sb[1], read_grid), ((before, bands[0]), (after, bands[1]))))
+    clear_b = _clear_mask(bands[0], values[0], buffer_px)
+    clear_a = _clear_mask(bands[1], values[1], buffer_px)
+    aoi = grid.window(block.rows, block.cols).aoi()
+    counts = {"aoi": int(aoi.sum()), "clear_before": int((clear_b[inner] & aoi).sum()),
+              "clear_after": int((clear_a[inner] & aoi).sum()),
+              "clear_both": int((clear_b[inner] & clear_a[inner] & aoi).sum())}
+    return aoi, clear_b, clear_a, counts
+
+
+def read_block(grid: Grid, block: Block, before: SceneRef, after: SceneRef, bands: list[str],
+               settings: AnalysisSettings, pool: ThreadPoolExecutor,
+               masks: tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]) -> BlockPair:
+    """Reflectance of ``bands`` for both scenes over the block, the haze test on what the cloud masks
+    missed, and the valid mask. ``masks`` is :func:`read_block_masks`' answer for this block."""
+    aoi, clear_b, clear_a, counts = masks
+    read_grid = grid.window(*block.read_window(grid))
+    inner = block.inner(grid)
+    jobs = [(s, b) for s in (before, after) for b in bands]
+    dns = list(pool.map(lambda sb: read_band(sb[0], sb[1], read_grid), jobs))
+    counts = dict(counts)
+    # The metadata's rule against the clear red DNs (cloud-masked, before the haze test), counted here and
+    # judged over the whole area by the caller (eo.radiometry.check_pixel_counts).
+    for label, dn, clear_halo in (("before", dns[0], clear_b), ("after", dns[len(bands)], clear_a)):
+        where = clear_halo[inner] & aoi & ~np.ma.getmaskarray(dn)[inner]
+        below, total, darkest = radiometry.red_counts(dn.data[inner][where])
+        counts[f"red_below_offset_{label}"], counts[f"red_clear_{label}"] = below, total
+        if darkest is not None:
+            counts[f"red_darkest_{label}"] = darkest
     arrays = [_reflectance(s, b, dn) for (s, b), dn in zip(jobs, dns, strict=True)]
+    del dns
     refl_b = {b: arrays[i] for i, b in enumerate(bands)}
     refl_a = {b: arrays[len(bands) + i] for i, b in enumerate(bands)}
-    if "blue" in bands:
-        for label, refl, clear in (("before", refl_b, clear_b), ("after", refl_a, clear_a)):
-            hazy = haze_mask(refl["blue"], refl["red"], settings.cloud_buffer_px) & clear & grid.aoi
-            if hazy.any():
-                clear &= ~hazy  # in place: the scene's clear mask is what the spectral step trusts
-                notes.append(f"{int(hazy.sum())} px of haze or small cloud that the {label} scene's cloud mask "
-                             "missed were excluded (blue/red haze test)")
-    has_data = np.ones((grid.height, grid.width), dtype=bool)
+    clears = []
+    for label, refl, clear_halo in (("before", refl_b, clear_b), ("after", refl_a, clear_a)):
+        clear = clear_halo[inner].copy()
+        if "blue" in bands:
+            hazy = haze_mask(refl["blue"], refl["red"], settings.cloud_buffer_px)[inner] & clear & aoi
+            counts[f"hazy_{label}"] = int(hazy.sum())
+            clear &= ~hazy  # the scene's clear mask is what the spectral step trusts
+        clears.append(clear)
+    refl_b = {b: a[inner] for b, a in refl_b.items()}
+    refl_a = {b: a[inner] for b, a in refl_a.items()}
+    valid = aoi & clears[0] & clears[1]
     for band in bands:
-        has_data &= np.isfinite(refl_b[band]) & np.isfinite(refl_a[band])
-    valid = grid.aoi & clear_b & clear_a & has_data
-    valid_fraction = float(valid.sum()) / max(aoi_pixels, 1)
-    if valid_fraction < settings.min_valid_fraction:
-        raise SkipAnalysis(
-            f"only {valid_fraction:.0%} of the area has clear data in both scenes (minimum "
-            f"{settings.min_valid_fraction:.0%}); the scenes cover it only partly"
-        )
-    pair = PreparedPair(
-        grid=grid,
-        before=SceneRaster(before, refl_b, clear_b, harmonisation_rule(before, "red")[2], _record(before)),
-        after=SceneRaster(after, refl_a, clear_a, harmonisation_rule(after, "red")[2], _record(after)),
-        valid=valid,
-        valid_fraction=valid_fraction,
-        before_clear_fraction=frac_b,
-        after_clear_fraction=frac_a,
-        bands=tuple(bands),
-        chips=chips_for(grid, settings.chip_size_m),
-        notes=notes,
-    )
-    logger.info("prepared %s -> %s: %dx%d px in %s, %.0f%% valid, bands %s", before.item_id, after.item_id,
-                grid.width, grid.height, grid.crs.to_string(), 100 * valid_fraction, ",".join(bands))
-    return pair
+        valid &= np.isfinite(refl_b[band]) & np.isfinite(refl_a[band])
+    counts["valid"] = int(valid.sum())
+    return BlockPair(block=block, grid=grid.window(block.rows, block.cols), aoi=aoi, before=refl_b, after=refl_a,
+                     valid=valid, clear_after=clears[1], counts=counts)
 
 
-def _record(scene: SceneRef) -> dict[str, Any]:
-    rule = _rule(scene, "red")
-    return {"rule": rule.rule, "profile": rule.profile, "offset_in_pixels": rule.offset_in_pixels,
-            "scale": rule.scale, "offset": rule.offset}
-
-
-def _cloudy_reason(both: float, before: float, after: float, settings: AnalysisSettings) -> str:
+def cloudy_reason(both: float, before: float, after: float, settings: AnalysisSettings, how: str = "") -> str:
     return (
         f"too cloudy to compare: only {both:.0%} of the area is clear in both scenes (before {before:.0%}, "
         f"after {after:.0%}; minimum {settings.min_valid_fraction:.0%}; clouds and shadows buffered by "
-        f"{settings.cloud_buffer_px} px)"
+        f"{settings.cloud_buffer_px} px{how})"
     )
 
 
-def read_rgb(scene: SceneRef, geom_4326: BaseGeometry, grid: Grid) -> np.ndarray:
-    """True-colour reflectance (3, H, W) of one scene on ``grid`` (the video frames of the model)."""
+def read_rgb(scene: SceneRef, grid: Grid, *, use_overviews: bool = False) -> np.ndarray:
+    """True-colour reflectance (3, H, W) of one scene on ``grid`` (video frames, model chips)."""
     bands = [b for b in ("red", "green", "blue") if b in scene.assets]
     if len(bands) < 3:
         bands = ["red", "red", "red"] if "red" in scene.assets else []
     if not bands:
         raise SkipAnalysis(f"scene {scene.item_id} has no visible bands")
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="cog-read") as pool:
-        arrays = list(pool.map(lambda b: _reflectance(scene, b, _read_band(scene, b, geom_4326, grid)), bands))
+        arrays = list(pool.map(lambda b: _reflectance(scene, b, read_band(scene, b, grid,
+                                                                          use_overviews=use_overviews)), bands))
     return np.stack(arrays)

@@ -37,7 +37,8 @@ class Png:
 
 
 def stretch_range(*rgbs: np.ndarray, valid: np.ndarray | None = None) -> tuple[float, float]:
-    """One (low, high) reflectance range for all given (3, H, W) arrays."""
+    """One (low, high) reflectance range for all given (3, H, W) arrays (callers pass the thumbnail-size
+    canvas of a large area, so this sorts at most a few million values)."""
     samples = []
     for rgb in rgbs:
         values = rgb[:, valid] if valid is not None else rgb.reshape(3, -1)
@@ -63,12 +64,13 @@ def to_uint8(rgb: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(out, 0, -1))
 
 
-def overlay(after_rgb8: np.ndarray, class_map: np.ndarray, changed: np.ndarray, aoi: np.ndarray) -> np.ndarray:
-    """The after image with changed pixels tinted by class and the outside of the area dimmed."""
+def overlay(after_rgb8: np.ndarray, class_map: np.ndarray, aoi: np.ndarray) -> np.ndarray:
+    """The after image with changed pixels tinted by class (``class_map``: uint8 (H, W), 0 = none, else the
+    class code of a kept region) and the outside of the area dimmed."""
     out = after_rgb8.astype(np.float32)
     out[~aoi] *= OUTSIDE_DIM
     for code, colour in CLASS_COLOURS.items():
-        where = changed & (class_map == code)
+        where = class_map == code
         if where.any():
             out[where] = (1 - TINT_ALPHA) * out[where] + TINT_ALPHA * np.asarray(colour, dtype=np.float32)
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)

@@ -41,15 +41,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import shapely
-from rasterio.features import rasterize, shapes
-from rasterio.warp import transform_geom
-from shapely.geometry import mapping, shape
-from shapely.geometry.base import BaseGeometry
 
 from eo.change_classes import CLASS_LABELS, CLASS_ORDER, format_hectares
 from eo.questions import QuestionTemplate
-from workers.raster import PreparedPair
+from workers.raster import BlockPair, Grid, Survey
+from workers.regions import Fragment, Region, block_fragments, merge, shape_measures, to_4326
 
 logger = logging.getLogger(__name__)
 
@@ -78,21 +74,6 @@ THRESHOLDS = Thresholds()
 
 
 @dataclass
-class Region:
-    change_class: str
-    geom_utm: BaseGeometry
-    geom_4326: BaseGeometry
-    pixels: int
-    hectares: float
-    mean_dndvi: float | None
-    linear: bool
-    elongation: float
-    # Mean index values of the region's pixels in the before scene (ndvi, ndwi, ndbi; None when not
-    # computable): what a later acquisition is compared with to confirm or dismiss the change.
-    before_means: dict[str, float | None] = field(default_factory=dict)
-
-
-@dataclass
 class ChipScore:
     index: int
     score: float
@@ -102,8 +83,6 @@ class ChipScore:
 
 @dataclass
 class SpectralResult:
-    class_map: np.ndarray  # uint8 (H, W): 0 = no change, else CLASS_CODES
-    mapped: np.ndarray  # bool (H, W): changed pixels inside kept regions
     metrics: dict[str, float | None]  # the backing statistics of the question templates
     classes: dict[str, dict[str, Any]]
     regions: list[Region]
@@ -198,154 +177,206 @@ def still_changed(change_class: str, before_means: dict[str, float | None], afte
     return None
 
 
-def _regions(class_map: np.ndarray, pair: PreparedPair, d_ndvi: np.ndarray, min_ha: float,
-             before: dict[str, np.ndarray | None]) -> tuple[list[Region], int]:
-    grid = pair.grid
-    pixel_m2 = grid.pixel_area_m2
-    found: list[Region] = []
-    dropped = 0
-    for geojson, value in shapes(class_map, mask=class_map > 0, connectivity=8, transform=grid.transform):
-        geom = shape(geojson)
-        if not geom.is_valid:  # 8-connected pixels touching at a corner make a self-touching ring
-            geom = shapely.make_valid(geom)
-        pixels = round(geom.area / pixel_m2)
-        hectares = pixels * pixel_m2 / 10_000.0
-        if hectares < min_ha:
-            dropped += 1
-            continue
-        rect = geom.minimum_rotated_rectangle
-        coords = np.asarray(rect.exterior.coords) if rect.geom_type == "Polygon" else np.zeros((0, 2))
-        if len(coords) >= 4:
-            sides = np.hypot(*(coords[1:3] - coords[0:2]).T)
-            long_side, short_side = float(sides.max()), max(float(sides.min()), grid.pixel_size)
-        else:
-            long_side = short_side = grid.pixel_size
-        elongation = long_side / short_side
-        mean_width = geom.area / max(long_side, grid.pixel_size)
-        found.append(Region(
-            change_class=CLASS_ORDER[int(value) - 1], geom_utm=geom,
-            geom_4326=shape(transform_geom(grid.crs, "EPSG:4326", mapping(geom))), pixels=pixels,
-            hectares=hectares, mean_dndvi=None, linear=bool(elongation >= THRESHOLDS.linear_elongation
-                                                            and mean_width <= THRESHOLDS.linear_max_width_m),
-            elongation=round(elongation, 2),
-        ))
-    found.sort(key=lambda r: r.hectares, reverse=True)
-    if len(found) > MAX_REGIONS:
-        dropped += len(found) - MAX_REGIONS
-        found = found[:MAX_REGIONS]
-    if found:
-        labels = rasterize([(r.geom_utm, k + 1) for k, r in enumerate(found)], out_shape=class_map.shape,
-                           transform=grid.transform, fill=0, dtype="int32")
-        for k, region in enumerate(found):
-            inside = labels == k + 1
-            values = d_ndvi[inside & np.isfinite(d_ndvi)]
-            region.mean_dndvi = round(float(values.mean()), 4) if values.size else None
-            for name, index in before.items():
-                v = index[inside & np.isfinite(index)] if index is not None else np.zeros(0)
-                region.before_means[name] = round(float(v.mean()), 4) if v.size else None
-    return found, dropped
-
-
-def where_in_area(mask: np.ndarray, aoi: np.ndarray) -> str:
-    """'mostly in the north-east of the area', from the share of ``mask`` pixels per 3×3 sector of the AOI."""
-    rows, cols = np.nonzero(aoi)
-    if rows.size == 0 or not mask.any():
+def where_from_sectors(counts: np.ndarray) -> str:
+    """'mostly in the north-east of the area', from the pixels per 3×3 sector of the AOI's extent."""
+    total = int(counts.sum())
+    if total == 0:
         return ""
-    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    mr, mc = np.nonzero(mask[r0:r1, c0:c1])
-    sector_r = np.minimum((mr * 3) // max(r1 - r0, 1), 2)
-    sector_c = np.minimum((mc * 3) // max(c1 - c0, 1), 2)
-    counts = np.bincount(sector_r * 3 + sector_c, minlength=9) / mr.size
-    order = np.argsort(counts)[::-1]
+    share = counts / total
+    order = np.argsort(share)[::-1]
     first, second = SECTORS[order[0] // 3][order[0] % 3], SECTORS[order[1] // 3][order[1] % 3]
-    if counts[order[0]] >= 0.5:
+    if share[order[0]] >= 0.5:
         return f"mostly in the {first} of the area"
-    if counts[order[0]] + counts[order[1]] >= 0.6:
+    if share[order[0]] + share[order[1]] >= 0.6:
         return f"mainly in the {first} and {second} of the area"
     return "spread across the area"
 
 
-def analyse(pair: PreparedPair, min_mapping_unit_ha: float, t: Thresholds = THRESHOLDS) -> SpectralResult:
-    """Everything the spectral analyser says about a prepared pair."""
-    grid, valid = pair.grid, pair.valid
-    ha_per_px = grid.pixel_area_m2 / 10_000.0
-    idx_b, idx_a = indices(pair.before.reflectance), indices(pair.after.reflectance)
-    class_map, masks = classify(idx_b, idx_a, valid, t)
-    d_ndvi = idx_a["ndvi"] - idx_b["ndvi"]
-    regions, dropped = _regions(class_map, pair, d_ndvi, min_mapping_unit_ha, idx_b)
-    mapped = np.zeros(valid.shape, dtype=bool)
-    if regions:
-        mapped = rasterize([(r.geom_utm, 1) for r in regions], out_shape=valid.shape, transform=grid.transform,
-                           fill=0, dtype="uint8").astype(bool) & (class_map > 0)
+@dataclass
+class PairFacts:
+    """What the spectral step needs to know about the whole prepared pair (workers.tiling)."""
 
-    unavailable: dict[str, str] = {}
-    notes = list(pair.notes)
-    if idx_b["ndbi"] is None or idx_a["ndbi"] is None:
-        unavailable["new_built_up_or_bare_ha"] = "dNDBI needs the swir16 band, which these scenes do not both have"
-        notes.append("dNDBI not computed: no swir16 band in both scenes; built-up change cannot be detected")
-    if idx_b["ndwi"] is None or idx_a["ndwi"] is None:
-        unavailable["water_change_ha"] = "dNDWI needs the green band, which these scenes do not both have"
-        notes.append("dNDWI not computed: no green band in both scenes")
-
-    classes: dict[str, dict[str, Any]] = {}
-    metrics: dict[str, float | None] = {}
-    for name in CLASS_ORDER:
-        code = CLASS_CODES[name]
-        if masks[name] is None:
-            metrics[f"{name}_ha"] = None
-            continue
-        in_class = class_map == code
-        in_regions = mapped & in_class
-        kept = [r for r in regions if r.change_class == name]
-        classes[name] = {
-            "pixels": int(in_class.sum()),
-            "hectares_all_pixels": round(float(in_class.sum()) * ha_per_px, 4),
-            "hectares": round(float(in_regions.sum()) * ha_per_px, 4),
-            "regions": len(kept),
-            "where": where_in_area(in_regions, grid.aoi),
-        }
-        metrics[f"{name}_ha"] = classes[name]["hectares"]
-    with np.errstate(invalid="ignore"):
-        bare = valid & (idx_b["ndvi"] >= t.vegetated_ndvi) & (idx_a["ndvi"] < t.bare_ndvi) & mapped
-    metrics["bare_soil_exposed_ha"] = round(float(bare.sum()) * ha_per_px, 4)
-    metrics["linear_change_ha"] = round(sum(r.hectares for r in regions if r.linear), 4)
-    metrics["changed_ha"] = round(float(mapped.sum()) * ha_per_px, 4)
-    metrics["changed_all_pixels_ha"] = round(float((class_map > 0).sum()) * ha_per_px, 4)
-    metrics["valid_ha"] = round(float(valid.sum()) * ha_per_px, 4)
-    metrics["area_ha"] = round(float(grid.aoi.sum()) * ha_per_px, 4)
-    metrics["valid_fraction"] = round(pair.valid_fraction, 4)
-    metrics["changed_fraction"] = round(float(mapped.sum()) / max(int(valid.sum()), 1), 6)
-    for key, before, after in (("ndvi", idx_b["ndvi"], idx_a["ndvi"]), ("ndwi", idx_b["ndwi"], idx_a["ndwi"]),
-                               ("ndbi", idx_b["ndbi"], idx_a["ndbi"])):
-        if before is None or after is None:
-            metrics[f"mean_d{key}"] = None
-            continue
-        diff = (after - before)[valid]
-        diff = diff[np.isfinite(diff)]
-        metrics[f"mean_d{key}"] = round(float(diff.mean()), 4) if diff.size else None
-    # Scene-level NDVI over the valid pixels: what a radiometry mistake shows first (a whole-area shift).
-    for label, idx in (("before", idx_b), ("after", idx_a)):
-        values = idx["ndvi"][valid]
-        values = values[np.isfinite(values)]
-        metrics[f"mean_ndvi_{label}"] = round(float(values.mean()), 4) if values.size else None
-
-    scores = []
-    for chip in pair.chips:
-        window = chip.window
-        n_valid = int(valid[window].sum())
-        n_changed = int(mapped[window].sum())
-        scores.append(ChipScore(chip.index, round(n_changed / n_valid, 6) if n_valid else 0.0, n_changed, n_valid))
-
-    result = SpectralResult(class_map=class_map, mapped=mapped, metrics=metrics, classes=classes, regions=regions,
-                            regions_dropped=dropped, chip_scores=scores, caption="", unavailable=unavailable,
-                            notes=notes)
-    result.caption = caption(result, pair, min_mapping_unit_ha)
-    logger.info("spectral: %d regions (%d below the mapping unit), %.2f ha changed of %.2f ha valid",
-                len(regions), dropped, metrics["changed_ha"], metrics["valid_ha"])
-    return result
+    grid: Grid
+    survey: Survey
+    valid_fraction: float
+    notes: list[str]
+    acquired: tuple[Any, Any]  # (before, after) acquisition datetimes, for the caption
 
 
-def caption(result: SpectralResult, pair: PreparedPair, min_mapping_unit_ha: float) -> str:
+class SpectralAccumulator:
+    """The spectral analysis of a pair, fed one block at a time (:meth:`add`), summed up by :meth:`finish`.
+
+    Memory: the statistics, the regions of at least the mapping unit, and the fragments waiting at block
+    edges; never a full-area array.
+    """
+
+    def __init__(self, grid: Grid, survey: Survey, min_mapping_unit_ha: float, t: Thresholds = THRESHOLDS):
+        self.grid, self.survey, self.min_ha, self.t = grid, survey, min_mapping_unit_ha, t
+        self.class_pixels = dict.fromkeys(CLASS_ORDER, 0)
+        self.available = dict.fromkeys(CLASS_ORDER, True)
+        self.index_available = {"ndvi": True, "ndwi": True, "ndbi": True}
+        self.d_sum = dict.fromkeys(("ndvi", "ndwi", "ndbi"), 0.0)
+        self.d_count = dict.fromkeys(("ndvi", "ndwi", "ndbi"), 0)
+        self.ndvi_sum = {"before": 0.0, "after": 0.0}
+        self.ndvi_count = {"before": 0, "after": 0}
+        self.changed_all = 0
+        self.valid = 0
+        self.chip_valid = np.zeros(len(survey.chips), dtype=np.int64)
+        self.whole: list[Fragment] = []
+        self.border: list[Fragment] = []
+        self.dropped = 0
+        self._order = 0
+
+    def add(self, block: BlockPair) -> None:
+        t = self.t
+        idx_b, idx_a = indices(block.before), indices(block.after)
+        valid = block.valid
+        class_map, masks = classify(idx_b, idx_a, valid, t)
+        d_ndvi = idx_a["ndvi"] - idx_b["ndvi"]
+        for name in CLASS_ORDER:
+            if masks[name] is None:
+                self.available[name] = False
+            else:
+                self.class_pixels[name] += int((class_map == CLASS_CODES[name]).sum())
+        self.changed_all += int((class_map > 0).sum())
+        self.valid += int(valid.sum())
+        for key in ("ndvi", "ndwi", "ndbi"):
+            before, after = idx_b[key], idx_a[key]
+            if before is None or after is None:
+                self.index_available[key] = False
+                continue
+            diff = (after - before)[valid]
+            diff = diff[np.isfinite(diff)]
+            self.d_sum[key] += float(diff.sum(dtype=np.float64))
+            self.d_count[key] += int(diff.size)
+        for label, idx in (("before", idx_b), ("after", idx_a)):
+            values = idx["ndvi"][valid]
+            values = values[np.isfinite(values)]
+            self.ndvi_sum[label] += float(values.sum(dtype=np.float64))
+            self.ndvi_count[label] += int(values.size)
+
+        rows, cols = block.block.rows, block.block.cols
+        chip_local = np.full(valid.shape, -1, dtype=np.int64)
+        chip_ids = []
+        for chip in self.survey.chips:
+            if rows.start <= chip.row < rows.stop and cols.start <= chip.col < cols.stop:
+                r, c = chip.row - rows.start, chip.col - cols.start
+                chip_local[r:r + chip.height, c:c + chip.width] = len(chip_ids)
+                chip_ids.append(chip.index)
+        if chip_ids:
+            counts = np.bincount(chip_local[valid & (chip_local >= 0)], minlength=len(chip_ids))
+            self.chip_valid[chip_ids] += counts[:len(chip_ids)]
+        if not (class_map > 0).any():
+            return
+        (r0, r1), (c0, c1) = self.survey.rows, self.survey.cols
+        sector_r = np.clip(((np.arange(rows.start, rows.stop) - r0) * 3) // max(r1 - r0, 1), 0, 2)
+        sector_c = np.clip(((np.arange(cols.start, cols.stop) - c0) * 3) // max(c1 - c0, 1), 0, 2)
+        sector = sector_r[:, None] * 3 + sector_c[None, :]
+        with np.errstate(invalid="ignore"):
+            bare = valid & (idx_b["ndvi"] >= t.vegetated_ndvi) & (idx_a["ndvi"] < t.bare_ndvi)
+        edges = (rows.start > 0, rows.stop < self.grid.height, cols.start > 0, cols.stop < self.grid.width)
+        found = block_fragments(class_map, d_ndvi, bare, chip_local, chip_ids, sector, block.grid.transform, edges,
+                                self._order, before=idx_b)
+        self._order += len(found)
+        ha_per_px = self.grid.pixel_area_m2 / 10_000.0
+        for fragment in found:
+            if fragment.border:
+                self.border.append(fragment)
+            elif fragment.pixels * ha_per_px < self.min_ha:
+                self.dropped += 1
+            else:
+                self.whole.append(fragment)
+
+    def finish(self, facts: PairFacts) -> SpectralResult:
+        grid, t = self.grid, self.t
+        ha_per_px = grid.pixel_area_m2 / 10_000.0
+        candidates = []
+        dropped = self.dropped
+        for fragment in self.whole + merge(self.border):
+            if fragment.pixels * ha_per_px < self.min_ha:
+                dropped += 1
+            else:
+                candidates.append(fragment)
+        self.whole, self.border = [], []
+        candidates.sort(key=lambda f: (-f.pixels, f.order))
+        if len(candidates) > MAX_REGIONS:
+            dropped += len(candidates) - MAX_REGIONS
+            candidates = candidates[:MAX_REGIONS]
+        regions = []
+        for fragment, geom_4326 in zip(candidates, to_4326([f.geom for f in candidates], grid.crs), strict=True):
+            elongation, mean_width = shape_measures(fragment.geom, grid.pixel_size)
+            regions.append(Region(
+                change_class=CLASS_ORDER[fragment.code - 1], geom_utm=fragment.geom, geom_4326=geom_4326,
+                pixels=fragment.pixels, hectares=fragment.pixels * ha_per_px,
+                mean_dndvi=round(fragment.d_sum / fragment.d_count, 4) if fragment.d_count else None,
+                linear=bool(elongation >= t.linear_elongation and mean_width <= t.linear_max_width_m),
+                elongation=round(elongation, 2), fragment=fragment,
+                before_means={name: round(fragment.b_sum[name] / fragment.b_count[name], 4)
+                              if fragment.b_count.get(name) else None for name in fragment.b_sum}))
+
+        unavailable: dict[str, str] = {}
+        notes = list(facts.notes)
+        if not self.index_available["ndbi"]:
+            unavailable["new_built_up_or_bare_ha"] = ("dNDBI needs the swir16 band, which these scenes do not "
+                                                      "both have")
+            notes.append("dNDBI not computed: no swir16 band in both scenes; built-up change cannot be detected")
+        if not self.index_available["ndwi"]:
+            unavailable["water_change_ha"] = "dNDWI needs the green band, which these scenes do not both have"
+            notes.append("dNDWI not computed: no green band in both scenes")
+
+        classes: dict[str, dict[str, Any]] = {}
+        metrics: dict[str, float | None] = {}
+        mapped_total = sum(r.pixels for r in regions)
+        for name in CLASS_ORDER:
+            if not self.available[name]:
+                metrics[f"{name}_ha"] = None
+                continue
+            kept = [r for r in regions if r.change_class == name]
+            sectors = np.sum([r.fragment.sectors for r in kept], axis=0) if kept else np.zeros(9, dtype=np.int64)
+            pixels = self.class_pixels[name]
+            classes[name] = {
+                "pixels": pixels,
+                "hectares_all_pixels": round(float(pixels) * ha_per_px, 4),
+                "hectares": round(float(sum(r.pixels for r in kept)) * ha_per_px, 4),
+                "regions": len(kept),
+                "where": where_from_sectors(sectors),
+            }
+            metrics[f"{name}_ha"] = classes[name]["hectares"]
+        metrics["bare_soil_exposed_ha"] = round(float(sum(r.fragment.bare for r in regions)) * ha_per_px, 4)
+        metrics["linear_change_ha"] = round(sum(r.hectares for r in regions if r.linear), 4)
+        metrics["changed_ha"] = round(float(mapped_total) * ha_per_px, 4)
+        metrics["changed_all_pixels_ha"] = round(float(self.changed_all) * ha_per_px, 4)
+        metrics["valid_ha"] = round(float(self.valid) * ha_per_px, 4)
+        metrics["area_ha"] = round(float(self.survey.aoi_pixels) * ha_per_px, 4)
+        metrics["valid_fraction"] = round(facts.valid_fraction, 4)
+        metrics["changed_fraction"] = round(float(mapped_total) / max(self.valid, 1), 6)
+        for key in ("ndvi", "ndwi", "ndbi"):
+            ok = self.index_available[key] and self.d_count[key]
+            metrics[f"mean_d{key}"] = round(self.d_sum[key] / self.d_count[key], 4) if ok else None
+        # Scene-level NDVI over the valid pixels: what a radiometry mistake shows first (a whole-area shift).
+        for label in ("before", "after"):
+            n = self.ndvi_count[label]
+            metrics[f"mean_ndvi_{label}"] = round(self.ndvi_sum[label] / n, 4) if n else None
+
+        changed = np.zeros(len(self.survey.chips), dtype=np.int64)
+        for region in regions:
+            for chip, count in region.fragment.chips.items():
+                changed[chip] += count
+        scores = []
+        for chip in self.survey.chips:
+            n_valid, n_changed = int(self.chip_valid[chip.index]), int(changed[chip.index])
+            scores.append(ChipScore(chip.index, round(n_changed / n_valid, 6) if n_valid else 0.0, n_changed, n_valid))
+
+        result = SpectralResult(metrics=metrics, classes=classes, regions=regions, regions_dropped=dropped,
+                                chip_scores=scores, caption="", unavailable=unavailable, notes=notes)
+        result.caption = caption(result, facts.valid_fraction, facts.acquired, self.min_ha)
+        logger.info("spectral: %d regions (%d below the mapping unit or over the cap), %.2f ha changed of %.2f ha "
+                    "valid", len(regions), dropped, metrics["changed_ha"], metrics["valid_ha"])
+        return result
+
+
+def caption(result: SpectralResult, valid_fraction: float, acquired: tuple[Any, Any],
+            min_mapping_unit_ha: float) -> str:
     """A sentence or two written from the numbers: what changed, how much, where; how much was seen."""
     parts = []
     for name in CLASS_ORDER:
@@ -355,8 +386,8 @@ def caption(result: SpectralResult, pair: PreparedPair, min_mapping_unit_ha: flo
         where = f", {info['where']}" if info["where"] else ""
         label = CLASS_LABELS[name]
         parts.append(f"{label} of {format_hectares(info['hectares'])}{where}")
-    dates = f"{pair.before.scene.acquired_at:%Y-%m-%d} → {pair.after.scene.acquired_at:%Y-%m-%d}"
-    seen = f"{pair.valid_fraction:.0%} of the area was clear in both images ({dates})."
+    dates = f"{acquired[0]:%Y-%m-%d} → {acquired[1]:%Y-%m-%d}"
+    seen = f"{valid_fraction:.0%} of the area was clear in both images ({dates})."
     if not parts:
         text = (f"No significant change: no changed region of at least {min_mapping_unit_ha:g} ha. {seen}")
     else:

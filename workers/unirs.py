@@ -28,9 +28,9 @@ import numpy as np
 
 from core.config import Settings
 from eo.questions import QuestionTemplate
-from workers.raster import PreparedPair
-from workers.render import rgb_of, stretch_range, to_uint8
+from workers.render import stretch_range
 from workers.spectral import SpectralResult
+from workers.tiling import PreparedPair, chip_images
 
 logger = logging.getLogger(__name__)
 
@@ -148,14 +148,14 @@ def run(model: Any, pair: PreparedPair, spectral: SpectralResult, templates: Seq
     passing = passing[:MAX_MODEL_CHIPS]
     chips_by_index = {c.index: c for c in pair.chips}
 
-    rgb_b, rgb_a = rgb_of(pair.before.reflectance), rgb_of(pair.after.reflectance)
-    value_range = stretch_range(rgb_b, rgb_a, valid=pair.valid)
-    img_b, img_a = to_uint8(rgb_b, value_range), to_uint8(rgb_a, value_range)
+    # The stretch of the thumbnails (every f-th pixel of the area); each chip is read again at full
+    # resolution as a small window, so a large area never holds its full-resolution true colour.
+    value_range = stretch_range(pair.thumbs.before, pair.thumbs.after, valid=pair.thumbs.valid)
     questions = [t.text for t in templates]
     answered: list[ChipAnswers] = []
     for score in passing:
-        rows, cols = chips_by_index[score.index].window
-        result = model.analyse_pair(img_b[rows, cols], img_a[rows, cols], questions,
+        img_b, img_a = chip_images(pair, chips_by_index[score.index], value_range)
+        result = model.analyse_pair(img_b, img_a, questions,
                                     max_new_tokens=settings.model.max_new_tokens)
         answers = [a.strip() for a in result.answers]
         answered.append(ChipAnswers(score.index, score.score, result.caption.strip(), answers))

@@ -1,70 +1,60 @@
-"""Benchmark: the analysis pipeline without the model, on a 5 × 5 km area read over HTTP.
+"""Benchmark: the analysis pipeline without the model — per-pair time, peak memory and read amplification,
+this code side by side with a baseline revision, in one run.
 
-The real Sentinel-2 sample (data/sentinel2-romania) is only 1 × 1 km (100 × 100 px). This benchmark builds
-a larger test pair from it: each band is **mirrored** into a 10 × 10 km image (1000 × 1000 px, EPSG:3035,
-tiles flipped alternately so edges stay continuous), written as a COG like Earth Search's (DEFLATE +
-predictor 2, 256 × 256 internal tiles, overviews), centred on the sample. The pixels are therefore real
-Sentinel-2 values but the scene is synthetic: change patterns repeat 100 times.
+Data. The real Sentinel-2 sample (data/sentinel2-romania, 1 × 1 km) is **mirrored** into a large image
+(tiles flipped alternately so edges stay continuous), written as COGs like Earth Search's (DEFLATE +
+predictor 2, 256 × 256 internal tiles, overviews), in EPSG:32634 (the sample's UTM zone, 34T) with the
+sample at the centre; the pixels are real Sentinel-2 values, the scene is synthetic (change patterns
+repeat every km). A second copy is written in EPSG:32635, the neighbouring zone, to measure reads of a
+tile from another UTM zone than the area's grid.
 
-Measured, each on its own line:
+Figures, per arm (``baseline`` = ``--baseline`` revision exported with ``git archive``; ``current`` = this
+checkout), each pair analysed in a fresh subprocess (no GDAL cache carried over; peak RSS is the
+child's own ``ru_maxrss``):
 
-- ``pair_seconds_cold`` / ``pair_seconds_median``: per-pair cost excluding model inference for the 5 × 5 km
-  area — raster prep (HTTP window reads of 2 × (mask + 4 bands), warp onto the UTM 10 m grid,
-  harmonisation, SCL mask with buffered clouds), spectral analysis (indices, classes, regions →
-  polygons → EPSG:4326, chip scores, caption) and the three PNG thumbnails. Every run reads a fresh copy
-  of the files (a new URL), so GDAL's in-process cache does not help; goal < 2 s on CPU.
-- ``http_bytes`` / ``tile_bytes`` / ``bytes_ratio``: bytes the COG server sent for one pair versus the
-  bytes of the internal tiles the area's read windows touch (from the TIFF tile byte counts); goal ≤ 1.5.
-- ``chips_kept_off_model_no_change``: share of chips whose spectral score is under
-  ``analysis.model_score_threshold`` on a no-change pair (2017-07-06 vs 2017-07-11).
+- ``seconds`` / ``peak_rss_mb`` for square areas of 1, 25, 100, 1,000 and 10,000 km² (change pair
+  2015-08-31 → 2020-08-29): raster prep (HTTP window reads of mask + 4 bands of both scenes, warp to the
+  UTM 10 m grid, harmonisation, buffered SCL mask), spectral analysis (indices, classes, regions,
+  EPSG:4326, chip scores, caption) and the three PNG thumbnails. An arm that fails says why.
+- ``read_amplification``: bytes the COG server sent / the true minimum (the header bytes before the
+  first tile plus the internal tiles holding the source pixel of at least one grid pixel centre),
+  averaged over ``--placements`` random 5 × 5 km areas, each read from the same-zone tile and from the
+  neighbouring-zone tile.
 
-Run: ``.venv/bin/python benchmarks/bench_pipeline.py [--runs 3]``.
+Goals (issue 13): 1,000 km² < 3 s and < 1 GB; read amplification ≤ 1.3× on average.
+Run: ``.venv/bin/python benchmarks/bench_pipeline.py [--sizes 1,25,100,1000,10000] [--placements 6]``.
+Timings on a shared 2-core machine are noisy: compare the arms' ratio, repeat with ``--runs``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
-import shutil
+import os
+import random
+import resource
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import numpy as np
-import rasterio
-from affine import Affine
-from pyproj import Transformer
-from rasterio.io import MemoryFile
-from rasterio.shutil import copy as rio_copy
-from rasterio.warp import transform_bounds, transform_geom
-from shapely.geometry import box, mapping, shape
-
-from core.config import AnalysisSettings, CatalogueSettings
-from devtools import localstac
-from eo.cog import utm_crs_for
-from monitor.catalogues.items import parse_item
-from workers import spectral
-from workers.pipeline import thumbnails
-from workers.raster import SceneRef, common_grid
-from workers.tiling import analyse_pair
-
-SAMPLE = localstac.SAMPLE_DATA_DIR
+ROOT = Path(__file__).resolve().parent.parent
 BANDS = ("blue", "green", "red", "nir", "scl")
-MIRROR = 10  # 10 × 10 copies of the 100 px sample: 1000 px = 10 km
 BLOCK = 256
-AREA_KM = 5.0
 CHANGE_PAIR = ("2015-08-31", "2020-08-29")
-NO_CHANGE_PAIR = ("2017-07-06", "2017-07-11")
+ZONES = ("EPSG:32634", "EPSG:32635")
+# main before issue 13 (tiled analysis): the baseline arm.
+BASELINE_REV = "b10ec78"
 
 
-def mirrored(array: np.ndarray, times: int) -> np.ndarray:
-    """Tile a 2-D array times × times, flipping every other copy so neighbours meet edge to edge."""
+def mirrored(array, times: int):
+    import numpy as np
+
     rows = []
     for i in range(times):
         row = []
@@ -75,120 +65,261 @@ def mirrored(array: np.ndarray, times: int) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
-def build_cogs(root: Path, dates: list[str]) -> None:
-    for date in dates:
-        out_dir = root / "cogs" / date
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for band in BANDS:
-            with rasterio.open(SAMPLE / "cogs" / date / f"{band}.tif") as src:
-                data = mirrored(src.read(1), MIRROR)
-                t = src.transform
-                # Keep the sample at the centre of the big image.
-                shift = (MIRROR // 2) * src.width
-                transform = Affine(t.a, t.b, t.c - shift * t.a, t.d, t.e, t.f - shift * t.e)
-                profile = {"driver": "GTiff", "width": data.shape[1], "height": data.shape[0], "count": 1,
-                           "dtype": data.dtype, "crs": src.crs, "transform": transform, "nodata": src.nodata}
-            with MemoryFile() as mem:
-                with mem.open(**profile) as tmp:
-                    tmp.write(data, 1)
-                with mem.open() as tmp:
-                    rio_copy(tmp, out_dir / f"{band}.tif", driver="COG", blocksize=BLOCK, compress="DEFLATE",
-                             predictor=2, overview_resampling="nearest" if band == "scl" else "average")
+def build_cogs(out: Path, side_km: int) -> None:
+    """Mirrored COGs of ``side_km`` × ``side_km`` per zone and date, centred on the sample."""
+    import rasterio
+    from affine import Affine
+    from pyproj import Transformer
+    from rasterio.shutil import copy as rio_copy
+
+    sys.path.insert(0, str(ROOT))
+    from devtools import localstac
+
+    times = side_km  # the sample is 100 px = 1 km
+    item = json.loads(next((localstac.SAMPLE_DATA_DIR / "items").glob("S2A_34TER_20150831_*.json")).read_text())
+    from shapely.geometry import shape
+
+    centre = shape(item["geometry"]).centroid
+    for zone in ZONES:
+        x, y = Transformer.from_crs("EPSG:4326", zone, always_xy=True).transform(centre.x, centre.y)
+        x, y = round(x / 20) * 20, round(y / 20) * 20
+        for date in CHANGE_PAIR:
+            out_dir = out / zone.replace(":", "") / date
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for band in BANDS:
+                with rasterio.open(localstac.SAMPLE_DATA_DIR / "cogs" / date / f"{band}.tif") as src:
+                    data = mirrored(src.read(1), times)
+                    nodata, dtype = src.nodata, data.dtype
+                half = data.shape[0] * 10 / 2
+                transform = Affine(10, 0, x - half, 0, -10, y + half)
+                tmp = out_dir / f"{band}.tmp.tif"
+                with rasterio.open(tmp, "w", driver="GTiff", width=data.shape[1], height=data.shape[0], count=1,
+                                   dtype=dtype, crs=zone, transform=transform, nodata=nodata, tiled=True,
+                                   blockxsize=512, blockysize=512) as dst:
+                    dst.write(data, 1)
+                del data
+                rio_copy(tmp, out_dir / f"{band}.tif", driver="COG", blocksize=BLOCK, compress="DEFLATE", predictor=2,
+                         overview_resampling="nearest" if band == "scl" else "average")
+                tmp.unlink()
 
 
-def area_geometry() -> object:
-    """A 5 × 5 km square in the UTM zone, centred on the sample, as EPSG:4326."""
-    item = json.loads(next((SAMPLE / "items").glob("S2A_34TER_20150831_*.json")).read_text())
+def area_geometry(km2: float, zone_of_data: str, offset_m: tuple[float, float] = (0.0, 0.0)):
+    """A square of ``km2`` in the area's UTM zone, centred on the sample (+ offset), as EPSG:4326."""
+    from pyproj import Transformer
+    from rasterio.warp import transform_geom
+    from shapely.geometry import box, mapping, shape
+
+    from devtools import localstac
+    from eo.cog import utm_crs_for
+
+    item = json.loads(next((localstac.SAMPLE_DATA_DIR / "items").glob("S2A_34TER_20150831_*.json")).read_text())
     centre = shape(item["geometry"]).centroid
     utm = utm_crs_for(centre)
     x, y = Transformer.from_crs("EPSG:4326", utm, always_xy=True).transform(centre.x, centre.y)
-    half = AREA_KM * 500.0
-    square = box(x - half, y - half, x + half, y + half)
-    return shape(transform_geom(utm, "EPSG:4326", mapping(square)))
+    x, y = x + offset_m[0], y + offset_m[1]
+    half = math.sqrt(km2) * 500.0
+    return shape(transform_geom(utm, "EPSG:4326", mapping(box(x - half, y - half, x + half, y + half).segmentize(500))))
 
 
-def scene_refs(base_url: str, catalogue: CatalogueSettings, dates: tuple[str, str]) -> tuple[SceneRef, SceneRef]:
+def scene_refs(base_url: str, catalogue, zone: str):
+    from devtools import localstac
+    from monitor.catalogues.items import parse_item
+    from workers.raster import SceneRef
+
     items = {it["properties"]["datetime"][:10]: it for it in localstac.read_sample_items()}
     refs = []
-    for date in dates:
+    for date in CHANGE_PAIR:
         parsed = parse_item(localstac.rewrite_asset_hrefs(items[date], base_url), catalogue)
-        assets = {k: v for k, v in parsed.assets.items() if k in BANDS}
+        assets = {k: dict(v, href=f"{base_url}/{zone.replace(':', '')}/{date}/{k}.tif")
+                  for k, v in parsed.assets.items() if k in BANDS}
         refs.append(SceneRef(0, parsed.item_id, parsed.acquired_at, parsed.processing_baseline, assets, catalogue))
     return refs[0], refs[1]
 
 
-def tile_bytes_touched(path: Path, grid) -> int:
-    """Bytes of the full-resolution tiles of ``path`` that the grid's window touches (1 px margin)."""
-    with rasterio.open(path) as src:
-        left, bottom, right, top = transform_bounds(grid.crs, src.crs, *grid.bounds)
-        inv = ~src.transform
-        cols = [c for c, _ in (inv * (left, top), inv * (right, bottom))]
-        rows = [r for _, r in (inv * (left, top), inv * (right, bottom))]
-        c0, c1 = max(0, math.floor(min(cols)) - 1), min(src.width, math.ceil(max(cols)) + 1)
-        r0, r1 = max(0, math.floor(min(rows)) - 1), min(src.height, math.ceil(max(rows)) + 1)
-        bh, bw = src.block_shapes[0]
-        total = 0
-        for by in range(r0 // bh, (r1 - 1) // bh + 1):
-            for bx in range(c0 // bw, (c1 - 1) // bw + 1):
-                total += int(src.get_tag_item(f"BLOCK_SIZE_{bx}_{by}", "TIFF", bidx=1) or 0)
-        return total
+def child(args: argparse.Namespace) -> None:
+    """One pair in this process with the code under ``--code``; prints one JSON line."""
+    sys.path.insert(0, args.code)
+    import logging
 
+    logging.basicConfig(level=logging.WARNING)
+    from core.config import AnalysisSettings, CatalogueSettings
 
-def one_pair(server: localstac.CogServer, run_dir: str, catalogue: CatalogueSettings, geom, settings: AnalysisSettings,
-             dates: tuple[str, str]) -> tuple[float, int, spectral.SpectralResult, object]:
-    before, after = scene_refs(f"{server.url}/{run_dir}", catalogue, dates)
-    server.reset_stats()
+    settings = AnalysisSettings()
+    catalogue = CatalogueSettings(name="bench", url=args.url, allowed_schemes=["http"], allowed_hosts=["127.0.0.1"],
+                                  allow_private_hosts=True)
+    offset = tuple(float(v) for v in args.offset.split(","))
+    geom = area_geometry(args.km2, args.zone, offset)
+    before, after = scene_refs(args.url, catalogue, args.zone)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started = time.perf_counter()
-    pair, result = analyse_pair(geom, before, after, settings)
-    thumbnails(pair, result)
-    seconds = time.perf_counter() - started
-    return seconds, server.stats()["bytes_sent"], result, pair
+    out: dict = {}
+    try:
+        try:
+            from workers.tiling import analyse_pair
+        except ImportError:
+            analyse_pair = None
+        from workers.pipeline import thumbnails
+        if analyse_pair is not None:
+            pair, result = analyse_pair(geom, before, after, settings)
+        else:  # the baseline: one whole-area read
+            from workers import spectral
+            from workers.raster import prepare_pair
+
+            pair = prepare_pair(geom, before, after, settings)
+            result = spectral.analyse(pair, settings.min_mapping_unit_ha)
+        thumbnails(pair, result)
+        out.update(ok=True, changed_ha=result.metrics["changed_ha"], regions=len(result.regions),
+                   grid=[pair.grid.width, pair.grid.height], grid_crs=pair.grid.crs.to_string())
+    except Exception as exc:  # the figure is "it failed, and why"
+        out.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:160]}")
+    out["seconds"] = time.perf_counter() - started
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["rss_at_start_mb"] = rss_before
+    print(json.dumps(out))
+
+
+def run_child(code: Path, url: str, km2: float, zone: str, offset=(0.0, 0.0)) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--code", str(code), "--url", url, "--km2", str(km2), "--zone", zone,
+           "--offset", f"{offset[0]},{offset[1]}"]
+    env = dict(os.environ, PYTHONPATH=str(code))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return {"ok": False, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:160], "seconds": 0.0,
+                "peak_rss_mb": 0.0}
+    return json.loads(lines[-1])
+
+
+def reset(url: str) -> None:
+    urllib.request.urlopen(urllib.request.Request(f"{url}/_stats/reset", method="POST"), timeout=10).read()
+
+
+def sent(url: str) -> int:
+    return int(json.loads(urllib.request.urlopen(f"{url}/_stats", timeout=10).read())["bytes_sent"])
+
+
+def minimum_bytes(cog_dir: Path, zone: str, km2: float, offset) -> int:
+    """Header bytes + bytes of the internal full-resolution tiles holding the source pixel of at least one
+    pixel centre of the area's 10 m grid, summed over the pair's files."""
+    import numpy as np
+    import rasterio
+    from pyproj import Transformer
+
+    from workers.raster import common_grid
+
+    grid = common_grid(area_geometry(km2, zone, offset), 10.0)
+    cols, rows = np.meshgrid(np.arange(grid.width) + 0.5, np.arange(grid.height) + 0.5)
+    xs = grid.transform.c + cols.ravel() * grid.pixel_size
+    ys = grid.transform.f - rows.ravel() * grid.pixel_size
+    total = 0
+    for date in CHANGE_PAIR:
+        for band in BANDS:
+            path = cog_dir / zone.replace(":", "") / date / f"{band}.tif"
+            with rasterio.open(path) as src:
+                sx, sy = Transformer.from_crs(grid.crs, src.crs, always_xy=True).transform(xs, ys)
+                inv = ~src.transform
+                c, r = inv * (np.asarray(sx), np.asarray(sy))
+                c, r = np.floor(c).astype(int), np.floor(r).astype(int)
+                inside = (c >= 0) & (r >= 0) & (c < src.width) & (r < src.height)
+                bh, bw = src.block_shapes[0]
+                tiles = set(zip((c[inside] // bw).tolist(), (r[inside] // bh).tolist(), strict=True))
+                for bx, by in tiles:
+                    total += int(src.get_tag_item(f"BLOCK_SIZE_{bx}_{by}", "TIFF", bidx=1) or 0)
+                levels = len(src.overviews(1))
+            # The header, IFDs and overview directories, which GDAL must read first: everything before the
+            # first tile of any level (a COG stores them all up front).
+            firsts = []
+            for level in [None, *range(levels)]:
+                with rasterio.open(path, **({} if level is None else {"overview_level": level})) as ovr:
+                    firsts.append(int(ovr.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1) or 0))
+            total += min(f for f in firsts if f > 0)
+    return total
+
+
+def export(rev: str, dest: Path) -> Path:
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True, check=True).stdout
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = dest / "code.tar"
+    tmp.write_bytes(archive)
+    with tarfile.open(tmp) as tar:
+        tar.extractall(dest, filter="data")
+    tmp.unlink()
+    return dest
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--sizes", default="1,25,100,1000,10000")
+    parser.add_argument("--placements", type=int, default=6)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--baseline", default=BASELINE_REV)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--code", default=str(ROOT), help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--km2", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--zone", default=ZONES[0], help=argparse.SUPPRESS)
+    parser.add_argument("--offset", default="0,0", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    settings = AnalysisSettings()
-    geom = area_geometry()
+    if args.child:
+        child(args)
+        return
+    sys.path.insert(0, str(ROOT))
+    from devtools import localstac
 
+    sizes = [float(s) for s in args.sizes.split(",")]
+    side_km = max(12, math.ceil(math.sqrt(max(sizes))) + 6)
+    side_km += side_km % 2
     with tempfile.TemporaryDirectory(prefix="unirs-bench-pipeline-") as tmp:
         root = Path(tmp)
-        build_cogs(root / "base", [*CHANGE_PAIR, *NO_CHANGE_PAIR])
-        # One copy per run under a new URL: GDAL's per-process cache cannot serve a later run.
-        for run in range(args.runs + 1):
-            shutil.copytree(root / "base", root / f"run{run}")
-        shutil.rmtree(root / "base")
+        t0 = time.perf_counter()
+        build_cogs(root / "cogs", side_km)
+        print(f"data: {side_km} x {side_km} km mirrored sample per zone ({', '.join(ZONES)}), built in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        arms = {"baseline": export(args.baseline, root / "baseline"), "current": ROOT}
+        results: dict[str, dict[float, list[dict]]] = {arm: {} for arm in arms}
         with localstac.CogServer(root) as server:
-            catalogue = CatalogueSettings(name="bench", url=server.url, allowed_schemes=["http"],
-                                          allowed_hosts=["127.0.0.1"], allow_private_hosts=True)
-            timings, bytes_sent = [], []
-            for run in range(args.runs):
-                seconds, sent, result, pair = one_pair(server, f"run{run}", catalogue, geom, settings, CHANGE_PAIR)
-                timings.append(seconds)
-                bytes_sent.append(sent)
-            grid = common_grid(geom, settings.pixel_size_m)
-            touched = sum(tile_bytes_touched(root / "run0" / "cogs" / date / f"{band}.tif", grid)
-                          for date in CHANGE_PAIR for band in BANDS)
-            _, _, quiet, _ = one_pair(server, f"run{args.runs}", catalogue, geom, settings, NO_CHANGE_PAIR)
+            url = f"{server.url}/cogs"
+            print(f"{'km2':>7} | {'baseline s':>10} {'MB':>6} | {'current s':>10} {'MB':>6} | ratio s | note")
+            for km2 in sizes:
+                for arm, code in arms.items():
+                    results[arm][km2] = [run_child(code, url, km2, ZONES[0]) for _ in range(args.runs)]
+                b, c = results["baseline"][km2], results["current"][km2]
+                bs, cs = statistics.median(r["seconds"] for r in b), statistics.median(r["seconds"] for r in c)
+                note = "; ".join(f"{arm}: {r[0]['error']}" for arm, r in (("baseline", b), ("current", c))
+                                 if not r[0]["ok"])
+                ratio = f"{bs / cs:6.1f}x" if b[0]["ok"] and c[0]["ok"] and cs > 0 else "   n/a"
+                print(f"{km2:7g} | {bs:10.2f} {max(r['peak_rss_mb'] for r in b):6.0f} | {cs:10.2f} "
+                      f"{max(r['peak_rss_mb'] for r in c):6.0f} | {ratio} | {note or 'both ok'}"
+                      + (f" (changed_ha {c[0]['changed_ha']:.1f} / {b[0].get('changed_ha', float('nan')):.1f}, "
+                         f"grid {c[0]['grid'][0]} x {c[0]['grid'][1]})" if c[0]["ok"] else ""), flush=True)
 
-    threshold = settings.model_score_threshold
-    kept_off = sum(c.score < threshold for c in quiet.chip_scores) / max(len(quiet.chip_scores), 1)
-    kept_off_change = sum(c.score < threshold for c in result.chip_scores) / max(len(result.chip_scores), 1)
-    print(f"area: {AREA_KM:g} x {AREA_KM:g} km, grid {pair.grid.width} x {pair.grid.height} px at "
-          f"{settings.pixel_size_m:g} m in {pair.grid.crs.to_string()} (synthetic: the 1 km sample mirrored "
-          f"{MIRROR} x {MIRROR})")
-    print(f"pair_seconds_first: {timings[0]:.3f}")
-    print(f"pair_seconds_median: {statistics.median(timings):.3f} (runs: {', '.join(f'{t:.3f}' for t in timings)})")
-    print(f"http_bytes: {bytes_sent[0]}")
-    print(f"tile_bytes: {touched}")
-    print(f"bytes_ratio: {bytes_sent[0] / touched:.3f}")
-    print(f"changed_ha_change_pair: {result.metrics['changed_ha']:.2f}")
-    print(f"chips: {len(quiet.chip_scores)} of {settings.chip_size_m:g} m; threshold {threshold:g}")
-    print(f"chip_scores_change_pair: {[c.score for c in result.chip_scores]}")
-    print(f"chips_kept_off_model_change_pair: {kept_off_change:.2f}")
-    print(f"chips_kept_off_model_no_change: {kept_off:.2f}")
+            rng = random.Random(13)
+            amplification = {arm: [] for arm in arms}
+            print("read amplification, 5 x 5 km at random offsets (m), same-zone and neighbouring-zone tile:")
+            for k in range(args.placements):
+                offset = (rng.uniform(-3000, 3000), rng.uniform(-3000, 3000))
+                zone = ZONES[k % 2]
+                minimum = minimum_bytes(root / "cogs", zone, 25.0, offset)
+                row = []
+                for arm, code in arms.items():
+                    reset(server.url)
+                    outcome = run_child(code, url, 25.0, zone, offset)
+                    ratio = sent(server.url) / minimum
+                    amplification[arm].append(ratio)
+                    row.append(f"{arm} {ratio:.3f}{'' if outcome['ok'] else ' (failed)'}")
+                print(f"  {zone} offset ({offset[0]:6.0f}, {offset[1]:6.0f}): minimum {minimum} B; " + ", ".join(row),
+                      flush=True)
+    for arm in arms:
+        print(f"read_amplification_mean_{arm}: {statistics.mean(amplification[arm]):.3f}")
+    thousand = 1000.0 if 1000.0 in sizes else sizes[-1]
+    for arm in arms:
+        r = results[arm][thousand][0]
+        print(f"pair_{thousand:g}km2_{arm}: {statistics.median(x['seconds'] for x in results[arm][thousand]):.2f} s, "
+              f"{r['peak_rss_mb']:.0f} MB peak{'' if r['ok'] else ' (failed: ' + r['error'] + ')'}")
+    largest = results["current"][sizes[-1]][0]
+    print(f"pair_{sizes[-1]:g}km2_current: {largest['seconds']:.2f} s, {largest['peak_rss_mb']:.0f} MB peak, "
+          f"{'ok' if largest['ok'] else largest['error']}")
+    print(f"pair_seconds_{thousand:g}km2: {statistics.median(x['seconds'] for x in results['current'][thousand]):.2f}")
 
 
 if __name__ == "__main__":

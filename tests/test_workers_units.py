@@ -95,7 +95,7 @@ def test_mask_band_nodata_is_never_clear():
 
     qa = np.full((4, 4), 1 << 6, dtype=np.uint16)
     qa[:, :2] = 0  # fill written by the warp
-    clear = _clear_mask(_scene(None), "qa_pixel", np.ma.masked_equal(qa, 0), buffer_px=0)
+    clear = _clear_mask("qa_pixel", np.ma.masked_equal(qa, 0), buffer_px=0)
     assert not clear[:, :2].any() and clear[:, 2:].all()
 
 
@@ -298,3 +298,19 @@ def test_read_errors_are_split_into_transient_and_permanent():
     assert "ZIPDecode:Decoding error" in detail and not _TRANSIENT.search(detail)
     assert _TRANSIENT.search("cannot read http://h/x.tif: HTTP response code: 503")
     assert not _TRANSIENT.search("cannot read http://h/x.tif: HTTP response code: 404")
+
+
+def test_radiometry_check_counted_in_blocks_agrees_with_one_check():
+    from eo.radiometry import RadiometryMismatch, ReflectanceRule, check_pixel_counts, check_pixels, red_counts
+
+    offset_in = ReflectanceRule(1e-4, -0.1, "(DN - 1000) / 10000", "esa-baseline", "generic", True)
+    red = np.full((10, 10), 1500, dtype=np.uint16)
+    red[:, :1] = 900  # 10 % of the clear pixels below 1000 DN: impossible with the offset in the pixels
+    everywhere = np.ones((10, 10), dtype=bool)
+    with pytest.raises(RadiometryMismatch):
+        check_pixels("S2", offset_in, np.ma.asarray(red), everywhere)
+    halves = [red_counts(red[:, :5].ravel()), red_counts(red[:, 5:].ravel())]
+    assert halves == [(10, 50, 900), (0, 50, 1500)]
+    with pytest.raises(RadiometryMismatch):  # the sums decide, as one check over the whole area does
+        check_pixel_counts("S2", offset_in, sum(h[0] for h in halves), sum(h[1] for h in halves), 900)
+    assert check_pixel_counts("S2", offset_in, 5, 100, 900) is None

@@ -1,14 +1,21 @@
-"""Inference: shapes per input type, labels, batched prefix-shared generation, prompt augmentation."""
+"""Inference: shapes and token order per input type, labels, batched prefix-shared generation, prompt augmentation.
+
+Generated text is checked against `reference_greedy`, an independent decoder (full recomputation each
+step, no KV cache, no batching), so a wrong splice, cache or batch row shows up as different tokens.
+"""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
 from PIL import Image
 
 import model.inference as inference_module
-from model import CheckpointError, InputType, PairAnalysis, UniRS, VisualInput
-from model.conversation import build_prompt
+from model import CheckpointError, InputType, UniRS, VisualInput, match_class
+from model.configuration_unirs import DEFAULT_SYSTEM_PROMPT
+from model.conversation import build_clue_prompt, build_prompt, clean_clue
 from model.generation import generate_from_embeddings
 from model.processing import build_supervised_example, tokenizer_image_token
 from model.testing import random_image, write_random_checkpoint
@@ -18,6 +25,26 @@ QUESTIONS = [
     "Trees?",
     "Is there any change in the water area near the river?",
 ]
+
+
+def reference_greedy(model, prompt, blocks, max_new_tokens, llm=None):
+    """Greedy decoding the slow way: the whole sequence through the LLM at every step, argmax, stop at EOS."""
+    llm = llm if llm is not None else model.llm
+    table = llm.get_input_embeddings()
+    embeds = model.embed_prompt(tokenizer_image_token(prompt, model.tokenizer), blocks, table)
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(llm(inputs_embeds=embeds[None]).logits[0, -1].argmax())
+            if token == model.tokenizer.eos_token_id:
+                break
+            out.append(token)
+            embeds = torch.cat([embeds, table(torch.tensor([token]))])
+    return model.tokenizer.decode(out, skip_special_tokens=True).strip()
+
+
+def pair_blocks(model, before, after):
+    return model.encode([model.prepare_visual((before, after), "pair")])[0].blocks
 
 
 # ---------------------------------------------------------------------------- shapes
@@ -32,10 +59,24 @@ def test_shapes_per_input_type(model, input_type, frames, blocks):
         assert encoded[0].shape == (blocks, 196, d)
         prompt = build_prompt("What is it?", model.config.num_placeholders(input_type), model.config)
         ids = tokenizer_image_token(prompt, model.tokenizer)
+        # Token order (spec 3.2 / 1.3): BOS, "{system} USER: ", then one -200 per block, each followed by "\n".
+        marks = [i for i, t in enumerate(ids) if t == -200]
+        assert len(marks) == blocks and ids[0] == model.tokenizer.bos_token_id
+        decode = model.tokenizer.decode
+        assert decode(ids[1 : marks[0]]) == f"{DEFAULT_SYSTEM_PROMPT} USER: "
+        assert [decode(ids[a + 1 : b]) for a, b in itertools.pairwise(marks)] == ["\n"] * (blocks - 1)
+        assert decode(ids[marks[-1] + 1 :]) == "\nWhat is it? ASSISTANT:"
         embeds = model.embed_prompt(ids, encoded[0])
         assert embeds.shape == (len(ids) - blocks + 196 * blocks, d)
+        # Block j replaces placeholder j: rows start at marks[j] + 195 * j; the text rows are the token embeddings.
+        for j, mark in enumerate(marks):
+            assert torch.equal(embeds[mark + 195 * j : mark + 195 * j + 196], encoded[0][j])
+        table = model.llm.get_input_embeddings()
+        assert torch.equal(embeds[: marks[0]], table(torch.tensor(ids[: marks[0]])))
+        assert torch.equal(embeds[-(len(ids) - marks[-1] - 1) :], table(torch.tensor(ids[marks[-1] + 1 :])))
         logits = model(torch.tensor([ids]), [VisualInput(input_type, pixels)]).logits
         assert logits.shape == (1, embeds.shape[0], model.config.text_config.vocab_size)
+        assert torch.allclose(logits[0], model.llm(inputs_embeds=embeds[None]).logits[0], atol=1e-5)
 
 
 def test_placeholder_count_must_match(model):
@@ -61,10 +102,13 @@ def test_labels_ignore_visual_and_prompt_positions(unirs_ckpt):
     assert model.tokenizer.decode(supervised).startswith("A new road.")
 
     model.train()
-    loss = model(torch.tensor([ids]), [VisualInput("pair", pixels)], labels=torch.tensor([labels])).loss
-    assert torch.isfinite(loss)
-    loss.backward()
-    assert model.llm.lm_head.weight.grad is not None
+    out = model(torch.tensor([ids]), [VisualInput("pair", pixels)], labels=torch.tensor([labels]))
+    # Next-token cross-entropy on the supervised positions only (shifted by one).
+    expected = torch.nn.functional.cross_entropy(out.logits[0, :-1], out_labels[1:], ignore_index=-100)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert out.loss.item() > 1.0  # a random LLM over a 512-token vocabulary: far from zero
+    out.loss.backward()
+    assert model.llm.lm_head.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.mm_projector.parameters())
     assert all(p.grad is None for p in model.vision_tower.parameters())
 
@@ -93,7 +137,11 @@ def test_training_batch_is_right_padded(model):
 def test_analyse_pair_equals_one_by_one_generation(model, images):
     before, after = images[0], images[1]
     result = model.analyse_pair(before, after, QUESTIONS, max_new_tokens=12)
-    assert isinstance(result, PairAnalysis) and len(result.answers) == len(QUESTIONS) and result.clue is None
+    assert result.questions == QUESTIONS and len(result.answers) == 3 and result.clue is None
+    blocks = pair_blocks(model, before, after)
+    cfg = model.config
+    assert result.caption == reference_greedy(model, build_prompt(cfg.caption_prompt, 1, cfg), blocks, 12)
+    assert result.answers[2] == reference_greedy(model, build_prompt(QUESTIONS[2], 1, cfg), blocks, 12)
     assert result.caption == model.caption_change(before, after, max_new_tokens=12)
     for question, answer in zip(QUESTIONS, result.answers, strict=False):
         assert answer == model.answer((before, after), question, max_new_tokens=12)
@@ -179,6 +227,22 @@ def test_generation_is_deterministic(unirs_ckpt, images):
     assert first.analyse_pair(images[2], images[3], QUESTIONS[:2], max_new_tokens=8) == a
 
 
+def test_a_seeded_checkpoint_is_reproducible_and_the_seed_matters(model, images, tmp_path):
+    """`write_random_checkpoint(seed=0)` written again gives bit-identical weights and outputs; seed 1 does not."""
+    again = UniRS.from_pretrained(write_random_checkpoint(tmp_path / "again", layout="unirs", seed=0), device="cpu")
+    other = UniRS.from_pretrained(write_random_checkpoint(tmp_path / "other", layout="unirs", seed=1), device="cpu")
+    ours = model.state_dict()
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in ours.items())
+    assert not torch.equal(ours["llm.lm_head.weight"], other.state_dict()["llm.lm_head.weight"])
+    pair = (images[0], images[1])
+    assert again.caption_change(*pair, max_new_tokens=8) == model.caption_change(*pair, max_new_tokens=8)
+    ids = torch.tensor([tokenizer_image_token(build_prompt("What changed?", 1, model.config), model.tokenizer)])
+    with torch.no_grad():
+        a = model(ids, [model.prepare_visual(pair, "pair")]).logits
+        b = other(ids, [other.prepare_visual(pair, "pair")]).logits
+    assert (a - b).abs().max() > 1e-2
+
+
 def test_caption_changes_batch_matches_single_calls(model, images):
     pairs = [(images[0], images[1]), (images[2], images[3])]
     batched = model.caption_changes(pairs, max_new_tokens=6)
@@ -189,7 +253,9 @@ def test_answer_accepts_paths_and_single_images(model, images, tmp_path):
     Image.fromarray(images[0]).save(tmp_path / "a.png")
     from_path = model.answer(str(tmp_path / "a.png"), "What is in the image?", max_new_tokens=5)
     from_array = model.answer(images[0], "What is in the image?", max_new_tokens=5)
-    assert from_path == from_array and isinstance(from_path, str)
+    blocks = model.encode([model.prepare_visual(images[0], "image")])[0].blocks
+    reference = reference_greedy(model, build_prompt("What is in the image?", 1, model.config), blocks, 5)
+    assert from_path == from_array == reference
     with pytest.raises(ValueError, match="input_type='video'"):
         model.answer([images[0]] * 3, "?")
 
@@ -199,8 +265,14 @@ def test_classify_sequence(model):
     classes = ["flood", "fire", "police chase", "traffic congestion"]
     result = model.classify_sequence(frames, classes, max_new_tokens=6)
     label, raw = result
-    assert label in classes and raw == result.raw_text and 0.0 <= result.score <= 1.0
-    assert model.prepare_visual(frames, InputType.VIDEO).pixel_values.shape[0] == 8
+    assert (label, raw) == (result.label, result.raw_text)
+    # VILA-1.5 sampling of 30 frames: linspace(0, 28, 8) = [0, 4, 8, ..., 28].
+    pixels = model.prepare_visual(frames, InputType.VIDEO).pixel_values
+    assert torch.equal(pixels, model.image_processor([frames[i] for i in range(0, 29, 4)]))
+    blocks = model.encode([VisualInput("video", pixels)])[0].blocks
+    assert blocks.shape == (8, 196, model.config.hidden_size)
+    assert raw == reference_greedy(model, build_prompt(model.config.video_question, 8, model.config), blocks, 6)
+    assert (result.label, result.method, result.score) == tuple(vars(match_class(raw, classes)).values())
 
 
 # ---------------------------------------------------------------------------- prompt augmentation
@@ -243,7 +315,8 @@ def test_prompt_augmentation_reuses_vision_features_and_merges_the_clue(augmente
     clue_prompt, answer_prompts = prompts
     assert clue_prompt[0].count("<image>") == 2  # base VLM sees the pair as two images
     assert "Describe the two remote sensing images" in clue_prompt[0]
-    assert result.clue is not None
+    clue_text = augmented.tokenizer.decode(clue_ids[0], skip_special_tokens=True)
+    assert result.clue == clean_clue(clue_text, augmented.config)
     assert f"<clue>{result.clue}</clue>\n[change] {QUESTIONS[0]}" in answer_prompts[1]
     assert all(p.count("<image>") == 1 for p in answer_prompts)
 
@@ -262,15 +335,26 @@ def test_separate_clue_mode_describes_each_image(augmented, images):
         result = augmented.analyse_pair(images[0], images[1], QUESTIONS[:1], max_new_tokens=4)
     finally:
         augmented.config.clue_pair_mode = "two_images"
-    assert result.clue.startswith("Before: ") and " After: " in result.clue
+    # Each image gets the single-image clue prompt through the base LLM, as if it were asked alone.
+    encoded = [augmented.encode([augmented.prepare_visual(im, "image")]) for im in images[:2]]
+    single = [augmented.generate_clues(e)[0] for e in encoded]
+    assert result.clue == f"Before: {single[0]} After: {single[1]}"
 
 
 def test_augmentation_for_images_and_videos(augmented, images):
-    assert isinstance(augmented.answer(images[0], "What is it?", max_new_tokens=4), str)
-    result = augmented.classify_sequence(
-        [random_image(k, (32, 32)) for k in range(8)], ["fire", "flood"], max_new_tokens=4
-    )
-    assert result.clue is not None
+    cfg = augmented.config
+    encoded = augmented.encode([augmented.prepare_visual(images[0], "image")])[0]
+    clue = reference_greedy(augmented, build_clue_prompt("image", 1, cfg), encoded.blocks, 6, llm=augmented.base_llm)
+    assert augmented.generate_clues([encoded]) == [clean_clue(clue, cfg)]
+    instruction = f"<clue>{clean_clue(clue, cfg)}</clue>\n[image] What is it?"
+    expected = reference_greedy(augmented, build_prompt(instruction, 1, cfg), encoded.blocks, 4)
+    assert augmented.answer(images[0], "What is it?", max_new_tokens=4) == expected
+    frames = [random_image(k, (32, 32)) for k in range(8)]
+    video = augmented.encode([augmented.prepare_visual(frames, "video")])[0]
+    base = augmented.base_llm
+    video_clue = reference_greedy(augmented, build_clue_prompt("video", 8, cfg), video.blocks, 6, llm=base)
+    result = augmented.classify_sequence(frames, ["fire", "flood"], max_new_tokens=4)
+    assert result.clue == clean_clue(video_clue, cfg)
 
 
 def test_base_model_with_other_vision_tower_is_rejected(unirs_ckpt, tmp_path):

@@ -54,7 +54,7 @@ def test_training_lowers_loss_and_memorises(trained):
     # Warmup ceil(0.1 * 80) = 8 steps from 0, then cosine to 0.
     assert log[0]["lr"] == 0.0 and log[8]["lr"] == pytest.approx(3e-3)
     assert log[44]["lr"] == pytest.approx(3e-3 * 0.5 * (1 + math.cos(math.pi * 36 / 72)))
-    assert log[-1]["lr"] < 1e-5
+    assert log[-1]["lr"] == pytest.approx(3e-3 * 0.5 * (1 + math.cos(math.pi * 71 / 72)))
     assert (cfg.output_dir / "checkpoint-40" / "trainer_state.pt").is_file()
     summary = json.loads((cfg.output_dir / "train_summary.json").read_text())
     assert summary["steps"] == 80 and [d["samples_per_epoch"] for d in summary["datasets"]] == [8, 6, 6]
@@ -67,14 +67,15 @@ def test_training_lowers_loss_and_memorises(trained):
     for before, after, square, caption in PAIRS:
         expected.append(caption)
         got.append(model.caption_change(solid(before), solid(after, square), prompt=CAPTION_PROMPT))
+    events = []
     for k, (_, event) in enumerate(VIDEOS):
         expected.append(f"This is a video about {event}.")
         got.append(model.answer(video_frames(k), VIDEO_QUESTION, input_type="video"))
-        label, _ = model.classify_sequence(video_frames(k), ["flood", "fire", "police chase"], question=VIDEO_QUESTION)
-        assert label == event or got[-1] != expected[-1]
-    memorised = sum(g == e for g, e in zip(got, expected, strict=True))
-    print(f"memorised {memorised} of {len(expected)}: {got}")
-    assert memorised >= 9, list(zip(got, expected, strict=True))
+        result = model.classify_sequence(video_frames(k), ["flood", "fire", "police chase"], question=VIDEO_QUESTION)
+        events.append((result.label, result.raw_text, result.method, result.score))
+    # The seeded 80-step run memorises every one of the 10 samples (single-threaded CPU, greedy decoding).
+    assert got == expected
+    assert events == [(event, f"This is a video about {event}.", "substring", 1.0) for _, event in VIDEOS]
 
 
 def test_frozen_modules_stay_bit_identical(trained, small_vila):

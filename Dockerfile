@@ -16,6 +16,7 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY core ./core
 COPY eo ./eo
 COPY monitor ./monitor
+COPY web ./web
 COPY workers ./workers
 COPY model ./model
 COPY devtools ./devtools

@@ -134,6 +134,26 @@ class ReportSettings(BaseModel):
     no_clear_scene_days: float = 14.0
 
 
+class WebSettings(BaseModel):
+    """The web app and HTTP API (`unirs-monitor serve`, package web/)."""
+
+    # Where users reach the app (behind a proxy: its external URL). Links in emails (analysis page,
+    # unsubscribe, manage alerts) are built from it; None = emails carry no web links.
+    public_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Signs session cookies and unsubscribe links; every replica needs the same value. None = a random
+    # secret per process (fine for one replica; sessions and links then die with the process).
+    secret: str | None = None
+    # Leaflet tile URL template of the map pages' basemap; "" = no basemap (tests, air-gapped sites).
+    basemap_url: str = "https://tile.openstreetmap.org/{z}/{x}/{y}.png"
+    basemap_attribution: str = "© OpenStreetMap contributors"
+    session_hours: float = 12.0
+    # Failed logins per e-mail address or client address within the window before 429 Too Many Requests.
+    login_max_failures: int = 5
+    login_window_minutes: float = 15.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="UNIRS_",
@@ -169,6 +189,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     smtp: SmtpSettings = SmtpSettings()
     reports: ReportSettings = ReportSettings()
+    web: WebSettings = WebSettings()
     # Prometheus /metrics served by the scheduler when set (`unirs-monitor metrics` prints them once).
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"

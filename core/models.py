@@ -30,6 +30,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    select,
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
@@ -92,6 +93,22 @@ def _now() -> Any:
     return func.now()
 
 
+OPERATOR_EMAIL = "operator@localhost"
+
+
+class User(Base):
+    """An account of the web app / API. ``is_admin`` sees and changes every area; others only their own."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    email: Mapped[str] = mapped_column(Text, unique=True)  # stored lower-case
+    name: Mapped[str | None] = mapped_column(Text)
+    password_hash: Mapped[str | None] = mapped_column(Text)  # argon2 (pwdlib); None = no browser login
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+
 class Area(Base):
     """A watched area: a polygon plus what to look for and whom to tell."""
 
@@ -99,6 +116,12 @@ class Area(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
+    # Who sees and changes it (web API, revision 0004). Unset = the operator account the migration creates,
+    # so the CLI and the scheduler need not know about accounts.
+    owner_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="RESTRICT"), index=True,
+        default=select(User.id).where(User.email == OPERATOR_EMAIL).scalar_subquery(),
+    )
     geom: Mapped[WKBElement] = mapped_column(Geometry("MULTIPOLYGON", srid=4326, spatial_index=False))
     area_km2: Mapped[float] = mapped_column(Float)
     status: Mapped[AreaStatus] = mapped_column(_enum(AreaStatus, "area_status"), default=AreaStatus.ACTIVE)
@@ -383,3 +406,41 @@ class Delivery(Base):
         UniqueConstraint("delivery_key", "recipient", name="uq_deliveries_key_recipient"),
         Index("ix_deliveries_status_next", "status", "next_attempt_at"),
     )
+
+
+class ApiToken(Base):
+    """An API token: ``unirs_<prefix>_<secret>``; only the argon2 hash of the whole token is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(Text)
+    prefix: Mapped[str] = mapped_column(Text, unique=True)  # public part: finds the row without a hash scan
+    token_hash: Mapped[str] = mapped_column(Text)
+    scopes: Mapped[list[str]] = mapped_column(ARRAY(Text))  # "read", "write"
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class LoginFailure(Base):
+    """A failed browser login, per key (``email:…`` / ``ip:…``): the rate limit shared by all web replicas."""
+
+    __tablename__ = "login_failures"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    key: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+    __table_args__ = (Index("ix_login_failures_key_at", "key", "at"),)
+
+
+class Unsubscribe(Base):
+    """A recipient who asked (one-click link, RFC 8058) to receive nothing more about an area."""
+
+    __tablename__ = "unsubscribes"
+
+    area_id: Mapped[int] = mapped_column(ForeignKey("areas.id", ondelete="CASCADE"), primary_key=True)
+    recipient: Mapped[str] = mapped_column(Text, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())

@@ -256,11 +256,11 @@ def _apply(area: Area, opts: AreaOptions) -> None:
 
 
 def add_areas(session: Session, parsed: list[ParsedArea], name: str | None, opts: AreaOptions, *,
-              keep_unknown: bool = False) -> list[Area]:
+              keep_unknown: bool = False, owner_id: int | None = None) -> list[Area]:
     """Create one area per parsed geometry. All or nothing: any refusal rolls back the whole batch.
 
     Feature properties other than :meth:`AreaOptions.accepted_keys` are refused unless ``keep_unknown``
-    (see :func:`split_properties`)."""
+    (see :func:`split_properties`). ``owner_id`` None = the operator account (core.models.OPERATOR_EMAIL)."""
     if name is not None and len(parsed) > 1:
         raise AreaError(f"--name given but the input has {len(parsed)} features; use --union, or name each feature "
                         "with a 'name' property")
@@ -285,6 +285,8 @@ def add_areas(session: Session, parsed: list[ParsedArea], name: str | None, opts
             questions=[],
             properties=attributes,
         )
+        if owner_id is not None:
+            area.owner_id = owner_id
         _apply(area, opts.merged_over(AreaOptions.from_properties(item.properties)))
         session.add(area)
         created.append(area)
@@ -294,8 +296,10 @@ def add_areas(session: Session, parsed: list[ParsedArea], name: str | None, opts
     return created
 
 
-def get_area(session: Session, ref: str | int) -> Area:
-    """Look an area up by name, or by id when REF is all digits."""
+def get_area(session: Session, ref: str | int | Area) -> Area:
+    """Look an area up by name, or by id when REF is all digits (an Area is returned as it is)."""
+    if isinstance(ref, Area):
+        return ref
     ref_s = str(ref).strip()
     bad = _unprintable(ref_s)
     if bad:
@@ -315,7 +319,7 @@ def list_areas(session: Session, status: str | None = None) -> list[Area]:
     return list(session.scalars(query))
 
 
-def update_area(session: Session, ref: str, opts: AreaOptions, *, geometry: ParsedArea | None = None,
+def update_area(session: Session, ref: str | Area, opts: AreaOptions, *, geometry: ParsedArea | None = None,
                 rename: str | None = None) -> Area:
     area = get_area(session, ref)
     if rename is not None:
@@ -332,14 +336,14 @@ def update_area(session: Session, ref: str, opts: AreaOptions, *, geometry: Pars
     return area
 
 
-def set_status(session: Session, ref: str, status: AreaStatus) -> Area:
+def set_status(session: Session, ref: str | Area, status: AreaStatus) -> Area:
     area = get_area(session, ref)
     area.status = status
     log.info("area %r is now %s", area.name, status.value)
     return area
 
 
-def remove_area(session: Session, ref: str) -> str:
+def remove_area(session: Session, ref: str | Area) -> str:
     area = get_area(session, ref)
     name = area.name
     session.delete(area)

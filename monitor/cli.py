@@ -167,6 +167,20 @@ from monitor.health import health  # noqa: E402
 
 cli.add_command(health)
 
+from monitor.users_cli import users  # noqa: E402
+
+cli.add_command(users)
+
+
+@cli.command("serve", add_help_option=False,
+             context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def serve(args: tuple[str, ...]) -> None:
+    """Serve the web app and HTTP API (`unirs-monitor serve --help`; package web/)."""
+    from web.cli import serve as serve_cmd
+
+    serve_cmd.main(list(args), prog_name="unirs-monitor serve", standalone_mode=True)
+
 
 @cli.command("worker", add_help_option=False,
              context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

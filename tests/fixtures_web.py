@@ -1,0 +1,69 @@
+"""The web app on the session's throw-away database: accounts, tokens and a TestClient (real FastAPI
+routing, real PostGIS; no network)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from core.config import Settings
+from core.db import session_scope
+from core.models import OPERATOR_EMAIL
+from monitor import accounts
+
+PASSWORD = "correct horse battery"
+
+
+@dataclass
+class Account:
+    id: int
+    email: str
+    token: str  # read + write
+    read_token: str
+
+    def auth(self, read_only: bool = False) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.read_token if read_only else self.token}"}
+
+
+def web_settings(database_url: str, **web) -> Settings:
+    return Settings(database_url=database_url, web={"secret": "test-secret", "basemap_url": "",
+                                                     "public_url": "http://testserver", **web})
+
+
+@pytest.fixture
+def web_db(db: str) -> Iterator[str]:
+    """The emptied session database, accounts included (the migration's operator account is kept)."""
+    with psycopg.connect(db.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute("TRUNCATE api_tokens, login_failures, unsubscribes RESTART IDENTITY CASCADE")
+        conn.execute("DELETE FROM users WHERE email <> %s", (OPERATOR_EMAIL,))
+    yield db
+
+
+def make_account(database_url: str, email: str, admin: bool = False) -> Account:
+    with session_scope(database_url) as session:
+        user = accounts.create_user(session, email, password=PASSWORD, admin=admin)
+        token = accounts.issue_token(session, user, "test", ["read", "write"])
+        read = accounts.issue_token(session, user, "test-ro", ["read"])
+        return Account(user.id, user.email, token, read)
+
+
+@pytest.fixture
+def web_client(web_db: str) -> Iterator[TestClient]:
+    from web.app import create_app
+
+    with TestClient(create_app(web_settings(web_db))) as client:
+        yield client
+
+
+@pytest.fixture
+def alice(web_db: str) -> Account:
+    return make_account(web_db, "alice@example.org")
+
+
+@pytest.fixture
+def bob(web_db: str) -> Account:
+    return make_account(web_db, "bob@example.org")

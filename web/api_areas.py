@@ -1,0 +1,174 @@
+"""REST API of watched areas: CRUD from GeoJSON with the CLI's validation (monitor/areas.py,
+monitor/geometry.py) and its messages, pause/resume, recipients, question set, observations.
+
+Output is RFC 7946 GeoJSON: WGS84 lon/lat, exterior rings counter-clockwise, holes clockwise.
+Refusals answer 422 with ``{"detail": "<the CLI's one-line message>"}``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Response
+from shapely.geometry import MultiPolygon, mapping
+from shapely.geometry.polygon import orient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.models import Analysis, Area, AreaStatus, Observation, Scene, Unsubscribe
+from eo.questions import load_templates
+from monitor import areas as svc
+from monitor.geometry import AreaGeometryError, parse_areas
+from web.deps import Principal, db, owned, owned_area, principal
+
+router = APIRouter(prefix="/api", tags=["areas"])
+
+EXAMPLE = {
+    "type": "Feature",
+    "properties": {"name": "Apuseni forest", "recipients": ["me@example.org"], "max_cloud_cover": 60,
+                   "min_clear_fraction": 0.8, "alert_frequency": "immediate", "min_alert_hectares": 0.5},
+    "geometry": {"type": "Polygon", "coordinates": [[[23.1, 46.5], [23.2, 46.5], [23.2, 46.6], [23.1, 46.6],
+                                                     [23.1, 46.5]]]},
+}
+
+
+def rfc7946(geom: MultiPolygon) -> dict[str, Any]:
+    """RFC 7946 §3.1.6: exterior rings counter-clockwise, interior rings clockwise."""
+    return mapping(MultiPolygon([orient(p, 1.0) for p in geom.geoms]))
+
+
+def area_feature(session: Session, area: Area) -> dict[str, Any]:
+    props = svc.area_properties(area)
+    props["owner_id"] = area.owner_id
+    props["unsubscribed"] = list(session.scalars(
+        select(Unsubscribe.recipient).where(Unsubscribe.area_id == area.id).order_by(Unsubscribe.recipient)
+    ))
+    return {"type": "Feature", "id": area.id, "geometry": rfc7946(svc.area_geometry(area)), "properties": props}
+
+
+def _refused(exc: Exception) -> HTTPException:
+    return HTTPException(422, str(exc))
+
+
+@router.get("/areas")
+def list_areas(status: str | None = Query(None, pattern="^(active|paused)$"), who: Principal = Depends(principal),
+               session: Session = Depends(db)) -> dict[str, Any]:
+    """Your watched areas as a GeoJSON FeatureCollection (admins: every area)."""
+    stmt = select(Area).order_by(Area.name)
+    if status:
+        stmt = stmt.where(Area.status == AreaStatus(status))
+    return {"type": "FeatureCollection",
+            "features": [area_feature(session, a) for a in session.scalars(owned(stmt, who))]}
+
+
+@router.post("/areas", status_code=201)
+def create_areas(body: Any = Body(..., examples=[EXAMPLE]), name: str | None = None, union: bool = False,
+                 fix: bool = False, keep_unknown_properties: bool = False, who: Principal = Depends(principal),
+                 session: Session = Depends(db)) -> dict[str, Any]:
+    """Add area(s) from GeoJSON (Geometry, Feature, FeatureCollection: one area per feature, named by
+    ``properties.name`` or ``?name=``). Properties set thresholds and recipients as in ``areas export``.
+    Other properties are refused unless ``?keep_unknown_properties=true``. All or nothing."""
+    try:
+        parsed = parse_areas(json.dumps(body), union=union, fix=fix)
+        created = svc.add_areas(session, parsed, name, svc.AreaOptions(), keep_unknown=keep_unknown_properties,
+                                owner_id=who.user_id)
+    except (svc.AreaError, AreaGeometryError) as exc:
+        raise _refused(exc) from None
+    return {"type": "FeatureCollection", "features": [area_feature(session, a) for a in created]}
+
+
+@router.get("/areas/{area_id}")
+def get_area(area_id: int, who: Principal = Depends(principal), session: Session = Depends(db)) -> dict[str, Any]:
+    return area_feature(session, owned_area(session, who, area_id))
+
+
+@router.patch("/areas/{area_id}")
+def update_area(area_id: int, body: dict[str, Any] = Body(..., examples=[{"properties": {"max_cloud_cover": 40}}]),
+                fix: bool = False, who: Principal = Depends(principal),
+                session: Session = Depends(db)) -> dict[str, Any]:
+    """Change an area: a Feature (or an object of properties) with any of name, geometry, thresholds,
+    recipients, questions, alert_frequency, pairing_policy. Unset fields keep their value."""
+    area = owned_area(session, who, area_id)
+    props = body.get("properties") if body.get("type") == "Feature" else body
+    props = dict(props or {})
+    geometry = body.get("geometry") if body.get("type") == "Feature" else props.pop("geometry", None)
+    try:
+        parsed = parse_areas(json.dumps(geometry), fix=fix)[0] if geometry is not None else None
+        svc.update_area(session, area, svc.AreaOptions.from_properties(props), geometry=parsed,
+                        rename=props.get("name"))
+    except (svc.AreaError, AreaGeometryError, TypeError) as exc:
+        raise _refused(exc) from None
+    return area_feature(session, area)
+
+
+@router.delete("/areas/{area_id}", status_code=204)
+def delete_area(area_id: int, who: Principal = Depends(principal), session: Session = Depends(db)) -> Response:
+    """Remove the area with its observations, analyses and findings."""
+    svc.remove_area(session, owned_area(session, who, area_id))
+    return Response(status_code=204)
+
+
+@router.post("/areas/{area_id}/pause")
+def pause(area_id: int, who: Principal = Depends(principal), session: Session = Depends(db)) -> dict[str, Any]:
+    return area_feature(session, svc.set_status(session, owned_area(session, who, area_id), AreaStatus.PAUSED))
+
+
+@router.post("/areas/{area_id}/resume")
+def resume(area_id: int, who: Principal = Depends(principal), session: Session = Depends(db)) -> dict[str, Any]:
+    return area_feature(session, svc.set_status(session, owned_area(session, who, area_id), AreaStatus.ACTIVE))
+
+
+@router.put("/areas/{area_id}/recipients")
+def set_recipients(area_id: int, recipients: list[str] = Body(..., embed=True), who: Principal = Depends(principal),
+                   session: Session = Depends(db)) -> dict[str, Any]:
+    """Replace the e-mail recipients (validated like ``--recipient``)."""
+    area = owned_area(session, who, area_id)
+    try:
+        svc.update_area(session, area, svc.AreaOptions(recipients=recipients))
+    except svc.AreaError as exc:
+        raise _refused(exc) from None
+    return area_feature(session, area)
+
+
+@router.put("/areas/{area_id}/questions")
+def set_questions(area_id: int, questions: list[str] = Body(..., embed=True), who: Principal = Depends(principal),
+                  session: Session = Depends(db)) -> dict[str, Any]:
+    """Replace the question set (template ids of ``GET /api/questions``; empty = every template)."""
+    area = owned_area(session, who, area_id)
+    try:
+        svc.update_area(session, area, svc.AreaOptions(questions=questions))
+    except svc.AreaError as exc:
+        raise _refused(exc) from None
+    return area_feature(session, area)
+
+
+@router.get("/questions")
+def questions(who: Principal = Depends(principal)) -> list[dict[str, Any]]:
+    """The question templates an area can ask about each change."""
+    return [{"id": t.id, "text": t.text, "unit": t.unit} for t in load_templates()]
+
+
+@router.get("/areas/{area_id}/observations")
+def observations(area_id: int, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+                 who: Principal = Depends(principal), session: Session = Depends(db)) -> list[dict[str, Any]]:
+    """Every acquisition seen over the area, newest first: clear / cloudy / pending / failed, the AOI clear
+    fraction and the reason, and the analyses it is the after scene of (with the pairing reason)."""
+    area = owned_area(session, who, area_id)
+    rows = session.execute(
+        select(Observation, Scene).join(Scene, Scene.id == Observation.scene_id)
+        .where(Observation.area_id == area.id).order_by(Scene.acquired_at.desc()).limit(limit).offset(offset)
+    ).all()
+    scene_ids = [scene.id for _, scene in rows]
+    analyses: dict[int, list[dict[str, Any]]] = {}
+    for an in session.scalars(select(Analysis).where(Analysis.area_id == area.id,
+                                                     Analysis.after_scene_id.in_(scene_ids))):
+        analyses.setdefault(an.after_scene_id, []).append(
+            {"id": an.id, "status": an.status.value, "before_scene_id": an.before_scene_id,
+             "pair_reason": an.pair_reason})
+    return [{
+        "scene_id": scene.id, "item_id": scene.item_id, "acquired_at": scene.acquired_at.isoformat(),
+        "platform": scene.platform, "tile": scene.tile, "scene_cloud_cover": scene.cloud_cover,
+        "status": obs.status.value, "clear_fraction": obs.clear_fraction, "reason": obs.reason,
+        "analyses": analyses.get(scene.id, []),
+    } for obs, scene in rows]

@@ -125,8 +125,8 @@ def test_observations_analyses_and_images(web_client, alice, web_db):
         "pair_reason"]
     detail = web_client.get(f"/api/analyses/{analysis_id}", headers=alice.auth()).json()
     assert detail["caption"] == "A new forest road and two clear-cuts appear."
-    assert [f["properties"]["change_class"] for f in detail["regions_geojson"]["features"]] == ["forest loss",
-                                                                                               "bare soil"]
+    assert [f["properties"]["change_class"] for f in detail["regions_geojson"]["features"]] == [
+        "vegetation_loss", "new_built_up_or_bare"]
     assert set(detail["images"]) == {"before", "after", "overlay"}
     png = web_client.get(detail["images"]["after"], headers=alice.auth())
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"

@@ -63,6 +63,8 @@ def test_create_list_update_delete_an_area(web_client, alice):
     r = web_client.put(f"/api/areas/{area_id}/questions", json={"questions": ["vegetation_loss"]}, headers=alice.auth())
     assert r.status_code == 200 and r.json()["properties"]["questions"] == ["vegetation_loss"]
 
+    r = web_client.patch(f"/api/areas/{area_id}", json={"recipient": ["x@example.org"]}, headers=alice.auth())
+    assert r.status_code == 422 and "recipient" in r.json()["detail"]
     assert web_client.delete(f"/api/areas/{area_id}", headers=alice.auth()).status_code == 204
     assert web_client.get(f"/api/areas/{area_id}", headers=alice.auth()).status_code == 404
 
@@ -72,12 +74,14 @@ def test_refusals_carry_the_cli_messages(web_client, alice):
     r = web_client.post("/api/areas", json={"type": "FeatureCollection", "features": [
         feature("ok"), {"type": "Feature", "properties": {"name": "bad"}, "geometry": bowtie}]}, headers=alice.auth())
     assert r.status_code == 422
-    assert r.json()["detail"] == ("feature 1 ('bad'): invalid geometry: Self-intersection[0.5 0.5] "
+    assert r.json()["detail"] == ("feature 2 ('bad'): invalid geometry: Self-intersection[0.5 0.5] "
                                   "(use --fix to repair it)")
     r = web_client.post("/api/areas", json=feature("x", max_cloud_cover=130), headers=alice.auth())
     assert r.json()["detail"] == "max cloud cover must be a percentage in [0, 100], got 130"
     r = web_client.post("/api/areas", json=feature("y", recipients=["not-an-address"]), headers=alice.auth())
     assert r.status_code == 422 and "is not a valid email address" in r.json()["detail"]
+    r = web_client.patch("/api/areas/1", json={"recipient": ["x@example.org"]}, headers=alice.auth())
+    assert r.status_code == 404  # nothing to patch yet; the key check needs an area of one's own
     r = web_client.post("/api/areas", json=feature("z", questions=["no_such_question"]), headers=alice.auth())
     assert r.status_code == 422 and "unknown question template" in r.json()["detail"]
     # All or nothing: nothing of the refused batches was stored.

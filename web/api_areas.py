@@ -94,6 +94,7 @@ def update_area(area_id: int, body: dict[str, Any] = Body(..., examples=[{"prope
     props = dict(props or {})
     geometry = body.get("geometry") if body.get("type") == "Feature" else props.pop("geometry", None)
     try:
+        svc.split_properties(props, "request")  # an unknown (misspelled) key is refused, as on import
         parsed = parse_areas(json.dumps(geometry), fix=fix)[0] if geometry is not None else None
         svc.update_area(session, area, svc.AreaOptions.from_properties(props), geometry=parsed,
                         rename=props.get("name"))

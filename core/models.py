@@ -116,7 +116,7 @@ class Area(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
-    # Who sees and changes it (web API, revision 0005). Unset = the operator account the migration creates,
+    # Who sees and changes it (web API, revision 0006). Unset = the operator account the migration creates,
     # so the CLI and the scheduler need not know about accounts.
     owner_id: Mapped[int] = mapped_column(
         ForeignKey("users.id", ondelete="RESTRICT"), index=True,

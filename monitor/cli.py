@@ -159,7 +159,10 @@ from devtools.demo import demo  # noqa: E402
 
 cli.add_command(demo)
 
+from monitor.deliveries_cli import deliveries  # noqa: E402
 from monitor.metrics import metrics  # noqa: E402
+
+cli.add_command(deliveries)
 
 cli.add_command(metrics)
 

@@ -43,6 +43,7 @@ from core.models import (
     QuarantinedItem,
     Scene,
 )
+from monitor.reports.ledger import is_unknown
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,15 @@ def read_state(session: Session, settings: Settings, now: datetime | None = None
     families.append(_by_status(
         "unirs_emails", "Email deliveries by status.",
         session.execute(select(Delivery.status, func.count()).group_by(Delivery.status)), DeliveryStatus))
+    failed, unknown = session.execute(select(
+        func.count().filter(Delivery.status == DeliveryStatus.FAILED), func.count().filter(is_unknown()))).one()
+    attention = GaugeMetricFamily(
+        "unirs_email_deliveries_needing_attention",
+        "Failed email deliveries by kind: outcome_unknown (sender died mid-SMTP; check the mail log, then "
+        "`unirs-monitor deliveries requeue ID`) and failed (rejected or out of attempts).", labels=["kind"])
+    attention.add_metric(["outcome_unknown"], float(unknown))
+    attention.add_metric(["failed"], float(failed - unknown))
+    families.append(attention)
 
     kept_off, sent = session.execute(
         select(func.coalesce(func.sum(_json_int("chips_kept_off_model")), 0),

@@ -38,7 +38,7 @@ from core.models import (
 )
 from eo.change_classes import label
 from monitor.reports.context import AnalysisReport, load_analysis_report
-from monitor.reports.ledger import NewDelivery, insert_deliveries
+from monitor.reports.ledger import NewDelivery, Problem, insert_deliveries, problems
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +69,21 @@ class Health:
     analyses_by_status: dict[str, int]
     failed: list[FailedAnalysis]
     polls: list[PollHealth]
+    # Emails of this area that did not arrive: outcome unknown (sender died mid-SMTP) or failed.
+    deliveries: list[Problem] = field(default_factory=list)
 
     @property
     def no_clear_warning(self) -> bool:
         return self.days_since_clear is None or self.days_since_clear >= self.no_clear_days
 
     @property
+    def unknown_deliveries(self) -> list[Problem]:
+        return [p for p in self.deliveries if p.kind == "unknown"]
+
+    @property
     def ok(self) -> bool:
-        return not self.no_clear_warning and not self.failed and not any(p.last_error for p in self.polls)
+        return (not self.no_clear_warning and not self.failed and not any(p.last_error for p in self.polls)
+                and not self.deliveries)
 
 
 @dataclass
@@ -214,6 +221,7 @@ def load_health(session: Session, area_id: int, start: datetime | None, end: dat
         analyses_by_status={str(k.value if hasattr(k, "value") else k): v for k, v in by_status.items()},
         failed=[FailedAnalysis(r[0], r[1], r[2], r[3] or "no error recorded") for r in failed],
         polls=[PollHealth(*r) for r in polls],
+        deliveries=problems(session, area_id=area_id, limit=20),
     )
 
 

@@ -44,6 +44,10 @@ from core.models import Delivery, DeliveryStatus
 log = logging.getLogger(__name__)
 
 
+# The last_error of a delivery whose outcome is unknown (see resolve_stale) starts with this.
+UNKNOWN_PREFIX = "outcome unknown:"
+
+
 @dataclass(frozen=True)
 class NewDelivery:
     delivery_key: str  # "analysis:<id>" | "digest:<id>"
@@ -208,7 +212,7 @@ def resolve_stale(session: Session, stale: Claim, delivered: bool | None, now: d
             permanent_failure=False,
             next_attempt_at=None,
             last_error=(
-                "outcome unknown: the worker sending this message died during the SMTP conversation; not resent "
+                f"{UNKNOWN_PREFIX} the worker sending this message died during the SMTP conversation; not resent "
                 "so that nobody receives it twice (check the mail server log, then requeue it if it never left)"
             ),
         )
@@ -229,3 +233,43 @@ def requeue(session: Session, delivery_id: int) -> bool:
     if result:
         log.info("delivery %s requeued by an operator", delivery_id)
     return result is not None
+
+
+# --- what needs an operator -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A delivery that did not reach its recipient: ``kind`` is ``unknown`` (the sender died mid-SMTP)
+    or ``failed`` (rejected, or out of attempts)."""
+
+    id: int
+    delivery_key: str
+    recipient: str
+    kind: str
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+
+
+def is_unknown():
+    """SQL condition: failed with an unknown outcome."""
+    return (Delivery.status == DeliveryStatus.FAILED) & Delivery.last_error.startswith(UNKNOWN_PREFIX)
+
+
+def problems(session: Session, *, unknown_only: bool = False, area_id: int | None = None,
+             limit: int = 100) -> list[Problem]:
+    """Failed deliveries, oldest first (only the unknown-outcome ones with ``unknown_only``), optionally of
+    one area (its alerts and its digests)."""
+    from core.models import Analysis, Digest
+
+    query = select(Delivery).where(is_unknown() if unknown_only else Delivery.status == DeliveryStatus.FAILED)
+    if area_id is not None:
+        query = query.where(or_(
+            Delivery.analysis_id.in_(select(Analysis.id).where(Analysis.area_id == area_id)),
+            Delivery.digest_id.in_(select(Digest.id).where(Digest.area_id == area_id)),
+        ))
+    rows = session.execute(query.order_by(Delivery.created_at, Delivery.id).limit(limit)).scalars()
+    return [Problem(d.id, d.delivery_key, d.recipient,
+                    "unknown" if (d.last_error or "").startswith(UNKNOWN_PREFIX) else "failed",
+                    d.attempts, d.last_error, d.created_at) for d in rows]

@@ -69,7 +69,7 @@ def read_source(source: str) -> str:
             raise AreaGeometryError(f"{path}: not a UTF-8 text file (GeoJSON or WKT expected): {exc}") from None
     # WKT always has a "(" (or is "… EMPTY"); anything else short is meant as a file name, e.g. `parcels`.
     if stripped and len(stripped) < 256 and "(" not in stripped and not stripped.upper().endswith("EMPTY"):
-        raise AreaGeometryError(f"{source}: no such file (expected a GeoJSON or WKT file, GeoJSON text or WKT)")
+        raise AreaGeometryError(f"{_shown(source)}: no such file (expected a GeoJSON or WKT file, GeoJSON text or WKT)")
     return stripped
 
 
@@ -279,6 +279,11 @@ def _shift_lon(coords: np.ndarray, delta: float, only_negative: bool = False) ->
     sel = out[:, 0] < 0 if only_negative else slice(None)
     out[sel, 0] += delta
     return out
+
+
+def _shown(text: str) -> str:
+    """``text`` as is when it is one printable line, else its repr (an error message stays one line)."""
+    return text if text.isprintable() else repr(text)
 
 
 def _check_text(text: str, what: str) -> None:

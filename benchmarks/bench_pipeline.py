@@ -65,8 +65,9 @@ def mirrored(array, times: int):
     return np.concatenate(rows, axis=0)
 
 
-def build_cogs(out: Path, side_km: int) -> None:
-    """Mirrored COGs of ``side_km`` × ``side_km`` per zone and date, centred on the sample."""
+def build_cogs(out: Path, side_km: int, neighbour_km: int = 14) -> None:
+    """Mirrored COGs centred on the sample per date: ``side_km`` a side in the sample's zone, ``neighbour_km``
+    in the neighbouring zone (only the placements read it)."""
     import rasterio
     from affine import Affine
     from pyproj import Transformer
@@ -75,12 +76,11 @@ def build_cogs(out: Path, side_km: int) -> None:
     sys.path.insert(0, str(ROOT))
     from devtools import localstac
 
-    times = side_km  # the sample is 100 px = 1 km
     item = json.loads(next((localstac.SAMPLE_DATA_DIR / "items").glob("S2A_34TER_20150831_*.json")).read_text())
     from shapely.geometry import shape
 
     centre = shape(item["geometry"]).centroid
-    for zone in ZONES:
+    for zone, times in zip(ZONES, (side_km, neighbour_km), strict=True):  # the sample is 100 px = 1 km
         x, y = Transformer.from_crs("EPSG:4326", zone, always_xy=True).transform(centre.x, centre.y)
         x, y = round(x / 20) * 20, round(y / 20) * 20
         for date in CHANGE_PAIR:
@@ -180,7 +180,7 @@ def child(args: argparse.Namespace) -> None:
 
 def run_child(code: Path, url: str, km2: float, zone: str, offset=(0.0, 0.0)) -> dict:
     cmd = [sys.executable, __file__, "--child", "--code", str(code), "--url", url, "--km2", str(km2), "--zone", zone,
-           "--offset", f"{offset[0]},{offset[1]}"]
+           f"--offset={offset[0]},{offset[1]}"]
     env = dict(os.environ, PYTHONPATH=str(code))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -273,7 +273,7 @@ def main() -> None:
         root = Path(tmp)
         t0 = time.perf_counter()
         build_cogs(root / "cogs", side_km)
-        print(f"data: {side_km} x {side_km} km mirrored sample per zone ({', '.join(ZONES)}), built in "
+        print(f"data: {side_km} x {side_km} km mirrored sample in {ZONES[0]}, 14 x 14 km in {ZONES[1]}, built in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         arms = {"baseline": export(args.baseline, root / "baseline"), "current": ROOT}
         results: dict[str, dict[float, list[dict]]] = {arm: {} for arm in arms}
@@ -306,7 +306,7 @@ def main() -> None:
                     outcome = run_child(code, url, 25.0, zone, offset)
                     ratio = sent(server.url) / minimum
                     amplification[arm].append(ratio)
-                    row.append(f"{arm} {ratio:.3f}{'' if outcome['ok'] else ' (failed)'}")
+                    row.append(f"{arm} {ratio:.3f}{'' if outcome['ok'] else ' (failed: ' + outcome['error'] + ')'}")
                 print(f"  {zone} offset ({offset[0]:6.0f}, {offset[1]:6.0f}): minimum {minimum} B; " + ", ".join(row),
                       flush=True)
     for arm in arms:

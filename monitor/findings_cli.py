@@ -42,13 +42,16 @@ def _json_default(value: object) -> str:
 @click.option("--min-hectares", type=float, help="Only findings of at least this many hectares.")
 @click.option("--text", help="Case-insensitive text in the caption or the answer.")
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--all", "everything", is_flag=True,
+              help="Every match, no --limit (exports: geojson and csv are streamed from the database).")
 @click.option("--format", "fmt", type=click.Choice(["table", "geojson", "csv"]), default="table", show_default=True)
 @click.pass_context
-def findings(ctx: click.Context, area, since, until, kind, bbox, min_hectares, text, limit, fmt) -> None:
+def findings(ctx: click.Context, area, since, until, kind, bbox, min_hectares, text, limit, everything, fmt) -> None:
     """Search stored findings, newest first: a table, a GeoJSON FeatureCollection, or CSV with WKT.
 
     \b
     unirs-monitor findings --area "Apuseni" --since 2025-01-01 --format geojson > changes.geojson
+    unirs-monitor findings --area "Apuseni" --all --format csv > apuseni.csv
     unirs-monitor findings --bbox 23.1,46.5,23.2,46.6 --kind region --min-hectares 1
     unirs-monitor findings show ID
     """
@@ -63,18 +66,20 @@ def findings(ctx: click.Context, area, since, until, kind, bbox, min_hectares, t
             bbox=svc.parse_bbox(bbox) if bbox else None,
             min_hectares=min_hectares,
             text=text,
-            limit=limit,
+            limit=None if everything else limit,
         )
         with session_scope() as session:
+            if fmt in ("geojson", "csv"):  # streamed: rows are written as the server-side cursor yields them
+                rows = svc.iter_findings(session, flt)
+                if fmt == "geojson":
+                    svc.write_geojson(rows, sys.stdout, default=_json_default)
+                else:
+                    svc.write_csv(rows, sys.stdout)
+                return
             rows = svc.query_findings(session, flt)
     except svc.QueryError as exc:
         raise click.ClickException(str(exc)) from None
-    if fmt == "geojson":
-        click.echo(json.dumps(svc.to_feature_collection(rows), ensure_ascii=False, default=_json_default))
-    elif fmt == "csv":
-        svc.write_csv(rows, sys.stdout)
-    else:
-        click.echo(svc.format_table(rows) if rows else "no findings match")
+    click.echo(svc.format_table(rows) if rows else "no findings match")
 
 
 @findings.command("show")

@@ -181,3 +181,16 @@ def test_qgis_views(data):
             "EXPLAIN SELECT id FROM v_change_regions WHERE geom && ST_MakeEnvelope(23.1, 46.5, 23.2, 46.6, 4326)"
         ).fetchall())
         assert "ix_findings_region_geom" in plan
+
+
+def test_streamed_export_and_area_text(data, monkeypatch):
+    # A batch of 1 row makes the server-side cursor fetch many times; the export must still be complete.
+    monkeypatch.setattr(svc, "STREAM_BATCH", 1)
+    fc = json.loads(run("--area", "Apuseni forest", "--all", "--format", "geojson").stdout)
+    listed = q(area="Apuseni forest", limit=None)
+    assert [feat["id"] for feat in fc["features"]] == [r["id"] for r in listed] and len(listed) >= 5
+    rows = list(csv.DictReader(io.StringIO(run("--area", "Danube delta", "--all", "--format", "csv").stdout)))
+    assert {int(r["id"]) for r in rows} == {r["id"] for r in q(area="Danube delta", limit=None)}
+    # Area + text: only that area's matches.
+    assert {r["area"] for r in q(area="Apuseni forest", text="forest")} == {"Apuseni forest"}
+    assert q(area="Danube delta", text="forest") == []

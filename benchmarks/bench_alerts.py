@@ -1,0 +1,251 @@
+"""Benchmark: accuracy of the loss alerts against the forest-loss reference, over every date of the cube.
+
+The service runs as it would live on all 140 acquisitions of the nrt cube (2015-08 .. 2021-01), published
+one at a time in acquisition order: each is observed (AOI clear fraction from SCL), paired by the real
+pairing code, analysed by the real pipeline (in this process, COGs read over HTTP from a local server),
+then the real alert query decides what would be emailed at that moment. The area is the demo's
+(``devtools/demo.py``), with the default settings of a new area (``areas add`` without options).
+
+Three alert rules, scored on the same findings:
+
+- ``before``: main before issue 15 — an alert when all changed hectares (every class) reach 0.5 ha; its
+  loss part (vegetation loss, new built-up/bare) is what it tells about loss; no confirmation, no link.
+- ``after``: the default of a new area now — loss classes only, ≥ 0.2 ha, alert on the first (probable)
+  detection, re-detections linked and not alerted (``monitor/reports/immediate.py``).
+- ``after_confirmed``: the same area with ``--alert-on confirmed`` (emailed when the next clear
+  acquisition confirms).
+
+Scores (area-based, 10 m pixels of the cube's grid inside the area; Olofsson et al. 2014 terms):
+
+- user's accuracy: share of the alerted loss area that is reference loss (``benchmarks/reference``);
+- producer's accuracy: share of the reference loss area that some alert covered;
+- false alerts: alerts (≥ the minimum area) of which less than half the alerted area is reference loss;
+- redundancy: hectares emailed summed over alerts / hectares of their union (1.0 = each hectare once).
+
+Goal (issue 15): UA ≥ 0.95, PA ≥ 0.90, 0 false alerts, redundancy ≤ 1.2.
+
+Run: ``.venv/bin/python benchmarks/bench_alerts.py`` (builds ``build/sentinel2-romania-all`` with
+``scripts/build-sample-data --all-dates`` when it is missing; ~3 min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import rasterio
+from geoalchemy2.shape import to_shape
+from rasterio.features import geometry_mask
+from rasterio.warp import transform_geom
+from shapely.geometry import MultiPolygon, mapping, shape
+from sqlalchemy import select
+
+from core import migrate
+from core.config import AnalysisSettings, CatalogueSettings, Settings, get_settings
+from core.db import reset_engines, session_scope
+from core.models import Area, Delivery, Finding, Observation, ObservationStatus
+from devtools import dbadmin, localstac
+from monitor.areas import AreaOptions, add_areas
+from monitor.catalogues.items import parse_item
+from monitor.catalogues.store import upsert_catalogue, upsert_scene
+from monitor.geometry import ParsedArea
+from monitor.pairing import process_pending
+from monitor.reports.immediate import create_immediate_deliveries
+from workers.pipeline import run_analysis
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_URL = os.environ.get("UNIRS_BENCH_ADMIN_URL", "postgresql://unirs:unirs@127.0.0.1:5432/postgres")
+DEFAULT_DATA = ROOT / "build" / "sentinel2-romania-all"
+REFERENCE = ROOT / "benchmarks" / "reference" / "forest_loss_reference.tif"
+EPOCH = date(2015, 1, 1)
+LOSS = ("vegetation_loss", "new_built_up_or_bare")
+# A loss first seen on a leaf-off date is in the reference on the next leaf-on clear date: an alert up to
+# this long before the reference date is on time, not early.
+EARLY_DAYS = 270
+VERBOSE = "-v" in sys.argv or "--verbose" in sys.argv
+
+
+@dataclass
+class Alert:
+    date: date
+    geoms: list = field(default_factory=list)  # EPSG:4326 loss regions emailed
+    hectares: float = 0.0
+
+
+def build_data(out: Path) -> None:
+    if (out / "items").is_dir() and len(list((out / "items").glob("*.json"))) >= 140:
+        return
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "build-sample-data"), "--all-dates", "--out", str(out)],
+                   check=True)
+
+
+def run_service(data: Path, cogs: localstac.CogServer, settings: Settings, log) -> tuple[int, dict[str, list[Alert]]]:
+    """Publish every acquisition in order; returns the area id and the alerts of each rule."""
+    catalogue = settings.catalogues[0]
+    items = sorted(localstac.read_sample_items(data), key=lambda it: it["properties"]["datetime"])
+    footprint = shape(items[0]["geometry"])
+    with session_scope(settings) as s:
+        area = add_areas(s, [ParsedArea(MultiPolygon([footprint.buffer(-0.0006)]), {}, "bench")],
+                         "Romanian forest", AreaOptions(recipients=["forest-watch@example.org"]))[0]
+        area_id = area.id
+        cat_id = upsert_catalogue(s, catalogue)
+    alerts: dict[str, list[Alert]] = {"before": [], "after": []}
+    t0 = time.monotonic()
+    for n, raw in enumerate(items, 1):
+        item = localstac.rewrite_asset_hrefs(raw, cogs.url)
+        item["collection"] = "sentinel-2-l2a"
+        with session_scope(settings) as s:
+            scene_id, _ = upsert_scene(s, cat_id, "sentinel-2-l2a", parse_item(item, catalogue), item)
+            s.add(Observation(area_id=area_id, scene_id=scene_id, status=ObservationStatus.PENDING))
+        stats = process_pending(settings)
+        for analysis_id in stats.analysis_ids:
+            run_analysis(analysis_id, "bench", settings)
+            day = date.fromisoformat(item["properties"]["datetime"][:10])
+            with session_scope(settings) as s:
+                regions = s.execute(select(Finding).where(Finding.analysis_id == analysis_id,
+                                                          Finding.kind == "region")).scalars().all()
+                if VERBOSE:
+                    loss_rows = [f"{f.change_class[:6]}{f.change_class[-4:]} {f.hectares:.2f} {f.alert_state}/"
+                                 f"{(f.statistics.get('screen') or {}).get('verdict')}"
+                                 f"{_screen_figures(f)}"
+                                 f"{'>' + str(f.first_finding_id) if f.first_finding_id else ''}"
+                                 for f in regions if f.hectares >= 0.2]
+                    before_day = f"{regions[0].before_observed_at:%Y-%m-%d}" if regions else "-"
+                    log(f"    {before_day} -> {day}: " + "; ".join(loss_rows))
+                if sum(f.hectares for f in regions) >= 0.5:  # the rule of main before issue 15
+                    loss = [f for f in regions if f.change_class in LOSS]
+                    if loss:
+                        alerts["before"].append(Alert(day, [to_shape(f.geom) for f in loss],
+                                                      sum(f.hectares for f in loss)))
+        with session_scope(settings) as s:
+            if create_immediate_deliveries(s, datetime.now(UTC), settings):
+                for analysis_id in s.execute(select(Delivery.analysis_id).where(Delivery.status == "pending")
+                                             ).scalars().unique():
+                    alerts["after"].append(_emailed(s, analysis_id))
+                s.query(Delivery).update({"status": "sent"})  # what the reports runner would do
+        if n % 20 == 0:
+            log(f"  {n}/{len(items)} acquisitions, {time.monotonic() - t0:.0f} s")
+    with session_scope(settings) as s:  # confirmed-only: emailed when confirmed, the first detection's regions
+        rows = s.execute(select(Finding).where(Finding.area_id == area_id, Finding.kind == "region",
+                                               Finding.alert_state == "confirmed",
+                                               Finding.first_finding_id.is_(None),
+                                               Finding.change_class.in_(LOSS))).scalars().all()
+        by_analysis: dict[int, Alert] = {}
+        for f in rows:
+            a = by_analysis.setdefault(f.analysis_id, Alert(f.observed_at.date()))
+            a.geoms.append(to_shape(f.geom))
+            a.hectares += f.hectares
+        alerts["after_confirmed"] = [a for a in by_analysis.values() if a.hectares >= area.min_alert_hectares]
+    return area_id, alerts
+
+
+def _screen_figures(f: Finding) -> str:
+    sc = f.statistics.get("screen") or {}
+    keys = ("relative_dndvi", "departure_share", "expected_ndvi", "after_ndvi")
+    return "(" + ",".join(str(sc.get(k)) for k in keys if k in sc) + ")" if sc else ""
+
+
+def _emailed(s, analysis_id: int) -> Alert:
+    from monitor.reports.context import region_alerts
+
+    area = s.execute(select(Area).join(Finding, Finding.area_id == Area.id)
+                     .where(Finding.analysis_id == analysis_id).limit(1)).scalar_one()
+    regions = s.execute(select(Finding).where(Finding.analysis_id == analysis_id, Finding.kind == "region")
+                        ).scalars().all()
+    alerting = [f for f in regions if region_alerts(f, list(area.alert_classes), area.alert_on)]
+    return Alert(regions[0].observed_at.date(), [to_shape(f.geom) for f in alerting],
+                 sum(f.hectares for f in alerting))
+
+
+def score(alerts: list[Alert], ref: np.ndarray, transform, crs, area_mask: np.ndarray) -> dict[str, float]:
+    shape_ = ref.shape
+    ref_day = ref.astype(np.int64)
+    reference = area_mask & (ref > 1)
+    union = np.zeros(shape_, bool)
+    correct = np.zeros(shape_, bool)
+    emailed_px = 0
+    false_alerts = 0
+    for a in alerts:
+        if not a.geoms:
+            continue
+        px = geometry_mask([transform_geom("EPSG:4326", crs, mapping(g)) for g in a.geoms], out_shape=shape_,
+                           transform=transform, invert=True) & area_mask
+        day = (a.date - EPOCH).days
+        ok = px & reference & (ref_day <= day + EARLY_DAYS)
+        if px.sum() and ok.sum() / px.sum() < 0.5:
+            false_alerts += 1
+        emailed_px += int(px.sum())
+        union |= px
+        correct |= ok
+    n_union = int(union.sum())
+    return {
+        "alerts": len([a for a in alerts if a.geoms]),
+        "alerted_ha": round(n_union * 0.01, 2),
+        "emailed_ha": round(emailed_px * 0.01, 2),
+        "users_accuracy": round(float(correct.sum()) / n_union, 3) if n_union else float("nan"),
+        "producers_accuracy": round(float((union & reference).sum()) / max(int(reference.sum()), 1), 3),
+        "false_alerts": false_alerts,
+        "redundancy": round(emailed_px / n_union, 3) if n_union else float("nan"),
+        "reference_ha": round(float(reference.sum()) * 0.01, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print every analysis's regions ≥ 0.2 ha")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    build_data(args.data)
+    dsn = dbadmin.create_scratch_database(ADMIN_URL, "unirs_bench_alerts")
+    url = dbadmin.sqlalchemy_url(dsn)
+    try:
+        migrate.upgrade(url)
+        os.environ["UNIRS_DATABASE_URL"] = url
+        get_settings.cache_clear()
+        reset_engines()
+        with localstac.CogServer(args.data) as cogs:
+            catalogue = CatalogueSettings(name="local-cogs", url=cogs.url, allowed_schemes=["http"],
+                                          allowed_hosts=["127.0.0.1"], allow_private_hosts=True)
+            settings = Settings(database_url=url, catalogues=[catalogue], analysis=AnalysisSettings())
+            log(f"publishing {args.data} acquisitions one by one (COGs at {cogs.url})")
+            area_id, alerts = run_service(args.data, cogs, settings, log)
+            with session_scope(settings) as s:
+                area_geom = to_shape(s.get(Area, area_id).geom)
+        with rasterio.open(REFERENCE) as src:
+            ref, transform, crs = src.read(1), src.transform, src.crs
+        area_mask = geometry_mask([transform_geom("EPSG:4326", crs, mapping(area_geom))], out_shape=ref.shape,
+                                  transform=transform, invert=True) & (ref != 1)
+        results = {rule: score(a, ref, transform, crs, area_mask) for rule, a in alerts.items()}
+        for rule, listed in alerts.items():
+            log(f"{rule}: " + ", ".join(f"{a.date} {a.hectares:.2f} ha" for a in listed))
+    finally:
+        reset_engines()
+        dbadmin.drop_database(dsn)
+    keys = list(results["before"])
+    print(f"{'':22s}" + "".join(f"{rule:>18s}" for rule in results))
+    for key in keys:
+        print(f"{key:22s}" + "".join(f"{results[rule][key]:>18}" for rule in results))
+    print("goal: users_accuracy >= 0.95, producers_accuracy >= 0.90, false_alerts 0, redundancy <= 1.2")
+    if args.json:
+        print(json.dumps(results))
+    for rule in results:
+        for key in ("users_accuracy", "producers_accuracy", "false_alerts", "redundancy"):
+            print(f"{key}_{rule}: {results[rule][key]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -53,10 +53,14 @@ LOAD = [
               ARRAY['sentinel-2-l2a'], 80, 0.7, ARRAY[]::text[], ARRAY[]::text[], 'immediate', 0.5, 'latest', '{}'
        FROM (SELECT i, 5 + random() * 25 AS cx, 40 + random() * 15 AS cy
              FROM generate_series(1, %(areas)s) AS i) AS s""",
-    """INSERT INTO scenes (id, catalogue_id, collection, acquisition_key, item_id, version_rank, platform, tile,
+    """INSERT INTO acquisitions (id, key, platform, sensed_at)
+       SELECT i, 'key-' || i, 'sentinel-2a', %(start)s::timestamptz FROM generate_series(1, %(analyses)s) AS i""",
+    """INSERT INTO scenes (id, catalogue_id, collection, acquisition_id, acquisition_key, granule_key, item_id,
+                           version_rank, platform, tile,
                            relative_orbit, acquired_at, cloud_cover, processing_baseline, footprint, assets, item,
                            versions_seen)
-       SELECT i, 1, 'sentinel-2-l2a', 'key-' || i, 'item-' || i, '[]', 'sentinel-2a', 'T00AAA', 1,
+       SELECT i, 1, 'sentinel-2-l2a', i, 'key-' || i, 'key-' || i || '|T00AAA', 'item-' || i, '[]', 'sentinel-2a',
+              'T00AAA', 1,
               -- Analyses finish roughly in acquisition order (scenes arrive over time), so findings are
               -- appended roughly in time order; one in ten is a backfill of an earlier date.
               %(start)s::timestamptz + interval '1 day' * CASE WHEN random() < 0.1 THEN random() * %(days)s

@@ -182,17 +182,36 @@ class PollState(Base):
     items_seen: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class Acquisition(Base):
+    """One imaging event: a Sentinel-2 datatake (platform + sensing start) or a Landsat scene (platform +
+    path/row + date), whatever catalogue, collection or reprocessing reports it. Its granules are scenes."""
+
+    __tablename__ = "acquisitions"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    key: Mapped[str] = mapped_column(Text, unique=True)  # sentinel-2b|2025-07-31T13:02:49Z
+    platform: Mapped[str | None] = mapped_column(Text)
+    sensed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # datatake start (Landsat: scene time)
+    relative_orbit: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+
 class Scene(Base):
-    """One acquisition, deduplicated: reprocessed versions and `_0_`/`_1_` twins collapse to one row."""
+    """One granule (tile) of an acquisition, deduplicated across catalogues and collections: reprocessed
+    versions, `_0_`/`_1_` twins, Earth Search v1/C1 twins and another catalogue's copy collapse to one row,
+    which holds the best-ranked version (its catalogue, assets and radiometry rule travel together)."""
 
     __tablename__ = "scenes"
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     catalogue_id: Mapped[int] = mapped_column(ForeignKey("catalogues.id", ondelete="RESTRICT"))
     collection: Mapped[str] = mapped_column(Text)
-    acquisition_key: Mapped[str] = mapped_column(Text)  # platform|tile|sensing time (to the second)
+    acquisition_id: Mapped[int] = mapped_column(ForeignKey("acquisitions.id", ondelete="RESTRICT"))
+    acquisition_key: Mapped[str] = mapped_column(Text)  # the acquisition's key (denormalised)
+    granule_key: Mapped[str] = mapped_column(Text)  # acquisition key|tile
     item_id: Mapped[str] = mapped_column(Text)  # id of the best version seen
-    version_rank: Mapped[list[Any]] = mapped_column(JSONB)  # sortable [baseline, generated, sequence]
+    version_rank: Mapped[list[Any]] = mapped_column(JSONB)  # sortable [baseline, generated, sequence, preference]
+    profile: Mapped[str | None] = mapped_column(Text)  # eo.profiles name of the best version
     platform: Mapped[str | None] = mapped_column(Text)
     tile: Mapped[str | None] = mapped_column(Text)
     relative_orbit: Mapped[int | None] = mapped_column(Integer)
@@ -207,10 +226,11 @@ class Scene(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now(), onupdate=_now())
 
     __table_args__ = (
-        UniqueConstraint("catalogue_id", "acquisition_key", name="uq_scenes_acquisition"),
+        UniqueConstraint("granule_key", name="uq_scenes_granule"),
         Index("ix_scenes_footprint", "footprint", postgresql_using="gist"),
         Index("ix_scenes_tile_acquired", "tile", "acquired_at"),
         Index("ix_scenes_acquired_at", "acquired_at"),
+        Index("ix_scenes_acquisition", "acquisition_id"),
     )
 
 

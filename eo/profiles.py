@@ -62,6 +62,9 @@ class CollectionProfile:
     # Properties whose presence marks an item of this family (told apart from a same-named collection).
     marker_prefixes: tuple[str, ...] = ()
     marker_assets: tuple[str, ...] = ()
+    # Tie-breaker between versions of one granule with equal baseline and generation time (Earth Search
+    # v1 and C1 serve the same ESA product): C1 keeps ESA's DNs untouched, so no flag can be wrong.
+    preference: int = 1
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -72,11 +75,11 @@ PROFILES: tuple[CollectionProfile, ...] = (
         offset_flag="earthsearch:boa_offset_applied", marker_prefixes=("earthsearch:",), marker_assets=("red",),
         notes="offset removed for baseline >= 04.00 when earthsearch:boa_offset_applied is true"),
     CollectionProfile(
-        "earth-search/sentinel-2-c1-l2a", ("sentinel-2-c1-l2a",), S2_ES_KEYS, "esa",
+        "earth-search/sentinel-2-c1-l2a", ("sentinel-2-c1-l2a",), S2_ES_KEYS, "esa", preference=2,
         notes="Collection-1 reprocessing: ESA DNs, +1000 from baseline 04.00"),
     CollectionProfile(
         "earth-search-v0/sentinel-s2-l2a-cogs", ("sentinel-s2-l2a-cogs",), S2_V0_KEYS, "flag",
-        offset_flag="sentinel:boa_offset_applied", marker_prefixes=("sentinel:",),
+        offset_flag="sentinel:boa_offset_applied", marker_prefixes=("sentinel:",), preference=0,
         notes="legacy v0 property names (sentinel:*)"),
     CollectionProfile(
         "planetary-computer/sentinel-2-l2a", ("sentinel-2-l2a",), S2_ESA_KEYS, "esa",
@@ -92,7 +95,7 @@ BY_NAME = {p.name: p for p in PROFILES}
 
 # Unknown STAC APIs: bands by eo:bands common name, scaling from raster:bands (Sentinel-2 items with a
 # processing baseline follow the ESA rule, honouring either known offset flag).
-GENERIC = CollectionProfile("generic", (), {}, "raster-bands")
+GENERIC = CollectionProfile("generic", (), {}, "raster-bands", preference=0)
 
 
 def profile_by_name(name: str) -> CollectionProfile:

@@ -6,7 +6,8 @@ first so earlier scenes are settled before later ones look for a partner:
 1. AOI clear fraction from the scene's cloud mask — SCL (Sentinel-2) or QA_PIXEL bits (Landsat) — by a
    windowed COG read of the area only. Below the area's ``min_clear_fraction`` → ``cloudy`` with the
    reason; unreadable → ``failed`` with the reason (retried on later runs for a while).
-2. A clear scene looks for its *before* scene: same catalogue, collection and tile, same relative orbit
+2. A clear scene looks for its *before* scene: same tile and constellation (any catalogue or collection:
+   a granule's stored version is the best one whatever served it), same relative orbit
    when known, intersecting the area, earlier, clear enough for this area (computing that observation if
    it is missing). Policy ``latest``: the most recent such scene. Policy ``seasonal``: a clear one within
    :data:`SEASONAL_WINDOW_DAYS` of the same day of year, from the most recent earlier year that has one
@@ -56,6 +57,7 @@ from core.models import (
 from eo.cog import CogReadError, read_aoi, utm_crs_for
 from eo.masks import MASK_BANDS, clear_fraction
 from eo.security import HrefRefused
+from monitor.catalogues.identity import constellation
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +143,7 @@ class SceneInfo:
     acquired_at: datetime
     cloud_cover: float | None
     assets: dict[str, Any]
+    platform: str | None = None
 
     def label(self) -> str:
         tile = f"tile {self.tile}" if self.tile else f"scene {self.item_id}"
@@ -184,7 +187,7 @@ def _scene_info(scene: Scene, catalogue_name: str) -> SceneInfo:
         id=scene.id, catalogue_id=scene.catalogue_id, catalogue_name=catalogue_name, collection=scene.collection,
         acquisition_key=scene.acquisition_key, item_id=scene.item_id, tile=scene.tile,
         relative_orbit=scene.relative_orbit, acquired_at=scene.acquired_at, cloud_cover=scene.cloud_cover,
-        assets=dict(scene.assets or {}),
+        assets=dict(scene.assets or {}), platform=scene.platform,
     )
 
 
@@ -362,7 +365,6 @@ class _Candidate:
 def choose_before(area: AreaInfo, after: SceneInfo, settings: Settings | None = None) -> tuple[SceneInfo | None, str]:
     """The before scene for ``after`` over ``area`` and the human-readable reason (or why there is none)."""
     settings = settings or get_settings()
-    catalogue = settings.catalogue(after.catalogue_name)
     candidates = _candidates(area, after)
     seasonal = area.policy == PairingPolicy.SEASONAL.value
     if seasonal:
@@ -387,6 +389,11 @@ def choose_before(area: AreaInfo, after: SceneInfo, settings: Settings | None = 
             if reads >= MAX_CANDIDATE_READS:
                 break
             reads += 1
+            try:
+                catalogue = settings.catalogue(cand.scene.catalogue_name)
+            except KeyError:  # its catalogue is no longer configured: its hrefs are not opened
+                checked += 1
+                continue
             outcome = _observe(area, cand.scene, catalogue)
             fraction = outcome.fraction
             if outcome.status is ObservationStatus.FAILED:
@@ -430,16 +437,17 @@ def _candidates(area: AreaInfo, after: SceneInfo) -> list[_Candidate]:
         true() if after.relative_orbit is None
         else or_(Scene.relative_orbit.is_(None), Scene.relative_orbit == after.relative_orbit)
     )
-    columns = (Scene.id, Scene.catalogue_id, Scene.collection, Scene.acquisition_key, Scene.item_id, Scene.tile,
-               Scene.relative_orbit, Scene.acquired_at, Scene.cloud_cover, Scene.assets)
+    columns = (Scene.id, Scene.catalogue_id, Catalogue.name.label("catalogue_name"), Scene.collection,
+               Scene.acquisition_key, Scene.item_id, Scene.tile,
+               Scene.relative_orbit, Scene.acquired_at, Scene.cloud_cover, Scene.assets, Scene.platform)
     with session_scope() as session:
         rows = session.execute(
             select(*columns, Observation.status, Observation.clear_fraction, Observation.computed_at)
             .outerjoin(Observation, and_(Observation.scene_id == Scene.id, Observation.area_id == area.id))
+            .join(Catalogue, Catalogue.id == Scene.catalogue_id)
             .join(Area, Area.id == area.id)
             .where(
-                Scene.catalogue_id == after.catalogue_id,
-                Scene.collection == after.collection,
+                Scene.platform.like(f"{constellation(after.platform)}%"),
                 Scene.tile.is_not_distinct_from(after.tile),
                 orbit_ok,
                 Scene.acquired_at < after.acquired_at,
@@ -452,9 +460,10 @@ def _candidates(area: AreaInfo, after: SceneInfo) -> list[_Candidate]:
     return [
         _Candidate(
             scene=SceneInfo(
-                id=r.id, catalogue_id=r.catalogue_id, catalogue_name=after.catalogue_name, collection=r.collection,
+                id=r.id, catalogue_id=r.catalogue_id, catalogue_name=r.catalogue_name, collection=r.collection,
                 acquisition_key=r.acquisition_key, item_id=r.item_id, tile=r.tile, relative_orbit=r.relative_orbit,
                 acquired_at=r.acquired_at, cloud_cover=r.cloud_cover, assets=dict(r.assets or {}),
+                platform=r.platform,
             ),
             status=r.status,
             fraction=r.clear_fraction if r.computed_at is not None else None,

@@ -71,7 +71,7 @@ def database_url() -> Iterator[str]:
 
 
 APP_TABLES = (
-    "finding_images, findings, deliveries, digests, analyses, observations, quarantined_items, scenes, "
+    "finding_images, findings, deliveries, digests, analyses, observations, quarantined_items, scenes, acquisitions, "
     "poll_states, catalogues, areas"
 )
 

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from shapely.geometry import MultiPolygon, box
 
 from core.models import (
+    Acquisition,
     AlertFrequency,
     Analysis,
     AnalysisStatus,
@@ -78,9 +79,14 @@ def scene(session, cat: Catalogue, when: datetime, platform: str = "sentinel-2b"
           footprint=FOREST, collection: str = "sentinel-2-l2a") -> Scene:
     n = next(_seq)
     item_id = f"S2B_34TFS_{when:%Y%m%d}_{n}_L2A"
+    key = f"{platform}|{when.isoformat()}|{n}"
+    acq = Acquisition(key=key, platform=platform, sensed_at=when, relative_orbit=36)
+    session.add(acq)
+    session.flush()
     row = Scene(
-        catalogue_id=cat.id, collection=collection, acquisition_key=f"{platform}|34TFS|{when.isoformat()}|{n}",
-        item_id=item_id, version_rank=["05.10", when.isoformat(), 0], platform=platform, tile="34TFS",
+        catalogue_id=cat.id, collection=collection, acquisition_id=acq.id, acquisition_key=key,
+        granule_key=f"{key}|34TFS",
+        item_id=item_id, version_rank=["05.10", when.isoformat(), 0, 1], platform=platform, tile="34TFS",
         relative_orbit=36, acquired_at=when, cloud_cover=cloud, processing_baseline="05.10",
         footprint=from_shape(footprint, srid=4326), assets={}, item={"id": item_id}, versions_seen=1,
     )

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LEASE_SECONDS = 6
 TERMINAL = ("done", "skipped", "failed")
 APP_TABLES = ("finding_images, findings, deliveries, digests, analyses, observations, quarantined_items, scenes, "
-              "poll_states, catalogues, areas")
+              "acquisitions, poll_states, catalogues, areas")
 
 
 def _pdeathsig() -> None:
@@ -264,14 +264,16 @@ def insert_sample_scenes(catalogue: CatalogueSettings, cog_url: str, dates: list
 
 
 def insert_scene_copy(scene_id: int, *, suffix: str, assets: dict[str, Any]) -> int:
-    """A copy of a scene row under another acquisition key with some assets replaced (corrupt/hostile)."""
+    """A copy of a scene row under another granule key with some assets replaced (corrupt/hostile)."""
     with session_scope() as session:
         row = session.execute(
             text("""
-                INSERT INTO scenes (catalogue_id, collection, acquisition_key, item_id, version_rank, platform, tile,
+                INSERT INTO scenes (catalogue_id, collection, acquisition_id, acquisition_key, granule_key, item_id,
+                                    version_rank, platform, tile,
                                     relative_orbit, acquired_at, cloud_cover, processing_baseline, footprint, assets,
                                     item, versions_seen)
-                SELECT catalogue_id, collection, acquisition_key || :suffix, item_id || :suffix, version_rank,
+                SELECT catalogue_id, collection, acquisition_id, acquisition_key || :suffix, granule_key || :suffix,
+                       item_id || :suffix, version_rank,
                        platform, tile, relative_orbit, acquired_at, cloud_cover, processing_baseline, footprint,
                        assets || CAST(:assets AS jsonb), item, 1
                   FROM scenes WHERE id = :id

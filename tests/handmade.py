@@ -114,3 +114,14 @@ def item_for(granule: Granule, base_url: str, *, shape_name: str, item_id: str, 
     return {"type": "Feature", "stac_version": "1.0.0", "id": item_id, "collection": COLLECTION[shape_name],
             "geometry": mapping(geom), "bbox": list(geom.bounds), "properties": props, "links": [],
             "assets": assets}
+
+
+def utm_box(epsg: int, west: float, south: float, east: float, north: float, snap: float = 20.0
+            ) -> tuple[float, float, float, float]:
+    """Bounds in ``EPSG:epsg`` (snapped outwards to ``snap`` m) of the lon/lat box, for granule extents."""
+    import math
+
+    geom = shape(transform_geom("EPSG:4326", f"EPSG:{epsg}", mapping(box(west, south, east, north))))
+    minx, miny, maxx, maxy = geom.bounds
+    return (math.floor(minx / snap) * snap, math.floor(miny / snap) * snap,
+            math.ceil(maxx / snap) * snap, math.ceil(maxy / snap) * snap)

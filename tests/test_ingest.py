@@ -59,7 +59,10 @@ def absolute(item: dict) -> dict:
 
 def test_parse_earth_search_item(items_by_date):
     parsed = parse_item(absolute(items_by_date["2020-08-29"]), CAT)
-    assert parsed.acquisition_key == "sentinel-2b|34TER|2020-08-29T09:35:05Z"
+    # Acquisition = platform + datatake start (from the product id S2B_MSIL2A_20200829T092549_…, not the
+    # tile's sensing time 09:35:05); the granule adds the tile.
+    assert parsed.acquisition_key == "sentinel-2b|2020-08-29T09:25:49Z"
+    assert parsed.granule_key == "sentinel-2b|2020-08-29T09:25:49Z|34TER"
     assert parsed.tile == "34TER"  # from grid:code MGRS-34TER
     assert parsed.relative_orbit == 136  # no sat:relative_orbit: parsed from s2:product_uri _R136_
     assert parsed.processing_baseline == "05.00"
@@ -83,6 +86,7 @@ def test_planetary_computer_and_landsat_shapes(items_by_date):
     pc = parse_item(item, CAT)
     es = parse_item(absolute(items_by_date["2020-08-29"]), CAT)
     assert pc.acquisition_key == es.acquisition_key  # the same acquisition whichever catalogue served it
+    assert pc.granule_key == es.granule_key
     assert pc.version_rank[1] == datetime(2023, 3, 17, 7, 35, tzinfo=UTC).timestamp()  # from the id
 
     landsat = absolute(items_by_date["2020-08-29"])
@@ -110,7 +114,7 @@ def test_version_rank_orders_reprocessing(items_by_date, sample_data_dir):
     reprocessed = parse_item(
         absolute(json.loads((sample_data_dir / "fixtures" / "S2B_34TER_20200829_1_L2A.json").read_text())), CAT
     )
-    assert reprocessed.acquisition_key == original.acquisition_key
+    assert reprocessed.granule_key == original.granule_key
     assert reprocessed.version_rank > original.version_rank
 
 

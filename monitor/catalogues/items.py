@@ -3,10 +3,14 @@
 Pure functions, no I/O: the rules for the canonical acquisition key, the version rank, the tile, the
 relative orbit and the asset mapping live here so they can be tested against real item shapes.
 
-- acquisition key = ``platform|tile|sensing time to the second``: Earth Search's ``_0_``/``_1_`` twins and
-  reprocessed versions (same sensing time, other ids) share it; different tiles of one datatake do not.
-- version rank = ``[processing baseline, generation/updated time, sequence]`` as numbers, so PostgreSQL
-  can compare two ranks as JSONB arrays (same length, element by element).
+- acquisition key = platform + datatake start (Landsat: path/row + date), granule key = acquisition +
+  tile (:mod:`monitor.catalogues.identity`): Earth Search's ``_0_``/``_1_`` twins, reprocessed versions,
+  the C1 twin and another catalogue's item of the same tile share the granule key; the tiles of one
+  datatake share the acquisition key.
+- version rank = ``[processing baseline, generation/updated time, sequence, profile preference]`` as
+  numbers, so PostgreSQL can compare two ranks as JSONB arrays (same length, element by element).
+- legacy Earth Search v0 names (``sentinel:utm_zone``/``latitude_band``/``grid_square``,
+  ``sentinel:product_id``, ``sentinel:processing_baseline``, ``sentinel:sequence``) are read too.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from core.config import CatalogueSettings
 from eo import radiometry
 from eo.profiles import GENERIC, CollectionProfile, detect_profile, generic_asset_keys
 from eo.security import HrefRefused, check_href
+from monitor.catalogues import identity
 
 # A scene needs these to be analysed: a cloud mask, and red + near-infrared for the spectral indices.
 MASK_BANDS = ("scl", "qa_pixel")
@@ -47,7 +52,9 @@ class MalformedItem(ValueError):
 class ParsedItem:
     item_id: str
     collection: str | None
-    acquisition_key: str
+    acquisition_key: str  # platform|datatake start (Landsat: platform|path-row|date)
+    granule_key: str  # acquisition key|tile
+    datatake_at: datetime
     version_rank: list[float]
     platform: str | None
     tile: str | None
@@ -83,25 +90,29 @@ def parse_item(item: Any, catalogue: CatalogueSettings) -> ParsedItem:
     cloud_cover = _optional_number(props, "eo:cloud_cover")
     if cloud_cover is not None and not 0 <= cloud_cover <= 100:
         raise MalformedItem(f"properties.eo:cloud_cover must be within 0..100, got {cloud_cover}")
-    baseline = _baseline(props)
+    baseline = _baseline(props) or identity.product_baseline(props, item_id)
     platform = _platform(props, item_id)
-    tile = _tile(props)
+    tile = _tile(props) or identity.product_tile(props, item_id)
     orbit = _relative_orbit(props, item_id)
-    rank = [
-        float(baseline) if baseline else 0.0,
-        _generation_epoch(props, item_id),
-        float(_sequence(props, item_id)),
-    ]
     try:
         profile = detect_profile(item, collection, catalogue.profiles)
     except KeyError as exc:  # a misspelt profile in the catalogue settings
         raise MalformedItem(f"catalogue {catalogue.name!r}: {exc.args[0]}") from None
+    rank = [
+        float(baseline) if baseline else 0.0,
+        _generation_epoch(props, item_id),
+        float(_sequence(props, item_id)),
+        float(profile.preference),
+    ]
     assets = normalise_assets(item, catalogue, baseline, profile=profile, collection=collection)
-    key = "|".join([platform or "unknown", tile or "", acquired_at.strftime("%Y-%m-%dT%H:%M:%SZ")])
+    datatake, _ = identity.datatake_start(props, item_id, acquired_at)
+    key = identity.acquisition_key(platform, tile, datatake, acquired_at)
     return ParsedItem(
         item_id=item_id,
         collection=collection,
         acquisition_key=key,
+        granule_key=identity.granule_key(key, tile, item_id),
+        datatake_at=datatake,
         version_rank=rank,
         platform=platform,
         tile=tile,
@@ -195,21 +206,25 @@ def _optional_number(props: dict[str, Any], key: str) -> float | None:
     return float(value)
 
 
+BASELINE_KEYS = ("s2:processing_baseline", "sentinel:processing_baseline", "sentinel2:processing_baseline")
+
+
 def _baseline(props: dict[str, Any]) -> str | None:
-    value = props.get("s2:processing_baseline")
-    if value is None:
+    name = next((k for k in BASELINE_KEYS if props.get(k) is not None), None)
+    if name is None:
         return None
+    value = props[name]
     if isinstance(value, bool):
-        raise MalformedItem(f"properties.s2:processing_baseline must be like '05.11', got {_show(value)}")
+        raise MalformedItem(f"properties.{name} must be like '05.11', got {_show(value)}")
     if isinstance(value, int | float):
         # A number is unambiguous enough to coerce (5.1 -> "05.10"); it is still the same baseline.
         if not math.isfinite(value) or not 0 <= value < 100:
-            raise MalformedItem(f"properties.s2:processing_baseline out of range: {value}")
+            raise MalformedItem(f"properties.{name} out of range: {value}")
         return f"{value:05.2f}"
     if isinstance(value, str) and re.fullmatch(r"\d{1,2}\.\d{1,2}", value.strip()):
         major, minor = value.strip().split(".")
         return f"{int(major):02d}.{int(minor):02d}"
-    raise MalformedItem(f"properties.s2:processing_baseline must be like '05.11', got {_show(value)}")
+    raise MalformedItem(f"properties.{name} must be like '05.11', got {_show(value)}")
 
 
 def _platform(props: dict[str, Any], item_id: str) -> str | None:
@@ -234,6 +249,14 @@ def _tile(props: dict[str, Any]) -> str | None:
         scheme, _, tile = code.partition("-")
         tile = tile.strip().upper()
         return tile.removeprefix("T") if scheme.upper() == "MGRS" else tile
+    for prefix in ("mgrs", "sentinel"):
+        # Earth Search v1 mgrs:* and v0 sentinel:* triples: utm_zone 33, latitude_band "U", grid_square "WP".
+        zone, band, square = (props.get(f"{prefix}:{k}") for k in ("utm_zone", "latitude_band", "grid_square"))
+        if zone is not None and band is not None and square is not None:
+            try:
+                return f"{int(zone):02d}{str(band).strip().upper()}{str(square).strip().upper()}"
+            except (TypeError, ValueError):
+                raise MalformedItem(f"properties.{prefix}:utm_zone must be a zone number, got {_show(zone)}") from None
     path, row = props.get("landsat:wrs_path"), props.get("landsat:wrs_row")
     if path is not None and row is not None:
         try:
@@ -246,13 +269,14 @@ def _tile(props: dict[str, Any]) -> str | None:
 
 
 def _relative_orbit(props: dict[str, Any], item_id: str) -> int | None:
-    value = props.get("sat:relative_orbit")
-    if value is not None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise MalformedItem(f"properties.sat:relative_orbit must be an integer, got {_show(value)}")
-        return value
+    for name in ("sat:relative_orbit", "sentinel2:relative_orbit_number"):
+        value = props.get(name)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise MalformedItem(f"properties.{name} must be an integer, got {_show(value)}")
+            return value
     # Earth Search lacks sat:relative_orbit; the product URI (and PC ids) carry it as _Rnnn_.
-    for text in (props.get("s2:product_uri"), item_id):
+    for text in (*(props.get(k) for k in identity.PRODUCT_ID_KEYS), item_id):
         if isinstance(text, str):
             match = _ORBIT_RE.search(text)
             if match:
@@ -261,7 +285,8 @@ def _relative_orbit(props: dict[str, Any], item_id: str) -> int | None:
 
 
 def _generation_epoch(props: dict[str, Any], item_id: str) -> float:
-    for key in ("s2:generation_time", "landsat:product_generated", "updated", "created"):
+    for key in ("s2:generation_time", "sentinel2:generation_time", "landsat:product_generated", "updated",
+                "created"):
         value = props.get(key)
         if value is None:
             continue
@@ -274,12 +299,13 @@ def _generation_epoch(props: dict[str, Any], item_id: str) -> float:
 
 
 def _sequence(props: dict[str, Any], item_id: str) -> int:
-    value = props.get("s2:sequence")
+    name = "s2:sequence" if props.get("s2:sequence") is not None else "sentinel:sequence"
+    value = props.get(name)
     if value is not None:
         try:
             return int(value)
         except (TypeError, ValueError):
-            raise MalformedItem(f"properties.s2:sequence must be an integer, got {_show(value)}") from None
+            raise MalformedItem(f"properties.{name} must be an integer, got {_show(value)}") from None
     match = _SEQUENCE_RE.search(item_id)
     return int(match.group(1)) if match else 0
 
@@ -352,6 +378,10 @@ def _self_href(item: dict[str, Any]) -> str | None:
     if isinstance(links, list):
         for link in links:
             if isinstance(link, dict) and link.get("rel") == "self" and isinstance(link.get("href"), str):
+                return link["href"]
+        # No self link: the canonical one says where the item lives (relative hrefs resolve against it).
+        for link in links:
+            if isinstance(link, dict) and link.get("rel") == "canonical" and isinstance(link.get("href"), str):
                 return link["href"]
     return None
 

@@ -227,8 +227,10 @@ def _active_areas(session: Session, collection: str, area_ids: list[int] | None 
 def create_observations(session: Session, area_ids: list[int], scene_ids: list[int]) -> int:
     """Pending observations for every (active area, scene) whose geometries intersect (PostGIS decides).
 
-    A scene returned by a search made for a group is offered to that group's areas only; the footprint
-    test here is exact, the search geometry was only a superset.
+    A scene returned by a search made for a group is offered to that group's areas only (the group was
+    formed from the areas that want the searched collection); the footprint test here is exact, the
+    search geometry was only a superset. The scene's own collection is not compared: the stored best
+    version of a granule may come from another collection (Earth Search C1 for a v1 search).
     """
     if not area_ids or not scene_ids:
         return 0
@@ -242,7 +244,6 @@ def create_observations(session: Session, area_ids: list[int], scene_ids: list[i
             Area.id.in_(area_ids),
             Scene.id.in_(scene_ids),
             Area.status == AreaStatus.ACTIVE,
-            Scene.collection == any_(Area.collections),
         )
     )
     stmt = (
@@ -256,11 +257,10 @@ def create_observations(session: Session, area_ids: list[int], scene_ids: list[i
 
 def _scene_ids_for(session: Session, catalogue_id: int, stats: IngestStats) -> list[int]:
     """Ids of every scene the batch touched, including unchanged ones (a new area needs those too)."""
-    if not stats.acquisition_keys:
+    if not stats.granule_keys:
         return []
-    rows = session.execute(
-        select(Scene.id).where(Scene.catalogue_id == catalogue_id, Scene.acquisition_key.in_(stats.acquisition_keys))
-    ).scalars()
+    # By granule key alone: the stored best version of a granule may have come from another catalogue.
+    rows = session.execute(select(Scene.id).where(Scene.granule_key.in_(stats.granule_keys))).scalars()
     return sorted(set(rows))
 
 

@@ -1,8 +1,10 @@
 """Writing what a catalogue returned: catalogue rows, scenes (versioned upsert) and quarantined items.
 
-The scene upsert is one parameterised ``INSERT … ON CONFLICT (catalogue_id, acquisition_key) DO UPDATE
-… WHERE excluded.version_rank > scenes.version_rank``: two pollers racing on the same acquisition, or
-twins (``_0_``/``_1_``) arriving in any order, always end with the best version and never a duplicate.
+Each item is a granule of an acquisition (:mod:`monitor.catalogues.identity`). The acquisition row is
+upserted by key; the scene (granule) upsert is one parameterised ``INSERT … ON CONFLICT (granule_key) DO
+UPDATE … WHERE excluded.version_rank > scenes.version_rank``: two pollers racing on the same granule,
+twins (``_0_``/``_1_``), Earth Search v1/C1 twins or two catalogues' copies arriving in any order always
+end with the best version — catalogue, assets and radiometry rule together — and never a duplicate.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from geoalchemy2.shape import from_shape
-from sqlalchemy import literal_column, select
+from sqlalchemy import func, literal_column, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
 from core.config import CatalogueSettings
-from core.models import Catalogue, QuarantinedItem, Scene
+from core.models import Acquisition, Catalogue, QuarantinedItem, Scene
 from monitor.catalogues.items import MalformedItem, ParsedItem, parse_item
 
 logger = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ class IngestStats:
     unchanged: int = 0
     quarantined: int = 0
     scene_ids: list[int] = field(default_factory=list)  # inserted or upgraded
-    acquisition_keys: list[str] = field(default_factory=list)  # every item stored or already stored
+    granule_keys: list[str] = field(default_factory=list)  # every item stored or already stored
 
     def add(self, other: IngestStats) -> None:
         self.items_seen += other.items_seen
@@ -50,7 +52,7 @@ class IngestStats:
         self.unchanged += other.unchanged
         self.quarantined += other.quarantined
         self.scene_ids.extend(other.scene_ids)
-        self.acquisition_keys.extend(other.acquisition_keys)
+        self.granule_keys.extend(other.granule_keys)
 
 
 def upsert_catalogue(session: Session, catalogue: CatalogueSettings) -> int:
@@ -64,12 +66,27 @@ def upsert_catalogue(session: Session, catalogue: CatalogueSettings) -> int:
     return session.execute(stmt).scalar_one()
 
 
+def upsert_acquisition(session: Session, parsed: ParsedItem) -> int:
+    """The ``acquisitions`` row of the item's acquisition (created on first sight; the orbit filled in
+    when a later granule knows it)."""
+    stmt = insert(Acquisition).values(key=parsed.acquisition_key, platform=parsed.platform,
+                                      sensed_at=parsed.datatake_at, relative_orbit=parsed.relative_orbit)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[Acquisition.key],
+        set_={"relative_orbit": func.coalesce(Acquisition.relative_orbit, stmt.excluded.relative_orbit)},
+    ).returning(Acquisition.id)
+    return session.execute(stmt).scalar_one()
+
+
 def upsert_scene(session: Session, catalogue_id: int, collection: str, parsed: ParsedItem,
                  raw: dict[str, Any]) -> tuple[int | None, UpsertOutcome]:
     values = {
         "catalogue_id": catalogue_id,
         "collection": collection,
+        "acquisition_id": upsert_acquisition(session, parsed),
         "acquisition_key": parsed.acquisition_key,
+        "granule_key": parsed.granule_key,
+        "profile": parsed.profile,
         "item_id": parsed.item_id,
         "version_rank": parsed.version_rank,
         "platform": parsed.platform,
@@ -85,16 +102,18 @@ def upsert_scene(session: Session, catalogue_id: int, collection: str, parsed: P
     }
     stmt = insert(Scene).values(**values)
     excluded = stmt.excluded
-    replace = ("item_id", "version_rank", "platform", "relative_orbit", "cloud_cover", "processing_baseline",
-               "footprint", "assets", "item")
+    # A better version brings its own catalogue and collection: its hrefs are checked against that
+    # catalogue's allow-list, and its assets carry their own radiometry rule.
+    replace = ("catalogue_id", "collection", "item_id", "version_rank", "profile", "platform", "relative_orbit",
+               "acquired_at", "cloud_cover", "processing_baseline", "footprint", "assets", "item")
     stmt = stmt.on_conflict_do_update(
-        constraint="uq_scenes_acquisition",
+        constraint="uq_scenes_granule",
         set_={
             **{name: excluded[name] for name in replace},
             "versions_seen": Scene.versions_seen + 1,
             "updated_at": literal_column("now()"),
         },
-        # JSONB arrays of equal length compare element by element: [baseline, generated, sequence].
+        # JSONB arrays of equal length compare element by element: [baseline, generated, sequence, preference].
         where=excluded.version_rank > Scene.version_rank,
     ).returning(Scene.id, literal_column("(xmax = 0)").label("inserted"))
     row = session.execute(stmt).one_or_none()
@@ -146,13 +165,14 @@ def ingest_items(session: Session, catalogue: CatalogueSettings, catalogue_id: i
             quarantine(session, catalogue_id, coll, raw, f"database refused the item: {exc.orig}")
             stats.quarantined += 1
             continue
-        stats.acquisition_keys.append(parsed.acquisition_key)
+        stats.granule_keys.append(parsed.granule_key)
         if outcome is UpsertOutcome.INSERTED:
             stats.new_scenes += 1
-            logger.info("new scene %s (%s)", parsed.item_id, parsed.acquisition_key)
+            logger.info("new granule %s (%s)", parsed.item_id, parsed.granule_key)
         elif outcome is UpsertOutcome.UPGRADED:
             stats.upgraded_scenes += 1
-            logger.info("scene %s now carries better version %s", parsed.acquisition_key, parsed.item_id)
+            logger.info("granule %s now carries better version %s (%s, rank %s)", parsed.granule_key,
+                        parsed.item_id, parsed.profile, parsed.version_rank)
         else:
             stats.unchanged += 1
         if scene_id is not None:

@@ -1,4 +1,4 @@
-"""Revision 0006 re-keys existing scene rows as granules of acquisitions and merges what turn out to be
+"""Revision 0007 re-keys existing scene rows as granules of acquisitions and merges what turn out to be
 versions of one granule (here: Earth Search's and Planetary Computer's copies of one tile, which had two
 keys before because their `datetime`s differ by the 36 s between datatake start and tile sensing)."""
 
@@ -28,7 +28,7 @@ def test_existing_rows_become_granules_and_copies_merge():
     url = create_database("unirs_test_mig5")
     try:
         sa_url = sqlalchemy_url(url)
-        migrate.upgrade(sa_url, "0005")
+        migrate.upgrade(sa_url, "0006")
         with psycopg.connect(url, autocommit=True) as conn:
             es, pc = (conn.execute("INSERT INTO catalogues (name, url) VALUES (%s, %s) RETURNING id",
                                    (n, f"https://{n}.example")).fetchone()[0] for n in ("es", "pc"))
@@ -67,7 +67,7 @@ def test_existing_rows_become_granules_and_copies_merge():
             assert conn.execute("SELECT count(*) FROM acquisitions").fetchone()[0] == 1
             assert conn.execute("SELECT after_scene_id FROM analyses").fetchone()[0] == pc_mvv
             assert conn.execute("SELECT scene_id FROM observations").fetchall() == [(pc_mvv,)]
-        migrate.downgrade(sa_url, "0005")
+        migrate.downgrade(sa_url, "0006")
         with psycopg.connect(url) as conn:
             keys = sorted(r[0] for r in conn.execute("SELECT acquisition_key FROM scenes"))
             assert keys == ["sentinel-2b|24MVV|2025-07-31T13:02:49Z", "sentinel-2b|24MWV|2025-07-31T13:03:24Z"]

@@ -3,7 +3,7 @@ checkpoint I/O (`checkpoint`) in one object.
 
 Import order inside `model/` (enforced by tests/test_architecture.py):
 
-    configuration_unirs -> modeling_unirs -> inference | checkpoint -> unirs
+    configuration_unirs -> modeling_change -> modeling_unirs -> inference | checkpoint -> unirs
 
 Nothing below this module imports it, so each layer can be read and tested without the ones
 above it; this module only wires them together.

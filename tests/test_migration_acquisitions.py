@@ -28,7 +28,7 @@ def test_existing_rows_become_granules_and_copies_merge():
     url = create_database("unirs_test_mig5")
     try:
         sa_url = sqlalchemy_url(url)
-        migrate.upgrade(sa_url, "0006")
+        migrate.upgrade(sa_url, "0005")  # rows as they were before 0006 (accounts) and 0007
         with psycopg.connect(url, autocommit=True) as conn:
             es, pc = (conn.execute("INSERT INTO catalogues (name, url) VALUES (%s, %s) RETURNING id",
                                    (n, f"https://{n}.example")).fetchone()[0] for n in ("es", "pc"))

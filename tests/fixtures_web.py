@@ -67,3 +67,38 @@ def alice(web_db: str) -> Account:
 @pytest.fixture
 def bob(web_db: str) -> Account:
     return make_account(web_db, "bob@example.org")
+
+
+@dataclass
+class LiveServer:
+    url: str
+    database_url: str
+
+
+@pytest.fixture
+def live_server(web_db: str) -> Iterator[LiveServer]:
+    """The app under a real uvicorn on 127.0.0.1 (a free port), for clients that speak HTTP themselves
+    (GDAL, a browser)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from web.app import create_app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = uvicorn.Server(uvicorn.Config(create_app(web_settings(web_db, public_url=url)), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    yield LiveServer(url, web_db)
+    server.should_exit = True
+    thread.join()

@@ -279,7 +279,8 @@ def test_stats_are_stored_as_json(rows):
     analysis_id = insert_analysis(rows["area"], rows["after"], rows["before"])
     settings = _settings()
     claim = leases.claim(analysis_id, "w", settings)
-    leases.finish_now(claim, "done", settings, stats={"nan": float("nan"), "n": np.int64(3), "when": datetime(2020, 1, 1)})
+    leases.finish_now(claim, "done", settings,
+                      stats={"nan": float("nan"), "n": np.int64(3), "when": datetime(2020, 1, 1)})
     assert json.loads(json.dumps(analysis_rows([analysis_id])[analysis_id]["stats"])) == {
         "nan": None, "n": 3, "when": "2020-01-01T00:00:00"}
 

@@ -97,7 +97,8 @@ def run_service(data: Path, cogs: localstac.CogServer, settings: Settings, log) 
     footprint = shape(items[0]["geometry"])
     with session_scope(settings) as s:
         area = add_areas(s, [ParsedArea(MultiPolygon([footprint.buffer(-0.0006)]), {}, "bench")],
-                         "Romanian forest", AreaOptions(recipients=["forest-watch@example.org"]))[0]
+                         "Romanian forest", AreaOptions(recipients=["forest-watch@example.org"]),
+                         max_area_km2=settings.max_area_km2)[0]
         area_id = area.id
         cat_id = upsert_catalogue(s, catalogue)
     alerts: dict[str, list[Alert]] = {"before": [], "after": []}

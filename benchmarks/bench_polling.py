@@ -87,7 +87,7 @@ def insert_areas(geoms: list[MultiPolygon], collection: str) -> list[int]:
     rows = [{"name": f"bench-{i:05d}", "geom": from_shape(g, srid=4326), "area_km2": 1.0, "collections": [collection],
              "max_cloud_cover": 80.0, "min_clear_fraction": 0.7, "recipients": [], "questions": [], "properties": {}}
             for i, g in enumerate(geoms)]
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         ids = []
         for start in range(0, len(rows), 2000):
             ids += list(session.execute(insert(Area).returning(Area.id), rows[start:start + 2000]).scalars())
@@ -103,7 +103,7 @@ def naive_poll(settings: Settings, catalogue: CatalogueSettings, areas: list[tup
     from monitor.catalogues.poller import RequestCounter, search_and_ingest
     from monitor.catalogues.store import IngestStats, upsert_catalogue
 
-    with session_scope() as session:
+    with session_scope(settings) as session:
         catalogue_id = upsert_catalogue(session, catalogue)
     counter = RequestCounter()
     started = time.monotonic()
@@ -112,7 +112,8 @@ def naive_poll(settings: Settings, catalogue: CatalogueSettings, areas: list[tup
     start = NOW - timedelta(days=settings.poll.lookback_days)
     for area_id, geom in areas:
         group = SearchGroup(area_ids=[area_id], geometry=geom.geoms[0], max_cloud_cover=80.0)
-        search_and_ingest(client, catalogue, catalogue_id, collection, group, start, NOW, catalogue.page_size, stats)
+        search_and_ingest(settings, client, catalogue, catalogue_id, collection, group, start, NOW,
+                          catalogue.page_size, stats)
     return counter.searches, time.monotonic() - started, stats.items_seen
 
 

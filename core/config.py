@@ -4,7 +4,11 @@ Values come, in increasing priority, from the defaults below (a local run on loo
 file (path in ``UNIRS_CONFIG``), and environment variables prefixed ``UNIRS_``. Nested sections use a
 double underscore: ``UNIRS_SMTP__HOST=mail.example.org``, ``UNIRS_POLL__LOOKBACK_DAYS=14``.
 
-Everything that reads configuration calls :func:`get_settings`; tests that change the environment call
+Settings are built once, at an entry point — the ``unirs-monitor`` command group (handed to its commands as
+the click context object), the ``unirs-worker``/Celery app (``workers.celery_app.settings``), the demo and
+Alembic's ``migrations/env.py`` — with :func:`get_settings`, and handed down as an argument from there
+(stac-fastapi-pgstac style): nothing below an entry point reads the environment, so one process can run two
+configurations (``tests/test_settings_scoping.py``). Tests that change the environment call
 ``get_settings.cache_clear()``.
 """
 
@@ -190,6 +194,9 @@ class Settings(BaseSettings):
     smtp: SmtpSettings = SmtpSettings()
     reports: ReportSettings = ReportSettings()
     web: WebSettings = WebSettings()
+    # Queues this worker process consumes ("cpu", "gpu" or "cpu,gpu"); `unirs-worker --queues` sets it for the
+    # Celery process it starts. A worker not consuming `gpu` never loads the model.
+    worker_queues: str | None = None
     # Prometheus /metrics served by the scheduler when set (`unirs-monitor metrics` prints them once).
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"

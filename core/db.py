@@ -1,7 +1,8 @@
 """The one engine / session factory. Every module gets sessions from :func:`session_scope`.
 
-Functions that are handed ``settings`` pass them on (``session_scope(settings)``), so a process can hold two
-configurations (tests do) and a database URL is never read from the environment behind the caller's back.
+``session_scope(settings)`` always names its database: functions are handed the ``Settings`` built at the
+entry point and pass them on, so a process can hold two configurations (tests do) and a database URL is
+never read from the environment behind the caller's back. One engine (pool) per database URL.
 """
 
 from __future__ import annotations
@@ -13,23 +14,26 @@ from contextlib import contextmanager
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.config import Settings, get_settings
+from core.config import Settings
 
 _lock = threading.Lock()
 _factories: dict[str, sessionmaker[Session]] = {}
 
 
-Target = Settings | str | None
+#: The settings of the caller, or a SQLAlchemy database URL (migrations, tests).
+Target = Settings | str
 
 
-def get_engine(target: Target = None) -> Engine:
+def get_engine(target: Target) -> Engine:
     return _factory(target).kw["bind"]
 
 
 def _url(target: Target) -> str:
     if isinstance(target, Settings):
         return target.database_url
-    return target or get_settings().database_url
+    if isinstance(target, str) and target:
+        return target
+    raise TypeError(f"session_scope() needs the caller's Settings or a database URL, got {target!r}")
 
 
 def _factory(target: Target) -> sessionmaker[Session]:
@@ -42,9 +46,9 @@ def _factory(target: Target) -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope(target: Target = None) -> Iterator[Session]:
-    """A transaction on ``target`` (settings, a URL, or None for the process settings): commit on success,
-    roll back on any exception."""
+def session_scope(target: Target) -> Iterator[Session]:
+    """A transaction on ``target``'s database (its Settings, or a URL): commit on success, roll back on any
+    exception. Raises TypeError when no target is given (there is no implicit process-wide database)."""
     session = _factory(target)()
     try:
         yield session

@@ -20,15 +20,15 @@ def alembic_config(url: str | None = None) -> Config:
     return cfg
 
 
-def upgrade(url: str | None = None, revision: str = "head") -> None:
+def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
-def downgrade(url: str | None = None, revision: str = "base") -> None:
+def downgrade(url: str, revision: str = "base") -> None:
     command.downgrade(alembic_config(url), revision)
 
 
-def current(url: str | None = None) -> None:
+def current(url: str) -> None:
     command.current(alembic_config(url), verbose=False)
 
 
@@ -36,7 +36,7 @@ class SchemaError(RuntimeError):
     """The database schema is missing or behind the code; the message says which command fixes it."""
 
 
-def revisions(url: str | None = None) -> tuple[str | None, str]:
+def revisions(url: str) -> tuple[str | None, str]:
     """(revision the database is at — None for an empty database —, head revision of this code)."""
     from alembic.script import ScriptDirectory
     from sqlalchemy import text
@@ -50,7 +50,7 @@ def revisions(url: str | None = None) -> tuple[str | None, str]:
     return current, ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
-def require_current(url: str | None = None) -> None:
+def require_current(url: str) -> None:
     """Raise :class:`SchemaError` unless the database is at the head revision."""
     current, head = revisions(url)
     if current is None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 from shapely.geometry import mapping, shape
 
+from core.config import Settings
 from devtools import dbadmin, localstac
 
 REPO = Path(__file__).resolve().parent.parent
@@ -268,16 +269,15 @@ def run_demo(base_url: str, *, var_dir: Path = VAR, dates: list[str] | None = No
 @click.command("demo")
 @click.option("--per-date-timeout", type=float, default=300.0, show_default=True,
               help="Give up if one acquisition takes longer than this to be analysed (seconds).")
-def demo(per_date_timeout: float) -> None:
+@click.pass_obj
+def demo(settings: Settings, per_date_timeout: float) -> None:
     """Run the whole loop on the bundled real Sentinel-2 sample (see scripts/demo).
 
     Fresh demo databases, a local STAC API and COG server on loopback, a watched area, the scheduler and a
     Celery worker as real processes; the 16 acquisitions are published one date at a time. Ends with
     findings in PostGIS and alert emails (.eml + HTML preview) in var/demo/outbox. Safe to run again.
     """
-    from core.config import get_settings
-
-    result = run_demo(get_settings().database_url, per_date_timeout=per_date_timeout)
+    result = run_demo(settings.database_url, per_date_timeout=per_date_timeout)
     env = {**os.environ, "UNIRS_DATABASE_URL": result.app_url}
     click.echo(click.style("==> ", fg="cyan", bold=True) + "findings")
     subprocess.run([sys.executable, "-m", "monitor.cli", "findings", "--area", AREA_NAME], env=env, check=False)
@@ -292,4 +292,6 @@ def demo(per_date_timeout: float) -> None:
 
 
 if __name__ == "__main__":
-    demo()
+    from core.config import get_settings
+
+    demo.main(obj=get_settings())

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.config import CatalogueSettings, Settings, get_settings
+from core.config import CatalogueSettings, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -180,14 +180,14 @@ def sign_planetary_computer(href: str) -> str:
     return planetary_computer.sign(href)
 
 
-def catalogue_for_id(session: Session, catalogue_id: int, settings: Settings | None = None) -> CatalogueSettings:
+def catalogue_for_id(session: Session, catalogue_id: int, settings: Settings) -> CatalogueSettings:
     """The configured catalogue behind a ``catalogues`` row (by its name)."""
     from core.models import Catalogue
 
     name = session.execute(select(Catalogue.name).where(Catalogue.id == catalogue_id)).scalar_one()
-    return (settings or get_settings()).catalogue(name)
+    return settings.catalogue(name)
 
 
-def catalogue_for_scene(session: Session, scene, settings: Settings | None = None) -> CatalogueSettings:
+def catalogue_for_scene(session: Session, scene, settings: Settings) -> CatalogueSettings:
     """The configured catalogue a :class:`core.models.Scene` came from (its hrefs' allow-list)."""
     return catalogue_for_id(session, scene.catalogue_id, settings)

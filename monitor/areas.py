@@ -15,7 +15,6 @@ from shapely.geometry import MultiPolygon
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.config import get_settings
 from core.models import AlertFrequency, Area, AreaStatus, PairingPolicy
 from eo.change_classes import CLASS_ORDER
 from monitor.geometry import AreaGeometryError, ParsedArea, geodesic_area_km2, to_feature
@@ -225,9 +224,8 @@ def _validate_questions(ids: list[str]) -> None:
         raise AreaError(f"unknown question template(s) {unknown}; known: {sorted(known)}")
 
 
-def _check_size(geom: MultiPolygon, where: str) -> float:
+def _check_size(geom: MultiPolygon, where: str, limit: float) -> float:
     km2 = geodesic_area_km2(geom)
-    limit = get_settings().max_area_km2
     if km2 > limit:
         raise AreaGeometryError(
             f"{where}: area is {km2:,.0f} km², above the maximum of {limit:,.0f} km² (setting UNIRS_MAX_AREA_KM2)"
@@ -256,8 +254,9 @@ def _apply(area: Area, opts: AreaOptions) -> None:
 
 
 def add_areas(session: Session, parsed: list[ParsedArea], name: str | None, opts: AreaOptions, *,
-              keep_unknown: bool = False, owner_id: int | None = None) -> list[Area]:
+              max_area_km2: float, keep_unknown: bool = False, owner_id: int | None = None) -> list[Area]:
     """Create one area per parsed geometry. All or nothing: any refusal rolls back the whole batch.
+    ``max_area_km2`` is the setting of the same name (larger areas are refused).
 
     Feature properties other than :meth:`AreaOptions.accepted_keys` are refused unless ``keep_unknown``
     (see :func:`split_properties`). ``owner_id`` None = the operator account (core.models.OPERATOR_EMAIL)."""
@@ -279,7 +278,7 @@ def add_areas(session: Session, parsed: list[ParsedArea], name: str | None, opts
         area = Area(
             name=area_name,
             geom=from_shape(item.geometry, srid=4326),
-            area_km2=_check_size(item.geometry, item.source),
+            area_km2=_check_size(item.geometry, item.source, max_area_km2),
             collections=["sentinel-2-l2a"],
             recipients=[],
             questions=[],
@@ -319,8 +318,8 @@ def list_areas(session: Session, status: str | None = None) -> list[Area]:
     return list(session.scalars(query))
 
 
-def update_area(session: Session, ref: str | Area, opts: AreaOptions, *, geometry: ParsedArea | None = None,
-                rename: str | None = None) -> Area:
+def update_area(session: Session, ref: str | Area, opts: AreaOptions, *, max_area_km2: float,
+                geometry: ParsedArea | None = None, rename: str | None = None) -> Area:
     area = get_area(session, ref)
     if rename is not None:
         new = validate_name(rename)
@@ -328,7 +327,7 @@ def update_area(session: Session, ref: str | Area, opts: AreaOptions, *, geometr
             raise AreaError(f"an area named {new!r} already exists")
         area.name = new
     if geometry is not None:
-        area.area_km2 = _check_size(geometry.geometry, geometry.source)
+        area.area_km2 = _check_size(geometry.geometry, geometry.source, max_area_km2)
         area.geom = from_shape(geometry.geometry, srid=4326)
     _apply(area, opts)
     session.flush()

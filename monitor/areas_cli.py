@@ -12,6 +12,7 @@ from typing import Any
 import click
 from shapely.geometry import shape
 
+from core.config import Settings
 from core.db import session_scope
 from core.models import AreaStatus
 from eo.change_classes import CLASS_ORDER
@@ -111,8 +112,9 @@ def areas() -> None:
 @_settings_options
 @click.option("--json", "as_json", is_flag=True, help="Print the created areas as JSON.")
 @_friendly
-def add_cmd(source: str, name: str | None, union: bool, fix: bool, keep_unknown: bool, as_json: bool,
-            **kw: Any) -> None:
+@click.pass_obj
+def add_cmd(settings: Settings, source: str, name: str | None, union: bool, fix: bool, keep_unknown: bool,
+            as_json: bool, **kw: Any) -> None:
     """Add watched area(s) from SOURCE (GeoJSON / WKT text, or a file; '-' reads stdin).
 
     \b
@@ -122,9 +124,10 @@ def add_cmd(source: str, name: str | None, union: bool, fix: bool, keep_unknown:
       unirs-monitor areas add parcels.geojson            # one area per feature, named by properties.name
     """
     text = read_stdin(sys.stdin.buffer) if source == "-" else read_source(source)
-    parsed = parse_areas(text, union=union, fix=fix)
-    with session_scope() as session:
-        created = svc.add_areas(session, parsed, name, _options(**kw), keep_unknown=keep_unknown)
+    parsed = parse_areas(text, union=union, fix=fix, max_vertices=settings.max_area_vertices)
+    with session_scope(settings) as session:
+        created = svc.add_areas(session, parsed, name, _options(**kw), max_area_km2=settings.max_area_km2,
+                                keep_unknown=keep_unknown)
         out = [svc.area_properties(a) for a in created]
         _warn_if_alerting_nobody(created)
     if as_json:
@@ -137,9 +140,10 @@ def add_cmd(source: str, name: str | None, union: bool, fix: bool, keep_unknown:
 @areas.command("list")
 @click.option("--status", type=click.Choice(["active", "paused"]), help="Only areas with this status.")
 @click.option("--json", "as_json", is_flag=True, help="JSON array instead of a table.")
-def list_cmd(status: str | None, as_json: bool) -> None:
+@click.pass_obj
+def list_cmd(settings: Settings, status: str | None, as_json: bool) -> None:
     """List watched areas."""
-    with session_scope() as session:
+    with session_scope(settings) as session:
         rows = [svc.area_properties(a) for a in svc.list_areas(session, status)]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -153,9 +157,10 @@ def list_cmd(status: str | None, as_json: bool) -> None:
 @click.argument("area")
 @click.option("--json", "as_json", is_flag=True, help="Print as a GeoJSON Feature.")
 @_friendly
-def show_cmd(area: str, as_json: bool) -> None:
+@click.pass_obj
+def show_cmd(settings: Settings, area: str, as_json: bool) -> None:
     """Show one area (by name or id)."""
-    with session_scope() as session:
+    with session_scope(settings) as session:
         a = svc.get_area(session, area)
         feature = svc.area_feature(a)
     if as_json:
@@ -174,15 +179,18 @@ def show_cmd(area: str, as_json: bool) -> None:
 @_settings_options
 @click.option("--json", "as_json", is_flag=True)
 @_friendly
-def update_cmd(area: str, geometry_source: str | None, fix: bool, rename: str | None, as_json: bool,
+@click.pass_obj
+def update_cmd(settings: Settings, area: str, geometry_source: str | None, fix: bool, rename: str | None, as_json: bool,
                **kw: Any) -> None:
     """Change an area's geometry, name or settings (options not given are kept)."""
     geometry = None
     if geometry_source:
-        parsed = parse_areas(read_source(geometry_source), union=True, fix=fix)
+        parsed = parse_areas(read_source(geometry_source), union=True, fix=fix,
+                             max_vertices=settings.max_area_vertices)
         geometry = parsed[0]
-    with session_scope() as session:
-        a = svc.update_area(session, area, _options(**kw), geometry=geometry, rename=rename)
+    with session_scope(settings) as session:
+        a = svc.update_area(session, area, _options(**kw), max_area_km2=settings.max_area_km2, geometry=geometry,
+                            rename=rename)
         props = svc.area_properties(a)
         _warn_if_alerting_nobody([a])
     click.echo(json.dumps(props, indent=2) if as_json else f"updated area {props['id']} {props['name']!r}")
@@ -192,8 +200,9 @@ def _status_command(name: str, status: AreaStatus, help_text: str) -> None:
     @areas.command(name, help=help_text)
     @click.argument("area")
     @_friendly
-    def cmd(area: str) -> None:
-        with session_scope() as session:
+    @click.pass_obj
+    def cmd(settings: Settings, area: str) -> None:
+        with session_scope(settings) as session:
             a = svc.set_status(session, area, status)
             click.echo(f"area {a.name!r} is {status.value}")
 
@@ -206,20 +215,22 @@ _status_command("resume", AreaStatus.ACTIVE, "Resume a paused area.")
 @click.argument("area")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @_friendly
-def remove_cmd(area: str, yes: bool) -> None:
+@click.pass_obj
+def remove_cmd(settings: Settings, area: str, yes: bool) -> None:
     """Delete an area together with its observations, analyses and findings."""
     if not yes:
         click.confirm(f"Remove area {area!r} and all its findings?", abort=True)
-    with session_scope() as session:
+    with session_scope(settings) as session:
         click.echo(f"removed area {svc.remove_area(session, area)!r}")
 
 
 @areas.command("export")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), help="File (default stdout).")
 @click.option("--status", type=click.Choice(["active", "paused"]))
-def export_cmd(output: str | None, status: str | None) -> None:
+@click.pass_obj
+def export_cmd(settings: Settings, output: str | None, status: str | None) -> None:
     """Write all areas as a GeoJSON FeatureCollection (can be added back with `areas add`)."""
-    with session_scope() as session:
+    with session_scope(settings) as session:
         fc = svc.export_feature_collection(svc.list_areas(session, status))
     text = json.dumps(fc, indent=2)
     if output:

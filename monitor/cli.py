@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from core import migrate
-from core.config import ConfigError, get_settings
+from core.config import ConfigError, Settings, get_settings
 from core.logging import COMMAND_LEVEL, SERVICE_LEVEL, setup_logging
 
 # Commands that run until stopped log what they do (INFO); one-shot commands only warnings and errors.
@@ -43,12 +43,14 @@ def hoist_log_options(args: list[str]) -> list[str]:
     return front + rest
 
 
-def _database_error(exc: Exception) -> click.ClickException | None:
+def _database_error(exc: Exception, settings: Settings | None) -> click.ClickException | None:
     """One line for the database errors an operator causes (not running, wrong URL, schema missing)."""
     from sqlalchemy.exc import OperationalError, ProgrammingError
 
+    if settings is None:  # the settings themselves failed: reported as ConfigError before any database use
+        return None
     if isinstance(exc, OperationalError):
-        url = get_settings().database_url
+        url = settings.database_url
         safe = url.split("@", 1)[-1] if "@" in url else url
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
         return click.ClickException(
@@ -57,7 +59,7 @@ def _database_error(exc: Exception) -> click.ClickException | None:
         )
     if isinstance(exc, ProgrammingError):
         try:
-            migrate.require_current()
+            migrate.require_current(settings.database_url)
         except migrate.SchemaError as schema:
             return click.ClickException(str(schema))
         except Exception:  # the database itself is unusable: the original error is the better report
@@ -78,7 +80,7 @@ class UnirsGroup(click.Group):
         except (ConfigError, migrate.SchemaError) as exc:
             raise click.ClickException(str(exc)) from None
         except Exception as exc:
-            friendly = _database_error(exc)
+            friendly = _database_error(exc, ctx.obj)
             if friendly is None:
                 raise
             raise friendly from None
@@ -102,7 +104,8 @@ def cli(ctx: click.Context, log_level: str | None, verbose: int) -> None:
     (see the README's configuration reference). First run on a new database: `unirs-monitor db upgrade`.
     """
     try:
-        settings = get_settings()
+        # The entry point: settings are read here, once; every command gets them as its context object.
+        ctx.obj = settings = get_settings()
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     default = SERVICE_LEVEL if ctx.invoked_subcommand in LONG_RUNNING else COMMAND_LEVEL
@@ -120,16 +123,18 @@ def db() -> None:
 
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True)
-def db_upgrade(revision: str) -> None:
+@click.pass_obj
+def db_upgrade(settings: Settings, revision: str) -> None:
     """Create the schema on a new database, or bring it up to REVISION (idempotent)."""
-    migrate.upgrade(get_settings().database_url, revision=revision)
+    migrate.upgrade(settings.database_url, revision=revision)
     click.echo(f"database at {revision}")
 
 
 @db.command("current")
-def db_current() -> None:
+@click.pass_obj
+def db_current(settings: Settings) -> None:
     """Show the current revision."""
-    migrate.current(get_settings().database_url)
+    migrate.current(settings.database_url)
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ from typing import Any
 from sqlalchemy import text
 
 from core import jobs
-from core.config import Settings, get_settings
+from core.config import Settings
 from core.db import session_scope
 
 logger = logging.getLogger(__name__)
@@ -91,11 +91,10 @@ def broker_depth(settings: Settings) -> Depth:
     return depth
 
 
-def dispatch_once(settings: Settings | None = None, *, send: Sender | None = None,
+def dispatch_once(settings: Settings, *, send: Sender | None = None,
                   depth: Depth | None = None, limit: int = BATCH_LIMIT) -> dict[str, Any]:
     """One dispatcher pass; returns counts: failed, requeued, lost (re-sent: missing from the broker),
     resent (queued too long), queued, and errors (broker down…)."""
-    settings = settings or get_settings()
     # A caller's own sender may publish elsewhere than settings.broker_url: then ask it for the depth too.
     depth = depth or (broker_depth(settings) if send is None else (lambda queue: None))
     send = send or celery_sender(settings)

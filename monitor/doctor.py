@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from core.config import Settings, get_settings
+from core.config import Settings
 
 
 @dataclass
@@ -42,7 +42,7 @@ def check_database(settings: Settings) -> str:
     from core.db import get_engine
     from core.migrate import alembic_config
 
-    with get_engine(settings.database_url).connect() as conn:
+    with get_engine(settings).connect() as conn:
         pg = conn.execute(text("SHOW server_version")).scalar()
         try:
             postgis = conn.execute(text("SELECT postgis_lib_version()")).scalar()
@@ -183,11 +183,12 @@ def run_checks(settings: Settings, *, load_model: bool = False) -> list[Check]:
 @click.command("doctor")
 @click.option("--load-model", is_flag=True, help="Also load the UniRS weights (slow; needs the memory).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def doctor(load_model: bool, as_json: bool) -> None:
+@click.pass_obj
+def doctor(settings: Settings, load_model: bool, as_json: bool) -> None:
     """Check configuration and connectivity: database + PostGIS + schema revision, broker, each STAC
     catalogue, SMTP (or the outbox directory), model weights, and areas that alert nobody (WARN).
     Exit status 1 if anything is wrong (FAIL)."""
-    checks = run_checks(get_settings(), load_model=load_model)
+    checks = run_checks(settings, load_model=load_model)
     if as_json:
         click.echo(json.dumps([c.__dict__ for c in checks], indent=2))
     else:

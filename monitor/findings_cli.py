@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import click
 
+from core.config import Settings
 from core.db import session_scope
 from monitor import findings as svc
 
@@ -68,7 +69,7 @@ def findings(ctx: click.Context, area, since, until, kind, bbox, min_hectares, t
             text=text,
             limit=None if everything else limit,
         )
-        with session_scope() as session:
+        with session_scope(ctx.obj) as session:
             if fmt in ("geojson", "csv"):  # streamed: rows are written as the server-side cursor yields them
                 rows = svc.iter_findings(session, flt)
                 if fmt == "geojson":
@@ -84,9 +85,10 @@ def findings(ctx: click.Context, area, since, until, kind, bbox, min_hectares, t
 
 @findings.command("show")
 @click.argument("finding_id", type=int)
-def show(finding_id: int) -> None:
+@click.pass_obj
+def show(settings: Settings, finding_id: int) -> None:
     """Print one finding in full (statistics, analysis, scenes, thumbnails) as JSON."""
-    with session_scope() as session:
+    with session_scope(settings) as session:
         record = svc.get_finding(session, finding_id)
     if record is None:
         raise click.ClickException(f"no finding with id {finding_id}")

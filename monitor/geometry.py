@@ -84,23 +84,18 @@ def read_stdin(stream: Any) -> str:
         ) from None
 
 
-def parse_areas(text: str, *, union: bool = False, fix: bool = False,
-                max_vertices: int | None = None) -> list[ParsedArea]:
+def parse_areas(text: str, *, max_vertices: int, union: bool = False, fix: bool = False) -> list[ParsedArea]:
     """Parse GeoJSON (Geometry, Feature, FeatureCollection) or WKT into validated MultiPolygons.
 
     A FeatureCollection gives one area per feature, or a single area with ``union=True``.
     ``fix=True`` repairs invalid rings with ``shapely.make_valid`` instead of refusing them.
-    Z and M ordinates are dropped. An input with more than ``max_vertices`` vertices in all (default: the
+    Z and M ordinates are dropped. An input with more than ``max_vertices`` vertices in all (the
     ``max_area_vertices`` setting) is refused with its count before any validation work.
     """
     _check_text(text, "input")
     text = text.strip()
     if not text:
         raise AreaGeometryError("empty input: expected GeoJSON, WKT or a file path")
-    if max_vertices is None:
-        from core.config import get_settings
-
-        max_vertices = get_settings().max_area_vertices
     if text[0] in "{[":
         raw = _parse_geojson(text)
     else:

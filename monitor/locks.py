@@ -19,8 +19,6 @@ from contextlib import contextmanager
 import psycopg
 from sqlalchemy.engine import make_url
 
-from core.config import get_settings
-
 logger = logging.getLogger(__name__)
 
 LEADER_LOCK = "unirs-monitor:scheduler-leader"
@@ -54,10 +52,10 @@ def _connect(database_url: str, purpose: str) -> psycopg.Connection:
 class AdvisoryLock:
     """A session-level advisory lock held on its own connection for as long as the holder wants it."""
 
-    def __init__(self, name: str, database_url: str | None = None, purpose: str = "lock"):
+    def __init__(self, name: str, database_url: str, purpose: str = "lock"):
         self.name = name
         self.key = lock_key(name)
-        self.database_url = database_url or get_settings().database_url
+        self.database_url = database_url
         self.purpose = purpose
         self._conn: psycopg.Connection | None = None
 
@@ -140,7 +138,7 @@ def wait_for_leadership(lock: AdvisoryLock, retry_seconds: float, should_stop=la
 
 
 @contextmanager
-def cycle_lock(database_url: str | None = None) -> Iterator[None]:
+def cycle_lock(database_url: str) -> Iterator[None]:
     """Serialise poll/pair cycles across processes (the scheduler's jobs and a cron ``poll --once``)."""
     lock = AdvisoryLock(CYCLE_LOCK, database_url, purpose="poll-cycle")
     lock.acquire()

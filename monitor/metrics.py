@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Numeric, and_, case, cast, func, select
 from sqlalchemy.orm import Session
 
-from core.config import Settings, get_settings
+from core.config import Settings
 from core.db import session_scope
 from core.models import (
     Analysis,
@@ -204,7 +204,7 @@ def read_state(session: Session, settings: Settings, now: datetime | None = None
 class StateCollector(Collector):
     """Reads the service state from PostgreSQL on every scrape."""
 
-    def __init__(self, settings: Settings | None = None):
+    def __init__(self, settings: Settings):
         self._settings = settings
 
     def collect(self) -> Iterator[Metric]:
@@ -212,9 +212,8 @@ class StateCollector(Collector):
         error = 0
         families: list[Metric] = []
         try:
-            settings = self._settings or get_settings()
-            with session_scope(settings.database_url) as session:
-                families = read_state(session, settings)
+            with session_scope(self._settings) as session:
+                families = read_state(session, self._settings)
         except Exception:
             log.exception("metrics scrape failed")
             error, families = 1, []
@@ -225,20 +224,20 @@ class StateCollector(Collector):
                                 value=time.monotonic() - started)
 
 
-def make_registry(settings: Settings | None = None) -> CollectorRegistry:
+def make_registry(settings: Settings) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)  # no database query at registration
     registry.register(StateCollector(settings))
     return registry
 
 
-def serve(port: int, addr: str, settings: Settings | None = None) -> Any:
+def serve(port: int, addr: str, settings: Settings) -> Any:
     """Serve /metrics on addr:port in a daemon thread; returns the server (``shutdown()`` stops it)."""
     server, _thread = start_http_server(port, addr=addr, registry=make_registry(settings))
     log.info("metrics on http://%s:%d/metrics", addr, port)
     return server
 
 
-def exposition(settings: Settings | None = None) -> bytes:
+def exposition(settings: Settings) -> bytes:
     return generate_latest(make_registry(settings))
 
 
@@ -246,13 +245,13 @@ def exposition(settings: Settings | None = None) -> bytes:
 @click.option("--serve", "port", type=int, default=None, metavar="PORT",
               help="Serve /metrics on PORT until stopped instead of printing once.")
 @click.option("--addr", default=None, help="Address to bind with --serve (default: UNIRS_METRICS_ADDR, 127.0.0.1).")
-def metrics(port: int | None, addr: str | None) -> None:
+@click.pass_obj
+def metrics(settings: Settings, port: int | None, addr: str | None) -> None:
     """Print the Prometheus metrics (read from the database) once, or serve them with --serve PORT.
 
     The printed text suits node_exporter's textfile collector. The scheduler serves the same metrics
     itself when UNIRS_METRICS_PORT is set.
     """
-    settings = get_settings()
     if port is None:
         click.echo(exposition(settings).decode(), nl=False)
         return

@@ -43,7 +43,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from core import jobs
-from core.config import CatalogueSettings, Settings, get_settings
+from core.config import CatalogueSettings, Settings
 from core.db import session_scope
 from core.models import (
     Area,
@@ -194,12 +194,11 @@ def _scene_info(scene: Scene, catalogue_name: str) -> SceneInfo:
 # --- the pairing run -------------------------------------------------------------------------------
 
 
-def process_pending(settings: Settings | None = None, *, area_ids: Iterable[int] | None = None,
+def process_pending(settings: Settings, *, area_ids: Iterable[int] | None = None,
                     limit: int | None = None, progress: Any = None) -> PairingStats:
     """Settle pending observations (and failed ones due for a retry); create analyses. Idempotent."""
-    settings = settings or get_settings()
     now = datetime.now(UTC)
-    with session_scope() as session:
+    with session_scope(settings) as session:
         query = (
             select(Observation.area_id, Observation.scene_id)
             .join(Scene, Scene.id == Observation.scene_id)
@@ -245,7 +244,7 @@ def pair_observation(area_id: int, scene_id: int, settings: Settings, *,
                      analyser: jobs.AnalyserSpec | None = None) -> PairingStats:
     """Settle one (area, after scene) observation: clear fraction, before scene, analysis row."""
     stats = PairingStats(observations=1)
-    loaded = _load(area_id, scene_id)
+    loaded = _load(area_id, scene_id, settings)
     if loaded is None:
         return PairingStats()
     area, scene, known = loaded
@@ -255,21 +254,21 @@ def pair_observation(area_id: int, scene_id: int, settings: Settings, *,
         # The scene's catalogue was removed from the settings: its hrefs have no allow-list any more.
         outcome = Outcome(ObservationStatus.FAILED, None,
                           f"catalogue {scene.catalogue_name!r} is no longer configured; its assets are not opened")
-        _save_observation(area.id, scene.id, outcome)
+        _save_observation(settings, area.id, scene.id, outcome)
         stats.failed = 1
         return stats
 
     outcome = known if known is not None else _observe(area, scene, catalogue)
     if outcome.status is not ObservationStatus.CLEAR:
         setattr(stats, outcome.status.value, 1)
-        _save_observation(area.id, scene.id, outcome)
+        _save_observation(settings, area.id, scene.id, outcome)
         return stats
     stats.clear = 1
 
     before, reason = choose_before(area, scene, settings)
     if before is None:
         stats.no_before = 1
-        _save_observation(area.id, scene.id, Outcome(ObservationStatus.CLEAR, outcome.fraction, reason))
+        _save_observation(settings, area.id, scene.id, Outcome(ObservationStatus.CLEAR, outcome.fraction, reason))
         logger.info("area %r: %s is clear (%.0f%%) but %s", area.name, scene.item_id, 100 * outcome.fraction, reason)
         return stats
 
@@ -281,7 +280,7 @@ def pair_observation(area_id: int, scene_id: int, settings: Settings, *,
         analysis_id = jobs.create_pending(
             session, idempotency_key=key, area_id=area.id, after_scene_id=scene.id, before_scene_id=before.id,
             analyser=analyser, question_set=question_set, pairing_policy=area.policy, pair_reason=reason)
-        _save_observation(area.id, scene.id, Outcome(ObservationStatus.CLEAR, outcome.fraction, reason),
+        _save_observation(settings, area.id, scene.id, Outcome(ObservationStatus.CLEAR, outcome.fraction, reason),
                           session=session)
     if analysis_id is not None:
         stats.analyses_created = 1
@@ -291,8 +290,8 @@ def pair_observation(area_id: int, scene_id: int, settings: Settings, *,
     return stats
 
 
-def _load(area_id: int, scene_id: int) -> tuple[AreaInfo, SceneInfo, Outcome | None] | None:
-    with session_scope() as session:
+def _load(area_id: int, scene_id: int, settings: Settings) -> tuple[AreaInfo, SceneInfo, Outcome | None] | None:
+    with session_scope(settings) as session:
         row = session.execute(
             select(Area, Scene, Catalogue.name, Observation)
             .join(Observation, and_(Observation.area_id == Area.id, Observation.scene_id == scene_id))
@@ -334,7 +333,8 @@ def _observe(area: AreaInfo, scene: SceneInfo, catalogue: CatalogueSettings) -> 
     return _classify(fraction, area.min_clear_fraction)
 
 
-def _save_observation(area_id: int, scene_id: int, outcome: Outcome, *, session: Session | None = None,
+def _save_observation(settings: Settings, area_id: int, scene_id: int, outcome: Outcome, *,
+                      session: Session | None = None,
                       keep_pending: bool = False) -> None:
     values: dict[str, Any] = {"clear_fraction": outcome.fraction, "computed_at": func.now()}
     if not keep_pending:
@@ -348,7 +348,7 @@ def _save_observation(area_id: int, scene_id: int, outcome: Outcome, *, session:
     if session is not None:
         session.execute(stmt)
         return
-    with session_scope() as own:
+    with session_scope(settings) as own:
         own.execute(stmt)
 
 
@@ -362,10 +362,9 @@ class _Candidate:
     fraction: float | None
 
 
-def choose_before(area: AreaInfo, after: SceneInfo, settings: Settings | None = None) -> tuple[SceneInfo | None, str]:
+def choose_before(area: AreaInfo, after: SceneInfo, settings: Settings) -> tuple[SceneInfo | None, str]:
     """The before scene for ``after`` over ``area`` and the human-readable reason (or why there is none)."""
-    settings = settings or get_settings()
-    candidates = _candidates(area, after)
+    candidates = _candidates(area, after, settings)
     seasonal = area.policy == PairingPolicy.SEASONAL.value
     if seasonal:
         ranked = []
@@ -408,7 +407,8 @@ def choose_before(area: AreaInfo, after: SceneInfo, settings: Settings | None = 
                 # A failed "after" scene that reads now still needs its own pairing: pending again, fraction kept.
                 outcome = Outcome(ObservationStatus.PENDING, outcome.fraction, None)
             # A pending candidate is still someone's "after" scene: store the fraction, keep it pending.
-            _save_observation(area.id, cand.scene.id, outcome, keep_pending=status is ObservationStatus.PENDING)
+            _save_observation(settings, area.id, cand.scene.id, outcome,
+                              keep_pending=status is ObservationStatus.PENDING)
         checked += 1
         if fraction is None or fraction < area.min_clear_fraction:
             continue
@@ -430,7 +430,7 @@ def choose_before(area: AreaInfo, after: SceneInfo, settings: Settings | None = 
     return None, f"no earlier clear acquisition of {after.label()} ({need}; {checked} candidates checked)"
 
 
-def _candidates(area: AreaInfo, after: SceneInfo) -> list[_Candidate]:
+def _candidates(area: AreaInfo, after: SceneInfo, settings: Settings) -> list[_Candidate]:
     """Earlier scenes of the same tile (and orbit when known) over the area, newest first, with what is
     already known about them for this area. The raw item JSON is not loaded (it can be large)."""
     orbit_ok = (
@@ -440,7 +440,7 @@ def _candidates(area: AreaInfo, after: SceneInfo) -> list[_Candidate]:
     columns = (Scene.id, Scene.catalogue_id, Catalogue.name.label("catalogue_name"), Scene.collection,
                Scene.acquisition_key, Scene.item_id, Scene.tile,
                Scene.relative_orbit, Scene.acquired_at, Scene.cloud_cover, Scene.assets, Scene.platform)
-    with session_scope() as session:
+    with session_scope(settings) as session:
         rows = session.execute(
             select(*columns, Observation.status, Observation.clear_fraction, Observation.computed_at)
             .outerjoin(Observation, and_(Observation.scene_id == Scene.id, Observation.area_id == area.id))

@@ -10,16 +10,16 @@ Jobs (APScheduler 3, ``BlockingScheduler``; each job is single-instance and coal
 
 - ``poll``: every ``poll.interval_minutes``: poll every catalogue, then pair right away;
 - ``pair``: periodically, for observations still pending (a crash mid-pairing, failed reads due a retry);
-- ``dispatch``: every ``analysis.dispatch_interval_seconds``: ``monitor.dispatch.dispatch_once()``;
-- ``reports``: ``monitor.reports.run_deliveries()``;
+- ``dispatch``: every ``analysis.dispatch_interval_seconds``: ``monitor.dispatch.dispatch_once(settings)``;
+- ``reports``: ``monitor.reports.run_deliveries(settings)`` (alerts for analyses the workers finished);
 - ``health``: hourly, a WARNING (once per day per area) for each active area without a clear scene for
   ``reports.no_clear_scene_days`` (``monitor.metrics.areas_without_clear_scene``).
 
 With ``metrics_port`` set, :func:`run_scheduler` also serves the Prometheus metrics (``monitor/metrics.py``;
 every scheduler, leader or not: they are read from the database).
 
-Dispatch and reports are imported lazily: they belong to other parts of the service and a deployment
-without them (or a broken import) still polls and pairs; the job logs why it did nothing.
+Every job gets the ``Settings`` the scheduler was built with (one configuration per process, read once by
+the ``unirs-monitor`` entry point); a failing job is logged and runs again at its next time.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
 
-from core.config import Settings, get_settings
+from core.config import Settings
 from monitor.dispatch import dispatch_once
 from monitor.locks import LEADER_LOCK, AdvisoryLock, cycle_lock, wait_for_leadership
 from monitor.reports import run_deliveries
@@ -67,12 +67,11 @@ class CycleSummary:
         return not self.errors
 
 
-def poll_and_pair(settings: Settings | None = None, *, now: datetime | None = None) -> CycleSummary:
+def poll_and_pair(settings: Settings, *, now: datetime | None = None) -> CycleSummary:
     """Poll every catalogue, then settle the pending observations (one cycle, serialised across processes)."""
     from monitor.catalogues import poll_all
     from monitor.pairing import process_pending
 
-    settings = settings or get_settings()
     summary = CycleSummary()
     with cycle_lock(settings.database_url):
         polled = poll_all(settings, now=now)
@@ -88,10 +87,9 @@ def poll_and_pair(settings: Settings | None = None, *, now: datetime | None = No
     return summary
 
 
-def pair_pending(settings: Settings | None = None) -> None:
+def pair_pending(settings: Settings) -> None:
     from monitor.pairing import process_pending
 
-    settings = settings or get_settings()
     with cycle_lock(settings.database_url):
         process_pending(settings)
 
@@ -99,16 +97,15 @@ def pair_pending(settings: Settings | None = None) -> None:
 _health_warned: dict[str, date] = {}
 
 
-def check_health(settings: Settings | None = None, *, now: datetime | None = None,
+def check_health(settings: Settings, *, now: datetime | None = None,
                  warned: dict[str, date] = _health_warned) -> list[str]:
     """Log a WARNING for each active area without a clear scene for too long, once per (UTC) day per area."""
     from core.db import session_scope
     from monitor.metrics import areas_without_clear_scene
 
-    settings = settings or get_settings()
     now = now or datetime.now(UTC)
     days = settings.reports.no_clear_scene_days
-    with session_scope(settings.database_url) as session:
+    with session_scope(settings) as session:
         stale = areas_without_clear_scene(session, days, now=now)
     warned_now = []
     for name, last in stale:
@@ -124,10 +121,10 @@ def check_health(settings: Settings | None = None, *, now: datetime | None = Non
 class Scheduler:
     """Leader election + the APScheduler jobs. ``run()`` blocks until ``stop()`` (or SIGTERM/SIGINT)."""
 
-    def __init__(self, settings: Settings | None = None, *, jobs: Iterable[str] = JOBS, retry_seconds: float = 5.0,
+    def __init__(self, settings: Settings, *, jobs: Iterable[str] = JOBS, retry_seconds: float = 5.0,
                  pair_interval_seconds: float = PAIR_INTERVAL_SECONDS,
                  reports_interval_seconds: float = REPORTS_INTERVAL_SECONDS):
-        self.settings = settings or get_settings()
+        self.settings = settings
         self.jobs = tuple(jobs)
         unknown = set(self.jobs) - set(JOBS)
         if unknown:
@@ -221,9 +218,9 @@ class Scheduler:
         return run
 
 
-def run_scheduler(settings: Settings | None = None, **kwargs: Any) -> None:
+def run_scheduler(settings: Settings, **kwargs: Any) -> None:
+    """The ``unirs-monitor scheduler`` process: metrics server (when configured), signals, leader loop."""
     scheduler = Scheduler(settings, **kwargs)
-    settings = scheduler.settings
     if settings.metrics_port is not None:
         from monitor.metrics import serve
 

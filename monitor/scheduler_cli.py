@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import click
 
-from core.config import get_settings
+from core.config import Settings
 
 
 def _parse_when(value: str, param: str) -> datetime:
@@ -28,7 +28,9 @@ def _parse_when(value: str, param: str) -> datetime:
               help="Seconds between sweeps for observations still pending (pairing also runs after each poll).")
 @click.option("--reports-interval", type=float, default=60.0, show_default=True,
               help="Seconds between report delivery runs.")
-def scheduler(jobs: str, retry_seconds: float, pair_interval: float, reports_interval: float) -> None:
+@click.pass_obj
+def scheduler(settings: Settings, jobs: str, retry_seconds: float, pair_interval: float,
+              reports_interval: float) -> None:
     """Run the service loop: poll catalogues, pair new scenes, dispatch analyses, send reports.
 
     Start as many schedulers as you like (several hosts for availability): exactly one is the leader,
@@ -39,7 +41,6 @@ def scheduler(jobs: str, retry_seconds: float, pair_interval: float, reports_int
     from core.migrate import require_current
     from monitor.scheduler import run_scheduler
 
-    settings = get_settings()
     require_current(settings.database_url)  # one line now, not a traceback from every job later
     chosen = [j.strip() for j in jobs.split(",") if j.strip()]
     try:
@@ -54,7 +55,8 @@ def scheduler(jobs: str, retry_seconds: float, pair_interval: float, reports_int
 @click.option("--now", "now_text", default=None, metavar="DATETIME",
               help="Pretend the current time is DATETIME (replaying an archive, demos). Default: now.")
 @click.option("--no-dispatch", is_flag=True, help="Do not hand new analyses to the workers.")
-def poll(once: bool, now_text: str | None, no_dispatch: bool) -> None:
+@click.pass_obj
+def poll(settings: Settings, once: bool, now_text: str | None, no_dispatch: bool) -> None:
     """Poll the configured STAC catalogues once (cron-style).
 
     Searches each catalogue × collection for scenes over the active areas (nearby areas share one
@@ -71,7 +73,6 @@ def poll(once: bool, now_text: str | None, no_dispatch: bool) -> None:
     from monitor.scheduler import dispatch_once, poll_and_pair
 
     now = _parse_when(now_text, "--now") if now_text else None
-    settings = get_settings()
     require_current(settings.database_url)  # each catalogue's failure would otherwise log a traceback
     summary = poll_and_pair(settings, now=now)
     dispatched = None if no_dispatch else dispatch_once(settings)
@@ -94,7 +95,8 @@ def poll(once: bool, now_text: str | None, no_dispatch: bool) -> None:
 @click.argument("area")
 @click.option("--since", "since_text", required=True, metavar="DATE", help="Start of the period (e.g. 2019-01-01).")
 @click.option("--until", "until_text", default=None, metavar="DATE", help="End of the period (default: now).")
-def backfill(area: str, since_text: str, until_text: str | None) -> None:
+@click.pass_obj
+def backfill(settings: Settings, area: str, since_text: str, until_text: str | None) -> None:
     """Search the archive for AREA (name or id) since DATE, store the scenes and create the analyses.
 
     A one-off historical run: it searches the area's own footprint (no grouping), leaves the poll cursor
@@ -109,14 +111,14 @@ def backfill(area: str, since_text: str, until_text: str | None) -> None:
 
     since = _parse_when(since_text, "--since")
     until = _parse_when(until_text, "--until") if until_text else None
-    require_current(get_settings().database_url)
+    require_current(settings.database_url)
 
     def progress(description: str, total: int | None) -> tqdm:
         return tqdm(desc=description, total=total, unit="item" if description != "pairing" else "obs",
                     file=sys.stderr, dynamic_ncols=True)
 
     try:
-        summary = backfill_area(area, since, until, settings=get_settings(), progress=progress)
+        summary = backfill_area(area, since, until, settings=settings, progress=progress)
     except AreaError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"area: {summary.area}")

@@ -27,7 +27,7 @@ from geoalchemy2.shape import from_shape
 from shapely.geometry import MultiPolygon, Polygon, shape
 from shapely.geometry.base import BaseGeometry
 
-from core.config import CatalogueSettings, PollSettings, Settings
+from core.config import CatalogueSettings, PollSettings, Settings, get_settings
 from core.db import session_scope
 from core.models import Area
 from devtools import localstac
@@ -100,7 +100,7 @@ def sample_footprint(sample_items: list[dict[str, Any]]) -> BaseGeometry:
 def add_area(db: str) -> Callable[..., int]:
     def add(name: str, geom: BaseGeometry, **options: Any) -> int:
         multi = geom if isinstance(geom, MultiPolygon) else MultiPolygon([geom])
-        with session_scope() as session:
+        with session_scope(get_settings()) as session:
             area = Area(name=name, geom=from_shape(multi, srid=4326), area_km2=geodesic_area_km2(multi),
                         **{"collections": ["sentinel-2-l2a"], "questions": [], "recipients": [], **options})
             session.add(area)

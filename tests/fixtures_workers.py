@@ -35,7 +35,7 @@ from shapely.geometry import MultiPolygon, shape
 from shapely.geometry.base import BaseGeometry
 from sqlalchemy import text
 
-from core.config import AnalysisSettings, CatalogueSettings, Settings
+from core.config import AnalysisSettings, CatalogueSettings, Settings, get_settings
 from core.db import session_scope
 from core.models import Area, Observation, ObservationStatus
 from devtools import localstac
@@ -251,7 +251,7 @@ def insert_sample_scenes(catalogue: CatalogueSettings, cog_url: str, dates: list
     """Scene rows from the committed sample items, hrefs pointing at the COG server (via the ingest code)."""
     items = {it["properties"]["datetime"][:10]: it for it in localstac.read_sample_items()}
     ids: dict[str, int] = {}
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         cat_id = upsert_catalogue(session, catalogue)
         for date in dates:
             item = localstac.rewrite_asset_hrefs(items[date], cog_url)
@@ -265,7 +265,7 @@ def insert_sample_scenes(catalogue: CatalogueSettings, cog_url: str, dates: list
 
 def insert_scene_copy(scene_id: int, *, suffix: str, assets: dict[str, Any]) -> int:
     """A copy of a scene row under another granule key with some assets replaced (corrupt/hostile)."""
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         row = session.execute(
             text("""
                 INSERT INTO scenes (catalogue_id, collection, acquisition_id, acquisition_key, granule_key, item_id,
@@ -287,7 +287,7 @@ def insert_area(geom: BaseGeometry, name: str | None = None, questions: list[str
     from monitor.geometry import geodesic_area_km2
 
     multi = geom if isinstance(geom, MultiPolygon) else MultiPolygon([geom])
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         area = Area(name=name or f"area-{uuid.uuid4().hex[:6]}", geom=from_shape(multi, srid=4326),
                     area_km2=geodesic_area_km2(multi), recipients=[], questions=questions or [],
                     collections=["sentinel-2-l2a"], properties={})
@@ -297,7 +297,7 @@ def insert_area(geom: BaseGeometry, name: str | None = None, questions: list[str
 
 
 def insert_observation(area_id: int, scene_id: int, clear: float = 1.0) -> None:
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         session.add(Observation(area_id=area_id, scene_id=scene_id, clear_fraction=clear,
                                 status=ObservationStatus.CLEAR))
 
@@ -306,7 +306,7 @@ def insert_analysis(area_id: int, after_id: int, before_id: int | None, analyser
                     question_set: str = "@1") -> int:
     from core import jobs
 
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         return jobs.create_pending(session, idempotency_key=uuid.uuid4().hex, area_id=area_id,
                                    after_scene_id=after_id, before_scene_id=before_id,
                                    analyser=jobs.AnalyserSpec.parse(analyser), question_set=question_set,
@@ -314,7 +314,7 @@ def insert_analysis(area_id: int, after_id: int, before_id: int | None, analyser
 
 
 def analysis_rows(ids: list[int]) -> dict[int, dict[str, Any]]:
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         rows = session.execute(
             text(
                 "SELECT id, status::text AS status, attempts, worker, last_error, stats, analyser, analyser_run "

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import select
 
+from core.config import get_settings
 from core.db import session_scope
 from core.models import Area, Delivery, Finding
 from monitor.reports.context import load_analysis_report
@@ -30,7 +31,7 @@ def pair_2018(database_url, worker_settings, cog_server):
     truncate(database_url)
     scenes = insert_sample_scenes(worker_settings.catalogues[0], cog_server.url, ["2017-07-11", "2018-08-25"])
     area_id = insert_area(scenes.footprint.buffer(-0.0006), name=AREA)  # the demo area
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         s.get(Area, area_id).recipients = ["ana@example.org"]
     analysis_id = insert_analysis(area_id, scenes.ids["2018-08-25"], scenes.ids["2017-07-11"])
     assert run_analysis(analysis_id, "test-inprocess", worker_settings) == "done"
@@ -38,7 +39,7 @@ def pair_2018(database_url, worker_settings, cog_server):
 
 
 def _regions(analysis_id: int) -> dict[str, float]:
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         rows = s.execute(select(Finding.change_class, Finding.hectares)
                          .where(Finding.analysis_id == analysis_id, Finding.kind == "region")).all()
     out: dict[str, float] = {}
@@ -49,16 +50,16 @@ def _regions(analysis_id: int) -> dict[str, float]:
 
 def _alert(area_id: int, analysis_id: int, worker_settings, **area_changes) -> str | None:
     """Subject of the alert the area would get (None: no alert), from a clean delivery state."""
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         s.query(Delivery).delete()
         area = s.get(Area, area_id)
         for key, value in area_changes.items():
             setattr(area, key, value)
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         created = create_immediate_deliveries(s, datetime.now(UTC), worker_settings)
     if not created:
         return None
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         report = load_analysis_report(s, analysis_id, "https://www.openstreetmap.org")
     return render_alert(report, "ana@example.org").subject
 
@@ -68,7 +69,7 @@ def test_findings_keep_gain_and_loss(pair_2018):
 
 
 def test_default_rule_alerts_on_loss_only_and_the_subject_counts_only_loss(pair_2018, worker_settings):
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         assert s.get(Area, pair_2018["area_id"]).alert_classes == ["new_built_up_or_bare", "vegetation_loss"]
     subject = _alert(pair_2018["area_id"], pair_2018["analysis_id"], worker_settings)
     assert subject == "Forest loss 0.25 ha — Romanian forest — 2018-08-25"

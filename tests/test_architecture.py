@@ -111,3 +111,37 @@ def test_no_module_over_the_size_limit():
     big = [f"{p.relative_to(ROOT)}: {n}" for pkg in ("core", "eo", "monitor", "workers", "web")
            for p in (ROOT / pkg).rglob("*.py") if (n := len(p.read_text(encoding="utf-8").splitlines())) > limit]
     assert big == []
+
+
+# Entry points read the settings (once) and hand them down; nothing below them calls get_settings().
+SETTINGS_ENTRY_POINTS = {"monitor/cli.py", "workers/celery_app.py", "devtools/demo.py", "core/config.py"}
+
+
+def settings_reads(paths: list[Path]) -> list[str]:
+    """Calls of ``get_settings()`` outside the entry points, and ``session_scope()`` without a target."""
+    out = []
+    for path in paths:
+        rel = path.relative_to(ROOT).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+            if name == "get_settings" and rel not in SETTINGS_ENTRY_POINTS:
+                out.append(f"{rel}:{node.lineno} calls get_settings()")
+            elif name == "session_scope" and not node.args and not node.keywords:
+                out.append(f"{rel}:{node.lineno} calls session_scope() without settings")
+    return out
+
+
+def test_settings_are_handed_down_not_read():
+    paths = sorted(p for pkg in ("core", "eo", "monitor", "workers", "devtools") for p in (ROOT / pkg).rglob("*.py"))
+    assert settings_reads(paths) == []
+
+
+def test_the_settings_rule_catches_a_violation(tmp_path, monkeypatch):
+    (tmp_path / "monitor").mkdir()
+    planted = tmp_path / "monitor" / "bad.py"
+    planted.write_text("def f(settings):\n    with session_scope() as s:\n        return get_settings()\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert settings_reads([planted]) == ["monitor/bad.py:2 calls session_scope() without settings",
+                                         "monitor/bad.py:3 calls get_settings()"]

@@ -131,6 +131,7 @@ def test_a_lookup_by_an_invalid_utf8_name_says_so(db):
 def test_catalogue_item_ids_with_control_characters_or_html_are_quarantined(db, items_by_date, item_id, fragment):
     from sqlalchemy import select
 
+    from core.config import get_settings
     from core.db import session_scope
     from core.models import QuarantinedItem, Scene
     from monitor.catalogues import ingest_items, upsert_catalogue
@@ -143,10 +144,10 @@ def test_catalogue_item_ids_with_control_characters_or_html_are_quarantined(db, 
     from devtools import localstac
 
     items = [localstac.rewrite_asset_hrefs(i, "http://127.0.0.1:9") for i in (bad, good)]
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         stats = ingest_items(session, catalogue, upsert_catalogue(session, catalogue), "sentinel-2-l2a", items)
     assert stats.quarantined == 1 and stats.new_scenes == 1
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         assert session.execute(select(Scene.item_id)).scalars().all() == ["S2B_34TER_20200829_0_L2A"]
         (reason,) = session.execute(select(QuarantinedItem.reason)).scalars().all()
     assert fragment in reason

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
+from core.config import get_settings
 from core.db import session_scope
 from core.models import Area, Delivery, Finding
 from monitor.reports.context import load_analysis_report
@@ -35,7 +36,7 @@ def live(database_url, worker_settings, cog_server):
     areas = {}
     for policy, pairs in (("latest", LATEST), ("seasonal", SEASONAL)):
         area_id = insert_area(scenes.footprint.buffer(-0.0006), name=f"Romanian forest ({policy})")
-        with session_scope() as s:
+        with session_scope(get_settings()) as s:
             s.get(Area, area_id).recipients = ["ana@example.org"]
         ids = {}
         for before, after in pairs:  # in acquisition order, one after the other, as they would be published
@@ -46,7 +47,7 @@ def live(database_url, worker_settings, cog_server):
 
 
 def regions(analysis_id: int) -> list[Finding]:
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         rows = s.execute(select(Finding).where(Finding.analysis_id == analysis_id, Finding.kind == "region")
                          .order_by(Finding.ordinal)).scalars().all()
         s.expunge_all()
@@ -89,7 +90,7 @@ def test_a_region_seen_again_on_a_later_pair_links_to_its_first_finding(live):
     assert all(f.statistics["overlap_share"] >= 0.5 and f.statistics["first_observed_at"] == "2019-06-16"
                for f in linked)
     # Linked regions are never alerted again: the 2019-07-01 alert counts only regions seen for the first time.
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         report = load_analysis_report(s, ids["2019-07-01"], "https://www.openstreetmap.org", with_images=False)
     fresh = sum(f.hectares for f in again if f.alert_state != "redetected" and f.change_class == "vegetation_loss"
                 and f.first_finding_id is None and f.alert_state in ("probable", "confirmed"))
@@ -99,10 +100,10 @@ def test_a_region_seen_again_on_a_later_pair_links_to_its_first_finding(live):
 
 
 def _alerted(area_id: int, worker_settings, alert_on: str) -> dict[int, float]:
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         s.query(Delivery).delete()
         s.get(Area, area_id).alert_on = alert_on
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         create_immediate_deliveries(s, datetime.now(UTC), worker_settings)
         analyses = s.execute(select(Delivery.analysis_id).join(Finding, Finding.analysis_id == Delivery.analysis_id)
                              .where(Finding.area_id == area_id)).scalars().all()
@@ -131,10 +132,10 @@ def test_the_digest_lists_what_was_confirmed_or_dismissed(live, worker_settings)
     from monitor.reports.render import render_digest
 
     area_id = live["latest"]["area_id"]
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         s.get(Area, area_id).alert_frequency = AlertFrequency.DAILY
     later = datetime.now(UTC) + timedelta(hours=1)  # past the digest's settle lag
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         assert create_due_digests(s, later, worker_settings)[0] >= 1
         digest_id = s.execute(select(Digest.id).where(Digest.area_id == area_id)).scalar_one()
         report = load_digest_report(s, digest_id, worker_settings)

@@ -13,6 +13,7 @@ import shapely
 from click.testing import CliRunner
 from shapely.geometry import box, shape
 
+from core.config import get_settings
 from core.db import session_scope
 from monitor import findings as svc
 from monitor.cli import cli
@@ -28,7 +29,7 @@ def when(day: str) -> datetime:
 @pytest.fixture
 def data(db):
     """Two areas, three analyses, regions + answers with known text, sizes, places and dates."""
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         forest = f.area(s, name="Apuseni forest")
         delta = f.area(s, name="Danube delta", geom=DELTA)
         cat = f.catalogue(s)
@@ -56,7 +57,7 @@ def data(db):
 
 
 def q(**kw):
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         return svc.query_findings(s, svc.FindingFilter(**kw))
 
 

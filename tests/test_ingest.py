@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from shapely.geometry import box
 from sqlalchemy import func, select
 
-from core.config import CatalogueSettings
+from core.config import CatalogueSettings, get_settings
 from core.db import session_scope
 from core.models import Analysis, Observation, PollState, QuarantinedItem, Scene
 from devtools import localstac
@@ -32,17 +32,17 @@ def utc(text: str) -> datetime:
 
 
 def count(model) -> int:
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         return session.execute(select(func.count()).select_from(model)).scalar_one()
 
 
 def scenes() -> list[Scene]:
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         return list(session.execute(select(Scene).order_by(Scene.acquired_at)).scalars())
 
 
 def cursor_of(collection: str) -> PollState | None:
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         return session.execute(select(PollState).where(PollState.collection == collection)).scalar_one_or_none()
 
 
@@ -182,7 +182,7 @@ def test_new_item_repoll_and_late_item(stac_collection, make_settings, add_area,
 
     paired = process_pending(cfg)
     assert paired.clear == 1 and paired.analyses_created == 0 and paired.no_before == 1
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         reason = session.execute(select(Observation.reason)).scalar_one()
     assert reason.startswith("no earlier clear acquisition of tile 34TER orbit R136")
 
@@ -192,7 +192,7 @@ def test_new_item_repoll_and_late_item(stac_collection, make_settings, add_area,
     assert second.total("items_seen") == 2 and second.total("new_scenes") == 1
     paired = process_pending(cfg)
     assert paired.analyses_created == 1
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         analysis = session.execute(select(Analysis)).scalar_one()
         assert analysis.area_id == area_id and analysis.status.value == "pending"
         assert (analysis.after_scene.item_id, analysis.before_scene.item_id) == (
@@ -235,7 +235,7 @@ def test_reprocessed_duplicate_collapses_to_the_best_version(stac_collection, ma
     assert scene.item["id"] == "S2B_34TER_20200829_1_L2A"  # raw JSON of the best version kept
 
     # The lower-ranked twin arriving again (or first, in another order) never wins.
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         stats = ingest_items(session, cfg.catalogues[0], scene.catalogue_id, stac_collection.id,
                              [absolute(items_by_date["2020-08-29"])])
     assert stats.unchanged == 1
@@ -245,7 +245,7 @@ def test_reprocessed_duplicate_collapses_to_the_best_version(stac_collection, ma
 def test_concurrent_upserts_of_twins_end_with_one_best_scene(db, items_by_date, sample_data_dir):
     v0 = absolute(items_by_date["2020-08-29"])
     v1 = absolute(json.loads((sample_data_dir / "fixtures" / "S2B_34TER_20200829_1_L2A.json").read_text()))
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         catalogue_id = upsert_catalogue(session, CAT)
     barrier = threading.Barrier(6)
     errors: list[BaseException] = []
@@ -254,7 +254,7 @@ def test_concurrent_upserts_of_twins_end_with_one_best_scene(db, items_by_date, 
         try:
             barrier.wait()
             for item in order:
-                with session_scope() as session:
+                with session_scope(get_settings()) as session:
                     ingest_items(session, CAT, catalogue_id, "sentinel-2-l2a", [item])
         except BaseException as exc:  # surfaced below
             errors.append(exc)
@@ -343,11 +343,11 @@ def test_malformed_items_are_quarantined_and_do_not_stop_the_poll(db, sample_dat
     nul["properties"]["platform"] = "sentinel-2a\u0000"
     bad.append(nul)
     good = absolute(items_by_date["2020-08-29"])
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         catalogue_id = upsert_catalogue(session, CAT)
         stats = ingest_items(session, CAT, catalogue_id, "sentinel-2-l2a", [bad[0], bad[1], good, *bad[2:]])
     assert stats.items_seen == 8 and stats.new_scenes == 1 and stats.quarantined == 7
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         reasons = dict(session.execute(select(QuarantinedItem.item_id, QuarantinedItem.reason)).all())
     assert "geometry is null" in reasons["bad-no-geometry"]
     assert "properties.datetime" in reasons["bad-no-datetime"]
@@ -374,7 +374,7 @@ def test_a_publishable_bad_item_is_quarantined_during_a_real_poll(stac_collectio
 
 
 def test_catalogue_rows_are_upserted_by_name(db):
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         first = upsert_catalogue(session, CAT)
         again = upsert_catalogue(session, CatalogueSettings(name=CAT.name, url="http://127.0.0.1:10"))
     assert first == again
@@ -412,7 +412,7 @@ def test_an_item_with_a_nul_byte_in_its_id_or_collection_is_quarantined_not_fata
     nul_collection = absolute(items_by_date["2020-07-30"])
     nul_collection["collection"] = "sentinel-2-l2a\u0000"
     good = absolute(items_by_date["2020-08-29"])
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         catalogue_id = upsert_catalogue(session, CAT)
         stats = ingest_items(session, CAT, catalogue_id, "sentinel-2-l2a", [nul_id, nul_collection, good])
     assert stats.items_seen == 3 and stats.new_scenes == 1 and stats.quarantined == 2
@@ -423,7 +423,7 @@ def test_an_item_with_a_lone_surrogate_is_quarantined_not_fatal(db, items_by_dat
     # JSON allows "\ud800" escapes; Python decodes them to lone surrogates that UTF-8 (so PostgreSQL) refuses.
     bad = json.loads(json.dumps(absolute(items_by_date["2020-08-04"])).replace('"S2A_34TER', '"\\ud800S2A_34TER', 1))
     good = absolute(items_by_date["2020-08-29"])
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         catalogue_id = upsert_catalogue(session, CAT)
         stats = ingest_items(session, CAT, catalogue_id, "sentinel-2-l2a", [bad, good])
     assert stats.items_seen == 2 and stats.new_scenes == 1 and stats.quarantined == 1
@@ -433,7 +433,7 @@ def test_an_item_with_a_lone_surrogate_is_quarantined_not_fatal(db, items_by_dat
 def test_an_item_without_id_is_quarantined_once_across_polls(db):
     no_id = {"type": "Feature", "properties": {}}  # no id, no geometry, no datetime
     for _ in range(3):  # the catalogue keeps returning it on every poll
-        with session_scope() as session:
+        with session_scope(get_settings()) as session:
             catalogue_id = upsert_catalogue(session, CAT)
             ingest_items(session, CAT, catalogue_id, "sentinel-2-l2a", [no_id])
     assert count(QuarantinedItem) == 1

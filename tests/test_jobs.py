@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select, text
 
 from core import jobs
-from core.config import AnalysisSettings, Settings
+from core.config import AnalysisSettings, Settings, get_settings
 from core.db import session_scope
 from core.jobs import AnalyserSpec, Queue
 from core.models import Analysis, AnalysisStatus
@@ -46,7 +46,7 @@ def one_pending(db, add_area, make_settings, stac_collection, items_by_date, sam
     stac_collection.publish(items_by_date["2020-08-04"])
     area_id = add_area("forest", inner_aoi(sample_footprint), collections=[stac_collection.id])
     poll_all(make_settings(stac_collection.api.url, [stac_collection.id]), now=datetime(2020, 8, 6, tzinfo=UTC))
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         scene_id = session.execute(text("SELECT id FROM scenes LIMIT 1")).scalar_one()
         analysis_id = jobs.create_pending(session, idempotency_key="k1", area_id=area_id, after_scene_id=scene_id,
                                           before_scene_id=None, analyser=AnalyserSpec(model=True, checkpoint="c"),
@@ -59,7 +59,7 @@ def one_pending(db, add_area, make_settings, stac_collection, items_by_date, sam
 
 
 def _row(analysis_id: int) -> Analysis:
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         return session.execute(select(Analysis).where(Analysis.id == analysis_id)).scalar_one()
 
 
@@ -67,24 +67,24 @@ def test_transitions_walk_the_state_machine(one_pending):
     settings = Settings(analysis=AnalysisSettings(max_attempts=2, lease_seconds=60))
     row = _row(one_pending)
     assert row.status is AnalysisStatus.PENDING and row.analyser == "unirs+spectral@1"  # stored as the request
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         moved = jobs.queue_next_pending(session)
     assert (moved.id, moved.queue) == (one_pending, Queue.GPU)
     assert _row(one_pending).status is AnalysisStatus.QUEUED
 
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         claim = jobs.claim(session, one_pending, "w1", settings)
         assert jobs.claim(session, one_pending, "w2", settings)["worker"] == "w1"  # taken: its state comes back
     assert claim.attempts == 1 and _row(one_pending).status is AnalysisStatus.RUNNING
 
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         assert jobs.release(session, claim, "HTTP 503", settings) is AnalysisStatus.QUEUED
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         second = jobs.claim(session, one_pending, "w2", settings)
         assert not jobs.extend_lease(session, claim, 60)  # the first claim is fenced off
         with pytest.raises(jobs.LeaseLost):
             jobs.finish(session, claim, AnalysisStatus.DONE, stats={})
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         with pytest.raises(ValueError, match="not a final status"):
             jobs.finish(session, second, AnalysisStatus.QUEUED, stats={})
         jobs.finish(session, second, AnalysisStatus.DONE, stats={"x": float("nan")},
@@ -92,16 +92,16 @@ def test_transitions_walk_the_state_machine(one_pending):
     row = _row(one_pending)
     assert (row.status, row.attempts, row.worker, row.analyser_run, row.stats) == (
         AnalysisStatus.DONE, 2, "w2", "unirs@tiny.1+spectral@1", {"x": None})
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         assert jobs.claim(session, one_pending, "w3", settings)["status"] == "done"  # finished rows stay finished
 
 
 def test_lost_leases_are_requeued_then_failed(one_pending):
     settings = Settings(analysis=AnalysisSettings(max_attempts=1, lease_seconds=60))
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         jobs.claim(session, one_pending, "w1", settings)
         session.execute(text("UPDATE analyses SET lease_expires_at = now() - interval '1 s'"))
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         assert jobs.requeue_lost(session, settings) is None  # out of attempts: not re-queued …
         failed = jobs.fail_lost(session, settings, limit=10)
     assert [m.id for m in failed] == [one_pending]  # … but failed with the reason

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 from shapely.geometry import Polygon, box, mapping, shape
 
+from core.config import get_settings
 from core.db import session_scope
 from monitor.areas import AreaOptions
 from monitor.cli import cli
@@ -149,7 +150,7 @@ def test_areas_export_and_show_are_rfc7946(db):
 
 
 def test_findings_geojson_is_rfc7946(db):
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         area = f.area(s, name="forest")
         cat = f.catalogue(s)
         before = f.scene(s, cat, datetime(2020, 6, 1, 9, 40, tzinfo=UTC))
@@ -157,7 +158,7 @@ def test_findings_geojson_is_rfc7946(db):
         f.findings(s, f.analysis(s, area, after, before), regions=[(CW_WITH_HOLE, "forest loss", 3.2)], answers=[])
     fc = json.loads(run("findings", "--kind", "region", "--format", "geojson").stdout)
     [region] = fc["features"]
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         from sqlalchemy import select
 
         from core.models import Finding

@@ -16,7 +16,7 @@ import pytest
 from shapely.affinity import translate
 from sqlalchemy import select
 
-from core.config import AnalysisSettings, ModelSettings, Settings
+from core.config import AnalysisSettings, ModelSettings, Settings, get_settings
 from core.db import session_scope
 from core.jobs import requested_analyser
 from core.models import Analysis, Observation, Scene
@@ -35,7 +35,7 @@ NOW = datetime(2020, 12, 31, tzinfo=UTC)
 
 
 def observations(area_id: int) -> dict[str, tuple[str, float | None, str | None]]:
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         rows = session.execute(
             select(Scene.acquired_at, Observation.status, Observation.clear_fraction, Observation.reason)
             .join(Scene, Scene.id == Observation.scene_id)
@@ -46,7 +46,7 @@ def observations(area_id: int) -> dict[str, tuple[str, float | None, str | None]
 
 def pairs(area_id: int) -> dict[str, tuple[str, str, Analysis]]:
     """after date -> (before date, pair reason, analysis)."""
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         rows = session.execute(select(Analysis).where(Analysis.area_id == area_id)).scalars().all()
         return {a.after_scene.acquired_at.date().isoformat(): (a.before_scene.acquired_at.date().isoformat(),
                                                                a.pair_reason, a) for a in rows}

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import select
 from urllib3.response import HTTPResponse
 
+from core.config import get_settings
 from core.db import session_scope
 from core.models import PollState, QuarantinedItem, Scene
 from eo.security import HrefRefused
@@ -27,12 +28,12 @@ def utc(text: str) -> datetime:
 
 
 def stored_ids() -> list[str]:
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         return sorted(session.execute(select(Scene.item_id)).scalars())
 
 
 def state_of(collection: str) -> PollState | None:
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         return session.execute(select(PollState).where(PollState.collection == collection)).scalar_one_or_none()
 
 
@@ -117,7 +118,7 @@ def test_a_nan_item_is_quarantined_and_its_page_mates_stored(stac_collection, ma
     result = poll_all(cfg, now=utc("2020-08-30T12:00:00"))
     assert result.ok, result.polls[0].error
     assert result.total("items_seen") == 3 and result.total("new_scenes") == 2 and result.total("quarantined") == 1
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         (item_id, reason), = session.execute(select(QuarantinedItem.item_id, QuarantinedItem.reason)).all()
     assert item_id in ("S2A_34TER_20200804_0_L2A", "S2B_34TER_20200829_0_L2A", "S2B_34TER_20200730_0_L2A")
     assert "non-finite numbers" in reason and len(stored_ids()) == 2 and item_id not in stored_ids()

@@ -16,7 +16,7 @@ import pytest
 from rasterio.warp import transform_geom
 from shapely.geometry import box, mapping, shape
 
-from core.config import AnalysisSettings, Settings
+from core.config import AnalysisSettings, Settings, get_settings
 from core.db import session_scope
 from devtools import localstac
 from monitor.catalogues.items import parse_item
@@ -51,7 +51,7 @@ def world(db, granules):
 
 def _scene(world, folder: str, **item_args) -> int:
     item = item_for(_granule(folder), world["server"].url, **item_args)
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         cat_id = upsert_catalogue(session, world["catalogue"])
         parsed = parse_item(item, world["catalogue"])
         scene_id, _ = upsert_scene(session, cat_id, item["collection"], parsed, item)

@@ -175,12 +175,12 @@ def test_agreement_and_links():
 def test_hostile_area_names_and_model_text_are_escaped_and_kept_out_of_headers(db, configure):
     name = 'Apuseni <script>alert("x")</script>\r\nBcc: victim@evil.example'
     caption = '<img src=x onerror=alert(1)> clear-cut\r\nX-Injected: yes'
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         an = f.world(s, name=name, caption=caption, answers=[
             {"question": "<b>Is it a road?</b>", "answer": "<script>steal()</script> yes", "confidence": 0.7,
              "statistics": {"<i>px</i>": "<svg onload=alert(1)>", "statistic_answer": "yes"}},
         ])
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         report = load_analysis_report(s, an.id, get_settings().public_url)
     rendered = render_alert(report, "ana@example.org")
 
@@ -211,7 +211,7 @@ def test_hostile_area_names_and_model_text_are_escaped_and_kept_out_of_headers(d
 
 def test_sparse_analysis_renders_every_empty_state(db, configure):
     """No before scene, no thumbnails, no regions, no answers, an event, odd stats: nothing breaks."""
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         area = f.area(s, name="Sparse")
         after = f.scene(s, f.catalogue(s), datetime(2021, 3, 1, tzinfo=UTC), platform="landsat-9", cloud=None,
                          collection="landsat-c2-l2")
@@ -220,7 +220,7 @@ def test_sparse_analysis_renders_every_empty_state(db, configure):
         s.add(Finding(analysis_id=an.id, area_id=area.id, ordinal=9, kind="event", change_class="flood",
                       caption="Seasonal flood", confidence=0.4, statistics={}, analyser_name="unirs",
                       analyser_version="0.3.1", observed_at=after.acquired_at))
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         report = load_analysis_report(s, an.id, "https://maps.example.org/")
     rendered = render_alert(report, "ana@example.org")
     assert report.map_url.startswith("https://maps.example.org/?mlat=46.55000&mlon=23.15000#map=")
@@ -237,14 +237,14 @@ def test_sparse_analysis_renders_every_empty_state(db, configure):
 
 def test_each_recipient_gets_exactly_one_complete_email(db, smtp):
     recipients = ["ana@example.org", "bob@example.org"]
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         an = f.world(s, recipients=recipients)
         f.world(s, name="Quiet valley", min_ha=5.0,
                 regions=[(box(23.12, 46.52, 23.121, 46.521), "new_built_up_or_bare", 1.0)])
         f.world(s, name="Digest only", frequency="daily", recipients=["d@example.org"])
         f.world(s, name="Muted", frequency="off", recipients=["m@example.org"])
 
-    counts = run_deliveries()
+    counts = run_deliveries(get_settings())
     assert counts["alerts_queued"] == 2 and counts["sent"] == 3  # 2 alerts + the daily area's first digest
     alerts = [(rcpt, m) for rcpt, m in smtp.parsed() if m["X-UniRS-Delivery"].startswith("analysis:")]
     assert sorted(r for rcpt, _ in alerts for r in rcpt) == recipients
@@ -281,29 +281,29 @@ def test_each_recipient_gets_exactly_one_complete_email(db, smtp):
     assert {r["status"] for r in rows} == {"sent"}
     assert not [r for r in rows if r["delivery_key"].startswith("analysis:") and r["analysis_id"] != an.id]
 
-    again = run_deliveries()
+    again = run_deliveries(get_settings())
     assert again["sent"] == 0 and again["alerts_queued"] == 0 and len(smtp.messages) == 3
 
 
 def test_smtp_down_then_up_delivers_once(db, configure):
     port = free_port()  # nothing listens here yet
     configure(UNIRS_SMTP__HOST="127.0.0.1", UNIRS_SMTP__PORT=port, UNIRS_SMTP__TIMEOUT_SECONDS=5)
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         f.world(s, recipients=["ana@example.org"])
     t0 = datetime.now(UTC)
 
-    assert run_deliveries(now=t0)["retry"] == 1
+    assert run_deliveries(get_settings(), now=t0)["retry"] == 1
     (row,) = deliveries(db)
     assert row["status"] == "pending" and row["attempts"] == 1
     assert "unreachable" in row["last_error"] and "ConnectionRefused" in row["last_error"]
     assert timedelta(seconds=290) < row["next_attempt_at"] - t0 <= timedelta(seconds=301)  # backoff base 300 s
 
-    assert run_deliveries(now=t0 + timedelta(seconds=10))["retry"] == 0  # not due yet: not even tried
+    assert run_deliveries(get_settings(), now=t0 + timedelta(seconds=10))["retry"] == 0  # not due yet: not even tried
 
     controller, server = start_smtp(port)
     try:
-        assert run_deliveries(now=t0 + timedelta(seconds=301))["sent"] == 1
-        assert run_deliveries(now=t0 + timedelta(days=1))["sent"] == 0
+        assert run_deliveries(get_settings(), now=t0 + timedelta(seconds=301))["sent"] == 1
+        assert run_deliveries(get_settings(), now=t0 + timedelta(days=1))["sent"] == 0
         assert len(server.messages) == 1
     finally:
         controller.stop()
@@ -315,17 +315,17 @@ def test_5xx_is_permanent_4xx_is_retried_until_attempts_run_out(db, smtp, config
     configure(UNIRS_SMTP__MAX_ATTEMPTS=2)
     smtp.rcpt_replies = {"gone@example.org": "550 5.1.1 <gone@example.org>: no such user",
                          "busy@example.org": "451 4.3.0 mailbox busy, try later"}
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         f.world(s, recipients=["ana@example.org", "gone@example.org", "busy@example.org"])
     t0 = datetime.now(UTC)
-    counts = run_deliveries(now=t0)
+    counts = run_deliveries(get_settings(), now=t0)
     assert (counts["sent"], counts["failed"], counts["retry"]) == (1, 1, 1)
     rows = {r["recipient"]: r for r in deliveries(db)}
     assert rows["gone@example.org"]["status"] == "failed" and rows["gone@example.org"]["permanent_failure"]
     assert "550 5.1.1" in rows["gone@example.org"]["last_error"]
     assert rows["busy@example.org"]["status"] == "pending" and "451" in rows["busy@example.org"]["last_error"]
 
-    assert run_deliveries(now=t0 + timedelta(seconds=301))["failed"] == 1
+    assert run_deliveries(get_settings(), now=t0 + timedelta(seconds=301))["failed"] == 1
     busy = {r["recipient"]: r for r in deliveries(db)}["busy@example.org"]
     assert busy["status"] == "failed" and not busy["permanent_failure"] and busy["attempts"] == 2
     assert busy["last_error"].startswith("gave up after 2 attempts")
@@ -334,10 +334,10 @@ def test_5xx_is_permanent_4xx_is_retried_until_attempts_run_out(db, smtp, config
 
 def test_crash_after_the_server_accepted_never_sends_twice(db, smtp):
     """A worker process killed between SMTP acceptance and `mark_sent` (the one ambiguous window)."""
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         f.world(s, recipients=["ana@example.org"])
-    crash = "import os\nfrom monitor.reports import ledger, runner\n" \
-            "ledger.mark_sent = lambda *a, **k: os._exit(70)\nrunner.run_deliveries()\n"
+    crash = "import os\nfrom core.config import get_settings\nfrom monitor.reports import ledger, runner\n" \
+            "ledger.mark_sent = lambda *a, **k: os._exit(70)\nrunner.run_deliveries(get_settings())\n"
     proc = subprocess.run([sys.executable, "-c", crash], cwd=REPO, env=dict(os.environ), timeout=120,
                           capture_output=True, text=True)
     assert proc.returncode == 70, proc.stderr
@@ -345,29 +345,29 @@ def test_crash_after_the_server_accepted_never_sends_twice(db, smtp):
     (row,) = deliveries(db)
     assert row["status"] == "sending"
 
-    assert run_deliveries()["sent"] == 0  # the lease has not expired: the row is left alone
+    assert run_deliveries(get_settings())["sent"] == 0  # the lease has not expired: the row is left alone
     lease = get_settings().smtp.lease_seconds
-    counts = run_deliveries(now=datetime.now(UTC) + timedelta(seconds=lease + 1))
+    counts = run_deliveries(get_settings(), now=datetime.now(UTC) + timedelta(seconds=lease + 1))
     assert counts["recovered_unknown"] == 1 and counts["sent"] == 0
     (row,) = deliveries(db)
     assert row["status"] == "failed" and not row["permanent_failure"]
     assert row["last_error"].startswith("outcome unknown")
-    assert run_deliveries(now=datetime.now(UTC) + timedelta(days=2))["sent"] == 0
+    assert run_deliveries(get_settings(), now=datetime.now(UTC) + timedelta(days=2))["sent"] == 0
     assert len(smtp.messages) == 1
 
 
 def test_outbox_crashes_resolve_exactly_once(db, configure, tmp_path, monkeypatch):
     """With an outbox the outcome is knowable: claimed-but-not-written is resent, written is marked sent."""
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         an = f.world(s, recipients=["ana@example.org", "bob@example.org"])
     outbox = tmp_path / "outbox"
     t0 = datetime.now(UTC)
     lease = timedelta(seconds=get_settings().smtp.lease_seconds + 1)
 
     # ana: a worker claimed the row and died before writing anything.
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         assert create_immediate_deliveries(s, t0, get_settings()) == 2
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         ana_id = next(r["id"] for r in deliveries(db) if r["recipient"] == "ana@example.org")
         assert ledger.claim(s, ana_id, t0, get_settings().smtp.lease_seconds)
 
@@ -381,19 +381,19 @@ def test_outbox_crashes_resolve_exactly_once(db, configure, tmp_path, monkeypatc
     with monkeypatch.context() as m:
         m.setattr(ledger, "mark_sent", crash)
         with pytest.raises(Crash):
-            run_deliveries(now=t0)
+            run_deliveries(get_settings(), now=t0)
     bob_file = outbox / (ledger.message_id_for(f"analysis:{an.id}", "bob@example.org")[1:].split("@")[0] + ".eml")
     assert bob_file.exists() and len(list(outbox.glob("*.eml"))) == 1
     written = bob_file.stat().st_mtime_ns
 
-    counts = run_deliveries(now=t0 + lease)
+    counts = run_deliveries(get_settings(), now=t0 + lease)
     assert counts["recovered_sent"] == 1 and counts["recovered_pending"] == 1 and counts["sent"] == 1
     assert {r["status"] for r in deliveries(db)} == {"sent"}
     assert len(list(outbox.glob("*.eml"))) == 2 and bob_file.stat().st_mtime_ns == written
 
 
 def test_concurrent_runners_send_each_delivery_once(db, smtp):
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         for i in range(3):
             f.world(s, name=f"Forest {i}", recipients=["ana@example.org", "bob@example.org"])
     barrier = threading.Barrier(2)
@@ -401,7 +401,7 @@ def test_concurrent_runners_send_each_delivery_once(db, smtp):
 
     def worker():
         barrier.wait()
-        results.append(run_deliveries())
+        results.append(run_deliveries(get_settings()))
 
     threads = [threading.Thread(target=worker) for _ in range(2)]
     for t in threads:
@@ -419,7 +419,7 @@ def test_concurrent_runners_send_each_delivery_once(db, smtp):
 
 def test_daily_digest_aggregates_the_period_with_a_health_section(db, smtp):
     now = datetime.now(UTC)
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         area = f.area(s, name="Daily forest", frequency="daily", recipients=["ana@example.org", "bob@example.org"])
         cat = f.catalogue(s)
         scenes = [f.scene(s, cat, datetime(2020, 8, day, 9, 40, tzinfo=UTC)) for day in (4, 9, 14, 19)]
@@ -433,7 +433,7 @@ def test_daily_digest_aggregates_the_period_with_a_health_section(db, smtp):
         # An immediate area's analysis is not part of this digest.
         f.world(s, name="Elsewhere", recipients=["zed@example.org"])
 
-    counts = run_deliveries(now=now)
+    counts = run_deliveries(get_settings(), now=now)
     assert counts["digests_created"] == 1 and counts["digest_deliveries_queued"] == 2
     digests = [(rcpt, m) for rcpt, m in smtp.parsed() if m["X-UniRS-Delivery"].startswith("digest:")]
     assert sorted(rcpt[0] for rcpt, _ in digests) == ["ana@example.org", "bob@example.org"]
@@ -454,8 +454,8 @@ def test_daily_digest_aggregates_the_period_with_a_health_section(db, smtp):
         fc = json.loads(p["attachments"][0].get_content())
         assert len(fc["features"]) == 6
 
-    assert run_deliveries(now=now + timedelta(minutes=5))["digests_created"] == 0  # not due again yet
-    later = run_deliveries(now=now + timedelta(hours=25))
+    assert run_deliveries(get_settings(), now=now + timedelta(minutes=5))["digests_created"] == 0  # not due again yet
+    later = run_deliveries(get_settings(), now=now + timedelta(hours=25))
     assert later["digests_created"] == 1 and later["sent"] == 2
     _, quiet = smtp.parsed()[-1]
     assert "0 analyses" in quiet["Subject"] and "No analysis finished in this period" in parts_of(quiet)["html"]
@@ -465,10 +465,10 @@ def test_daily_digest_aggregates_the_period_with_a_health_section(db, smtp):
 
 
 def _outbox_run(db) -> list[Path]:
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         f.world(s, recipients=["ana@example.org"])
         f.world(s, name="Daily forest", frequency="daily", recipients=["ana@example.org"])
-    assert run_deliveries()["sent"] == 2
+    assert run_deliveries(get_settings())["sent"] == 2
     return sorted(get_settings().smtp.outbox_dir.glob("*.eml"))
 
 
@@ -508,14 +508,14 @@ def test_email_renders_in_headless_chromium(db, configure, tmp_path):
 def test_claim_lease_runs_from_the_claim_not_from_the_start_of_a_slow_run(db):
     """A batch that started long ago (slow SMTP) must not hand out leases that are already expired: a
     concurrent runner would settle the row as "outcome unknown" while it is still being sent."""
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         f.world(s, recipients=["ana@example.org"])
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         create_immediate_deliveries(s, datetime.now(UTC), get_settings())
     run_started = datetime.now(UTC) - timedelta(hours=1)
     (row,) = deliveries(db)
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         claim = ledger.claim(s, row["id"], run_started, get_settings().smtp.lease_seconds)
     assert claim is not None
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         assert ledger.stale_sending(s, datetime.now(UTC)) == []

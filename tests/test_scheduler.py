@@ -16,6 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from core.config import get_settings
 from monitor.locks import LEADER_LOCK, AdvisoryLock, libpq_url, lock_key
 from monitor.scheduler import Scheduler
 from tests.fixtures_ingest import inner_aoi, loopback_catalogue
@@ -90,7 +91,7 @@ def test_two_schedulers_one_leader_and_failover(db, tmp_path):
 
 def test_a_leader_that_loses_its_lock_connection_stops_and_stands_by(db, caplog):
     caplog.set_level(logging.INFO, logger="monitor")
-    scheduler = Scheduler(jobs=("pair",), retry_seconds=0.5, pair_interval_seconds=3600)
+    scheduler = Scheduler(get_settings(), jobs=("pair",), retry_seconds=0.5, pair_interval_seconds=3600)
     thread = threading.Thread(target=scheduler.run, daemon=True)
     thread.start()
     try:
@@ -113,7 +114,7 @@ def test_a_leader_that_loses_its_lock_connection_stops_and_stands_by(db, caplog)
 
 def test_unknown_jobs_are_refused():
     with pytest.raises(ValueError, match="unknown jobs"):
-        Scheduler(jobs=("poll", "coffee"))
+        Scheduler(get_settings(), jobs=("poll", "coffee"))
 
 
 def test_poll_once_cli(stac_collection, add_area, items_by_date, sample_footprint, db):

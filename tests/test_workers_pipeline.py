@@ -17,6 +17,7 @@ from rasterio.warp import transform_geom
 from shapely.geometry import mapping
 from sqlalchemy import select
 
+from core.config import get_settings
 from core.db import session_scope
 from core.models import Finding, FindingImage
 from devtools import localstac
@@ -86,7 +87,7 @@ def batch(database_url, worker_settings, cog_server, corrupt_cog_server, send_ta
 
 
 def findings_of(analysis_id: int) -> list[Finding]:
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         return list(session.execute(select(Finding).where(Finding.analysis_id == analysis_id)
                                     .order_by(Finding.ordinal)).scalars())
 
@@ -148,7 +149,7 @@ def test_change_pair_reports_vegetation_loss_matching_numpy(batch):
 
 def test_change_pair_writes_thumbnails_and_answers(batch):
     found = findings_of(batch["ids"]["change"])
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         images = {i.role: i for i in session.execute(
             select(FindingImage).where(FindingImage.finding_id == found[0].id)).scalars()}
     assert set(images) == {"before", "after", "overlay"}

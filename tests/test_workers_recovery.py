@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
+from core.config import get_settings
 from core.db import session_scope
 from core.models import Finding
 from monitor.dispatch import dispatch_once
@@ -20,14 +21,14 @@ from tests.fixtures_workers import (
 
 
 def _findings_by_kind(analysis_id: int) -> dict[str, int]:
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         rows = session.execute(select(Finding.kind, func.count()).where(Finding.analysis_id == analysis_id)
                                .group_by(Finding.kind)).all()
     return dict(rows)
 
 
 def _ordinals(analysis_id: int) -> list[int]:
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         return list(session.execute(select(Finding.ordinal).where(Finding.analysis_id == analysis_id)
                                     .order_by(Finding.ordinal)).scalars())
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
+from core.config import get_settings
 from core.db import session_scope
 from core.jobs import requested_analyser
 from core.models import Finding
@@ -86,7 +87,7 @@ def test_unirs_analyser_runs_end_to_end(db, worker_settings, cog_server, send_ta
     assert stats["event"] is not None
     assert worker.log().count("UniRS loaded from") == 1
 
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         found = list(session.execute(select(Finding).where(Finding.analysis_id == analysis_id)
                                      .order_by(Finding.ordinal)).scalars())
     summary = found[0]
@@ -124,7 +125,7 @@ def test_gpu_worker_without_weights_says_the_model_did_not_run(db, worker_settin
     row = run_until_terminal([analysis_id], scheduler_settings, send_task, workers=[worker])[analysis_id]
     assert (row["status"], row["analyser"], row["analyser_run"]) == ("done", "unirs+spectral@1", "spectral@1")
     assert any("asked for UniRS but this worker has no weights" in n for n in row["stats"]["notes"])
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         summary = session.execute(select(Finding).where(Finding.analysis_id == analysis_id,
                                                         Finding.kind == "summary")).scalar_one()
     assert (summary.analyser_name, summary.analyser_version) == ("spectral", "1")

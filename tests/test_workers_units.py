@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
 
-from core.config import AnalysisSettings, CatalogueSettings, Settings
+from core.config import AnalysisSettings, CatalogueSettings, Settings, get_settings
 from core.db import session_scope
 from eo.masks import dilate, qa_pixel_clear, scl_clear
 from eo.questions import (
@@ -181,7 +181,7 @@ class FakeBroker:
 
 
 def _expire_lease(analysis_id: int, attempts: int | None = None) -> None:
-    with session_scope() as session:
+    with session_scope(get_settings()) as session:
         session.execute(text("UPDATE analyses SET lease_expires_at = now() - interval '1 second', "
                              "attempts = coalesce(:attempts, attempts) WHERE id = :id"),
                         {"id": analysis_id, "attempts": attempts})
@@ -229,7 +229,7 @@ def test_heartbeat_extends_the_lease_and_notices_a_lost_one(rows):
     claim = leases.claim(analysis_id, "worker-a", settings)
 
     def lease_left() -> float:
-        with session_scope() as session:
+        with session_scope(get_settings()) as session:
             return session.execute(text("SELECT extract(epoch FROM lease_expires_at - now()) FROM analyses "
                                         "WHERE id = :id"), {"id": analysis_id}).scalar_one()
 

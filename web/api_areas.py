@@ -16,11 +16,12 @@ from shapely.geometry.polygon import orient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.config import Settings
 from core.models import Analysis, Area, AreaStatus, Observation, Scene, Unsubscribe
 from eo.questions import load_templates
 from monitor import areas as svc
 from monitor.geometry import AreaGeometryError, parse_areas
-from web.deps import Principal, db, owned, owned_area, principal
+from web.deps import Principal, db, owned, owned_area, principal, settings_of
 
 router = APIRouter(prefix="/api", tags=["areas"])
 
@@ -65,13 +66,15 @@ def list_areas(status: str | None = Query(None, pattern="^(active|paused)$"), wh
 @router.post("/areas", status_code=201)
 def create_areas(body: Any = Body(..., examples=[EXAMPLE]), name: str | None = None, union: bool = False,
                  fix: bool = False, keep_unknown_properties: bool = False, who: Principal = Depends(principal),
-                 session: Session = Depends(db)) -> dict[str, Any]:
+                 session: Session = Depends(db),
+                settings: Settings = Depends(settings_of)) -> dict[str, Any]:
     """Add area(s) from GeoJSON (Geometry, Feature, FeatureCollection: one area per feature, named by
     ``properties.name`` or ``?name=``). Properties set thresholds and recipients as in ``areas export``.
     Other properties are refused unless ``?keep_unknown_properties=true``. All or nothing."""
     try:
         parsed = parse_areas(json.dumps(body), union=union, fix=fix)
-        created = svc.add_areas(session, parsed, name, svc.AreaOptions(), keep_unknown=keep_unknown_properties,
+        created = svc.add_areas(session, parsed, name, svc.AreaOptions(), max_area_km2=settings.max_area_km2,
+                                keep_unknown=keep_unknown_properties,
                                 owner_id=who.user_id)
     except (svc.AreaError, AreaGeometryError) as exc:
         raise _refused(exc) from None
@@ -86,7 +89,8 @@ def get_area(area_id: int, who: Principal = Depends(principal), session: Session
 @router.patch("/areas/{area_id}")
 def update_area(area_id: int, body: dict[str, Any] = Body(..., examples=[{"properties": {"max_cloud_cover": 40}}]),
                 fix: bool = False, who: Principal = Depends(principal),
-                session: Session = Depends(db)) -> dict[str, Any]:
+                session: Session = Depends(db),
+                settings: Settings = Depends(settings_of)) -> dict[str, Any]:
     """Change an area: a Feature (or an object of properties) with any of name, geometry, thresholds,
     recipients, questions, alert_frequency, pairing_policy. Unset fields keep their value."""
     area = owned_area(session, who, area_id)
@@ -96,7 +100,8 @@ def update_area(area_id: int, body: dict[str, Any] = Body(..., examples=[{"prope
     try:
         svc.split_properties(props, "request")  # an unknown (misspelled) key is refused, as on import
         parsed = parse_areas(json.dumps(geometry), fix=fix)[0] if geometry is not None else None
-        svc.update_area(session, area, svc.AreaOptions.from_properties(props), geometry=parsed,
+        svc.update_area(session, area, svc.AreaOptions.from_properties(props), max_area_km2=settings.max_area_km2,
+                        geometry=parsed,
                         rename=props.get("name"))
     except (svc.AreaError, AreaGeometryError, TypeError) as exc:
         raise _refused(exc) from None
@@ -122,11 +127,12 @@ def resume(area_id: int, who: Principal = Depends(principal), session: Session =
 
 @router.put("/areas/{area_id}/recipients")
 def set_recipients(area_id: int, recipients: list[str] = Body(..., embed=True), who: Principal = Depends(principal),
-                   session: Session = Depends(db)) -> dict[str, Any]:
+                   session: Session = Depends(db),
+                settings: Settings = Depends(settings_of)) -> dict[str, Any]:
     """Replace the e-mail recipients (validated like ``--recipient``)."""
     area = owned_area(session, who, area_id)
     try:
-        svc.update_area(session, area, svc.AreaOptions(recipients=recipients))
+        svc.update_area(session, area, svc.AreaOptions(recipients=recipients), max_area_km2=settings.max_area_km2)
     except svc.AreaError as exc:
         raise _refused(exc) from None
     return area_feature(session, area)
@@ -134,11 +140,12 @@ def set_recipients(area_id: int, recipients: list[str] = Body(..., embed=True), 
 
 @router.put("/areas/{area_id}/questions")
 def set_questions(area_id: int, questions: list[str] = Body(..., embed=True), who: Principal = Depends(principal),
-                  session: Session = Depends(db)) -> dict[str, Any]:
+                  session: Session = Depends(db),
+                settings: Settings = Depends(settings_of)) -> dict[str, Any]:
     """Replace the question set (template ids of ``GET /api/questions``; empty = every template)."""
     area = owned_area(session, who, area_id)
     try:
-        svc.update_area(session, area, svc.AreaOptions(questions=questions))
+        svc.update_area(session, area, svc.AreaOptions(questions=questions), max_area_km2=settings.max_area_km2)
     except svc.AreaError as exc:
         raise _refused(exc) from None
     return area_feature(session, area)

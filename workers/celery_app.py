@@ -29,24 +29,22 @@ Reliability (design notes §3.6), all settings below:
 from __future__ import annotations
 
 import logging
-import os
 
 from celery import Celery, signals
 
-from core.config import get_settings
+from core.config import Settings, get_settings
 from core.jobs import QUEUES, TASK_NAME
 from workers.leases import MAX_RUN_SECONDS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QUEUES", "TASK_NAME", "app", "make_app"]
+__all__ = ["QUEUES", "TASK_NAME", "app", "make_app", "settings"]
 #: Hard limit of one analysis (prefork pool only; solo cannot enforce it — the heartbeat stops extending
 #: the lease after the same time, so a stuck GPU worker's analysis is still recovered).
 TASK_TIME_LIMIT = MAX_RUN_SECONDS
 
 
-def make_app() -> Celery:
-    settings = get_settings()
+def make_app(settings: Settings) -> Celery:
     app = Celery("unirs", broker=settings.broker_url, backend=settings.result_backend, include=["workers.tasks"])
     visibility_timeout = max(2 * TASK_TIME_LIMIT, 4 * settings.analysis.lease_seconds)
     app.conf.update(
@@ -71,7 +69,9 @@ def make_app() -> Celery:
     return app
 
 
-app = make_app()
+#: The worker program's entry point reads the settings here, once; tasks hand them down (workers/tasks.py).
+settings = get_settings()
+app = make_app(settings)
 
 
 @signals.setup_logging.connect
@@ -79,7 +79,6 @@ def _setup_logging(**_: object) -> None:
     # One logging format for the whole service (core/logging.py), JSON when configured.
     from core.logging import setup_logging
 
-    settings = get_settings()
     setup_logging(settings.log_level, settings.log_format)
 
 
@@ -89,7 +88,6 @@ def _init_process(**_: object) -> None:
     from core.db import reset_engines
 
     reset_engines()
-    settings = get_settings()
     if settings.model.weights_path is None or not _consumes_gpu_queue():
         return
     from workers import unirs
@@ -100,9 +98,8 @@ def _init_process(**_: object) -> None:
 def _consumes_gpu_queue() -> bool:
     # Workers started with --queues cpu never load the model (a CPU worker with configured weights would
     # otherwise hold a model it never uses).
-    queues = os.environ.get("UNIRS_WORKER_QUEUES")
-    if queues:
-        return "gpu" in queues.split(",")
+    if settings.worker_queues:
+        return "gpu" in settings.worker_queues.split(",")
     try:
         consumed = app.amqp.queues.consume_from
     except AttributeError:

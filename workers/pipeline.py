@@ -31,7 +31,7 @@ from geoalchemy2.shape import to_shape
 from shapely.geometry.base import BaseGeometry
 from sqlalchemy import select
 
-from core.config import Settings, get_settings
+from core.config import Settings
 from core.db import session_scope
 from core.jobs import AnalyserSpec
 from core.models import Analysis, AnalysisStatus, Observation, ObservationStatus, Scene
@@ -82,7 +82,7 @@ def _scene_ref(session: Any, scene: Scene, settings: Settings) -> SceneRef:
 
 
 def load_context(analysis_id: int, settings: Settings) -> AnalysisContext:
-    with session_scope() as session:
+    with session_scope(settings) as session:
         analysis = session.get(Analysis, analysis_id)
         if analysis is None:
             raise PermanentFailure(f"analysis {analysis_id} disappeared")
@@ -108,9 +108,8 @@ def _test_delay(heartbeat: leases.Heartbeat) -> None:
         time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
 
-def run_analysis(analysis_id: int, worker: str, settings: Settings | None = None) -> str:
+def run_analysis(analysis_id: int, worker: str, settings: Settings) -> str:
     """Claim and run one analysis; returns its final status or why nothing was done."""
-    settings = settings or get_settings()
     claim = leases.claim(analysis_id, worker, settings)
     if claim is None:
         return "not claimed"
@@ -234,7 +233,7 @@ def sequence_frames(ctx: AnalysisContext, pair: PreparedPair, settings: Settings
     """RGB renders of the last ``video_frames`` clear acquisitions of the area (before and after included), on
     the thumbnail grid (full resolution up to 1024 px a side, decimated above)."""
     limit = max(2, settings.analysis.video_frames)
-    with session_scope() as session:
+    with session_scope(settings) as session:
         scenes = session.execute(
             select(Scene)
             .join(Observation, Observation.scene_id == Scene.id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from workers.celery_app import TASK_NAME, app
+from workers.celery_app import TASK_NAME, app, settings
 
 
 @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -13,4 +13,4 @@ def analyse(self, analysis_id: int) -> str:
     from workers.pipeline import run_analysis
 
     worker = f"{self.request.hostname or 'worker'} pid {os.getpid()}"
-    return run_analysis(int(analysis_id), worker)
+    return run_analysis(int(analysis_id), worker, settings)

@@ -16,7 +16,7 @@ from typing import Any
 
 from geoalchemy2.shape import to_shape
 
-from core.config import Settings, get_settings
+from core.config import Settings
 from core.db import session_scope
 from monitor.areas import get_area
 from monitor.catalogues.client import make_search, open_client
@@ -41,12 +41,11 @@ class BackfillSummary:
     errors: list[str] = field(default_factory=list)
 
 
-def backfill_area(area_ref: str, since: datetime, until: datetime | None = None, *, settings: Settings | None = None,
+def backfill_area(area_ref: str, since: datetime, until: datetime | None = None, *, settings: Settings,
                   progress: ProgressFactory | None = None) -> BackfillSummary:
-    settings = settings or get_settings()
     until = (until or datetime.now(UTC)).astimezone(UTC)
     since = since.astimezone(UTC) if since.tzinfo else since.replace(tzinfo=UTC)
-    with session_scope() as session:
+    with session_scope(settings) as session:
         area = get_area(session, area_ref)
         name, area_id = area.name, area.id
         geom, max_cloud = to_shape(area.geom), float(area.max_cloud_cover)
@@ -59,7 +58,7 @@ def backfill_area(area_ref: str, since: datetime, until: datetime | None = None,
         wanted = [c for c in catalogue.collections if c in collections]
         if not wanted:
             continue
-        with session_scope() as session:
+        with session_scope(settings) as session:
             catalogue_id = upsert_catalogue(session, catalogue)
         try:
             client = open_client(catalogue, settings.poll)
@@ -74,7 +73,7 @@ def backfill_area(area_ref: str, since: datetime, until: datetime | None = None,
                 total = make_search(client, **search_args).matched() if progress else None
                 bar = progress(f"{catalogue.name}/{collection}", total) if progress else None
                 summary.observations_created += search_and_ingest(
-                    client, catalogue, catalogue_id, collection, group, since, until, catalogue.page_size,
+                    settings, client, catalogue, catalogue_id, collection, group, since, until, catalogue.page_size,
                     summary.ingest, progress=bar)
             except Exception as exc:  # report and go on with the other collections
                 summary.errors.append(f"{catalogue.name}/{collection}: {exc.__class__.__name__}: {exc}")

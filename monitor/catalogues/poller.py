@@ -26,7 +26,7 @@ from sqlalchemy import any_, func, literal, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from core.config import CatalogueSettings, Settings, get_settings
+from core.config import CatalogueSettings, Settings
 from core.db import session_scope
 from core.models import Area, AreaStatus, PollState, Scene
 from monitor.catalogues.client import open_client, search_pages
@@ -92,10 +92,9 @@ class RequestCounter:
             self.searches += 1
 
 
-def poll_all(settings: Settings | None = None, *, now: datetime | None = None,
+def poll_all(settings: Settings, *, now: datetime | None = None,
              catalogues: Iterable[str] | None = None) -> PollSummary:
     """Poll every configured catalogue (or the named ones) once. Never raises for a catalogue failure."""
-    settings = settings or get_settings()
     summary = PollSummary()
     deadline = time.monotonic() + settings.poll.deadline_seconds
     wanted = set(catalogues) if catalogues is not None else None
@@ -117,7 +116,7 @@ def poll_catalogue(catalogue: CatalogueSettings, settings: Settings, *, now: dat
     """Poll one catalogue's collections; ``deadline`` (``time.monotonic()``) defaults to now + the setting."""
     now = (now or datetime.now(UTC)).astimezone(UTC)
     deadline = deadline if deadline is not None else time.monotonic() + settings.poll.deadline_seconds
-    with session_scope() as session:
+    with session_scope(settings) as session:
         catalogue_id = upsert_catalogue(session, catalogue)
         work = {c: _active_areas(session, c) for c in catalogue.collections}
         cursors = {c: _cursor(session, catalogue_id, c) for c in catalogue.collections}
@@ -134,7 +133,7 @@ def poll_catalogue(catalogue: CatalogueSettings, settings: Settings, *, now: dat
         error = f"cannot open {catalogue.url}: {_describe(exc)}"
         logger.error("catalogue %s: %s", catalogue.name, error)
         for collection in work:
-            _record_failure(catalogue_id, collection, now, error)
+            _record_failure(settings, catalogue_id, collection, now, error)
             results.append(CollectionPoll(catalogue.name, collection, ok=False, error=error,
                                           http_requests=counter.total))
         return results
@@ -150,6 +149,7 @@ def poll_catalogue(catalogue: CatalogueSettings, settings: Settings, *, now: dat
 
 
 def search_and_ingest(
+    settings: Settings,
     client: Any,
     catalogue: CatalogueSettings,
     catalogue_id: int,
@@ -171,7 +171,7 @@ def search_and_ingest(
     pages = search_pages(client, collection=collection, intersects=group.geometry, start=start, end=end,
                          max_cloud_cover=group.max_cloud_cover, page_size=page_size)
     for batch in pages:  # one transaction per page: what was read is kept even if a later page fails
-        with session_scope() as session:
+        with session_scope(settings) as session:
             batch_stats = ingest_items(session, catalogue, catalogue_id, collection, batch)
             scene_ids = _scene_ids_for(session, catalogue_id, batch_stats)
             created = create_observations(session, group.area_ids, scene_ids)
@@ -195,16 +195,16 @@ def _poll_collection(client: Any, catalogue: CatalogueSettings, catalogue_id: in
                 len(groups), start.isoformat(), now.isoformat())
     try:
         for group in groups:
-            result.observations_created += search_and_ingest(client, catalogue, catalogue_id, collection, group,
-                                                             start, now, catalogue.page_size, result.stats)
+            result.observations_created += search_and_ingest(settings, client, catalogue, catalogue_id, collection,
+                                                             group, start, now, catalogue.page_size, result.stats)
     except Exception as exc:  # API errors, timeouts, DB errors: record, keep the cursor, try next poll
         result.ok = False
         result.error = _describe(exc)
         logger.error("poll of %s/%s failed after %d items; cursor kept: %s", catalogue.name, collection,
                      result.stats.items_seen, result.error)
-        _record_failure(catalogue_id, collection, now, result.error, result.stats.items_seen)
+        _record_failure(settings, catalogue_id, collection, now, result.error, result.stats.items_seen)
     else:
-        _record_success(catalogue_id, collection, now, result.stats.items_seen)
+        _record_success(settings, catalogue_id, collection, now, result.stats.items_seen)
         logger.info("polled %s/%s: %d items, %d new scenes, %d upgraded, %d quarantined, %d new observations",
                     catalogue.name, collection, result.stats.items_seen, result.stats.new_scenes,
                     result.stats.upgraded_scenes, result.stats.quarantined, result.observations_created)
@@ -273,8 +273,8 @@ def _cursor(session: Session, catalogue_id: int, collection: str) -> datetime | 
     ).scalar_one_or_none()
 
 
-def _record_success(catalogue_id: int, collection: str, now: datetime, items_seen: int) -> None:
-    with session_scope() as session:
+def _record_success(settings: Settings, catalogue_id: int, collection: str, now: datetime, items_seen: int) -> None:
+    with session_scope(settings) as session:
         stmt = insert(PollState).values(
             catalogue_id=catalogue_id, collection=collection, cursor=now, last_attempt_at=func.now(),
             last_success_at=func.now(), last_error=None, items_seen=items_seen,
@@ -294,8 +294,9 @@ def _record_success(catalogue_id: int, collection: str, now: datetime, items_see
         session.execute(stmt)
 
 
-def _record_failure(catalogue_id: int, collection: str, now: datetime, error: str, items_seen: int = 0) -> None:
-    with session_scope() as session:
+def _record_failure(settings: Settings, catalogue_id: int, collection: str, now: datetime, error: str,
+                    items_seen: int = 0) -> None:
+    with session_scope(settings) as session:
         stmt = insert(PollState).values(
             catalogue_id=catalogue_id, collection=collection, cursor=None, last_attempt_at=func.now(),
             last_error=error[:4000], items_seen=items_seen,

@@ -16,7 +16,6 @@ from typing import Any
 
 import jinja2
 
-from core.config import get_settings
 from eo.change_classes import format_hectares
 from monitor.reports.context import AnalysisReport, InlineImage, confidence_tier
 from monitor.reports.sanitize import header_text, slug
@@ -81,12 +80,8 @@ def environment(templates_dir: Path | None = None) -> jinja2.Environment:
     return env
 
 
-def _env() -> jinja2.Environment:
-    return environment(get_settings().reports.templates_dir)
-
-
-def _render(name: str, context: dict[str, Any]) -> RenderedEmail:
-    env = _env()
+def _render(name: str, context: dict[str, Any], templates_dir: Path | None) -> RenderedEmail:
+    env = environment(templates_dir)
     subject = header_text(env.get_template(f"{name}_subject.txt").render(**context))
     context = {**context, "subject": subject}
     return RenderedEmail(
@@ -101,9 +96,10 @@ def _geojson(features: list[dict[str, Any]], filename: str) -> Attachment:
     return Attachment(filename, "application", "geo+json", body.encode("utf-8"))
 
 
-def render_alert(report: AnalysisReport, recipient: str) -> RenderedEmail:
-    """The immediate alert about one analysis, for one recipient."""
-    email = _render("alert", {"r": report, "recipient": recipient})
+def render_alert(report: AnalysisReport, recipient: str, *, templates_dir: Path | None = None) -> RenderedEmail:
+    """The immediate alert about one analysis, for one recipient (``templates_dir``: the setting
+    ``reports.templates_dir``; None = the bundled ``templates/``)."""
+    email = _render("alert", {"r": report, "recipient": recipient}, templates_dir)
     email.images = list(report.images)
     email.attachments.append(_geojson(
         report.regions_geojson["features"], f"changes-{slug(report.area_name)}-analysis-{report.analysis_id}.geojson"
@@ -111,9 +107,9 @@ def render_alert(report: AnalysisReport, recipient: str) -> RenderedEmail:
     return email
 
 
-def render_digest(digest: Any, recipient: str) -> RenderedEmail:
+def render_digest(digest: Any, recipient: str, *, templates_dir: Path | None = None) -> RenderedEmail:
     """The daily digest of one area (a :class:`monitor.reports.digest.DigestReport`), for one recipient."""
-    email = _render("digest", {"d": digest, "recipient": recipient})
+    email = _render("digest", {"d": digest, "recipient": recipient}, templates_dir)
     email.images = [img for report in digest.detailed for img in report.images]
     features = [f for report in digest.analyses for f in report.regions_geojson["features"]]
     email.attachments.append(_geojson(features, f"changes-{slug(digest.area_name)}-digest-{digest.digest_id}.geojson"))

@@ -14,7 +14,7 @@ from email.message import EmailMessage
 
 from sqlalchemy.orm import Session
 
-from core.config import Settings, get_settings
+from core.config import Settings
 from core.db import session_scope
 from core.models import Delivery, DeliveryStatus
 from monitor.reports import ledger
@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 def render_delivery(session: Session, delivery: Delivery, settings: Settings) -> RenderedEmail:
     if delivery.analysis_id is not None:
         report = load_analysis_report(session, delivery.analysis_id, settings.public_url)
-        return render_alert(report, delivery.recipient)
+        return render_alert(report, delivery.recipient, templates_dir=settings.reports.templates_dir)
     if delivery.digest_id is not None:
-        return render_digest(load_digest_report(session, delivery.digest_id, settings), delivery.recipient)
+        return render_digest(load_digest_report(session, delivery.digest_id, settings), delivery.recipient,
+                             templates_dir=settings.reports.templates_dir)
     raise LookupError(f"delivery {delivery.id} ({delivery.delivery_key}) has neither an analysis nor a digest")
 
 
@@ -51,7 +52,7 @@ def prepare_message(session: Session, delivery_id: int, settings: Settings, now:
 
 def recover_stale(transport: Transport, now: datetime, settings: Settings) -> Counter[str]:
     counts: Counter[str] = Counter()
-    with session_scope() as session:
+    with session_scope(settings) as session:
         for stale in ledger.stale_sending(session, now):
             delivered = transport.was_delivered(stale.message_id)
             outcome = ledger.resolve_stale(session, stale, delivered, now, settings.smtp)
@@ -61,7 +62,7 @@ def recover_stale(transport: Transport, now: datetime, settings: Settings) -> Co
 
 def _render_failed(delivery_id: int, exc: Exception, now: datetime, settings: Settings) -> str:
     log.exception("delivery %s: could not render the message", delivery_id)
-    with session_scope() as session:
+    with session_scope(settings) as session:
         delivery = session.get(Delivery, delivery_id)
         if delivery is None:  # deleted with its analysis or area meanwhile
             return "skipped"
@@ -74,11 +75,11 @@ def _render_failed(delivery_id: int, exc: Exception, now: datetime, settings: Se
 
 def send_due(transport: Transport, now: datetime, settings: Settings, limit: int) -> Counter[str]:
     counts: Counter[str] = Counter()
-    with session_scope() as session:
+    with session_scope(settings) as session:
         ids = ledger.due_ids(session, now, limit)
     for delivery_id in ids:
         try:
-            with session_scope() as session:
+            with session_scope(settings) as session:
                 message = prepare_message(session, delivery_id, settings, now)
         except Exception as exc:
             counts[_render_failed(delivery_id, exc, now, settings)] += 1
@@ -86,7 +87,7 @@ def send_due(transport: Transport, now: datetime, settings: Settings, limit: int
         if message is None:
             counts["skipped"] += 1
             continue
-        with session_scope() as session:
+        with session_scope(settings) as session:
             claim = ledger.claim(session, delivery_id, now, settings.smtp.lease_seconds)
         if claim is None:  # another runner took it between our read and our claim
             counts["skipped"] += 1
@@ -94,7 +95,7 @@ def send_due(transport: Transport, now: datetime, settings: Settings, limit: int
         try:
             transport.send(message, claim.recipient)
         except DeliveryError as exc:
-            with session_scope() as session:
+            with session_scope(settings) as session:
                 status = ledger.record_failure(session, claim.id, claim.attempts, exc.reason, exc.permanent, now,
                                                settings.smtp)
             counts["failed" if status == "failed" else "retry"] += 1
@@ -104,7 +105,7 @@ def send_due(transport: Transport, now: datetime, settings: Settings, limit: int
                 log.warning("%s unavailable; leaving the remaining deliveries for the next run", transport.name)
                 break
             continue
-        with session_scope() as session:
+        with session_scope(settings) as session:
             ledger.mark_sent(session, claim.id, datetime.now(UTC))
         counts["sent"] += 1
         log.info("delivery %s (%s) sent to %s via %s as %s", claim.id, claim.delivery_key, claim.recipient,
@@ -112,15 +113,14 @@ def send_due(transport: Transport, now: datetime, settings: Settings, limit: int
     return counts
 
 
-def run_deliveries(settings: Settings | None = None, *, now: datetime | None = None,
+def run_deliveries(settings: Settings, *, now: datetime | None = None,
                    limit: int = 200) -> dict[str, int]:
     """Queue what is due, then send it. Returns counts of what happened (for logs, metrics and tests)."""
-    settings = settings or get_settings()
     now = now or datetime.now(UTC)
     counts: Counter[str] = Counter()
-    with session_scope() as session:
+    with session_scope(settings) as session:
         counts["alerts_queued"] = create_immediate_deliveries(session, now, settings)
-    with session_scope() as session:
+    with session_scope(settings) as session:
         counts["digests_created"], counts["digest_deliveries_queued"] = create_due_digests(session, now, settings)
     transport = make_transport(settings.smtp)
     try:

@@ -6,7 +6,6 @@ import json
 
 import click
 
-from core.config import get_settings
 from core.db import session_scope
 from monitor.reports import ledger
 
@@ -27,7 +26,7 @@ def deliveries() -> None:
 @click.option("--json", "as_json", is_flag=True, help="JSON array instead of lines.")
 def list_cmd(unknown_only: bool, limit: int, as_json: bool) -> None:
     """List failed deliveries (oldest first): id, kind, recipient, what it was about, the error."""
-    with session_scope(get_settings()) as session:
+    with session_scope(click.get_current_context().find_root().obj) as session:
         rows = ledger.problems(session, unknown_only=unknown_only, limit=limit)
     if as_json:
         click.echo(json.dumps([{**r.__dict__, "created_at": r.created_at.isoformat()} for r in rows], indent=2))
@@ -44,7 +43,7 @@ def list_cmd(unknown_only: bool, limit: int, as_json: bool) -> None:
 @click.argument("delivery_id", type=int)
 def requeue_cmd(delivery_id: int) -> None:
     """Send failed delivery DELIVERY_ID again (same Message-ID, so a mail archive can deduplicate it)."""
-    with session_scope(get_settings()) as session:
+    with session_scope(click.get_current_context().find_root().obj) as session:
         if not ledger.requeue(session, delivery_id):
             raise click.ClickException(
                 f"delivery {delivery_id} is not failed (or does not exist); see `unirs-monitor deliveries list`")

@@ -18,7 +18,7 @@ import urllib.request
 
 import click
 
-from core.config import Settings, get_settings
+from core.config import Settings
 
 TIMEOUT_SECONDS = 5.0
 
@@ -111,7 +111,7 @@ def health() -> None:
 @health.command("scheduler")
 def health_scheduler() -> None:
     """Database + schema reachable, a leader running, this process's metrics answering (if served)."""
-    _report(lambda: scheduler_health(get_settings()))
+    _report(lambda: scheduler_health(click.get_current_context().find_root().obj))
 
 
 @health.command("worker")
@@ -120,4 +120,4 @@ def health_scheduler() -> None:
 @click.option("--require-cuda", is_flag=True, help="Also require a visible CUDA device (GPU workers).")
 def health_worker(hostname: str | None, require_cuda: bool) -> None:
     """The Celery worker on this host answers a ping over the broker."""
-    _report(lambda: worker_health(get_settings(), hostname, require_cuda))
+    _report(lambda: worker_health(click.get_current_context().find_root().obj, hostname, require_cuda))

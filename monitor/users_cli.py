@@ -30,7 +30,7 @@ def users() -> None:
 def add_cmd(email: str, name: str | None, admin: bool, password: bool) -> None:
     """Create the account EMAIL."""
     try:
-        with session_scope() as session:
+        with session_scope(click.get_current_context().find_root().obj) as session:
             user = accounts.create_user(session, email, name=name, password=_password(password), admin=admin)
             click.echo(f"user {user.id} {user.email}{' (admin)' if admin else ''} created")
     except accounts.AccountError as exc:
@@ -42,7 +42,7 @@ def add_cmd(email: str, name: str | None, admin: bool, password: bool) -> None:
 def passwd_cmd(email: str) -> None:
     """Set the browser-login password of EMAIL."""
     try:
-        with session_scope() as session:
+        with session_scope(click.get_current_context().find_root().obj) as session:
             user = accounts.get_user(session, email)
             if user is None:
                 raise accounts.AccountError(f"no user {email}")
@@ -60,7 +60,7 @@ def passwd_cmd(email: str) -> None:
 def token_cmd(email: str, name: str, scopes: tuple[str, ...]) -> None:
     """Issue an API token for EMAIL and print it (shown this once; only its hash is stored)."""
     try:
-        with session_scope() as session:
+        with session_scope(click.get_current_context().find_root().obj) as session:
             user = accounts.get_user(session, email)
             if user is None:
                 raise accounts.AccountError(f"no user {email} (create it with `unirs-monitor users add`)")
@@ -73,7 +73,7 @@ def token_cmd(email: str, name: str, scopes: tuple[str, ...]) -> None:
 @click.argument("prefix")
 def revoke_cmd(prefix: str) -> None:
     """Revoke the token whose prefix (the part after `unirs_`) is PREFIX."""
-    with session_scope() as session:
+    with session_scope(click.get_current_context().find_root().obj) as session:
         if not accounts.revoke_token(session, prefix):
             raise click.ClickException(f"no active token with prefix {prefix!r}")
     click.echo("token revoked")
@@ -82,7 +82,7 @@ def revoke_cmd(prefix: str) -> None:
 @users.command("list")
 def list_cmd() -> None:
     """Accounts with their number of areas and active tokens."""
-    with session_scope() as session:
+    with session_scope(click.get_current_context().find_root().obj) as session:
         n_areas = select(func.count()).where(Area.owner_id == User.id).correlate(User).scalar_subquery()
         n_tokens = (select(func.count()).where(ApiToken.user_id == User.id, ApiToken.revoked_at.is_(None))
                     .correlate(User).scalar_subquery())

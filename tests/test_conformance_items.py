@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from core.config import CatalogueSettings
+from core.config import CatalogueSettings, get_settings
 from core.db import session_scope
 from core.models import Acquisition, Scene
 from monitor.catalogues import ingest_items, parse_item, upsert_catalogue
@@ -85,12 +85,12 @@ def test_earth_search_v1_and_c1_are_versions_of_one_granule_and_c1_wins(db):
     v1, c1 = load("S2B_24MVV_20250731_0_L2A"), load("S2B_T24MVV_20250731T130245_L2A")
     neighbour = load("S2B_24MWV_20250731_0_L2A")
     for order in ([v1, c1, neighbour], [c1, v1, neighbour]):
-        with session_scope() as session:
+        with session_scope(get_settings()) as session:
             session.execute(Scene.__table__.delete())
             cat = upsert_catalogue(session, PUBLIC)
             for item in order:
                 ingest_items(session, PUBLIC, cat, item["collection"], [item])
-        with session_scope() as session:
+        with session_scope(get_settings()) as session:
             rows = session.execute(select(Scene.item_id, Scene.profile, Scene.assets["red"]["radiometry"]["rule"])
                                    .order_by(Scene.tile)).all()
             acquisitions = session.execute(select(func.count()).select_from(Acquisition)).scalar_one()

@@ -21,9 +21,10 @@ from monitor.reports import run_deliveries
 from tests import factories as f
 from tests.test_reports import REPO, configure, deliveries, parts_of, smtp  # noqa: F401 — fixtures
 
-CRASH = ("import os, sys\nfrom datetime import datetime\nfrom monitor.reports import ledger, runner\n"
+CRASH = ("import os, sys\nfrom datetime import datetime\nfrom core.config import get_settings\n"
+         "from monitor.reports import ledger, runner\n"
          "ledger.mark_sent = lambda *a, **k: os._exit(70)\n"
-         "runner.run_deliveries(now=datetime.fromisoformat(sys.argv[1]))\n")
+         "runner.run_deliveries(get_settings(), now=datetime.fromisoformat(sys.argv[1]))\n")
 
 
 def run(*args: str):
@@ -32,13 +33,13 @@ def run(*args: str):
 
 def metric(name: str, kind: str) -> float:
     prefix = f'{name}{{kind="{kind}"}} '
-    line = next(line for line in exposition().decode().splitlines() if line.startswith(prefix))
+    line = next(line for line in exposition(get_settings()).decode().splitlines() if line.startswith(prefix))
     return float(line.removeprefix(prefix))
 
 
 def test_an_unknown_outcome_is_listed_counted_named_in_the_digest_and_requeued(db, smtp):  # noqa: F811
     now = datetime.now(UTC)
-    with session_scope() as s:
+    with session_scope(get_settings()) as s:
         area = f.area(s, name="Daily forest", frequency="daily", recipients=["ana@example.org"])
         cat = f.catalogue(s)
         scenes = [f.scene(s, cat, datetime(2020, 8, day, 9, 40, tzinfo=UTC)) for day in (4, 9)]
@@ -53,7 +54,7 @@ def test_an_unknown_outcome_is_listed_counted_named_in_the_digest_and_requeued(d
     assert len(smtp.messages) == 1
     lease = get_settings().smtp.lease_seconds
     # (the claim lease runs from the real clock at the claim, a little after `now`)
-    assert run_deliveries(now=now + timedelta(seconds=lease + 300))["recovered_unknown"] == 1
+    assert run_deliveries(get_settings(), now=now + timedelta(seconds=lease + 300))["recovered_unknown"] == 1
     (row,) = deliveries(db)
     assert row["status"] == "failed" and row["last_error"].startswith("outcome unknown")
 
@@ -68,7 +69,7 @@ def test_an_unknown_outcome_is_listed_counted_named_in_the_digest_and_requeued(d
     assert metric("unirs_email_deliveries_needing_attention", "failed") == 0.0
 
     # The next digest of the area says which email may not have arrived and what to do.
-    later = run_deliveries(now=now + timedelta(hours=25))
+    later = run_deliveries(get_settings(), now=now + timedelta(hours=25))
     assert later["digests_created"] == 1 and later["sent"] == 1
     _, digest = smtp.parsed()[-1]
     assert "(attention needed)" in digest["Subject"]
@@ -81,7 +82,7 @@ def test_an_unknown_outcome_is_listed_counted_named_in_the_digest_and_requeued(d
     assert run("deliveries", "requeue", str(row["id"])).exit_code == 0
     again = run("deliveries", "requeue", str(row["id"]))
     assert again.exit_code != 0 and "is not failed" in again.output
-    assert run_deliveries(now=now + timedelta(hours=25, minutes=1))["sent"] == 1
+    assert run_deliveries(get_settings(), now=now + timedelta(hours=25, minutes=1))["sent"] == 1
     first, resent = smtp.parsed()[0][1], smtp.parsed()[-1][1]
     assert resent["Message-ID"] == first["Message-ID"]
     assert metric("unirs_email_deliveries_needing_attention", "outcome_unknown") == 0.0

@@ -72,7 +72,7 @@ def create_areas(body: Any = Body(..., examples=[EXAMPLE]), name: str | None = N
     ``properties.name`` or ``?name=``). Properties set thresholds and recipients as in ``areas export``.
     Other properties are refused unless ``?keep_unknown_properties=true``. All or nothing."""
     try:
-        parsed = parse_areas(json.dumps(body), union=union, fix=fix)
+        parsed = parse_areas(json.dumps(body), union=union, fix=fix, max_vertices=settings.max_area_vertices)
         created = svc.add_areas(session, parsed, name, svc.AreaOptions(), max_area_km2=settings.max_area_km2,
                                 keep_unknown=keep_unknown_properties,
                                 owner_id=who.user_id)
@@ -99,7 +99,8 @@ def update_area(area_id: int, body: dict[str, Any] = Body(..., examples=[{"prope
     geometry = body.get("geometry") if body.get("type") == "Feature" else props.pop("geometry", None)
     try:
         svc.split_properties(props, "request")  # an unknown (misspelled) key is refused, as on import
-        parsed = parse_areas(json.dumps(geometry), fix=fix)[0] if geometry is not None else None
+        parsed = (parse_areas(json.dumps(geometry), fix=fix, max_vertices=settings.max_area_vertices)[0]
+                  if geometry is not None else None)
         svc.update_area(session, area, svc.AreaOptions.from_properties(props), max_area_km2=settings.max_area_km2,
                         geometry=parsed,
                         rename=props.get("name"))

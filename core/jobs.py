@@ -33,11 +33,11 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import bindparam, text
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Session
 
 from core.config import Settings
-from core.models import AnalysisStatus
+from core.models import Analysis, AnalysisStatus
 
 #: Celery task name of one analysis (messages carry the analysis id only).
 TASK_NAME = "unirs.analyse"
@@ -138,10 +138,6 @@ def create_pending(session: Session, *, idempotency_key: str, area_id: int, afte
                    pair_reason: str | None) -> int | None:
     """Insert a ``pending`` analysis (the outbox row) unless one with this idempotency key exists; returns
     the new id, or None for a duplicate. ``analyser`` is stored in its request form."""
-    from sqlalchemy.dialects.postgresql import insert
-
-    from core.models import Analysis
-
     return session.execute(
         insert(Analysis)
         .values(idempotency_key=idempotency_key, area_id=area_id, after_scene_id=after_scene_id,

@@ -66,8 +66,7 @@ def list_areas(status: str | None = Query(None, pattern="^(active|paused)$"), wh
 @router.post("/areas", status_code=201)
 def create_areas(body: Any = Body(..., examples=[EXAMPLE]), name: str | None = None, union: bool = False,
                  fix: bool = False, keep_unknown_properties: bool = False, who: Principal = Depends(principal),
-                 session: Session = Depends(db),
-                settings: Settings = Depends(settings_of)) -> dict[str, Any]:
+                 session: Session = Depends(db), settings: Settings = Depends(settings_of)) -> dict[str, Any]:
     """Add area(s) from GeoJSON (Geometry, Feature, FeatureCollection: one area per feature, named by
     ``properties.name`` or ``?name=``). Properties set thresholds and recipients as in ``areas export``.
     Other properties are refused unless ``?keep_unknown_properties=true``. All or nothing."""
@@ -89,8 +88,7 @@ def get_area(area_id: int, who: Principal = Depends(principal), session: Session
 @router.patch("/areas/{area_id}")
 def update_area(area_id: int, body: dict[str, Any] = Body(..., examples=[{"properties": {"max_cloud_cover": 40}}]),
                 fix: bool = False, who: Principal = Depends(principal),
-                session: Session = Depends(db),
-                settings: Settings = Depends(settings_of)) -> dict[str, Any]:
+                session: Session = Depends(db), settings: Settings = Depends(settings_of)) -> dict[str, Any]:
     """Change an area: a Feature (or an object of properties) with any of name, geometry, thresholds,
     recipients, questions, alert_frequency, pairing_policy. Unset fields keep their value."""
     area = owned_area(session, who, area_id)
@@ -102,8 +100,7 @@ def update_area(area_id: int, body: dict[str, Any] = Body(..., examples=[{"prope
         parsed = (parse_areas(json.dumps(geometry), fix=fix, max_vertices=settings.max_area_vertices)[0]
                   if geometry is not None else None)
         svc.update_area(session, area, svc.AreaOptions.from_properties(props), max_area_km2=settings.max_area_km2,
-                        geometry=parsed,
-                        rename=props.get("name"))
+                        geometry=parsed, rename=props.get("name"))
     except (svc.AreaError, AreaGeometryError, TypeError) as exc:
         raise _refused(exc) from None
     return area_feature(session, area)
@@ -126,30 +123,29 @@ def resume(area_id: int, who: Principal = Depends(principal), session: Session =
     return area_feature(session, svc.set_status(session, owned_area(session, who, area_id), AreaStatus.ACTIVE))
 
 
-@router.put("/areas/{area_id}/recipients")
-def set_recipients(area_id: int, recipients: list[str] = Body(..., embed=True), who: Principal = Depends(principal),
-                   session: Session = Depends(db),
-                settings: Settings = Depends(settings_of)) -> dict[str, Any]:
-    """Replace the e-mail recipients (validated like ``--recipient``)."""
+def _set_options(session: Session, who: Principal, area_id: int, opts: svc.AreaOptions,
+                 settings: Settings) -> dict[str, Any]:
+    """Apply ``opts`` to the caller's area with the CLI's validation; 422 with its message when refused."""
     area = owned_area(session, who, area_id)
     try:
-        svc.update_area(session, area, svc.AreaOptions(recipients=recipients), max_area_km2=settings.max_area_km2)
+        svc.update_area(session, area, opts, max_area_km2=settings.max_area_km2)
     except svc.AreaError as exc:
         raise _refused(exc) from None
     return area_feature(session, area)
+
+
+@router.put("/areas/{area_id}/recipients")
+def set_recipients(area_id: int, recipients: list[str] = Body(..., embed=True), who: Principal = Depends(principal),
+                   session: Session = Depends(db), settings: Settings = Depends(settings_of)) -> dict[str, Any]:
+    """Replace the e-mail recipients (validated like ``--recipient``)."""
+    return _set_options(session, who, area_id, svc.AreaOptions(recipients=recipients), settings)
 
 
 @router.put("/areas/{area_id}/questions")
 def set_questions(area_id: int, questions: list[str] = Body(..., embed=True), who: Principal = Depends(principal),
-                  session: Session = Depends(db),
-                settings: Settings = Depends(settings_of)) -> dict[str, Any]:
+                  session: Session = Depends(db), settings: Settings = Depends(settings_of)) -> dict[str, Any]:
     """Replace the question set (template ids of ``GET /api/questions``; empty = every template)."""
-    area = owned_area(session, who, area_id)
-    try:
-        svc.update_area(session, area, svc.AreaOptions(questions=questions), max_area_km2=settings.max_area_km2)
-    except svc.AreaError as exc:
-        raise _refused(exc) from None
-    return area_feature(session, area)
+    return _set_options(session, who, area_id, svc.AreaOptions(questions=questions), settings)
 
 
 @router.get("/questions")

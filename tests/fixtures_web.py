@@ -102,3 +102,56 @@ def live_server(web_db: str) -> Iterator[LiveServer]:
     yield LiveServer(url, web_db)
     server.should_exit = True
     thread.join()
+
+
+@dataclass
+class ServedApp:
+    url: str
+    database_url: str
+    pid: int
+
+
+@pytest.fixture
+def served_app(web_db: str, tmp_path) -> Iterator[ServedApp]:
+    """``unirs-monitor serve`` as its own process on 127.0.0.1 (a free port). Clients that block the GIL
+    while they talk HTTP (GDAL's OAPIF driver through pyogrio) deadlock against an in-process server."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "UNIRS_DATABASE_URL": web_db, "UNIRS_WEB__SECRET": "test-secret",
+           "UNIRS_WEB__BASEMAP_URL": "", "UNIRS_WEB__PUBLIC_URL": url, "UNIRS_LOG_LEVEL": "WARNING",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "monitor.cli", "serve", "--host", "127.0.0.1", "--port",
+                                 str(port)], cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"unirs-monitor serve exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            try:
+                with opener.open(f"{url}/healthz", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        yield ServedApp(url, web_db, proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -33,7 +33,6 @@ class QuestionTemplate:
     text: str
     backing_statistic: str
     unit: str
-    rule: str
     threshold: float
     yes: str
     no: str
@@ -43,8 +42,6 @@ class QuestionTemplate:
         """The answer the statistic gives, and its yes/no reading (None when it cannot be computed)."""
         if value is None:
             return self.unavailable.format(reason=reason or f"{self.backing_statistic} was not computed"), None
-        if self.rule != "yes_if_at_least":  # the loader refuses other rules; kept explicit for readers
-            raise ValueError(f"unknown answer rule {self.rule!r}")
         says_yes = value >= self.threshold
         text = (self.yes if says_yes else self.no).format(value=value, threshold=self.threshold, unit=self.unit)
         return text, says_yes
@@ -56,28 +53,24 @@ def _parse(entry: dict[str, Any]) -> QuestionTemplate:
         raise ValueError(f"question {entry['id']!r}: unknown answer rule {answer['rule']!r}")
     return QuestionTemplate(
         id=entry["id"], text=entry["text"], backing_statistic=entry["backing_statistic"], unit=entry["unit"],
-        rule=answer["rule"], threshold=float(answer["threshold"]), yes=answer["yes"], no=answer["no"],
+        threshold=float(answer["threshold"]), yes=answer["yes"], no=answer["no"],
         unavailable=answer["unavailable"],
     )
 
 
 @functools.lru_cache(maxsize=1)
-def _load() -> tuple[int, tuple[QuestionTemplate, ...]]:
+def _load() -> tuple[QuestionTemplate, ...]:
     raw = json.loads(resources.files("eo").joinpath("data", DATA_FILE).read_text(encoding="utf-8"))
     templates = tuple(_parse(e) for e in raw["templates"])
     ids = [t.id for t in templates]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{DATA_FILE}: duplicate template ids in {ids}")
-    return int(raw["version"]), templates
-
-
-def templates_version() -> int:
-    return _load()[0]
+    return templates
 
 
 def load_templates() -> list[QuestionTemplate]:
     """Every default template, in file order."""
-    return list(_load()[1])
+    return list(_load())
 
 
 def templates_for(ids: list[str] | tuple[str, ...] | None) -> list[QuestionTemplate]:

@@ -38,7 +38,7 @@ from typing import Any
 
 from geoalchemy2.shape import to_shape
 from shapely.geometry.base import BaseGeometry
-from sqlalchemy import and_, func, or_, select, true, update
+from sqlalchemy import and_, func, or_, select, true
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -492,33 +492,8 @@ def seasonal_match(candidate: datetime, after: datetime) -> tuple[int, int] | No
     return best
 
 
-def seasonal_offset_days(candidate: datetime, after: datetime) -> int | None:
-    """Days off the same day of year in an earlier year (:func:`seasonal_match`), or None."""
-    match = seasonal_match(candidate, after)
-    return None if match is None else match[1]
-
-
 def _same_day_in_year(when: datetime, year: int) -> datetime:
     try:
         return when.replace(year=year)
     except ValueError:  # 29 February in a non-leap year
         return when.replace(year=year, day=28)
-
-
-def observation_summary(session: Session, area_id: int) -> list[tuple[str, str, float | None, str | None]]:
-    """(item id, status, clear fraction, reason) of an area's observations, oldest first (CLI/tests)."""
-    rows = session.execute(
-        select(Scene.item_id, Observation.status, Observation.clear_fraction, Observation.reason)
-        .join(Scene, Scene.id == Observation.scene_id)
-        .where(Observation.area_id == area_id)
-        .order_by(Scene.acquired_at)
-    )
-    return [(r.item_id, r.status.value, r.clear_fraction, r.reason) for r in rows]
-
-
-def reset_failed(session: Session, area_id: int | None = None) -> int:
-    """Mark failed observations pending again (after fixing an allow-list, say)."""
-    stmt = update(Observation).where(Observation.status == ObservationStatus.FAILED)
-    if area_id is not None:
-        stmt = stmt.where(Observation.area_id == area_id)
-    return session.execute(stmt.values(status=ObservationStatus.PENDING, computed_at=None)).rowcount

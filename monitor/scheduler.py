@@ -59,7 +59,6 @@ class CycleSummary:
     observations: int = 0
     analyses_created: int = 0
     search_requests: int = 0
-    dispatched: Any = None
     errors: list[str] = field(default_factory=list)
 
     @property

@@ -27,7 +27,6 @@ from monitor.pairing import (
     process_pending,
     question_set_id,
     seasonal_match,
-    seasonal_offset_days,
 )
 from tests.fixtures_ingest import inner_aoi
 
@@ -94,15 +93,16 @@ def test_clear_fraction_from_scl_and_qa_pixel():
         clear_fraction("fmask", qa, np.ones(6, dtype=bool))
 
 
-def test_seasonal_offset():
+def test_seasonal_match_is_years_back_and_days_off_the_same_day_of_year():
     after = datetime(2020, 8, 29, tzinfo=UTC)
-    assert seasonal_offset_days(datetime(2015, 8, 31, tzinfo=UTC), after) == 2
-    assert seasonal_offset_days(datetime(2019, 8, 30, tzinfo=UTC), after) == 1
-    assert seasonal_offset_days(datetime(2020, 8, 4, tzinfo=UTC), after) is None  # same season, not a year back
-    # Across New Year: 2018-12-30 is 5 days from 2019-01-04 (the after date moved one year back).
-    assert seasonal_offset_days(datetime(2018, 12, 30, tzinfo=UTC), datetime(2020, 1, 4, tzinfo=UTC)) == 5
     assert seasonal_match(datetime(2015, 8, 31, tzinfo=UTC), after) == (5, 2)
+    assert seasonal_match(datetime(2019, 8, 30, tzinfo=UTC), after) == (1, 1)
     assert seasonal_match(datetime(2019, 8, 20, tzinfo=UTC), after) == (1, 9)
+    assert seasonal_match(datetime(2020, 8, 4, tzinfo=UTC), after) is None  # same season, not a year back
+    # Across New Year: 2018-12-30 is 5 days from 2019-01-04 (the after date moved one year back).
+    assert seasonal_match(datetime(2018, 12, 30, tzinfo=UTC), datetime(2020, 1, 4, tzinfo=UTC)) == (1, 5)
+    # 29 February moved into a non-leap year is 28 February.
+    assert seasonal_match(datetime(2019, 2, 28, tzinfo=UTC), datetime(2020, 2, 29, tzinfo=UTC)) == (1, 0)
 
 
 # --- against the local STAC API and COG server ----------------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import antimeridian
 import numpy as np
 import shapely
 from pyproj import Geod
@@ -289,6 +290,34 @@ def _check_text(text: str, what: str) -> None:
             raise AreaGeometryError(f"{what} is not valid UTF-8 text ({hint} at character {index})")
 
 
+def crosses_antimeridian(geom: BaseGeometry) -> bool:
+    """True when ``geom`` (lon/lat) has parts on both sides of ±180° — a split area or footprint whose
+    planar bounds then span more than 180° of longitude although the shape itself is small."""
+    minx, _, maxx, _ = geom.bounds
+    return maxx - minx > 180
+
+
+def antimeridian_safe(geom: BaseGeometry) -> BaseGeometry:
+    """``geom`` with every polygon whose ring jumps across ±180° (lon 179.8 → −179.6) cut into parts on
+    either side (RFC 7946 §3.1.9), by the ``antimeridian`` package; other polygons are kept as they are.
+
+    A ring written that way is, read planarly, a polygon some 359° wide: it would match areas on the
+    other side of the world. Raises ``ValueError`` when the package cannot make a valid shape of it.
+    """
+    polygons = list(geom.geoms) if geom.geom_type == "MultiPolygon" else [geom]
+    if geom.geom_type not in _POLYGONAL or not any(crosses_antimeridian(p) for p in polygons):
+        return geom
+    parts: list[BaseGeometry] = []
+    for polygon in polygons:
+        if crosses_antimeridian(polygon):
+            # Footprints are drawn as straight lines in lon/lat, so the crossing latitude is planar too.
+            fixed = antimeridian.fix_polygon(polygon, fix_winding=True, great_circle=False)
+            parts.extend(fixed.geoms if fixed.geom_type == "MultiPolygon" else [fixed])
+        else:
+            parts.append(polygon)
+    return MultiPolygon(parts) if len(parts) > 1 else parts[0]
+
+
 # RFC 7946 §11.2: 7 decimals of a degree are about 1 cm, more than any satellite pixel resolves.
 GEOJSON_DECIMALS = 7
 
@@ -311,6 +340,8 @@ def to_feature(geom: MultiPolygon, properties: dict[str, Any], feature_id: int |
 __all__ = [
     "AreaGeometryError",
     "ParsedArea",
+    "antimeridian_safe",
+    "crosses_antimeridian",
     "geodesic_area_km2",
     "parse_areas",
     "read_source",

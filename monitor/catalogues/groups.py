@@ -8,6 +8,10 @@ polygon that contains every member (the exact area × footprint test happens lat
 
 Missing a link here only costs an extra search, never a missed scene: every search geometry contains
 its areas.
+
+Antimeridian: an area split at ±180° (parts near +180 and −180) is its own group, and its search
+geometry is a MultiPolygon of one simple superset per side — never one hull of both sides, which would be
+a band round the whole world.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import shapely
-from shapely.geometry import box
+from shapely.geometry import MultiPolygon, box
 from shapely.geometry.base import BaseGeometry
+
+from monitor.geometry import crosses_antimeridian
 
 KM_PER_DEG_LAT = 110.574
 KM_PER_DEG_LON_EQUATOR = 111.320
@@ -48,6 +54,8 @@ def group_areas(areas: Sequence[AreaFootprint], distance_km: float) -> list[Sear
     if not areas:
         return []
     distance_km = max(distance_km, 0.0)
+    # A split area's planar bounds span the world: linked by them, it would join every area of its latitudes.
+    apart = [crosses_antimeridian(a.geometry) for a in areas]
     boxes = [_km_box(a.geometry) for a in areas]
     parent = list(range(len(areas)))
 
@@ -61,9 +69,13 @@ def group_areas(areas: Sequence[AreaFootprint], distance_km: float) -> list[Sear
         cell = distance_km
         grid: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, b in enumerate(boxes):
+            if apart[i]:
+                continue
             for key in _cells(b, cell, pad=0.0):
                 grid[key].append(i)
         for i, b in enumerate(boxes):
+            if apart[i]:
+                continue
             for key in _cells(b, cell, pad=distance_km):
                 for j in grid[key]:
                     if j > i and find(i) != find(j) and _gap_km(b, boxes[j]) <= distance_km:
@@ -82,15 +94,34 @@ def group_areas(areas: Sequence[AreaFootprint], distance_km: float) -> list[Sear
 
 
 def search_geometry(geometries: Sequence[BaseGeometry]) -> BaseGeometry:
-    """A simple polygon (≤ MAX_SEARCH_VERTICES vertices) that contains every geometry."""
+    """A simple geometry (≤ MAX_SEARCH_VERTICES vertices in all, lon/lat) that contains every geometry.
+
+    A Polygon, or, when the geometries lie on both sides of ±180°, a MultiPolygon of one superset per
+    side (east of 0° and west of it), each within ±180°.
+    """
+    if len(geometries) == 1 and shapely.get_num_coordinates(geometries[0]) <= MAX_SEARCH_VERTICES:
+        return geometries[0]
+    whole = shapely.GeometryCollection(list(geometries))
+    if not crosses_antimeridian(whole):
+        return _superset(geometries, MAX_SEARCH_VERTICES)
+    sides = []
+    for half in (box(0, -90, 180, 90), box(-180, -90, 0, 90)):
+        parts = [p for p in (shapely.intersection(g, half) for g in geometries) if not p.is_empty and p.area > 0]
+        if parts:
+            sides.append(_superset(parts, MAX_SEARCH_VERTICES // 2))
+    return MultiPolygon(sides) if len(sides) > 1 else sides[0]
+
+
+def _superset(geometries: Sequence[BaseGeometry], max_vertices: int) -> BaseGeometry:
+    """A simple polygon (≤ ``max_vertices`` vertices) containing every geometry, all on one side of ±180°."""
     if len(geometries) == 1:
         geom = geometries[0]
-        if shapely.get_num_coordinates(geom) <= MAX_SEARCH_VERTICES:
+        if geom.geom_type == "Polygon" and shapely.get_num_coordinates(geom) <= max_vertices:
             return geom
         geom = geom.convex_hull
     else:
         geom = shapely.GeometryCollection(list(geometries)).convex_hull
-    if shapely.get_num_coordinates(geom) > MAX_SEARCH_VERTICES:
+    if shapely.get_num_coordinates(geom) > max_vertices:
         # Simplifying a hull could cut corners off an area; a rotated rectangle still contains it.
         geom = shapely.oriented_envelope(geom)
     if geom.geom_type != "Polygon" or geom.area == 0 or not geom.is_valid or not _contains_all(geom, geometries):
@@ -98,8 +129,8 @@ def search_geometry(geometries: Sequence[BaseGeometry]) -> BaseGeometry:
         # is always a valid superset, and always accepted by servers.
         bounds = [g.bounds for g in geometries]
         eps = 1e-6
-        geom = box(min(b[0] for b in bounds) - eps, min(b[1] for b in bounds) - eps,
-                   max(b[2] for b in bounds) + eps, max(b[3] for b in bounds) + eps)
+        geom = box(max(min(b[0] for b in bounds) - eps, -180), max(min(b[1] for b in bounds) - eps, -90),
+                   min(max(b[2] for b in bounds) + eps, 180), min(max(b[3] for b in bounds) + eps, 90))
     return geom
 
 

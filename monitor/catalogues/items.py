@@ -31,6 +31,7 @@ from eo import radiometry
 from eo.profiles import GENERIC, CollectionProfile, detect_profile, generic_asset_keys
 from eo.security import HrefRefused, check_href
 from monitor.catalogues import identity
+from monitor.geometry import antimeridian_safe
 
 # A scene needs these to be analysed: a cloud mask, and red + near-infrared for the spectral indices.
 MASK_BANDS = ("scl", "qa_pixel")
@@ -191,6 +192,10 @@ def _footprint(geometry: Any) -> BaseGeometry:
     lat_ok = ((coords[:, 1] >= -90) & (coords[:, 1] <= 90)).all()
     if not (lon_ok and lat_ok):
         raise MalformedItem("geometry.coordinates are outside longitude -180..180 / latitude -90..90")
+    try:
+        geom = antimeridian_safe(geom)
+    except (ValueError, shapely.errors.ShapelyError) as exc:
+        raise MalformedItem(f"geometry crosses the antimeridian and cannot be split there: {exc}") from None
     if not geom.is_valid:
         # Self-intersecting footprints exist in the wild; repair rather than lose the scene.
         geom = shapely.make_valid(geom)

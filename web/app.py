@@ -1,8 +1,9 @@
 """The FastAPI application: ``create_app(settings)`` (``unirs-monitor serve`` runs it under uvicorn).
 
 Routes: ``/api/…`` REST (OpenAPI at ``/api/docs`` and ``/api/openapi.json``), ``/ogc/…`` findings as
-OGC API Features, ``/login`` and the map pages, ``/unsubscribe/…``, ``/healthz``. Static files (Leaflet,
-leaflet-geoman: vendored under web/static by scripts/vendor-web, no CDN) are served from ``/static``.
+OGC API Features, ``/login`` and the map pages (web/pages.py), ``/unsubscribe/…``, ``/healthz``. Static
+files (Leaflet, leaflet-geoman, swagger-ui: vendored under web/static/vendor by scripts/vendor-web, no
+CDN) are served from ``/static``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ STATIC = Path(__file__).parent / "static"
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(
-        title="UniRS Monitor", version="1", docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json",
+        title="UniRS Monitor", version="1", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json",
         description="Watched areas, their acquisitions, analyses and findings. Authenticate with "
                     "`Authorization: Bearer unirs_…` (`unirs-monitor users token EMAIL`) or a browser login.",
     )
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise
             continue
         app.include_router(module.router)
+        getattr(module, "install", lambda _app: None)(app)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> JSONResponse:

@@ -1,0 +1,169 @@
+"""The map pages on the real app and database (TestClient): login first, another user's area is not
+found, everything escaped, a CSP on every page, nothing loaded from another host, the vendored files
+present and reproducible by scripts/vendor-web. The browser flow itself is tests/test_web_browser.py."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+from core.db import session_scope
+from core.models import Area
+from tests import factories
+from tests.fixtures_web import PASSWORD
+
+STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
+HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+
+
+def login(client, account) -> str:
+    token = re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text).group(1)
+    r = client.post("/login", data={"email": account.email, "password": PASSWORD, "csrf": token},
+                    follow_redirects=False)
+    assert r.status_code == 303
+    return re.search(r'name="csrf-token" content="([^"]+)"', client.get("/").text).group(1)
+
+
+def owned_world(database_url: str, owner_id: int, **kw) -> tuple[int, int]:
+    """factories.world owned by ``owner_id``: (analysis id, area id)."""
+    with session_scope(database_url) as session:
+        an = factories.world(session, **kw)
+        session.get(Area, an.area_id).owner_id = owner_id
+        return an.id, an.area_id
+
+
+class _Refs(HTMLParser):
+    """Every src/href of a page: none may leave the app (no CDN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.refs += [v for k, v in attrs if k in ("src", "href") and v]
+
+
+def refs(html: str) -> list[str]:
+    parser = _Refs()
+    parser.feed(html)
+    return parser.refs
+
+
+def test_pages_need_a_login_and_come_back_after_it(web_client, alice):
+    for path in ("/", "/areas/1", "/analyses/1", "/findings"):
+        r = web_client.get(path, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == f"/login?next={path}", path
+    # An API token is for the API: it does not log a page in.
+    r = web_client.get("/", headers=alice.auth(), follow_redirects=False)
+    assert r.headers["location"] == "/login?next=/"
+    login(web_client, alice)
+    assert web_client.get("/").status_code == 200
+
+
+def test_area_and_analysis_pages_show_the_pair_timeline_swipe_and_answers(web_client, alice, web_db):
+    analysis_id, area_id = owned_world(web_db, alice.id, name="Apuseni forest")
+    login(web_client, alice)
+    index = web_client.get("/").text
+    assert f'<a href="/areas/{area_id}">Apuseni forest</a>' in index
+
+    page = web_client.get(f"/areas/{area_id}").text
+    assert re.search(r'data-kind="clear" data-scene-id="\d+"', page)
+    # The timeline names the analysis of the after scene and why that pair was chosen.
+    assert f'<a href="/analyses/{analysis_id}">analysis {analysis_id}</a> (done)' in page
+    assert "latest earlier clear scene of tile 34TFS, relative orbit 36 (clear 96 %)" in page
+    assert "2015-08-31 → 2020-08-29" in page
+
+    page = web_client.get(f"/analyses/{analysis_id}").text
+    assert 'id="swipe"' in page
+    summary = re.search(r'src="/api/findings/(\d+)/images/before.png"', page).group(1)
+    assert f'src="/api/findings/{summary}/images/after.png"' in page
+    assert web_client.get(f"/api/findings/{summary}/images/before.png").content == factories.png("before")
+    assert "A new forest road and two clear-cuts appear." in page
+    assert "<dt>Has forest been cleared?</dt>" in page and "<strong>Yes</strong>" in page
+    assert page.count('<tr data-class="vegetation_loss">') == 1
+    assert page.count('<tr data-class="new_built_up_or_bare">') == 1
+
+
+def test_another_users_area_and_analysis_are_not_found(web_client, alice, bob, web_db):
+    analysis_id, area_id = owned_world(web_db, bob.id, name="Bob's forest")
+    login(web_client, alice)
+    for path in (f"/areas/{area_id}", f"/analyses/{analysis_id}"):
+        r = web_client.get(path)
+        assert r.status_code == 404 and "Bob" not in r.text, path
+    assert "Bob&#39;s forest" not in web_client.get("/findings").text
+    assert 'id="no-findings"' in web_client.get("/findings").text
+
+
+def test_names_captions_and_answers_are_escaped(web_client, alice, web_db):
+    analysis_id, area_id = owned_world(web_db, alice.id, name=HOSTILE, caption=HOSTILE, answers=[
+        {"question": HOSTILE, "answer": HOSTILE, "confidence": 0.5, "statistics": {}}])
+    login(web_client, alice)
+    escaped = "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;"
+    for path in ("/", f"/areas/{area_id}", f"/analyses/{analysis_id}", "/findings"):
+        r = web_client.get(path)
+        assert r.status_code == 200, path
+        assert "<script>alert" not in r.text and "<img src=x" not in r.text, path
+        assert escaped in r.text or "\\u003cscript\\u003e" in r.text, path
+    # The JSON handed to app.js cannot close its <script> element either.
+    data = web_client.get(f"/analyses/{analysis_id}").text.split('id="page-data">')[1]
+    assert "</script>" not in data.split("</script>")[0] and "\\u003c/script\\u003e" in data
+
+
+def test_every_page_has_a_csp_and_loads_nothing_from_elsewhere(web_client, alice, web_db):
+    analysis_id, area_id = owned_world(web_db, alice.id)
+    login(web_client, alice)
+    for path in ("/login", "/", f"/areas/{area_id}", f"/analyses/{analysis_id}", "/findings", "/api/docs"):
+        r = web_client.get(path)
+        assert r.status_code == 200, path
+        external = [u for u in refs(r.text) if re.match(r"(https?:)?//", u)]
+        assert external == [], (path, external)
+        if path != "/api/docs":  # swagger-ui's page is FastAPI's, with its inline start-up script
+            csp = r.headers["content-security-policy"]
+            assert "script-src 'self';" in csp and "frame-ancestors 'none'" in csp, path
+    docs = web_client.get("/api/docs").text
+    assert "/static/vendor/swagger-ui/swagger-ui-bundle.js" in docs and '"validatorUrl": null' in docs
+    for url in [u for u in refs(docs) + refs(web_client.get("/").text) if u.startswith("/static/")]:
+        assert web_client.get(url).status_code == 200, url
+
+
+def test_the_basemap_host_is_allowed_for_images_only(web_db):
+    from fastapi.testclient import TestClient
+
+    from tests.fixtures_web import web_settings
+    from web.app import create_app
+    from web.templating import tile_origin
+
+    assert tile_origin("https://{s}.tile.example.org/{z}/{x}/{y}.png") == "https://*.tile.example.org"
+    assert tile_origin("") == "" and tile_origin("javascript:alert(1)") == ""
+    app = create_app(web_settings(web_db, basemap_url="https://tile.openstreetmap.org/{z}/{x}/{y}.png"))
+    with TestClient(app) as client:
+        r = client.get("/login")
+    csp = r.headers["content-security-policy"]
+    assert "img-src 'self' data: blob: https://tile.openstreetmap.org;" in csp
+    assert "connect-src 'self';" in csp and "script-src 'self';" in csp
+    assert 'data-basemap-url="https://tile.openstreetmap.org/{z}/{x}/{y}.png"' in r.text
+
+
+def test_findings_page_filters_and_links_the_exports(web_client, alice, web_db):
+    _, area_id = owned_world(web_db, alice.id)
+    login(web_client, alice)
+    page = web_client.get(f"/findings?area_id={area_id}&kind=region").text
+    assert page.count("<tr data-finding-id=") == 2
+    assert f'href="/api/findings?format=csv&amp;area_id={area_id}&amp;kind=region"' in page
+    csv = web_client.get(f"/api/findings?format=csv&area_id={area_id}&kind=region")
+    assert csv.status_code == 200 and len(csv.text.strip().splitlines()) == 3  # header + two regions
+    assert web_client.get("/findings?kind=bogus").status_code == 200  # an unknown kind means "any"
+
+
+def test_vendored_files_match_the_pins_of_scripts_vendor_web():
+    script = (STATIC.parent.parent / "scripts" / "vendor-web").read_text()
+    versions = (STATIC / "vendor" / "VERSIONS").read_text().split("\n")
+    pinned = re.findall(r'^  "(\S+) (\S+) (sha512-\S+)"$', script, re.M)
+    assert [tuple(line.split()) for line in versions if line] == pinned
+    assert {name for name, _, _ in pinned} == {"leaflet", "@geoman-io/leaflet-geoman-free", "swagger-ui-dist"}
+    leaflet = (STATIC / "vendor" / "leaflet" / "leaflet.js").read_text()
+    assert leaflet.startswith("/* @preserve\n * Leaflet 1.9.4")
+    # The page's own script never writes HTML strings into the page.
+    app_js = (STATIC / "app.js").read_text()
+    assert "innerHTML" not in app_js and "insertAdjacentHTML" not in app_js

@@ -27,6 +27,7 @@ import argparse
 import atexit
 import contextlib
 import copy
+import fcntl
 import json
 import logging
 import os
@@ -130,6 +131,19 @@ def register_queryables(
     return int(row[0]) if row else 0
 
 
+@contextlib.contextmanager
+def _cluster_migration_lock(dsn: str) -> Iterator[None]:
+    info = _conninfo(dsn)
+    key = f"{info.get('host') or 'socket'}-{info.get('port') or 5432}"
+    path = os.path.join(tempfile.gettempdir(), f"unirs-pgstac-migrate-{key}.lock")
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def prepare_database(dsn: str = DEFAULT_DSN, create: bool = True) -> str:
     """Make ``dsn`` a ready pgstac database; return the pgstac version. Idempotent.
 
@@ -142,7 +156,10 @@ def prepare_database(dsn: str = DEFAULT_DSN, create: bool = True) -> str:
 
     if create:
         create_database(dsn)
-    with _pgstac(dsn) as db:
+    # pgstac's migrations create and grant cluster-wide roles (pgstac_admin, pgstac_read, …): two
+    # processes migrating two databases of one cluster at once fail with "tuple concurrently updated".
+    # Databases are per test run, the cluster is shared, so serialise across processes on this machine.
+    with _cluster_migration_lock(dsn), _pgstac(dsn) as db:
         version = Migrate(db).run_migration()
     set_pgstac_setting(dsn, "context", "on")
     # pgstac caches each search's count for context_stats_ttl (default 1 day): numberMatched would stay

@@ -158,6 +158,25 @@ class WebSettings(BaseModel):
     login_window_minutes: float = 15.0
 
 
+class WebhookSettings(BaseModel):
+    """Delivery of signed alert events to the HTTPS endpoints of an area (Standard Webhooks)."""
+
+    allowed_schemes: list[str] = ["https"]
+    # Endpoint hosts must be public addresses; these hosts (exact, or ``*.example.org``) are exempt from
+    # that rule (an intranet receiver; tests allow-list 127.0.0.1).
+    allowed_private_hosts: list[str] = []
+    # CA bundle (PEM) that endpoint certificates must chain to; None = the system's trust store.
+    ca_file: Path | None = None
+    timeout_seconds: float = 10.0
+    # Failures (refused, timeouts, 5xx, 429) wait base × 2^(attempt−1) seconds, capped; 4xx other than
+    # 408/429 give up at once. With the defaults a receiver may be down for about 4 hours.
+    max_attempts: int = 8
+    retry_base_seconds: float = 60.0
+    retry_max_seconds: float = 3600.0
+    # A claimed event older than this belongs to a dead sender and is sent again with the same webhook-id.
+    lease_seconds: int = 120
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="UNIRS_",
@@ -194,6 +213,7 @@ class Settings(BaseSettings):
     smtp: SmtpSettings = SmtpSettings()
     reports: ReportSettings = ReportSettings()
     web: WebSettings = WebSettings()
+    webhooks: WebhookSettings = WebhookSettings()
     # Queues this worker process consumes ("cpu", "gpu" or "cpu,gpu"); `unirs-worker --queues` sets it for the
     # Celery process it starts. A worker not consuming `gpu` never loads the model.
     worker_queues: str | None = None

@@ -84,6 +84,7 @@ class DeliveryStatus(enum.StrEnum):
     SENDING = "sending"
     SENT = "sent"
     FAILED = "failed"
+    SKIPPED = "skipped"  # never sent, on purpose: ``skip_reason`` says why (e.g. "unsubscribed")
 
 
 DEFAULT_ALERT_CLASSES = ("new_built_up_or_bare", "vegetation_loss")
@@ -402,7 +403,8 @@ class Digest(Base):
 
 
 class Delivery(Base):
-    """One email to one recipient about one analysis or digest. Never sent twice (UNIQUE + Message-ID)."""
+    """One email to one recipient, or one webhook event to one endpoint (``webhook_id`` set, recipient
+    ``webhook:<id>``), about one analysis or digest. Never sent twice (UNIQUE + Message-ID / webhook-id)."""
 
     __tablename__ = "deliveries"
 
@@ -419,6 +421,8 @@ class Delivery(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(Text)
     permanent_failure: Mapped[bool] = mapped_column(Boolean, default=False)
+    skip_reason: Mapped[str | None] = mapped_column(Text)
+    webhook_id: Mapped[int | None] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -464,3 +468,21 @@ class Unsubscribe(Base):
     area_id: Mapped[int] = mapped_column(ForeignKey("areas.id", ondelete="CASCADE"), primary_key=True)
     recipient: Mapped[str] = mapped_column(Text, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+
+class WebhookEndpoint(Base):
+    """An HTTPS endpoint that receives one signed JSON event (Standard Webhooks) per alert of an area.
+
+    ``secret`` (``whsec_`` + base64) signs the events, so it is stored as is; it is shown once, at creation."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    area_id: Mapped[int] = mapped_column(ForeignKey("areas.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    secret: Mapped[str] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(Text)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+    __table_args__ = (UniqueConstraint("area_id", "url", name="uq_webhook_endpoints_area_url"),)

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.config import CatalogueSettings, Settings
+from core.config import CatalogueSettings, Settings, WebhookSettings
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,42 @@ def check_href(href: str, catalogue: CatalogueSettings, *, resolve: bool = True,
     if sign and catalogue.signing == "planetary-computer":
         return sign_planetary_computer(href)
     return href
+
+
+def check_webhook_url(url: str, webhooks: WebhookSettings, *, resolve: bool = True) -> str:
+    """Return ``url`` if events may be POSTed to it, else raise :class:`HrefRefused` with the reason.
+
+    The asset-href rules with the allow-list turned round: any public host may receive events (the owner of
+    the area chose it), but only over ``webhooks.allowed_schemes`` (https), without credentials in the URL,
+    and loopback, private, link-local (cloud metadata) and reserved addresses are refused unless the host
+    is on ``webhooks.allowed_private_hosts``. ``resolve=True`` checks every address the name resolves to.
+    """
+    if not isinstance(url, str) or not url or len(url) > 2048:
+        raise HrefRefused("webhook URL must be a non-empty string of at most 2048 characters")
+    if any(ch in _FORBIDDEN_CHARS for ch in url):
+        raise HrefRefused(f"webhook URL {url!r} contains whitespace, control characters or backslashes")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise HrefRefused(f"webhook URL {url!r} is not a valid URL: {exc}") from None
+    scheme = parts.scheme.lower()
+    allowed = sorted({s.lower() for s in webhooks.allowed_schemes})
+    if scheme not in allowed:
+        raise HrefRefused(f"webhook URL {url!r}: scheme {scheme or 'none'!r} is not allowed (allowed: {allowed})")
+    if parts.username is not None or parts.password is not None:
+        raise HrefRefused(f"webhook URL {url!r} carries credentials; events are authenticated by their signature")
+    host = (parts.hostname or "").rstrip(".").lower()
+    if not host:
+        raise HrefRefused(f"webhook URL {url!r} has no host")
+    if not host_allowed(host, webhooks.allowed_private_hosts):
+        try:
+            _check_public(host, port or _DEFAULT_PORTS.get(scheme, 443), url, resolve=resolve)
+        except HrefRefused as exc:
+            raise HrefRefused(str(exc).replace("href", "webhook URL", 1).replace(
+                "set allow_private_hosts on the catalogue only for local test/demo setups",
+                "add the host to webhooks.allowed_private_hosts to allow it")) from None
+    return url
 
 
 def host_allowed(host: str, allowed_hosts: list[str]) -> bool:

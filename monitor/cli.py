@@ -179,6 +179,10 @@ from monitor.users_cli import users  # noqa: E402
 
 cli.add_command(users)
 
+from monitor.webhooks_cli import webhooks  # noqa: E402
+
+cli.add_command(webhooks)
+
 
 @cli.command("serve", add_help_option=False,
              context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

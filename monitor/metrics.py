@@ -147,11 +147,18 @@ def read_state(session: Session, settings: Settings, now: datetime | None = None
         "unirs_queue_lag_seconds", "Age of the oldest pending or queued analysis (0 when none waits).",
         value=max(0.0, (now - oldest).total_seconds()) if oldest else 0.0))
 
+    emails = Delivery.webhook_id.is_(None)
     families.append(_by_status(
-        "unirs_emails", "Email deliveries by status.",
-        session.execute(select(Delivery.status, func.count()).group_by(Delivery.status)), DeliveryStatus))
+        "unirs_emails", "Email deliveries by status (skipped: the recipient unsubscribed).",
+        session.execute(select(Delivery.status, func.count()).where(emails).group_by(Delivery.status)),
+        DeliveryStatus))
+    families.append(_by_status(
+        "unirs_webhook_events", "Webhook events (one per alert and endpoint) by status.",
+        session.execute(select(Delivery.status, func.count()).where(~emails).group_by(Delivery.status)),
+        DeliveryStatus))
     failed, unknown = session.execute(select(
-        func.count().filter(Delivery.status == DeliveryStatus.FAILED), func.count().filter(is_unknown()))).one()
+        func.count().filter(Delivery.status == DeliveryStatus.FAILED), func.count().filter(is_unknown()))
+        .where(emails)).one()
     attention = GaugeMetricFamily(
         "unirs_email_deliveries_needing_attention",
         "Failed email deliveries by kind: outcome_unknown (sender died mid-SMTP; check the mail log, then "

@@ -37,11 +37,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_age=int(settings.web.session_hours * 3600), same_site="lax", https_only=https,
     )
 
-    from web import api_analyses, api_areas, auth
+    from web import api_analyses, api_areas, api_webhooks, auth
 
     app.include_router(auth.router)
     app.include_router(api_areas.router)
     app.include_router(api_analyses.router)
+    app.include_router(api_webhooks.router)
     for optional in ("ogc", "unsubscribe", "pages"):
         try:
             module = __import__(f"web.{optional}", fromlist=["router"])

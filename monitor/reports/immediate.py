@@ -93,7 +93,7 @@ def create_immediate_deliveries(session: Session, now: datetime, settings: Setti
             Area.status == AreaStatus.ACTIVE,
             func.cardinality(Area.recipients) > 0,
             # Recipients added later do not get alerts about analyses already reported to others.
-            ~exists().where(Delivery.analysis_id == Analysis.id),
+            ~exists().where(Delivery.analysis_id == Analysis.id, Delivery.webhook_id.is_(None)),
             changed > 0,
             changed >= Area.min_alert_hectares,
         )

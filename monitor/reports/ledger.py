@@ -25,6 +25,12 @@ row is found when its lease expires (:func:`recover_stale`) and resolved **at mo
 
 The price is that a crash in that short window may lose one email (visible in the ledger, never silent)
 instead of sending it twice.
+
+Webhook events (rows with ``webhook_id``) use the same rows, claims and leases; only the unknown outcome
+is settled the other way: the event is sent again with the same ``webhook-id``, which Standard Webhooks
+receivers use to drop duplicates, so a crash costs a repeated request, never a lost event.
+
+A row can also end ``skipped`` without being sent (``skip_reason``: the recipient unsubscribed).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from core.config import SmtpSettings
+from core.config import SmtpSettings, WebhookSettings
 from core.models import Delivery, DeliveryStatus
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,7 @@ class NewDelivery:
     recipient: str
     analysis_id: int | None = None
     digest_id: int | None = None
+    webhook_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,10 @@ def message_id_for(delivery_key: str, recipient: str) -> str:
     return f"<delivery-{digest}@unirs-monitor>"
 
 
-def backoff(attempts: int, smtp: SmtpSettings) -> timedelta:
+Retry = SmtpSettings | WebhookSettings  # max_attempts, retry_base_seconds, retry_max_seconds
+
+
+def backoff(attempts: int, smtp: Retry) -> timedelta:
     """Wait before attempt ``attempts + 1``: base × 2^(attempts − 1), capped."""
     seconds = smtp.retry_base_seconds * 2 ** max(attempts - 1, 0)
     return timedelta(seconds=min(seconds, smtp.retry_max_seconds))
@@ -88,6 +98,7 @@ def insert_deliveries(session: Session, rows: list[NewDelivery]) -> int:
                 "delivery_key": r.delivery_key,
                 "analysis_id": r.analysis_id,
                 "digest_id": r.digest_id,
+                "webhook_id": r.webhook_id,
                 "recipient": r.recipient,
                 "status": DeliveryStatus.PENDING,
                 "attempts": 0,
@@ -108,9 +119,15 @@ def _due(now: datetime):
     )
 
 
-def due_ids(session: Session, now: datetime, limit: int) -> list[int]:
-    """Pending deliveries whose time has come, oldest first (no lock: each is claimed on its own)."""
-    stmt = select(Delivery.id).where(_due(now)).order_by(Delivery.created_at, Delivery.id).limit(limit)
+def _channel(webhooks: bool):
+    return Delivery.webhook_id.is_not(None) if webhooks else Delivery.webhook_id.is_(None)
+
+
+def due_ids(session: Session, now: datetime, limit: int, webhooks: bool = False) -> list[int]:
+    """Pending emails (or webhook events) whose time has come, oldest first (no lock: each is claimed on
+    its own)."""
+    stmt = (select(Delivery.id).where(_due(now), _channel(webhooks)).order_by(Delivery.created_at, Delivery.id)
+            .limit(limit))
     return list(session.scalars(stmt))
 
 
@@ -153,7 +170,7 @@ def record_failure(
     reason: str,
     permanent: bool,
     now: datetime,
-    smtp: SmtpSettings,
+    smtp: Retry,
     from_status: DeliveryStatus = DeliveryStatus.SENDING,
 ) -> str:
     """Retry later, or give up. Returns the new status ("pending" or "failed")."""
@@ -174,11 +191,11 @@ def record_failure(
     return values["status"].value
 
 
-def stale_sending(session: Session, now: datetime, limit: int = 100) -> list[Claim]:
+def stale_sending(session: Session, now: datetime, limit: int = 100, webhooks: bool = False) -> list[Claim]:
     """Rows whose claim expired: the worker that held them died (or hung) mid-send. Locked for the caller."""
     stmt = (
         select(Delivery.id, Delivery.attempts, Delivery.recipient, Delivery.message_id, Delivery.delivery_key)
-        .where(Delivery.status == DeliveryStatus.SENDING, Delivery.next_attempt_at < now)
+        .where(Delivery.status == DeliveryStatus.SENDING, Delivery.next_attempt_at < now, _channel(webhooks))
         .order_by(Delivery.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -186,8 +203,22 @@ def stale_sending(session: Session, now: datetime, limit: int = 100) -> list[Cla
     return [Claim(*row) for row in session.execute(stmt).all()]
 
 
-def resolve_stale(session: Session, stale: Claim, delivered: bool | None, now: datetime, smtp: SmtpSettings) -> str:
-    """Settle one expired claim from what the transport knows (see the module docstring)."""
+def resolve_stale(session: Session, stale: Claim, delivered: bool | None, now: datetime, smtp: Retry,
+                  resend_unknown: bool = False) -> str:
+    """Settle one expired claim from what the transport knows (see the module docstring).
+    ``resend_unknown``: the receiver deduplicates by message id (webhooks), so an unknown outcome is sent
+    again rather than given up."""
+    if delivered is None and resend_unknown:
+        status = DeliveryStatus.PENDING if stale.attempts < smtp.max_attempts else DeliveryStatus.FAILED
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id == stale.id, Delivery.status == DeliveryStatus.SENDING)
+            .values(status=status, next_attempt_at=now if status == DeliveryStatus.PENDING else None,
+                    last_error="the sender died during the request; "
+                    + ("sending again with the same id" if status == DeliveryStatus.PENDING else "no attempts left"))
+        )
+        log.warning("delivery %s to %s: sender died mid-request; %s", stale.id, stale.recipient, status.value)
+        return "resent" if status == DeliveryStatus.PENDING else status.value
     if delivered is True:
         mark_sent(session, stale.id, now)
         log.warning("delivery %s to %s: sending worker died after writing it; marked sent", stale.id, stale.recipient)

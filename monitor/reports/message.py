@@ -31,7 +31,9 @@ def build_message(
     message_id: str,
     delivery_key: str,
     date: datetime | None = None,
+    headers: dict[str, str] | None = None,
 ) -> EmailMessage:
+    """``headers``: extra header fields (List-Unsubscribe, List-Unsubscribe-Post)."""
     msg = EmailMessage()
     msg["Subject"] = rendered.subject
     msg["From"] = sender
@@ -41,6 +43,8 @@ def build_message(
     # RFC 3834: vacation responders must not answer automated alerts.
     msg["Auto-Submitted"] = "auto-generated"
     msg["X-UniRS-Delivery"] = delivery_key
+    for name, value in (headers or {}).items():
+        msg[name] = value
     # Quoted-printable: 7-bit safe for any relay and no line longer than SMTP's 998-octet limit.
     msg.set_content(rendered.text, cte="quoted-printable")
     msg.add_alternative(rendered.html, subtype="html", cte="quoted-printable")

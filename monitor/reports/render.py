@@ -96,10 +96,12 @@ def _geojson(features: list[dict[str, Any]], filename: str) -> Attachment:
     return Attachment(filename, "application", "geo+json", body.encode("utf-8"))
 
 
-def render_alert(report: AnalysisReport, recipient: str, *, templates_dir: Path | None = None) -> RenderedEmail:
+def render_alert(report: AnalysisReport, recipient: str, *, templates_dir: Path | None = None,
+                 links: Any = None) -> RenderedEmail:
     """The immediate alert about one analysis, for one recipient (``templates_dir``: the setting
-    ``reports.templates_dir``; None = the bundled ``templates/``)."""
-    email = _render("alert", {"r": report, "recipient": recipient}, templates_dir)
+    ``reports.templates_dir``; None = the bundled ``templates/``; ``links``: the recipient's
+    :class:`monitor.reports.links.EmailLinks`, None = no web links)."""
+    email = _render("alert", {"r": report, "recipient": recipient, "links": links}, templates_dir)
     email.images = list(report.images)
     email.attachments.append(_geojson(
         report.regions_geojson["features"], f"changes-{slug(report.area_name)}-analysis-{report.analysis_id}.geojson"
@@ -107,9 +109,10 @@ def render_alert(report: AnalysisReport, recipient: str, *, templates_dir: Path 
     return email
 
 
-def render_digest(digest: Any, recipient: str, *, templates_dir: Path | None = None) -> RenderedEmail:
+def render_digest(digest: Any, recipient: str, *, templates_dir: Path | None = None,
+                  links: Any = None) -> RenderedEmail:
     """The daily digest of one area (a :class:`monitor.reports.digest.DigestReport`), for one recipient."""
-    email = _render("digest", {"d": digest, "recipient": recipient}, templates_dir)
+    email = _render("digest", {"d": digest, "recipient": recipient, "links": links}, templates_dir)
     email.images = [img for report in digest.detailed for img in report.images]
     features = [f for report in digest.analyses for f in report.regions_geojson["features"]]
     email.attachments.append(_geojson(features, f"changes-{slug(digest.area_name)}-digest-{digest.digest_id}.geojson"))

@@ -1,8 +1,10 @@
 """`run_deliveries()`: the periodic job of the reports stage (called by the scheduler).
 
-One run: queue immediate alerts, create due digests, settle claims left by dead workers, then send
-every pending delivery that is due. Each step is its own short transaction; no transaction is open while
-talking to the mail server. See :mod:`monitor.reports.ledger` for the exactly-once design.
+One run: queue immediate alerts and webhook events, create due digests, settle claims left by dead
+workers, then send every pending delivery that is due (emails to recipients who unsubscribed from the
+area are marked ``skipped``, reason ``unsubscribed``, instead), then the webhook events. Each step is its
+own short transaction; no transaction is open while talking to the mail server. See
+:mod:`monitor.reports.ledger` for the exactly-once design.
 """
 
 from __future__ import annotations
@@ -12,30 +14,56 @@ from collections import Counter
 from datetime import UTC, datetime
 from email.message import EmailMessage
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from core.config import Settings
 from core.db import session_scope
 from core.models import Delivery, DeliveryStatus
-from monitor.reports import ledger
+from monitor.reports import ledger, links
 from monitor.reports.context import load_analysis_report
 from monitor.reports.digest import create_due_digests, load_digest_report
 from monitor.reports.immediate import create_immediate_deliveries
 from monitor.reports.message import build_message
 from monitor.reports.render import RenderedEmail, render_alert, render_digest
 from monitor.reports.transport import DeliveryError, Transport, make_transport
+from monitor.reports.webhooks import create_webhook_deliveries, send_due_webhooks
 
 log = logging.getLogger(__name__)
 
 
-def render_delivery(session: Session, delivery: Delivery, settings: Settings) -> RenderedEmail:
+def _link_pages(report, settings: Settings) -> None:
+    """The map button opens the analysis page of the web app when there is one (else the OSM link stays)."""
+    page = links.analysis_page_url(settings.web, report.analysis_id)
+    if page:
+        report.map_url = page
+
+
+def render_delivery(session: Session, delivery: Delivery, settings: Settings,
+                    email_links: links.EmailLinks | None = None) -> RenderedEmail:
+    templates = settings.reports.templates_dir
     if delivery.analysis_id is not None:
         report = load_analysis_report(session, delivery.analysis_id, settings.public_url)
-        return render_alert(report, delivery.recipient, templates_dir=settings.reports.templates_dir)
+        _link_pages(report, settings)
+        return render_alert(report, delivery.recipient, templates_dir=templates, links=email_links)
     if delivery.digest_id is not None:
-        return render_digest(load_digest_report(session, delivery.digest_id, settings), delivery.recipient,
-                             templates_dir=settings.reports.templates_dir)
+        digest = load_digest_report(session, delivery.digest_id, settings)
+        for report in {id(r): r for r in digest.analyses + digest.detailed}.values():
+            _link_pages(report, settings)
+        return render_digest(digest, delivery.recipient, templates_dir=templates, links=email_links)
     raise LookupError(f"delivery {delivery.id} ({delivery.delivery_key}) has neither an analysis nor a digest")
+
+
+def skip_if_unsubscribed(session: Session, delivery_id: int) -> bool:
+    """pending → skipped (reason ``unsubscribed``) if the recipient unsubscribed from the delivery's area."""
+    done = session.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery_id, Delivery.status == DeliveryStatus.PENDING, Delivery.webhook_id.is_(None),
+               links.unsubscribed_sql())
+        .values(status=DeliveryStatus.SKIPPED, skip_reason=links.SKIP_UNSUBSCRIBED, next_attempt_at=None)
+        .returning(Delivery.id)
+    ).one_or_none()
+    return done is not None
 
 
 def prepare_message(session: Session, delivery_id: int, settings: Settings, now: datetime) -> EmailMessage | None:
@@ -43,17 +71,19 @@ def prepare_message(session: Session, delivery_id: int, settings: Settings, now:
     delivery = session.get(Delivery, delivery_id)
     if delivery is None or delivery.status != DeliveryStatus.PENDING:
         return None
-    rendered = render_delivery(session, delivery, settings)
+    area_id = links.delivery_area_id(session, delivery)
+    email_links = links.email_links(settings.web, area_id, delivery.recipient) if area_id is not None else None
+    rendered = render_delivery(session, delivery, settings, email_links)
     return build_message(
         rendered, sender=settings.smtp.sender, recipient=delivery.recipient, message_id=delivery.message_id,
-        delivery_key=delivery.delivery_key, date=now,
+        delivery_key=delivery.delivery_key, date=now, headers=email_links.headers if email_links else None,
     )
 
 
 def recover_stale(transport: Transport, now: datetime, settings: Settings) -> Counter[str]:
     counts: Counter[str] = Counter()
     with session_scope(settings) as session:
-        for stale in ledger.stale_sending(session, now):
+        for stale in ledger.stale_sending(session, now, webhooks=False):
             delivered = transport.was_delivered(stale.message_id)
             outcome = ledger.resolve_stale(session, stale, delivered, now, settings.smtp)
             counts[f"recovered_{outcome}"] += 1
@@ -80,6 +110,9 @@ def send_due(transport: Transport, now: datetime, settings: Settings, limit: int
     for delivery_id in ids:
         try:
             with session_scope(settings) as session:
+                if skip_if_unsubscribed(session, delivery_id):
+                    counts["unsubscribed"] += 1
+                    continue
                 message = prepare_message(session, delivery_id, settings, now)
         except Exception as exc:
             counts[_render_failed(delivery_id, exc, now, settings)] += 1
@@ -121,6 +154,8 @@ def run_deliveries(settings: Settings, *, now: datetime | None = None,
     with session_scope(settings) as session:
         counts["alerts_queued"] = create_immediate_deliveries(session, now, settings)
     with session_scope(settings) as session:
+        counts["webhooks_queued"] = create_webhook_deliveries(session, now, settings)
+    with session_scope(settings) as session:
         counts["digests_created"], counts["digest_deliveries_queued"] = create_due_digests(session, now, settings)
     transport = make_transport(settings.smtp)
     try:
@@ -128,6 +163,7 @@ def run_deliveries(settings: Settings, *, now: datetime | None = None,
         counts.update(send_due(transport, now, settings, limit))
     finally:
         transport.close()
+    counts.update(send_due_webhooks(now, settings, limit))
     result = {key: 0 for key in ("alerts_queued", "digests_created", "digest_deliveries_queued", "sent", "retry",
                                  "failed")}
     result.update(counts)

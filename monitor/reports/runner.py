@@ -165,7 +165,8 @@ def run_deliveries(settings: Settings, *, now: datetime | None = None,
         transport.close()
     counts.update(send_due_webhooks(now, settings, limit))
     result = {key: 0 for key in ("alerts_queued", "digests_created", "digest_deliveries_queued", "sent", "retry",
-                                 "failed")}
+                                 "failed", "unsubscribed", "webhooks_queued", "webhooks_sent", "webhooks_retry",
+                                 "webhooks_failed")}
     result.update(counts)
     if any(result.values()):
         log.info("deliveries run: %s", ", ".join(f"{k}={v}" for k, v in sorted(result.items()) if v))

@@ -1,0 +1,245 @@
+"""The web page as a person uses it: Debian's chromium driven by Playwright against ``unirs-monitor serve``
+(a subprocess on 127.0.0.1) over a database whose analysis the real pairing and a real Celery worker
+wrote from the bundled Sentinel-2 sample COGs (served on loopback).
+
+The flow: log in; see the area on the map and in the list; draw a polygon with leaflet-geoman's tool and
+add it with a cloud threshold and recipients; upload a GeoJSON file as another area; change an area's
+settings; read the acquisition timeline (clear, cloudy and why, which pair was analysed and why); open
+the analysis page, drag the before/after swipe and see the change regions in their class colours; the
+findings table and its CSV export; the alert email of the same analysis. Screenshots are written to
+var/test-artifacts/web/ (gitignored) — look at them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+from geoalchemy2.shape import to_shape
+from sqlalchemy import select, text
+
+from core.db import session_scope
+from core.models import Analysis, Area, Finding, Observation
+from monitor import pairing
+from tests.fixtures_web import PASSWORD, make_account
+from tests.fixtures_workers import insert_area, insert_sample_scenes, run_until_terminal
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "var" / "test-artifacts" / "web"
+# 2015-08-31 clear (no earlier partner), 2016-08-25 cloudy over the sample, 2020-08-29 clear → paired with
+# 2015-08-31: the bundled sample's documented clear-cut pair (tests/test_workers_pipeline.py).
+DATES = ["2015-08-31", "2016-08-25", "2020-08-29"]
+AREA = "Romanian forest (sample)"
+# workers/render.py CLASS_COLOURS: the map draws regions in the tints of the overlay image.
+CLASS_RGB = {"vegetation_loss": "rgb(230, 30, 30)", "new_built_up_or_bare": "rgb(255, 140, 0)",
+             "vegetation_gain": "rgb(40, 220, 60)", "water_change": "rgb(30, 120, 255)"}
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python (dev extra) not installed")
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                                "(scripts/bootstrap installs it)")
+
+
+@pytest.fixture
+def sample_world(web_db, worker_settings, cog_server, send_task, start_worker):
+    """The sample area owned by alice, its three acquisitions settled by the real pairing and the one pair
+    analysed by a real worker: {area_id, analysis_id, alice}."""
+    alice = make_account(web_db, "alice@example.org")
+    scenes = insert_sample_scenes(worker_settings.catalogues[0], cog_server.url, DATES)
+    area_id = insert_area(scenes.footprint.buffer(-0.0003), name=AREA)
+    with session_scope(worker_settings) as session:
+        area = session.get(Area, area_id)
+        area.owner_id, area.min_clear_fraction, area.max_cloud_cover = alice.id, 0.7, 100.0
+        session.add_all([Observation(area_id=area_id, scene_id=scenes.ids[d]) for d in DATES])
+    pairing.process_pending(worker_settings)
+    with session_scope(worker_settings) as session:
+        analyses = session.scalars(select(Analysis.id).where(Analysis.area_id == area_id)).all()
+    assert len(analyses) == 1, "the sample's pairing should create exactly the 2015 → 2020 analysis"
+    rows = run_until_terminal(list(analyses), worker_settings, send_task, workers=[start_worker()])
+    assert rows[analyses[0]]["status"] == "done", rows
+    return {"area_id": area_id, "analysis_id": analyses[0], "alice": alice}
+
+
+@pytest.fixture
+def browser():
+    with playwright_api.sync_playwright() as p:
+        # Loopback only: no proxy, no background requests of the browser itself.
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--no-proxy-server", "--disable-background-networking", "--disable-component-update"])
+        yield chromium
+        chromium.close()
+
+
+def shot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def click_on_map(page, fractions: list[tuple[float, float]]) -> None:
+    box = page.locator("#map").bounding_box()
+    for fx, fy in fractions:
+        page.mouse.click(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
+        page.wait_for_timeout(150)  # geoman adds the vertex on the click; let it redraw before the next
+
+
+def test_a_person_logs_in_draws_an_area_and_compares_before_after(served_app, sample_world, browser, tmp_path):
+    url, alice = served_app.url, sample_world["alice"]
+    area_id, analysis_id = sample_world["area_id"], sample_world["analysis_id"]
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
+    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    foreign: list[str] = []
+    page.on("request", lambda req: None if req.url.startswith((url, "data:", "blob:")) else foreign.append(req.url))
+
+    # Log in: the map page sends an anonymous visitor to the login form and back.
+    page.goto(f"{url}/")
+    assert page.url == f"{url}/login?next=/"
+    page.fill("input[name=email]", alice.email)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("form.login button[type=submit]")
+    page.wait_for_url(f"{url}/")
+    assert page.locator("header form.logout span").inner_text() == alice.email
+    assert page.locator("#areas tbody tr").all_inner_texts()[0].startswith(AREA)
+    assert page.locator("#map path.leaflet-interactive").count() == 1  # the area's outline
+    shot(page, "1-areas")
+
+    # Draw a quadrilateral with geoman's polygon tool: four corners, then the first again to close it.
+    page.click(".leaflet-pm-icon-polygon")
+    corners = [(0.40, 0.35), (0.60, 0.33), (0.62, 0.60), (0.42, 0.62)]
+    click_on_map(page, [*corners, corners[0]])
+    assert "drawn" in page.locator("#geometry-status").inner_text()
+    page.fill("#new-area input[name=name]", "Drawn <b>clearing</b>")
+    page.fill("#new-area input[name=max_cloud_cover]", "35")
+    page.fill("#new-area textarea[name=recipients]", "ana@example.org\nforest-watch@example.org")
+    shot(page, "2-drawn")
+    page.click("#new-area button[type=submit]")
+    page.wait_for_url(re.compile(r".*/\?added=\d+$"))
+    drawn_id = int(page.url.rsplit("=", 1)[1])
+    # The name is text, not markup, everywhere it is shown.
+    assert page.locator("#added").inner_text().startswith("Added the area “Drawn <b>clearing</b>”")
+    assert page.locator("#areas tbody b").count() == 0
+    listed = page.locator("#areas tbody tr td:first-child").all_inner_texts()
+    assert sorted(listed) == sorted([AREA, "Drawn <b>clearing</b>"])
+    assert page.locator("#map path.leaflet-interactive").count() == 2
+    shot(page, "3-listed")
+    with session_scope(served_app.database_url) as session:
+        drawn = session.get(Area, drawn_id)
+        sample = session.get(Area, area_id)
+        assert (drawn.owner_id, drawn.max_cloud_cover) == (alice.id, 35.0)
+        assert drawn.recipients == ["ana@example.org", "forest-watch@example.org"]
+        ring = to_shape(drawn.geom).geoms[0].exterior
+        # Four corners clicked in the middle of a map fitted to the sample area: a ring of 4 + closing
+        # vertex lying over the sample.
+        assert len(ring.coords) == 5 and to_shape(sample.geom).intersects(to_shape(drawn.geom))
+
+    # Upload a GeoJSON file as another area (its own name; the form's thresholds).
+    upload = tmp_path / "upload.geojson"
+    minx, miny, maxx, maxy = ring.bounds
+    upload.write_text(json.dumps({"type": "Feature", "properties": {"name": "Uploaded strip"}, "geometry": {
+        "type": "Polygon", "coordinates": [[[minx, miny], [maxx, miny], [maxx, miny + (maxy - miny) / 3],
+                                            [minx, miny + (maxy - miny) / 3], [minx, miny]]]}}))
+    page.set_input_files("#new-area input[name=file]", str(upload))
+    playwright_api.expect(page.locator("#geometry-status")).to_have_text("Shape from upload.geojson.")
+    assert page.input_value("#new-area input[name=name]") == "Uploaded strip"
+    before_upload = page.url
+    page.click("#new-area button[type=submit]")
+    page.wait_for_url(lambda u: u != before_upload and re.search(r"/\?added=\d+$", u) is not None)
+    assert "Uploaded strip" in page.locator("#areas tbody").inner_text()
+
+    # The area page: change the settings through the API (CSRF header from the page), read the timeline.
+    page.click(f"#areas a[href='/areas/{area_id}']")
+    page.wait_for_url(f"{url}/areas/{area_id}")
+    page.fill("#area-settings input[name=max_cloud_cover]", "55")
+    page.fill("#area-settings textarea[name=recipients]", "ops@example.org")
+    page.click("#area-settings button[type=submit]")
+    page.wait_for_selector("#settings-saved:not([hidden])")
+    with session_scope(served_app.database_url) as session:
+        sample = session.get(Area, area_id)
+        assert (sample.max_cloud_cover, sample.recipients) == (55.0, ["ops@example.org"])
+    kinds = page.locator("#timeline tbody tr").evaluate_all("rows => rows.map(r => r.dataset.kind)")
+    assert kinds == ["clear", "cloudy", "clear"]  # newest first: 2020, 2016, 2015
+    cloudy = page.locator("#timeline tbody tr[data-kind=cloudy]").inner_text()
+    assert "below the area's minimum 70%" in cloudy
+    newest = page.locator("#timeline tbody tr").first.inner_text()
+    assert newest.startswith("2020-08-29") and f"analysis {analysis_id} (done)" in newest
+    with session_scope(served_app.database_url) as session:
+        pair_reason = session.get(Analysis, analysis_id).pair_reason
+    assert pair_reason and pair_reason in newest
+    shot(page, "4-area")
+
+    # The analysis page: the stored thumbnails load, the swipe follows the mouse, regions in class colours.
+    page.click(f"#timeline a[href='/analyses/{analysis_id}']")
+    page.wait_for_url(f"{url}/analyses/{analysis_id}")
+    page.wait_for_function("[...document.querySelectorAll('#swipe img')].every(i => i.complete)")
+    sizes = page.locator("#swipe img.before, #swipe img.after").evaluate_all(
+        "imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
+    assert len(sizes) == 2 and sizes[0] == sizes[1] and sizes[0][0] > 50
+    assert page.locator("#swipe").get_attribute("data-split") == "50.0"
+    box = page.locator("#swipe").bounding_box()
+    page.mouse.move(box["x"] + 0.5 * box["width"], box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 0.25 * box["width"], box["y"] + box["height"] / 2, steps=8)
+    page.mouse.up()
+    assert abs(float(page.locator("#swipe").get_attribute("data-split")) - 25.0) < 1.0
+    clip = page.locator("#swipe .before-clip").evaluate("n => getComputedStyle(n).clipPath")
+    assert re.fullmatch(r"inset\(0px 7[45](\.\d+)?% 0px 0px\)", clip), clip
+    assert page.input_value("#swipe-range") == "25"
+    shot(page, "5-analysis-swipe-25")
+    assert not page.locator("#swipe img.overlay").is_visible()
+    page.check("#show-overlay")
+    assert page.locator("#swipe img.overlay").is_visible()
+    page.fill("#swipe-range", "80")
+    assert page.locator("#swipe").get_attribute("data-split") == "80.0"
+    shot(page, "6-analysis-overlay-80")
+
+    with session_scope(served_app.database_url) as session:
+        regions = session.execute(select(Finding.change_class).where(
+            Finding.analysis_id == analysis_id, Finding.kind == "region")).scalars().all()
+        caption = session.scalar(select(Finding.caption).where(Finding.analysis_id == analysis_id,
+                                                               Finding.kind == "summary"))
+        answers = session.scalar(select(text("count(*)")).select_from(Finding).where(
+            Finding.analysis_id == analysis_id, Finding.kind == "answer"))
+    assert regions, "the 2015 → 2020 pair of the sample has clear-cuts"
+    strokes = page.locator("#map path.leaflet-interactive").evaluate_all(
+        "ps => ps.map(p => getComputedStyle(p).stroke)")
+    assert sorted(strokes[1:]) == sorted(CLASS_RGB[c] for c in regions)  # [0] is the area outline
+    assert page.locator("#regions tbody tr").count() == len(regions)
+    if caption:
+        assert page.locator("#caption").inner_text() == caption
+    assert page.locator("#answers dt").count() == answers
+
+    # Findings table and its exports, with the session cookie.
+    page.goto(f"{url}/findings?area_id={area_id}")
+    with session_scope(served_app.database_url) as session:
+        total = session.scalar(select(text("count(*)")).select_from(Finding).where(Finding.area_id == area_id))
+    assert page.locator("#findings tbody tr").count() == total
+    csv = page.request.get(url + page.get_attribute("#export-csv", "href"))
+    assert csv.status == 200 and len(csv.text().strip().splitlines()) == total + 1
+    geojson = page.request.get(url + page.get_attribute("#export-geojson", "href")).json()
+    assert len(geojson["features"]) == total
+    shot(page, "7-findings")
+
+    assert foreign == [], f"requests left the app: {foreign}"
+    assert problems == [], problems
+
+    # The alert email of the same analysis, as a mail client would show it (inline images as data URIs).
+    from monitor.reports.context import load_analysis_report
+    from monitor.reports.render import render_alert
+
+    with session_scope(served_app.database_url) as session:
+        report = load_analysis_report(session, analysis_id, url)
+    email = render_alert(report, "ops@example.org")
+    html = email.html
+    for image in email.images:
+        html = html.replace(f"cid:{image.cid}",
+                            f"data:{image.mime_type};base64,{base64.b64encode(image.data).decode()}")
+    mail = browser.new_page(viewport={"width": 800, "height": 1200})
+    mail.set_content(html)
+    assert mail.locator("img").evaluate_all("imgs => imgs.filter(i => i.naturalWidth > 0).length") == len(email.images)
+    shot(mail, "8-alert-email")

@@ -269,14 +269,25 @@ def run_demo(base_url: str, *, var_dir: Path = VAR, dates: list[str] | None = No
 @click.command("demo")
 @click.option("--per-date-timeout", type=float, default=300.0, show_default=True,
               help="Give up if one acquisition takes longer than this to be analysed (seconds).")
+@click.option("--web-port", type=int, default=8080, show_default=True,
+              help="Port of the web app left running at the end (a free one if it is taken).")
+@click.option("--web/--no-web", default=True, show_default=True,
+              help="Leave the web app running over the demo database when the demo ends.")
 @click.pass_obj
-def demo(settings: Settings, per_date_timeout: float) -> None:
+def demo(settings: Settings, per_date_timeout: float, web_port: int, web: bool) -> None:
     """Run the whole loop on the bundled real Sentinel-2 sample (see scripts/demo).
 
     Fresh demo databases, a local STAC API and COG server on loopback, a watched area, the scheduler and a
     Celery worker as real processes; the 16 acquisitions are published one date at a time. Ends with
-    findings in PostGIS and alert emails (.eml + HTML preview) in var/demo/outbox. Safe to run again.
+    findings in PostGIS and alert emails (.eml + HTML preview) in var/demo/outbox, and the web app
+    (``unirs-monitor serve`` on 127.0.0.1) running over the demo database with a demo login; the command
+    prints its URL, the login and how to stop it. Safe to run again (it stops the previous run's app).
     """
+    from devtools import demo_web
+
+    stopped = demo_web.stop_previous(VAR)
+    if stopped:
+        click.echo(f"stopped the web app of the previous demo run (PID {stopped})")
     result = run_demo(settings.database_url, per_date_timeout=per_date_timeout)
     env = {**os.environ, "UNIRS_DATABASE_URL": result.app_url}
     click.echo(click.style("==> ", fg="cyan", bold=True) + "findings")
@@ -289,6 +300,17 @@ def demo(settings: Settings, per_date_timeout: float) -> None:
         click.echo(f"  {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     click.echo(f"\nDatabase: {result.app_url}\nQuery:    UNIRS_DATABASE_URL={result.app_url} "
                f"unirs-monitor findings --format geojson\nLogs:     {VAR}")
+    if web:
+        app = demo_web.start_web(result.app_url, VAR, port=web_port, cwd=REPO)
+        click.echo(click.style("==> ", fg="cyan", bold=True) + f"web app running at {app.url}/ (PID {app.pid})")
+        click.echo(f"  log in as {app.email} with password {app.password} (also in {VAR / demo_web.LOGINFILE})")
+        for what, link in (("the demo area", app.area_url), ("its latest analysis", app.analysis_url)):
+            if link:
+                click.echo(f"  {what}: {link}")
+        click.echo(f"  stop it with: kill {app.pid}    (the next scripts/demo run stops it too)")
+    else:
+        click.echo(f"Web app:  UNIRS_DATABASE_URL={result.app_url} unirs-monitor serve  (then open "
+                   f"http://127.0.0.1:{web_port}/ and log in; create a login with `unirs-monitor users add`)")
 
 
 if __name__ == "__main__":

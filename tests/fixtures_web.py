@@ -129,8 +129,9 @@ def served_app(web_db: str, tmp_path) -> Iterator[ServedApp]:
     url = f"http://127.0.0.1:{port}"
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "UNIRS_DATABASE_URL": web_db, "UNIRS_WEB__SECRET": "test-secret",
-           "UNIRS_WEB__BASEMAP_URL": "", "UNIRS_WEB__PUBLIC_URL": url, "UNIRS_LOG_LEVEL": "WARNING",
+           "UNIRS_WEB__BASEMAP_URL": "", "UNIRS_WEB__PUBLIC_URL": url,
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env.pop("UNIRS_LOG_LEVEL", None)  # serve with the default level, as a fresh deployment does
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "monitor.cli", "serve", "--host", "127.0.0.1", "--port",

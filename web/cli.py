@@ -20,4 +20,4 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
     if not settings.web.secret and workers > 1:
         raise click.ClickException("several workers need a shared UNIRS_WEB__SECRET (sessions, unsubscribe links)")
     uvicorn.run("web.app:create_app", factory=True, host=host or settings.web.host, port=port or settings.web.port,
-                workers=workers, proxy_headers=True, log_level=settings.log_level.lower())
+                workers=workers, proxy_headers=True, log_level=(settings.log_level or "info").lower())

@@ -89,7 +89,8 @@ def click_on_map(page, fractions: list[tuple[float, float]]) -> None:
 def test_a_person_logs_in_draws_an_area_and_compares_before_after(served_app, sample_world, browser, tmp_path):
     url, alice = served_app.url, sample_world["alice"]
     area_id, analysis_id = sample_world["area_id"], sample_world["analysis_id"]
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
     problems: list[str] = []
     page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
     page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
@@ -228,18 +229,35 @@ def test_a_person_logs_in_draws_an_area_and_compares_before_after(served_app, sa
     assert foreign == [], f"requests left the app: {foreign}"
     assert problems == [], problems
 
-    # The alert email of the same analysis, as a mail client would show it (inline images as data URIs).
-    from monitor.reports.context import load_analysis_report
-    from monitor.reports.render import render_alert
+    # The alert email the reports job renders for the same analysis (web links on; inline images as data
+    # URIs, as a mail client shows them): its map button opens the analysis page, "Manage alerts" the area.
+    from datetime import UTC, datetime
 
-    with session_scope(served_app.database_url) as session:
-        report = load_analysis_report(session, analysis_id, url)
-    email = render_alert(report, "ops@example.org")
+    from core.models import Delivery
+    from monitor.reports.immediate import create_immediate_deliveries
+    from monitor.reports.links import email_links
+    from monitor.reports.runner import render_delivery
+    from tests.fixtures_web import web_settings
+
+    settings = web_settings(served_app.database_url, public_url=url)
+    with session_scope(settings) as session:
+        assert create_immediate_deliveries(session, datetime.now(UTC), settings) == 1
+        delivery = session.scalars(select(Delivery).where(Delivery.analysis_id == analysis_id)).one()
+        assert delivery.recipient == "ops@example.org"
+        email = render_delivery(session, delivery, settings, email_links(settings.web, area_id, delivery.recipient))
     html = email.html
     for image in email.images:
         html = html.replace(f"cid:{image.cid}",
                             f"data:{image.mime_type};base64,{base64.b64encode(image.data).decode()}")
-    mail = browser.new_page(viewport={"width": 800, "height": 1200})
+    mail = context.new_page()  # the same browser profile: still logged in
+    mail.set_viewport_size({"width": 800, "height": 1200})
     mail.set_content(html)
     assert mail.locator("img").evaluate_all("imgs => imgs.filter(i => i.naturalWidth > 0).length") == len(email.images)
     shot(mail, "8-alert-email")
+    mail.click("text=Open the changes on the map")
+    mail.wait_for_url(f"{url}/analyses/{analysis_id}")
+    assert mail.locator("#swipe img.after").count() == 1
+    mail.set_content(html)  # back to the message
+    mail.click("text=Manage alerts")
+    mail.wait_for_url(f"{url}/areas/{area_id}")
+    assert mail.locator("#area-name").inner_text().startswith(AREA)

@@ -94,7 +94,15 @@ def check_href(href: str, catalogue: CatalogueSettings, *, resolve: bool = True,
 
 
 def check_webhook_url(url: str, webhooks: WebhookSettings, *, resolve: bool = True) -> str:
-    """Return ``url`` if events may be POSTed to it, else raise :class:`HrefRefused` with the reason.
+    """Return ``url`` if events may be POSTed to it, else raise :class:`HrefRefused` (see
+    :func:`webhook_target`)."""
+    return webhook_target(url, webhooks, resolve=resolve)[0]
+
+
+def webhook_target(url: str, webhooks: WebhookSettings, *, resolve: bool = True) -> tuple[str, list[str]]:
+    """``(url, addresses)``: the addresses the host resolved to and that were checked (connect to one of
+    these, not to a new lookup: no DNS-rebinding window; empty with ``resolve=False``), or
+    :class:`HrefRefused` with the reason.
 
     The asset-href rules with the allow-list turned round: any public host may receive events (the owner of
     the area chose it), but only over ``webhooks.allowed_schemes`` (https), without credentials in the URL,
@@ -119,14 +127,15 @@ def check_webhook_url(url: str, webhooks: WebhookSettings, *, resolve: bool = Tr
     host = (parts.hostname or "").rstrip(".").lower()
     if not host:
         raise HrefRefused(f"webhook URL {url!r} has no host")
-    if not host_allowed(host, webhooks.allowed_private_hosts):
-        try:
-            _check_public(host, port or _DEFAULT_PORTS.get(scheme, 443), url, resolve=resolve)
-        except HrefRefused as exc:
-            raise HrefRefused(str(exc).replace("href", "webhook URL", 1).replace(
-                "set allow_private_hosts on the catalogue only for local test/demo setups",
-                "add the host to webhooks.allowed_private_hosts to allow it")) from None
-    return url
+    port = port or _DEFAULT_PORTS.get(scheme, 443)
+    try:
+        if host_allowed(host, webhooks.allowed_private_hosts):
+            return url, _addresses(host, port, url) if resolve else []
+        return url, [str(a) for a in _check_public(host, port, url, resolve=resolve)]
+    except HrefRefused as exc:
+        raise HrefRefused(str(exc).replace("href", "webhook URL", 1).replace(
+            "set allow_private_hosts on the catalogue only for local test/demo setups",
+            "add the host to webhooks.allowed_private_hosts to allow it")) from None
 
 
 def host_allowed(host: str, allowed_hosts: list[str]) -> bool:
@@ -144,22 +153,27 @@ def host_allowed(host: str, allowed_hosts: list[str]) -> bool:
     return False
 
 
-def _check_public(host: str, port: int, href: str, *, resolve: bool = True) -> None:
+def _addresses(host: str, port: int, href: str) -> list[str]:
     literal = _ip_literal(host)
     if literal is not None:
-        addresses = [literal]
-    elif not resolve:
+        return [str(literal)]
+    try:
+        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError) as exc:
+        raise HrefRefused(f"href {href!r}: host {host!r} does not resolve ({exc})") from None
+    if not infos:
+        raise HrefRefused(f"href {href!r}: host {host!r} resolves to no address")
+    return [info[4][0].split("%", 1)[0] for info in infos]
+
+
+def _check_public(host: str, port: int, href: str, *, resolve: bool = True) -> list:
+    """The addresses of ``host`` (checked), or :class:`HrefRefused`; [] when not resolved."""
+    literal = _ip_literal(host)
+    if literal is None and not resolve:
         if host == "localhost" or host.endswith(".localhost"):
             raise HrefRefused(f"href {href!r}: host {host!r} is loopback by definition (RFC 6761)")
-        return
-    else:
-        try:
-            infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
-        except (OSError, UnicodeError) as exc:
-            raise HrefRefused(f"href {href!r}: host {host!r} does not resolve ({exc})") from None
-        addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
-        if not addresses:
-            raise HrefRefused(f"href {href!r}: host {host!r} resolves to no address")
+        return []
+    addresses = [literal] if literal is not None else [ipaddress.ip_address(a) for a in _addresses(host, port, href)]
     for address in addresses:
         problem = non_public_reason(address)
         if problem:
@@ -168,6 +182,7 @@ def _check_public(host: str, port: int, href: str, *, resolve: bool = True) -> N
                 f"href {href!r}: host {host!r}{where} is {problem}; set allow_private_hosts on the catalogue "
                 "only for local test/demo setups"
             )
+    return addresses
 
 
 def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -81,6 +81,8 @@ def receiver(tmp_path):
                 state.events.setdefault(headers["webhook-id"], payload)
             try:
                 self.send_response(status)
+                if 300 <= status < 400:  # somewhere else on this receiver: a follow would show up as a request
+                    self.send_header("Location", state.url.replace("/hooks/unirs", "/elsewhere"))
                 self.send_header("Content-Length", "0")
                 self.end_headers()
             except OSError:
@@ -216,16 +218,36 @@ def test_one_signed_event_per_alert_with_retries(db, receiver):
         Webhook(receiver.secret).verify(receiver.requests[0]["body"], forged)
 
 
-def test_4xx_and_redirects_give_up_at_once(db, receiver):
+@pytest.mark.parametrize(("reply", "error"), [
+    (410, "HTTP 410 Gone"),
+    (302, "HTTP 302 Found (redirects are not followed; register the final URL)"),
+])
+def test_4xx_and_redirects_give_up_at_once(db, receiver, reply, error):
     area_id, _ = _alert_area(db)
     settings = _settings(db, receiver)
     with session_scope(settings) as session:
         from core.models import Area
 
         receiver.secret = add_endpoint(session, session.get(Area, area_id), receiver.url, settings.webhooks).secret
-    receiver.replies = [410]
+    receiver.replies = [reply]
     assert run_deliveries(settings)["webhooks_failed"] == 1
-    assert _rows(db)[0][1:] == ("failed", 1, "HTTP 410 Gone")
+    assert _rows(db)[0][1:] == ("failed", 1, error)
+    assert [r["path"] for r in receiver.requests] == ["/hooks/unirs"]  # the redirect was not followed
+
+
+def test_the_certificate_is_checked_against_the_url_host(db, receiver):
+    """``localhost`` is allowed here but the receiver's certificate names only 127.0.0.1: refused, retried."""
+    area_id, _ = _alert_area(db)
+    settings = _settings(db, receiver, allowed_private_hosts=["localhost", "127.0.0.1"])
+    url = receiver.url.replace("127.0.0.1", "localhost")
+    with session_scope(settings) as session:
+        from core.models import Area
+
+        add_endpoint(session, session.get(Area, area_id), url, settings.webhooks)
+    assert run_deliveries(settings)["webhooks_retry"] == 1
+    ((_, status, attempts, error),) = _rows(db)
+    assert (status, attempts) == ("pending", 1) and "CERTIFICATE_VERIFY_FAILED" in error and "localhost" in error
+    assert receiver.requests == []
 
 
 def test_a_sender_killed_mid_request_delivers_the_event_exactly_once(db, receiver, tmp_path):

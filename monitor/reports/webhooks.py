@@ -11,7 +11,7 @@ Request: ``POST`` JSON ``{"type": "alert.created", "timestamp": â€¦, "data": {â€
 HMAC-SHA256 of ``id.timestamp.body`` under the endpoint's ``whsec_`` secret). Any 2xx is success;
 408, 429, 5xx and connection failures are retried; other answers (redirects included: they are never
 followed) fail the event for good. The URL passes :func:`eo.security.check_webhook_url` when it is added
-and again before every request.
+and again before every request, which connects to an address that check resolved (no DNS rebinding).
 
 Which analyses: the same rule as immediate emails (:mod:`monitor.reports.immediate`: alerting hectares
 above zero and at least ``min_alert_hectares``, finished within ``reports.immediate_lookback_days``), for
@@ -22,15 +22,16 @@ already sent to the area's other endpoints.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import logging
 import secrets
+import socket
 import ssl
-import urllib.error
-import urllib.request
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import exists, func, or_, select
 from sqlalchemy.orm import Session
@@ -39,7 +40,7 @@ from standardwebhooks import Webhook
 from core.config import Settings, WebhookSettings
 from core.db import session_scope
 from core.models import Analysis, AnalysisStatus, Area, AreaStatus, Delivery, DeliveryStatus, Finding, WebhookEndpoint
-from eo.security import HrefRefused, check_webhook_url
+from eo.security import HrefRefused, check_webhook_url, webhook_target
 from monitor.reports import ledger
 from monitor.reports.context import load_analysis_report
 from monitor.reports.immediate import alert_hectares_sql
@@ -158,43 +159,79 @@ def event_body(session: Session, analysis_id: int, settings: Settings) -> bytes:
 # --- sending ---------------------------------------------------------------------------------------
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None  # urllib then raises HTTPError for the 3xx: a redirect could lead anywhere
+def _connect(addresses: list[str], port: int, timeout: float) -> socket.socket:
+    """The first of the checked addresses that accepts the connection (never a fresh DNS answer: no
+    rebinding window between the policy check and the request)."""
+    error: OSError | None = None
+    for address in addresses:
+        try:
+            return socket.create_connection((address, port), timeout)
+        except OSError as exc:
+            error = exc
+    raise error or OSError("no address to connect to")
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """HTTPS to the checked addresses; the certificate is still verified against the URL's host name."""
+
+    def __init__(self, addresses: list[str], host: str, port: int, timeout: float, context: ssl.SSLContext) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self.addresses = addresses
+
+    def connect(self) -> None:
+        self.sock = self._context.wrap_socket(_connect(self.addresses, self.port, self.timeout),
+                                              server_hostname=self.host)
+
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    """Plain HTTP (only where ``webhooks.allowed_schemes`` has it), pinned like :class:`_PinnedHTTPS`."""
+
+    def __init__(self, addresses: list[str], host: str, port: int, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.addresses = addresses
+
+    def connect(self) -> None:
+        self.sock = _connect(self.addresses, self.port, self.timeout)
 
 
 class WebhookTransport:
+    """POSTs with http.client: no proxies from the environment and no redirects (nothing follows them)."""
+
     name = "webhooks"
 
     def __init__(self, webhooks: WebhookSettings) -> None:
         self.settings = webhooks
-        context = ssl.create_default_context(cafile=str(webhooks.ca_file) if webhooks.ca_file else None)
-        # No proxies from the environment: the request must go to the address the policy checked.
-        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect,
-                                                  urllib.request.HTTPSHandler(context=context))
+        self.context = ssl.create_default_context(cafile=str(webhooks.ca_file) if webhooks.ca_file else None)
 
     def post(self, url: str, secret: str, webhook_id: str, body: bytes) -> int:
         """One signed POST; the HTTP status on 2xx, else :class:`DeliveryError` (permanent or not)."""
         try:
-            check_webhook_url(url, self.settings)
+            url, addresses = webhook_target(url, self.settings)
         except HrefRefused as exc:
             raise DeliveryError(f"refused by the webhook URL policy: {exc}", permanent=True) from None
+        parts = urlsplit(url)
+        https = parts.scheme.lower() == "https"
+        port, timeout = parts.port or (443 if https else 80), self.settings.timeout_seconds
         stamp = datetime.now(UTC)
         headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, "webhook-id": webhook_id,
                    "webhook-timestamp": str(int(stamp.timestamp())),
                    "webhook-signature": Webhook(secret).sign(webhook_id, stamp, body.decode())}
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conn = (_PinnedHTTPS(addresses, parts.hostname, port, timeout, self.context) if https
+                else _PinnedHTTP(addresses, parts.hostname, port, timeout))
         try:
-            with self.opener.open(request, timeout=self.settings.timeout_seconds) as resp:
-                return resp.status
-        except urllib.error.HTTPError as exc:
-            code = exc.code
-            retry = code in (408, 429) or code >= 500
-            hint = " (redirects are not followed; register the final URL)" if 300 <= code < 400 else ""
-            raise DeliveryError(f"HTTP {code} {exc.reason}{hint}", permanent=not retry) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise DeliveryError(f"unreachable: {type(reason).__name__}: {reason}") from None
+            conn.request("POST", path, body=body, headers=headers)
+            resp = conn.getresponse()
+            code, reason = resp.status, resp.reason
+        except (OSError, http.client.HTTPException) as exc:
+            raise DeliveryError(f"unreachable: {type(exc).__name__}: {exc}") from None
+        finally:
+            conn.close()
+        if 200 <= code < 300:
+            return code
+        retry = code in (408, 429) or code >= 500
+        hint = " (redirects are not followed; register the final URL)" if 300 <= code < 400 else ""
+        raise DeliveryError(f"HTTP {code} {reason}{hint}", permanent=not retry)
 
 
 def _prepare(session: Session, delivery_id: int, settings: Settings) -> tuple[str, str, bytes] | None:

@@ -130,6 +130,20 @@ def check_smtp(settings: Settings) -> str:
         return f"SMTP {smtp.host}:{smtp.port} accepted EHLO{' + STARTTLS' if smtp.starttls else ''}"
 
 
+def check_web_links(settings: Settings) -> str:
+    """Links in emails (analysis page, manage alerts, RFC 8058 one-click unsubscribe) need the web app's
+    public URL and a secret shared by the scheduler and every web replica."""
+    web = settings.web
+    if not web.public_url:
+        return ("no web.public_url: emails carry no web links and no List-Unsubscribe header "
+                "(UNIRS_WEB__PUBLIC_URL and UNIRS_WEB__SECRET when the web app runs)")
+    if not web.secret:
+        raise DoctorWarning(f"web.public_url is {web.public_url} but web.secret is unset: emails carry no unsubscribe "
+                            "links and each process signs sessions with its own random key (set UNIRS_WEB__SECRET, "
+                            "the same for the scheduler and every web replica)")
+    return f"emails link to {web.public_url.rstrip('/')} (analysis pages, manage alerts, one-click unsubscribe)"
+
+
 def check_model(settings: Settings, load: bool) -> str:
     path = settings.model.weights_path
     if path is None:
@@ -175,6 +189,7 @@ def run_checks(settings: Settings, *, load_model: bool = False) -> list[Check]:
     checks += [_check(f"catalogue {c.name}", lambda c=c: check_catalogue(c)) for c in settings.catalogues]
     checks += [
         _check("email", lambda: check_smtp(settings)),
+        _check("email links", lambda: check_web_links(settings)),
         _check("model", lambda: check_model(settings, load_model)),
     ]
     return checks
@@ -186,7 +201,8 @@ def run_checks(settings: Settings, *, load_model: bool = False) -> list[Check]:
 @click.pass_obj
 def doctor(settings: Settings, load_model: bool, as_json: bool) -> None:
     """Check configuration and connectivity: database + PostGIS + schema revision, broker, each STAC
-    catalogue, SMTP (or the outbox directory), model weights, and areas that alert nobody (WARN).
+    catalogue, SMTP (or the outbox directory), email links (WARN: a public URL without a shared secret), model
+    weights, and areas that alert nobody (WARN).
     Exit status 1 if anything is wrong (FAIL)."""
     checks = run_checks(settings, load_model=load_model)
     if as_json:

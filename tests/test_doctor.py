@@ -34,6 +34,18 @@ def test_doctor_healthy_database_and_broken_pieces(database_url, monkeypatch, tm
     assert not checks["catalogue local"]["ok"] and "127.0.0.1" in checks["catalogue local"]["detail"]
     assert checks["email"]["ok"] and "outbox" in checks["email"]["detail"]
     assert not checks["model"]["ok"] and "config.json is missing" in checks["model"]["detail"]
+    assert checks["email links"]["ok"] and "no List-Unsubscribe header" in checks["email links"]["detail"]
+
+
+def test_doctor_warns_when_email_links_cannot_be_signed(database_url, monkeypatch, tmp_path):
+    base = {"UNIRS_DATABASE_URL": database_url, "UNIRS_SMTP__OUTBOX_DIR": str(tmp_path / "outbox"),
+            "UNIRS_WEB__PUBLIC_URL": "https://monitor.example.org/"}
+    _, checks = _doctor(monkeypatch, **base)
+    links = checks["email links"]
+    assert links["ok"] and links["warning"] and "UNIRS_WEB__SECRET" in links["detail"]
+    _, checks = _doctor(monkeypatch, **base, UNIRS_WEB__SECRET="shared")
+    assert not checks["email links"]["warning"]
+    assert checks["email links"]["detail"].startswith("emails link to https://monitor.example.org (")
 
 
 def test_doctor_unmigrated_database(monkeypatch):

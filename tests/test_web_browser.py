@@ -3,10 +3,11 @@
 wrote from the bundled Sentinel-2 sample COGs (served on loopback).
 
 The flow: log in; see the area on the map and in the list; draw a polygon with leaflet-geoman's tool and
-add it with a cloud threshold and recipients; upload a GeoJSON file as another area; change an area's
-settings; read the acquisition timeline (clear, cloudy and why, which pair was analysed and why); open
-the analysis page, drag the before/after swipe and see the change regions in their class colours; the
-findings table and its CSV export; the alert email of the same analysis. Screenshots are written to
+add it with a cloud threshold and recipients; upload a GeoJSON file as another area; reshape one (drag a
+corner) and delete the other; change an area's settings; read the acquisition timeline (clear, cloudy
+and why, which pair was analysed and why); open the analysis page, drag the before/after swipe and see
+the change regions in their class colours; the findings table and its CSV export; the alert email of the
+same analysis and its links back into the app. Screenshots are written to
 var/test-artifacts/web/ (gitignored) — look at them.
 """
 
@@ -152,6 +153,36 @@ def test_a_person_logs_in_draws_an_area_and_compares_before_after(served_app, sa
     page.click("#new-area button[type=submit]")
     page.wait_for_url(lambda u: u != before_upload and re.search(r"/\?added=\d+$", u) is not None)
     assert "Uploaded strip" in page.locator("#areas tbody").inner_text()
+    uploaded_id = int(page.url.rsplit("=", 1)[1])
+
+    # Reshape the drawn area: geoman's edit mode, one corner dragged, saved through PATCH.
+    page.goto(f"{url}/areas/{drawn_id}")
+    page.click("#edit-shape")
+    corner = page.locator("#map .marker-icon:not(.marker-icon-middle)").first
+    start = corner.bounding_box()
+    page.mouse.move(start["x"] + start["width"] / 2, start["y"] + start["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(start["x"] - 40, start["y"] - 30, steps=6)
+    page.mouse.up()
+    page.wait_for_selector("#save-shape:not([hidden])")
+    shot(page, "3b-reshaping")
+    page.click("#save-shape")
+    page.wait_for_load_state("load")
+    playwright_api.expect(page.locator("#edit-shape")).to_have_text("Edit shape")
+    with session_scope(served_app.database_url) as session:
+        reshaped = to_shape(session.get(Area, drawn_id).geom)
+    assert len(reshaped.geoms[0].exterior.coords) == 5
+    moved = set(reshaped.geoms[0].exterior.coords) - set(ring.coords)
+    assert len(moved) == 1, "exactly the dragged corner moved"
+
+    # Delete the uploaded one (after the browser's confirmation dialog).
+    page.goto(f"{url}/areas/{uploaded_id}")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#delete-area")
+    page.wait_for_url(f"{url}/")
+    assert "Uploaded strip" not in page.locator("#areas tbody").inner_text()
+    with session_scope(served_app.database_url) as session:
+        assert session.get(Area, uploaded_id) is None
 
     # The area page: change the settings through the API (CSRF header from the page), read the timeline.
     page.click(f"#areas a[href='/areas/{area_id}']")

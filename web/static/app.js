@@ -164,12 +164,54 @@
   }
 
   // --- /areas/{id} -------------------------------------------------------------------------------------
+  // The area's outline as one GeoJSON geometry (a MultiPolygon area stays one Leaflet layer).
+  function outlineGeometry(layer) {
+    const geoms = [];
+    layer.eachLayer((l) => geoms.push(l.toGeoJSON().geometry));
+    if (geoms.length === 1) return geoms[0];
+    return { type: "MultiPolygon", coordinates: geoms.flatMap((g) => (g.type === "Polygon" ? [g.coordinates] : g.coordinates)) };
+  }
+
   function areaPage() {
     const area = pageData();
     const map = makeMap("map");
-    fit(map, L.geoJSON(area, { style: { color: "#2563eb", weight: 2, fillOpacity: 0.1 } }).addTo(map));
+    const outline = L.geoJSON(area, { style: { color: "#2563eb", weight: 2, fillOpacity: 0.1 } }).addTo(map);
+    fit(map, outline);
     const form = document.getElementById("area-settings");
     const id = Number(form.dataset.areaId);
+
+    const editShape = document.getElementById("edit-shape");
+    const saveShape = document.getElementById("save-shape");
+    const shapeStatus = document.getElementById("shape-status");
+    let editing = false;
+    editShape.addEventListener("click", () => {
+      editing = !editing;
+      outline.eachLayer((l) => (editing ? l.pm.enable({ allowSelfIntersection: false }) : l.pm.disable()));
+      editShape.textContent = editing ? "Stop editing" : "Edit shape";
+      shapeStatus.textContent = editing ? "Drag the corners; the midpoints add corners." : "";
+    });
+    outline.eachLayer((l) => l.on("pm:edit", () => {
+      saveShape.hidden = false;
+      shapeStatus.textContent = "Shape changed, not saved yet.";
+    }));
+    document.getElementById("shape-form").addEventListener("submit", async (event) => {
+      event.preventDefault();
+      try {
+        await api("PATCH", `/api/areas/${id}`, { geometry: outlineGeometry(outline) });
+        window.location.reload();
+      } catch (err) {
+        shapeStatus.textContent = err.message;
+      }
+    });
+    document.getElementById("delete-area").addEventListener("click", async () => {
+      if (!window.confirm("Delete this area with its acquisitions, analyses and findings?")) return;
+      try {
+        await api("DELETE", `/api/areas/${id}`);
+        window.location.assign("/");
+      } catch (err) {
+        showError("settings-error", err.message);
+      }
+    });
     form.addEventListener("submit", async (event) => {
       event.preventDefault();
       showError("settings-error", "");

@@ -1,14 +1,21 @@
-"""Chaos runs that need no services (issue 17 item 7, partial): R5 generated area inputs, R6 hostile hrefs.
+"""The chaos suite (issue 17 item 7): R1–R6, one command, one table.
 
-    PYTHONPATH=. python benchmarks/chaos.py [--inputs 5000]
+    PYTHONPATH=. .venv/bin/python benchmarks/chaos.py            # full: ~10 min on a busy 2-core machine
+    PYTHONPATH=. .venv/bin/python benchmarks/chaos.py --quick    # what tests/test_chaos_quick.py runs
+    PYTHONPATH=. .venv/bin/python benchmarks/chaos.py --only R3,R6
 
-R5 feeds generated GeoJSON/WKT/name inputs through the CLI's parsing and validation path
+R1 worker ``kill -9`` mid-analysis, R2 Redis and PostgreSQL restarts mid-run (private instances on free
+ports), R3 STAC faults through a loopback fault proxy, R4 SMTP down / 4xx / 5xx (aiosmtpd): see the
+modules in tests/chaos/ for what each try does and how it is scored. Everything they need is started
+here from nothing (throw-away databases on ``UNIRS_TEST_ADMIN_URL``, loopback subprocesses) and dropped at
+the end. R5 feeds generated GeoJSON/WKT/name inputs through the CLI's parsing and validation path
 (``read_source`` → ``parse_areas`` → ``validate_name``); a pass is a result or a one-line
 ``AreaGeometryError``/``AreaError``; anything else, or an error message that is not one line, counts
-in the tracebacks column. R6 runs hostile hrefs through
-``check_href``; every one must be refused. R1–R4 (worker kill, broker/DB restarts, STAC faults, SMTP)
-are covered by tests/test_workers_recovery.py, tests/test_poll_consistency.py, tests/test_reports.py and
-tests/test_deliveries_attention.py, not yet by this script. Prints a table; last line ``name: value``.
+in the tracebacks column. R6 runs hostile hrefs through ``check_href``; every one must be refused.
+
+Prints a table (tries, passed, lost, duplicated, tracebacks), the notes of every try that did not pass,
+and last the line ``chaos_not_passed: N`` (tries that did not pass plus every loss, duplicate and
+traceback; 0 is the goal).
 """
 
 from __future__ import annotations
@@ -16,6 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -101,15 +114,64 @@ def r6() -> dict[str, int]:
     return row
 
 
+FULL = {"R1": 5, "R2": 3, "R3": 3, "R4": 3, "R5": 5000}
+QUICK = {"R1": 1, "R2": 1, "R3": 1, "R4": 1, "R5": 300}
+NAMES = {"R1": "R1 worker kill -9", "R2": "R2 redis+pg restart", "R3": "R3 STAC faults", "R4": "R4 SMTP faults",
+         "R5": "R5 area inputs", "R6": "R6 hostile hrefs"}
+
+
+def run_services(wanted: list[str], sizes: dict[str, int], workdir: Path) -> dict[str, dict]:
+    """R1–R4 in one laboratory; returns {name: row with notes}."""
+    from tests.chaos.lab import standalone_lab
+    from tests.chaos.mail_runs import r4_smtp_faults
+    from tests.chaos.stac_runs import r3_stac_faults
+    from tests.chaos.workers_runs import r1_worker_kills, r2_service_restarts
+
+    runs = {"R1": r1_worker_kills, "R2": r2_service_restarts, "R3": r3_stac_faults, "R4": r4_smtp_faults}
+    rows: dict[str, dict] = {}
+    with standalone_lab(workdir) as lab:
+        for key in wanted:
+            started = time.monotonic()
+            tally = runs[key](lab, sizes[key])
+            rows[key] = {**tally.as_dict(), "notes": tally.notes, "seconds": time.monotonic() - started}
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--inputs", type=int, default=5000)
+    parser.add_argument("--quick", action="store_true", help="the small form tests/test_chaos_quick.py runs")
+    parser.add_argument("--only", default="R1,R2,R3,R4,R5,R6", help="comma-separated runs, e.g. R3,R6")
+    parser.add_argument("--inputs", type=int, default=None, help="R5 inputs (default 5000, quick 300)")
     args = parser.parse_args()
-    rows = {"R5 area inputs": r5(args.inputs), "R6 hostile hrefs": r6()}
-    print(f"{'run':<20}{'tries':>8}{'passed':>8}{'lost':>6}{'dup':>6}{'tracebacks':>12}")
-    for name, r in rows.items():
-        print(f"{name:<20}{r['tries']:>8}{r['passed']:>8}{r['lost']:>6}{r['duplicated']:>6}{r['tracebacks']:>12}")
-    print(f"tracebacks: {sum(r['tracebacks'] for r in rows.values())}")
+    sizes = dict(QUICK if args.quick else FULL)
+    if args.inputs is not None:
+        sizes["R5"] = args.inputs
+    wanted = [k.strip().upper() for k in args.only.split(",") if k.strip()]
+    unknown = sorted(set(wanted) - set(NAMES))
+    if unknown:
+        parser.error(f"unknown run(s) {unknown}; choose from {sorted(NAMES)}")
+    rows: dict[str, dict] = {}
+    services = [k for k in wanted if k in ("R1", "R2", "R3", "R4")]
+    if services:
+        with tempfile.TemporaryDirectory(prefix="unirs-chaos-") as tmp:
+            rows.update(run_services(services, sizes, Path(tmp)))
+    if "R5" in wanted:
+        started = time.monotonic()
+        rows["R5"] = {**r5(sizes["R5"]), "seconds": time.monotonic() - started}
+    if "R6" in wanted:
+        started = time.monotonic()
+        rows["R6"] = {**r6(), "seconds": time.monotonic() - started}
+
+    print(f"{'run':<22}{'tries':>7}{'passed':>8}{'lost':>6}{'dup':>6}{'tracebacks':>12}{'seconds':>9}")
+    for key in wanted:
+        r = rows[key]
+        print(f"{NAMES[key]:<22}{r['tries']:>7}{r['passed']:>8}{r['lost']:>6}{r['duplicated']:>6}"
+              f"{r['tracebacks']:>12}{r['seconds']:>9.0f}")
+    for key in wanted:
+        for note in rows[key].get("notes", [])[:20]:
+            print(key, note)
+    bad = sum(r["tries"] - r["passed"] + r["lost"] + r["duplicated"] + r["tracebacks"] for r in rows.values())
+    print(f"chaos_not_passed: {bad}")
 
 
 if __name__ == "__main__":

@@ -247,11 +247,12 @@ class SampleScenes:
     footprint: BaseGeometry
 
 
-def insert_sample_scenes(catalogue: CatalogueSettings, cog_url: str, dates: list[str]) -> SampleScenes:
+def insert_sample_scenes(catalogue: CatalogueSettings, cog_url: str, dates: list[str],
+                         settings: Settings | None = None) -> SampleScenes:
     """Scene rows from the committed sample items, hrefs pointing at the COG server (via the ingest code)."""
     items = {it["properties"]["datetime"][:10]: it for it in localstac.read_sample_items()}
     ids: dict[str, int] = {}
-    with session_scope(get_settings()) as session:
+    with session_scope(settings or get_settings()) as session:
         cat_id = upsert_catalogue(session, catalogue)
         for date in dates:
             item = localstac.rewrite_asset_hrefs(items[date], cog_url)
@@ -283,13 +284,14 @@ def insert_scene_copy(scene_id: int, *, suffix: str, assets: dict[str, Any]) -> 
     return row
 
 
-def insert_area(geom: BaseGeometry, name: str | None = None, questions: list[str] | None = None) -> int:
+def insert_area(geom: BaseGeometry, name: str | None = None, questions: list[str] | None = None,
+                recipients: list[str] | None = None, settings: Settings | None = None) -> int:
     from monitor.geometry import geodesic_area_km2
 
     multi = geom if isinstance(geom, MultiPolygon) else MultiPolygon([geom])
-    with session_scope(get_settings()) as session:
+    with session_scope(settings or get_settings()) as session:
         area = Area(name=name or f"area-{uuid.uuid4().hex[:6]}", geom=from_shape(multi, srid=4326),
-                    area_km2=geodesic_area_km2(multi), recipients=[], questions=questions or [],
+                    area_km2=geodesic_area_km2(multi), recipients=recipients or [], questions=questions or [],
                     collections=["sentinel-2-l2a"], properties={})
         session.add(area)
         session.flush()
@@ -303,18 +305,18 @@ def insert_observation(area_id: int, scene_id: int, clear: float = 1.0) -> None:
 
 
 def insert_analysis(area_id: int, after_id: int, before_id: int | None, analyser: str = "spectral@1",
-                    question_set: str = "@1") -> int:
+                    question_set: str = "@1", settings: Settings | None = None) -> int:
     from core import jobs
 
-    with session_scope(get_settings()) as session:
+    with session_scope(settings or get_settings()) as session:
         return jobs.create_pending(session, idempotency_key=uuid.uuid4().hex, area_id=area_id,
                                    after_scene_id=after_id, before_scene_id=before_id,
                                    analyser=jobs.AnalyserSpec.parse(analyser), question_set=question_set,
                                    pairing_policy="latest", pair_reason="inserted by the test")
 
 
-def analysis_rows(ids: list[int]) -> dict[int, dict[str, Any]]:
-    with session_scope(get_settings()) as session:
+def analysis_rows(ids: list[int], settings: Settings | None = None) -> dict[int, dict[str, Any]]:
+    with session_scope(settings or get_settings()) as session:
         rows = session.execute(
             text(
                 "SELECT id, status::text AS status, attempts, worker, last_error, stats, analyser, analyser_run "
@@ -332,7 +334,7 @@ def run_until_terminal(ids: list[int], settings: Settings, send: Callable[[int, 
     deadline = time.monotonic() + timeout
     while True:
         dispatch_once(settings, send=send)
-        rows = analysis_rows(ids)
+        rows = analysis_rows(ids, settings)
         if all(r["status"] in TERMINAL for r in rows.values()):
             return rows
         if time.monotonic() > deadline:

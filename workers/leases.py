@@ -19,6 +19,9 @@ the heartbeat thread.
   ``min(heartbeat_seconds, lease / 3)``. A worker that dies stops heartbeating, the lease expires and
   :mod:`monitor.dispatch` re-queues the row. Times come from the database clock (``now()``), so worker
   and dispatcher clocks never disagree.
+- **database unreachable** at the claim or at a give-back: one warning line and nothing else — the row is
+  exactly where it was (queued with its message gone, or running with a lease that will expire), and the
+  dispatcher re-sends it; an exception out of the task would only add a traceback.
 - **fencing**: every later write is guarded by ``worker`` *and* ``attempts`` of this claim. If the lease
   was lost (the row was re-queued and claimed by someone else), the guarded UPDATE matches no row and the
   whole finishing transaction — findings included — is rolled back (:class:`LeaseLost`).
@@ -30,6 +33,8 @@ import logging
 import threading
 import time
 from typing import Any
+
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from core import jobs
 from core.config import Settings
@@ -48,9 +53,15 @@ MAX_RUN_SECONDS = 3600
 
 
 def claim(analysis_id: int, worker: str, settings: Settings) -> Claim | None:
-    """Take the analysis for this worker, or None (already taken, finished, or out of attempts)."""
-    with session_scope(settings) as session:
-        result = jobs.claim(session, analysis_id, worker, settings)
+    """Take the analysis for this worker, or None (already taken, finished, out of attempts, or the database
+    unreachable)."""
+    try:
+        with session_scope(settings) as session:
+            result = jobs.claim(session, analysis_id, worker, settings)
+    except (OperationalError, InterfaceError) as exc:
+        logger.warning("analysis %s not claimed: database unreachable (%s); the dispatcher re-sends it",
+                       analysis_id, _first_line(exc))
+        return None
     if result is None:
         logger.warning("analysis %s does not exist (deleted?); message dropped", analysis_id)
         return None
@@ -77,12 +88,22 @@ def finish_now(c: Claim, status: AnalysisStatus | str, settings: Settings, *, st
 
 
 def release(c: Claim, reason: str, settings: Settings) -> str | None:
-    """Give the row back for another attempt (or fail it when attempts are used up); returns the new status."""
-    with session_scope(settings) as session:
-        status = jobs.release(session, c, reason, settings)
+    """Give the row back for another attempt (or fail it when attempts are used up); returns the new status,
+    or None when the database is unreachable (the row stays running until its lease expires)."""
+    try:
+        with session_scope(settings) as session:
+            status = jobs.release(session, c, reason, settings)
+    except (OperationalError, InterfaceError) as exc:
+        logger.warning("analysis %s not given back after attempt %d: database unreachable (%s); the dispatcher "
+                       "re-queues it when its lease expires", c.analysis_id, c.attempts, _first_line(exc))
+        return None
     logger.warning("analysis %s released after attempt %d (%s): %s", c.analysis_id, c.attempts,
                    status.value if status else None, reason)
     return status.value if status else None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def heartbeat_interval(settings: Settings) -> float:

@@ -48,9 +48,11 @@ WORDS = ["forest loss near a new road", "clear-cut expands", "flooded fields", "
 LOAD = [
     """INSERT INTO catalogues (id, name, url) VALUES (1, 'bench', 'https://example.org/stac')""",
     """INSERT INTO areas (id, name, geom, area_km2, status, collections, max_cloud_cover, min_clear_fraction,
-                          recipients, questions, alert_frequency, min_alert_hectares, pairing_policy, properties)
+                          recipients, questions, alert_frequency, min_alert_hectares, pairing_policy, properties,
+                          owner_id)
        SELECT i, 'area ' || i, ST_Multi(ST_MakeEnvelope(cx, cy, cx + 0.1, cy + 0.1, 4326)), 80, 'active',
-              ARRAY['sentinel-2-l2a'], 80, 0.7, ARRAY[]::text[], ARRAY[]::text[], 'immediate', 0.5, 'latest', '{}'
+              ARRAY['sentinel-2-l2a'], 80, 0.7, ARRAY[]::text[], ARRAY[]::text[], 'immediate', 0.5, 'latest', '{}',
+              (SELECT min(id) FROM users)  -- the operator account revision 0006 creates
        FROM (SELECT i, 5 + random() * 25 AS cx, 40 + random() * 15 AS cy
              FROM generate_series(1, %(areas)s) AS i) AS s""",
     """INSERT INTO acquisitions (id, key, platform, sensed_at)

@@ -71,7 +71,7 @@ def findings(ctx: click.Context, area, since, until, kind, bbox, min_hectares, t
         )
         with session_scope(ctx.obj) as session:
             if fmt in ("geojson", "csv"):  # streamed: rows are written as the server-side cursor yields them
-                rows = svc.iter_findings(session, flt)
+                rows = svc.iter_findings(session, flt, geometry_text=fmt == "geojson")
                 if fmt == "geojson":
                     svc.write_geojson(rows, sys.stdout, default=_json_default)
                 else:

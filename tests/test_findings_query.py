@@ -195,3 +195,54 @@ def test_streamed_export_and_area_text(data, monkeypatch):
     # Area + text: only that area's matches.
     assert {r["area"] for r in q(area="Apuseni forest", text="forest")} == {"Apuseni forest"}
     assert q(area="Danube delta", text="forest") == []
+
+
+@pytest.fixture
+def many(db):
+    """Two areas with 40 analyses each, one a day; words in captions (every 3rd "quarry", every 7th
+    "Burn scar") and answers (every 5th "a quarry road"); one backfilled analysis out of order."""
+    with session_scope(get_settings()) as s:
+        cat = f.catalogue(s)
+        for name, geom in (("Apuseni forest", None), ("Danube delta", DELTA)):
+            area_row = f.area(s, name=name, **({"geom": geom} if geom is not None else {}))
+            days = [*range(40)]
+            days[17] = 45  # appended in the middle, observed after the last one
+            for k, day in enumerate(days):
+                sc = f.scene(s, cat, datetime(2024, 1, 1, 9, 40, tzinfo=UTC) + (day * (when("2024-01-02")
+                                                                                      - when("2024-01-01"))))
+                an = f.analysis(s, area_row, sc, None)
+                words = " ".join(w for w, every in (("quarry", 3), ("Burn scar", 7)) if k % every == 0)
+                f.findings(s, an, caption=f"analysis {k} {words}", regions=[], images=False,
+                           answers=[{"question": "What is new?", "answer": "a quarry road" if k % 5 == 0 else "no",
+                                     "confidence": 0.5, "statistics": {}}])
+    return db
+
+
+@pytest.mark.parametrize("scan_rows, area_matches", [(30, 10), (1, 10), (1, 1)])
+def test_area_text_search_gives_the_newest_matches_whichever_step_answers(many, monkeypatch, scan_rows,
+                                                                          area_matches):
+    # (30, 10): the newest-rows scan answers common words; (1, 10): the (area, trigram) index lookup of all
+    # the area's matches; (1, 1): too many matches for that, the time windows answer.
+    monkeypatch.setattr(svc, "SCAN_ROWS_PER_RESULT", scan_rows)
+    monkeypatch.setattr(svc, "AREA_MATCHES_PER_RESULT", area_matches)
+    for area in ("Apuseni forest", "Danube delta"):
+        everything = q(area=area, limit=None)  # newest first, no text filter: the reference order
+        for word in ("quarry", "burn scar", "QUARRY ROAD", "analysis 1", "absent"):
+            expected = [r["id"] for r in everything
+                        if word.lower() in (r["caption"] or "").lower() or word.lower() in (r["answer"] or "").lower()]
+            for limit in (1, 3, 10, 100):
+                got = q(area=area, text=word, limit=limit)
+                assert [r["id"] for r in got] == expected[:limit], (area, word, limit)
+                assert all(set(r) == set(everything[0]) for r in got)  # no helper column leaks out
+    # Known counts: "quarry" in 14 captions (k = 0, 3, …, 39) and 8 answers (k = 0, 5, …, 35) of each area.
+    assert len(q(area="Danube delta", text="quarry", limit=None)) == 22
+
+
+def test_geojson_export_copies_the_geometry_text_through(data):
+    with session_scope(get_settings()) as s:
+        flt = svc.FindingFilter(area="Apuseni forest", limit=None)
+        parsed, copied = io.StringIO(), io.StringIO()
+        n = svc.write_geojson(svc.iter_findings(s, flt), parsed, default=str)
+        assert svc.write_geojson(svc.iter_findings(s, flt, geometry_text=True), copied, default=str) == n
+    assert n == 6 and json.loads(copied.getvalue()) == json.loads(parsed.getvalue())
+    assert sum(feat["geometry"] is not None for feat in json.loads(copied.getvalue())["features"]) == 3

@@ -1,11 +1,25 @@
-"""Benchmark of the findings query on a million findings in PostGIS.
+"""Benchmark of the findings queries users run, at 1 M and 5 M findings in PostGIS, before and after.
 
-Creates a throw-away database (migrated with the real Alembic revisions, so the real indexes), generates
-the rows in SQL (generate_series: no row crosses the client), then times the typical queries through
-``monitor.findings.query_findings`` — the code the CLI runs — and prints p50/p95 per query, ending with
-``p95_ms: X`` for the slowest. ``--explain`` prints one EXPLAIN ANALYZE per query kind.
+Per size: a throw-away database migrated with the real Alembic revisions up to the one before
+``AFTER_REVISION``, rows generated in SQL (generate_series: no row crosses the client), then
 
-    .venv/bin/python benchmarks/bench_queries.py [--rows 1000000] [--repeat 40] [--explain] [--keep]
+- arm ``before``: the query code of ``--baseline`` (monitor/findings.py exported with ``git show``) on
+  that schema;
+- the upgrade to head (its time is printed: what the revision costs on a table of that size);
+- arm ``after``: this checkout's ``monitor.findings`` on the upgraded schema.
+
+Query kinds (through ``query_findings`` / ``iter_findings`` + ``write_geojson``, the code the CLI runs):
+area + 90 days, bbox + 180 days, text, area + text, and the GeoJSON export of one whole area (every
+finding of it, streamed; written to memory). Each kind runs ``--repeat`` parameter sets; **cold** is the
+first run of each set (areas no earlier arm or kind touched, so their pages are not in PostgreSQL's
+shared buffers — the operating system's page cache is not dropped: that needs root on a shared host),
+**warm** the same set run again. Figures: p50/p95 ms per kind, arm and cache; the export also per
+10,000 findings. Last line: ``p95_ms_5m_after: X`` (the slowest p95 of the after arm at the largest size).
+``--explain`` prints one EXPLAIN ANALYZE per kind.
+
+    .venv/bin/python benchmarks/bench_queries.py [--sizes 1000000,5000000] [--repeat 20] [--explain]
+
+Goals (issue 13): every p95 < 50 ms at 5 M; the export of an area with 10,000 findings < 1 s.
 
 Data shape: 200 areas of ~0.1° scattered over Europe, 50,000 analyses over three years (one after-scene
 each; rows appended roughly in acquisition order as in production, 10 % backfilled out of order), 20
@@ -16,10 +30,14 @@ findings per analysis (1 summary with a caption, 15 changed regions with small p
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import io
 import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,8 +51,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core import migrate
 from core.db import get_engine, session_scope
 from devtools import dbadmin
-from monitor.findings import FindingFilter, query_findings
+from monitor import findings as current_findings
+from monitor.findings import FindingFilter
 
+# main before issue 13's query work (monitor/findings.py as the issue measured it).
+BASELINE_REV = "b3fdd02"
+AFTER_REVISION = "0009"  # the findings (area, trigram) indexes
 ADMIN_URL = os.environ.get("UNIRS_BENCH_ADMIN_URL", "postgresql://unirs:unirs@127.0.0.1:5432/postgres")
 AREAS = 200
 FINDINGS_PER_ANALYSIS = 20
@@ -127,10 +149,11 @@ def load(url: str, rows: int) -> None:
         conn.execute("VACUUM ANALYZE")
 
 
-def queries(rng: random.Random, url: str):
-    """(label, FindingFilter) generators for the typical questions people ask."""
+def queries(rng: random.Random, url: str, svc, areas: list[int]):
+    """(label, make, run) per query kind: ``make()`` a FindingFilter, ``run(session, flt)`` the rows'
+    count. Area-bound kinds take their areas from ``areas`` (popped: each area is first touched once)."""
     with psycopg.connect(url) as conn:
-        boxes = conn.execute("SELECT ST_XMin(geom), ST_YMin(geom) FROM areas ORDER BY id").fetchall()
+        boxes = dict(conn.execute("SELECT id, ARRAY[ST_XMin(geom), ST_YMin(geom)] FROM areas").fetchall())
 
     def window(days: int) -> tuple[datetime, datetime]:
         since = START + timedelta(days=rng.uniform(0, DAYS - days))
@@ -138,10 +161,10 @@ def queries(rng: random.Random, url: str):
 
     def area_time() -> FindingFilter:
         since, until = window(90)
-        return FindingFilter(area=f"area {rng.randint(1, AREAS)}", since=since, until=until)
+        return FindingFilter(area=f"area {areas.pop()}", since=since, until=until)
 
     def bbox_time() -> FindingFilter:
-        x, y = rng.choice(boxes)
+        x, y = boxes[areas.pop()]
         x, y = x + rng.uniform(0, 0.05), y + rng.uniform(0, 0.05)
         since, until = window(180)
         return FindingFilter(bbox=(x, y, x + 0.05, y + 0.05), since=since, until=until)
@@ -149,7 +172,22 @@ def queries(rng: random.Random, url: str):
     def text() -> FindingFilter:
         return FindingFilter(text=rng.choice(["quarry", "burn scar", "Greenhouses", "new road", "flooded"]))
 
-    return [("area + 90 days", area_time), ("bbox + 180 days", bbox_time), ("text", text)]
+    def area_text() -> FindingFilter:
+        return FindingFilter(area=f"area {areas.pop()}",
+                             text=rng.choice(["quarry", "burn scar", "Greenhouses", "new road", "flooded", "yes"]))
+
+    def export() -> FindingFilter:
+        return FindingFilter(area=f"area {areas.pop()}", limit=None)
+
+    def listed(session, flt):
+        return len(svc.query_findings(session, flt))
+
+    def exported(session, flt):
+        kwargs = {"geometry_text": True} if "geometry_text" in svc.iter_findings.__code__.co_varnames else {}
+        return svc.write_geojson(svc.iter_findings(session, flt, **kwargs), io.StringIO(), default=str)
+
+    return [("area + 90 days", area_time, listed), ("bbox + 180 days", bbox_time, listed), ("text", text, listed),
+            ("area + text", area_text, listed), ("export area", export, exported)]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -157,7 +195,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def explain(sa_url: str, flt: FindingFilter) -> str:
+def explain(sa_url: str, svc, flt: FindingFilter) -> str:
     """EXPLAIN ANALYZE of every statement query_findings runs for ``flt`` (a text search may run several)."""
     captured: list[tuple[str, object]] = []
 
@@ -169,7 +207,7 @@ def explain(sa_url: str, flt: FindingFilter) -> str:
     event.listen(engine, "before_cursor_execute", capture)
     try:
         with session_scope(sa_url) as session:
-            query_findings(session, flt)
+            svc.query_findings(session, flt)
     finally:
         event.remove(engine, "before_cursor_execute", capture)
     plans = []
@@ -180,50 +218,113 @@ def explain(sa_url: str, flt: FindingFilter) -> str:
     return "\n--\n".join(plans)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--repeat", type=int, default=40)
-    parser.add_argument("--explain", action="store_true", help="print EXPLAIN ANALYZE of one query per kind")
-    parser.add_argument("--keep", action="store_true", help="keep the database (its URL is printed)")
-    args = parser.parse_args()
+def baseline_module(rev: str, tmp: Path):
+    """monitor/findings.py of ``rev`` as a module of its own (it imports core.models and monitor.tables
+    of this checkout, which declare the same columns)."""
+    text = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "show", f"{rev}:monitor/findings.py"],
+                          capture_output=True, text=True, check=True).stdout
+    path = tmp / "baseline_findings.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("baseline_findings", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
 
-    url = dbadmin.create_scratch_database(ADMIN_URL, "unirs_bench")
-    sa_url = dbadmin.sqlalchemy_url(url)
-    print(f"database {dbadmin.dbname(url)}", flush=True)
-    try:
-        migrate.upgrade(sa_url)
-        t = time.perf_counter()
-        load(url, args.rows)
-        with psycopg.connect(url) as conn:
-            n = conn.execute("SELECT count(*) FROM findings").fetchone()[0]
-        print(f"loaded {n:,} findings in {time.perf_counter() - t:.1f} s", flush=True)
 
-        rng = random.Random(7)
-        worst = 0.0
-        for label, make in queries(rng, url):
-            for _ in range(3):  # warm the cache and the connection pool
-                with session_scope(sa_url) as session:
-                    query_findings(session, make())
-            times, counts = [], []
-            for _ in range(args.repeat):
-                flt = make()
+def measure(sa_url: str, url: str, svc, areas: list[int], repeat: int, show_plans: bool) -> dict:
+    """{kind: {"cold": [ms…], "warm": [ms…], "rows": [n…]}} for one arm."""
+    rng = random.Random(7)
+    out = {}
+    for label, make, run in queries(rng, url, svc, areas):
+        filters = [make() for _ in range(repeat)]
+        figures = {"cold": [], "warm": [], "rows": []}
+        for cache in ("cold", "warm"):
+            for flt in filters:
                 t = time.perf_counter()
                 with session_scope(sa_url) as session:
-                    counts.append(len(query_findings(session, flt)))
-                times.append((time.perf_counter() - t) * 1000)
-            p50, p95 = percentile(times, 0.5), percentile(times, 0.95)
-            worst = max(worst, p95)
-            print(f"{label:<16} p50 {p50:7.2f} ms   p95 {p95:7.2f} ms   "
-                  f"rows/query median {statistics.median(counts):.0f}")
-            if args.explain:
-                print(explain(sa_url, make()), "\n", flush=True)
-        print(f"p95_ms: {worst:.2f}")
-    finally:
-        if args.keep:
-            print(f"kept {url}")
-        else:
-            dbadmin.drop_database(url)
+                    n = run(session, flt)
+                figures[cache].append((time.perf_counter() - t) * 1000)
+                if cache == "cold":
+                    figures["rows"].append(n)
+        out[label] = figures
+        if show_plans and label != "export area":
+            print(f"{label}:\n{explain(sa_url, svc, filters[0])}\n", flush=True)
+    return out
+
+
+def report(size: int, arms: dict[str, dict]) -> float:
+    """Side-by-side table for one size; returns the slowest p95 of the after arm."""
+    print(f"\n{size:,} findings: p50 / p95 ms (cold = first run of each parameter set, warm = run again)")
+    print(f"{'query':<16} {'rows':>7} | {'before cold':>15} {'before warm':>15} | {'after cold':>15} "
+          f"{'after warm':>15} | p95 before/after")
+    worst = 0.0
+    for label in arms["after"]:
+        cells, p95s = [], {}
+        for arm in ("before", "after"):
+            for cache in ("cold", "warm"):
+                values = arms[arm][label][cache]
+                p50, p95 = percentile(values, 0.5), percentile(values, 0.95)
+                p95s[arm] = max(p95s.get(arm, 0.0), p95)
+                cells.append(f"{p50:6.1f} / {p95:6.1f}")
+        worst = max(worst, p95s["after"])
+        rows = statistics.median(arms["after"][label]["rows"])
+        print(f"{label:<16} {rows:7.0f} | {cells[0]:>15} {cells[1]:>15} | {cells[2]:>15} {cells[3]:>15} | "
+              f"{p95s['before'] / p95s['after']:5.1f}x")
+        if label == "export area":
+            for arm in ("before", "after"):
+                per = [ms * 10_000 / max(n, 1) for ms, n in zip(arms[arm][label]["cold"], arms[arm][label]["rows"],
+                                                                strict=True)]
+                print(f"  export {arm:<6}: cold p95 {percentile(per, 0.95) / 1000:.2f} s per 10,000 findings")
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1000000,5000000", help="findings per database, comma-separated")
+    parser.add_argument("--repeat", type=int, default=20, help="parameter sets per query kind and arm")
+    parser.add_argument("--baseline", default=BASELINE_REV)
+    parser.add_argument("--explain", action="store_true", help="print EXPLAIN ANALYZE of one query per kind")
+    parser.add_argument("--keep", action="store_true", help="keep the databases (their URLs are printed)")
+    args = parser.parse_args()
+    sizes = [int(v) for v in args.sizes.split(",")]
+    if 5 * args.repeat * 2 > AREAS:
+        parser.error(f"--repeat {args.repeat}: at most {AREAS // 10} (each arm touches 5 × repeat fresh areas)")
+
+    from alembic.script import ScriptDirectory
+
+    before_revision = ScriptDirectory.from_config(migrate.alembic_config()).get_revision(AFTER_REVISION).down_revision
+    worst = {}
+    with tempfile.TemporaryDirectory(prefix="unirs-bench-queries-") as tmp:
+        arms_code = {"before": baseline_module(args.baseline, Path(tmp)), "after": current_findings}
+        for size in sizes:
+            url = dbadmin.create_scratch_database(ADMIN_URL, "unirs_bench")
+            sa_url = dbadmin.sqlalchemy_url(url)
+            print(f"database {dbadmin.dbname(url)}: {size:,} findings, schema at {before_revision}", flush=True)
+            try:
+                migrate.upgrade(sa_url, before_revision)
+                t = time.perf_counter()
+                load(url, size)
+                print(f"loaded in {time.perf_counter() - t:.1f} s", flush=True)
+                pool = random.Random(size).sample(range(1, AREAS + 1), AREAS)  # every area once, in random order
+                results = {"before": measure(sa_url, url, arms_code["before"], pool, args.repeat, args.explain)}
+                t = time.perf_counter()
+                migrate.upgrade(sa_url)
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute("ANALYZE findings")
+                print(f"upgrade {before_revision} -> head (revision {AFTER_REVISION}) on {size:,} findings: "
+                      f"{time.perf_counter() - t:.1f} s", flush=True)
+                results["after"] = measure(sa_url, url, arms_code["after"], pool, args.repeat, args.explain)
+                worst[size] = report(size, results)
+            finally:
+                if args.keep:
+                    print(f"kept {url}")
+                else:
+                    dbadmin.drop_database(url)
+    for size, value in worst.items():
+        print(f"slowest p95 after, {size:,} findings: {value:.2f} ms")
+    largest = max(worst)
+    print(f"p95_ms_{largest / 1e6:g}m_after: {worst[largest]:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """findings: area + text search from one index per text column
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0012
 Create Date: 2026-12-02 15:20:00
 
 ``findings --area A --text W`` wants the newest matches of W in one area. With trigram GIN indexes on
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = '0009'
-down_revision: str | None = '0007'
+down_revision: str | None = '0012'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

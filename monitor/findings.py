@@ -268,7 +268,7 @@ def write_geojson(rows: Iterable[dict[str, Any]], out: IO[str], default: Any = N
         if isinstance(geometry, str):  # PostGIS's own GeoJSON text (iter_findings(geometry_text=True))
             feature["geometry"] = None
             text = json.dumps(feature, ensure_ascii=False, default=default)
-            head, sep, tail = text.partition('"geometry": null')
+            head, _, tail = text.partition('"geometry": null')
             text = head + '"geometry": ' + geometry + tail
         else:
             text = json.dumps(feature, ensure_ascii=False, default=default)

@@ -248,9 +248,11 @@ class SampleScenes:
 
 
 def insert_sample_scenes(catalogue: CatalogueSettings, cog_url: str, dates: list[str],
-                         settings: Settings | None = None) -> SampleScenes:
-    """Scene rows from the committed sample items, hrefs pointing at the COG server (via the ingest code)."""
-    items = {it["properties"]["datetime"][:10]: it for it in localstac.read_sample_items()}
+                         settings: Settings | None = None, data_dir: Path | None = None) -> SampleScenes:
+    """Scene rows from the committed sample items (or those of ``data_dir``, e.g. the all-dates build),
+    hrefs pointing at the COG server (via the ingest code)."""
+    items = {it["properties"]["datetime"][:10]: it
+             for it in (localstac.read_sample_items(data_dir) if data_dir else localstac.read_sample_items())}
     ids: dict[str, int] = {}
     with session_scope(settings or get_settings()) as session:
         cat_id = upsert_catalogue(session, catalogue)

@@ -4,9 +4,12 @@ A region found on one pair is a claim about one after acquisition; haze, a shado
 make a single date look like a clear-cut. So, per area and per region (Hansen et al. 2016, GLAD alerts:
 a first detection is *probable*, a repeat on the next clear observation *confirms* it):
 
-- every new region is ``probable`` …
+- a region the time-series screen judged ``seasonal`` (:mod:`workers.screen`: what the season does to
+  the area's NDVI) is ``seasonal``: never alerted, never settled, and never a link target — a leaf-off
+  date must not absorb the real cuts detected after it;
+- every other new region is ``probable`` …
 - … unless at least :data:`REDETECTED_SHARE` of its area lies in earlier, not dismissed regions of the
-  same headline group (loss / gain / water, :data:`eo.change_classes.HEADLINE_GROUPS`): then it is
+  same headline group (loss / gain / water, :data:`eo.change_classes.HEADLINE_GROUPS`) and not seasonal: then it is
   ``redetected`` and links to that change's first finding (``first_finding_id``). A seasonal baseline
   or a long gap between clear dates sees old cuts again; linking is what keeps each hectare emailed once.
 - when an analysis runs on a later acquisition, every earlier ``probable`` region of the area is looked
@@ -46,6 +49,8 @@ from workers.raster import BlockPair, SceneRef
 logger = logging.getLogger(__name__)
 
 PROBABLE, CONFIRMED, DISMISSED, REDETECTED = "probable", "confirmed", "dismissed", "redetected"
+SEASONAL = "seasonal"
+NOT_TARGETS = (DISMISSED, SEASONAL)  # earlier regions a new one may not link to
 REDETECTED_SHARE = 0.5  # of the new region's area inside earlier regions of its group
 SEEN_SHARE = 0.5  # of an earlier region's pixels clear in the later acquisition, to judge it at all
 CONFIRM_SHARE = 0.5  # of those pixels still showing the class
@@ -85,13 +90,13 @@ def group(change_class: str | None) -> str:
 
 
 def earlier_regions(session: Session, area_id: int, before: datetime) -> list[EarlierRegion]:
-    """Region findings of the area from acquisitions before ``before``, not dismissed."""
+    """Region findings of the area from acquisitions before ``before``, neither dismissed nor seasonal."""
     rows = session.execute(
         select(Finding.id, Finding.change_class, Finding.geom, Finding.observed_at, Finding.alert_state,
                Finding.first_finding_id, Finding.statistics)
         .where(Finding.area_id == area_id, Finding.kind == "region", Finding.geom.is_not(None),
                Finding.observed_at < before,
-               or_(Finding.alert_state.is_(None), Finding.alert_state != DISMISSED),
+               or_(Finding.alert_state.is_(None), Finding.alert_state.not_in(NOT_TARGETS)),
                func.ST_Dimension(Finding.geom) == 2)
         .order_by(Finding.observed_at, Finding.id)
     ).all()
@@ -162,15 +167,19 @@ class Settler:
 
 
 def new_states(regions: list[spectral.Region], earlier: list[EarlierRegion],
-               settled: list[Settlement]) -> list[NewState]:
-    """State and link of each new region (same order as ``regions``)."""
+               settled: list[Settlement], seasonal: list[bool] | None = None) -> list[NewState]:
+    """State and link of each new region (same order as ``regions``); ``seasonal[i]``: the time-series
+    screen judged region i seasonal."""
     dismissed = {s.finding_id for s in settled if s.state == DISMISSED}
     by_group: dict[str, list[EarlierRegion]] = {}
     for e in earlier:
         if e.finding_id not in dismissed:
             by_group.setdefault(group(e.change_class), []).append(e)
     out: list[NewState] = []
-    for region in regions:
+    for k, region in enumerate(regions):
+        if seasonal and seasonal[k]:
+            out.append(NewState(SEASONAL, None, {}))
+            continue
         geom = region.geom_4326
         candidates = [e for e in by_group.get(group(region.change_class), []) if e.geom.intersects(geom)]
         if candidates and geom.area > 0:

@@ -59,8 +59,9 @@ class FindingRow:
     confidence: float | None = None
     statistics: dict[str, Any] = field(default_factory=dict)
     images: dict[str, Png] = field(default_factory=dict)  # role -> PNG
-    alert_state: str | None = None  # regions: probable | redetected (workers/confirmation.py)
+    alert_state: str | None = None  # regions: probable | redetected | seasonal (workers/confirmation.py)
     first_finding_id: int | None = None
+    screen_verdict: str | None = None  # regions: departure | seasonal | unscreened (workers/screen.py)
 
 
 @dataclass
@@ -114,6 +115,7 @@ def write_done(claim: leases.Claim, settings: Settings, *, area_id: int, observe
                 analyser_name=row.analyser_name, analyser_version=row.analyser_version,
                 observed_at=observed_at, before_observed_at=before_observed_at,
                 alert_state=row.alert_state, first_finding_id=row.first_finding_id,
+                screen_verdict=row.screen_verdict,
             )
             for role, png in row.images.items():
                 finding.images.append(FindingImage(role=role, mime_type="image/png", width=png.width,

@@ -24,6 +24,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,7 @@ from eo.cog import CogReadError
 from eo.questions import QuestionTemplate, UnknownQuestion, ids_from_question_set, templates_for
 from eo.radiometry import RadiometryMismatch
 from eo.security import HrefRefused, catalogue_for_scene
-from workers import confirmation, leases, render, spectral, unirs
+from workers import confirmation, leases, render, screen, spectral, unirs
 from workers.findings_writer import FindingRow, region_confidence, union_or, write_done
 from workers.raster import SceneRef, SkipAnalysis
 from workers.tiling import PreparedPair, analyse_pair, frame, overlay_classes
@@ -177,7 +178,12 @@ def _analyse(ctx: AnalysisContext, claim: leases.Claim, heartbeat: leases.Heartb
     settler = confirmation.Settler(earlier)
     pair, result = analyse_pair(ctx.area_geom, ctx.before, ctx.after, settings.analysis, on_block=settler.add)
     settled = settler.finish(ctx.after)
-    states = confirmation.new_states(result.regions, earlier, settled)
+    with session_scope(settings) as session:
+        history = clear_history(session, ctx, settings)
+    verdicts = screen.screen(result.regions, pair.grid, ctx.before, ctx.after, history,
+                             settings.analysis.cloud_buffer_px)
+    states = confirmation.new_states(result.regions, earlier, settled,
+                                     [v.verdict == screen.SEASONAL for v in verdicts])
     timings["prepare_and_spectral"] = time.monotonic() - started
     heartbeat.check()
 
@@ -201,7 +207,7 @@ def _analyse(ctx: AnalysisContext, claim: leases.Claim, heartbeat: leases.Heartb
     images = thumbnails(pair, result)
     ran = ctx.analyser.ran_with(checkpoint if model_result is not None else None)
     rows = build_rows(ctx, pair, result, model_result, templates, images, ran.checkpoint or "none", settings,
-                      states)
+                      states, verdicts)
     timings["render"] = time.monotonic() - t0
     timings["total"] = time.monotonic() - started
     stats = analysis_stats(ctx, claim, pair, result, model_result, notes, timings, settings)
@@ -210,6 +216,7 @@ def _analyse(ctx: AnalysisContext, claim: leases.Claim, heartbeat: leases.Heartb
         "confirmed": sum(s.state == confirmation.CONFIRMED for s in settled),
         "dismissed": sum(s.state == confirmation.DISMISSED for s in settled),
         "redetected": sum(s.state == confirmation.REDETECTED for s in states),
+        "seasonal": sum(s.state == confirmation.SEASONAL for s in states),
     }
     heartbeat.check()
     write_done(claim, settings, area_id=ctx.area_id, observed_at=ctx.after.acquired_at,
@@ -227,6 +234,20 @@ def thumbnails(pair: PreparedPair, result: spectral.SpectralResult) -> dict[str,
     tinted = render.overlay(img_a, overlay_classes(pair, result.regions), thumbs.aoi)
     return {"before": render.encode_png(img_b), "after": render.encode_png(img_a),
             "overlay": render.encode_png(tinted)}
+
+
+def clear_history(session: Any, ctx: AnalysisContext, settings: Settings) -> list[SceneRef]:
+    """The area's clear scenes of the last :data:`workers.screen.HISTORY_DAYS` before the after scene (newest
+    :data:`workers.screen.MAX_HISTORY`): the time-series screen's history."""
+    since = ctx.after.acquired_at - timedelta(days=screen.HISTORY_DAYS)
+    scenes = session.execute(
+        select(Scene)
+        .join(Observation, Observation.scene_id == Scene.id)
+        .where(Observation.area_id == ctx.area_id, Observation.status == ObservationStatus.CLEAR,
+               Scene.acquired_at < ctx.after.acquired_at, Scene.acquired_at >= since)
+        .order_by(Scene.acquired_at.desc()).limit(screen.MAX_HISTORY)
+    ).scalars().all()
+    return [_scene_ref(session, s, settings) for s in scenes]
 
 
 def sequence_frames(ctx: AnalysisContext, pair: PreparedPair, settings: Settings) -> tuple[list[np.ndarray], list[str]]:
@@ -261,7 +282,8 @@ def sequence_frames(ctx: AnalysisContext, pair: PreparedPair, settings: Settings
 def build_rows(ctx: AnalysisContext, pair: PreparedPair, result: spectral.SpectralResult,
                model_result: unirs.UnirsResult | None, templates: list[QuestionTemplate],
                images: dict[str, render.Png], checkpoint: str, settings: Settings,
-               states: list[confirmation.NewState] | None = None) -> list[FindingRow]:
+               states: list[confirmation.NewState] | None = None,
+               verdicts: list[screen.Verdict] | None = None) -> list[FindingRow]:
     spectral_id = (spectral.NAME, spectral.VERSION)
     unirs_id = (unirs.NAME, checkpoint)
     best = model_result.best if model_result else None
@@ -282,16 +304,18 @@ def build_rows(ctx: AnalysisContext, pair: PreparedPair, result: spectral.Spectr
         confidence=valid_fraction, statistics=summary_stats, images=images,
     )]
     states = states or [confirmation.NewState(confirmation.PROBABLE, None, {}) for _ in result.regions]
-    for region, state in zip(result.regions, states, strict=True):
+    verdicts = verdicts or [screen.Verdict(screen.UNSCREENED, {"why": "not screened"}) for _ in result.regions]
+    for region, state, verdict in zip(result.regions, states, verdicts, strict=True):
         rows.append(FindingRow(
             kind="region", analyser_name=spectral_id[0], analyser_version=spectral_id[1], geom=region.geom_4326,
             change_class=region.change_class, hectares=region.hectares, alert_state=state.state,
-            first_finding_id=state.first_finding_id,
+            first_finding_id=state.first_finding_id, screen_verdict=verdict.verdict,
             caption=f"{spectral.CLASS_LABELS[region.change_class].capitalize()} of {format_hectares(region.hectares)}"
                     + (" (long and narrow: road or track?)" if region.linear else ""),
             confidence=region_confidence(region.mean_dndvi, valid_fraction),
             statistics={"pixels": region.pixels, "mean_dndvi": region.mean_dndvi, "linear": region.linear,
-                        "elongation": region.elongation, "before_means": region.before_means, **state.statistics},
+                        "elongation": region.elongation, "before_means": region.before_means, **state.statistics,
+                        "screen": {"verdict": verdict.verdict, **verdict.statistics}},
         ))
     for k, template in enumerate(templates):
         text, says_yes, value = result.answer(template)

@@ -1,0 +1,259 @@
+"""Time-series screen of changed regions: is a bi-temporal change what the season does, or a departure?
+
+Two dates alone call phenology change: an autumn date against a leaf-off spring date drops NDVI over the
+whole forest, a spring → summer pair raises it. So every region of an analysis is screened against the
+area's clear history (the ``clear`` observations the service already records) before it can alert:
+
+1. **Harmonic model** (enough history: at least :data:`MIN_HISTORY_DATES` clear dates spanning
+   :data:`MIN_HISTORY_DAYS`): per pixel, NDVI of the last :data:`HISTORY_DAYS` of clear dates before the
+   after acquisition is fitted with ``nrt`` (EC JRC, Vanderpol et al.; ``nrt.monitor.ccdc.CCDC``: a
+   second-order harmonic model without trend, robust iteratively reweighted least squares, so a few
+   residual clouds in the history do not bend the fit). The after acquisition's residual against the
+   model's prediction for its day of year, minus the median residual of the window's vegetated pixels
+   (a scene-wide offset is haze or illumination, not a change on the ground), *departs* when it is beyond
+   ``max(SENSITIVITY × pixel RMSE, MIN_DEPARTURE)`` in the direction of the region's class
+   (nrt's CCDC rule: 3 × RMSE).
+2. **Scene-normalised fallback** (history too short — a new area, the first year of a mission): the
+   pixel's dNDVI minus the median dNDVI of the window's vegetated pixels must still pass the classifier's
+   threshold (:attr:`workers.spectral.Thresholds.ndvi_drop` / ``ndvi_rise``): leaf-off lowers the whole
+   forest together, a cut lowers its own pixels far more than the rest.
+
+A region is ``departure`` when at least :data:`DEPARTURE_SHARE` of its screened pixels depart, otherwise
+``seasonal``; water change (NDWI) and regions without NDVI values are ``unscreened``. The verdict is stored
+per region finding (``findings.screen_verdict``, revision 0010) with its figures in
+``statistics["screen"]``; :mod:`workers.confirmation` never alerts a seasonal region nor links later
+re-detections to it.
+
+Reads: red, nir (blue for the haze test when present) and the cloud mask of each history scene over the
+regions' bounding window only (plus :data:`MARGIN_PX`), cached per worker process
+(:data:`CACHE_BYTES`), since consecutive analyses of an area share most of their history.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import warnings
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from rasterio.features import geometry_mask
+from shapely.geometry import mapping
+
+from eo.cog import CogReadError
+from eo.masks import haze_mask
+from eo.security import HrefRefused
+from workers.raster import Grid, SceneRef, SkipAnalysis, _clear_mask, _reflectance, mask_band, read_band
+from workers.regions import Region
+from workers.spectral import THRESHOLDS, Thresholds
+
+logger = logging.getLogger(__name__)
+
+SEASONAL, DEPARTURE, UNSCREENED = "seasonal", "departure", "unscreened"
+HISTORY_DAYS = 3 * 365  # older dates describe a forest that may not stand any more
+MAX_HISTORY = 80  # clear dates read at most (the newest)
+MIN_HISTORY_DATES = 12  # a second-order harmonic has 5 coefficients; 12 dates leave residuals to judge by
+MIN_HISTORY_DAYS = 330  # the model must have seen (nearly) every season
+SENSITIVITY = 3.0  # × the pixel's RMSE of the fit (nrt CCDC default)
+MIN_DEPARTURE = 0.2  # NDVI: never finer than the classifier's own threshold
+DEPARTURE_SHARE = 0.5  # of a region's screened pixels
+MIN_PIXEL_HISTORY = 8  # clear history looks a pixel needs to be judged by the model
+MARGIN_PX = 30  # around the regions' bounding box: context for the scene-wide offset
+MAX_WINDOW_PX = 4_000_000  # beyond (a 20 km × 20 km window) the regions are screened by the fallback only
+CACHE_BYTES = 256 * 2**20
+VEGETATED = 0.3  # NDVI: pixels whose median residual / dNDVI is the scene-wide offset
+NDVI_CLASSES = {"vegetation_loss": -1, "new_built_up_or_bare": -1, "vegetation_gain": +1}
+
+
+@dataclass
+class Verdict:
+    verdict: str  # departure | seasonal | unscreened
+    statistics: dict[str, Any] = field(default_factory=dict)
+
+
+class _Cache:
+    """NDVI windows of scenes (float32, NaN where not clear), least recently used out first."""
+
+    def __init__(self, limit: int):
+        self.limit, self.size, self.items = limit, 0, OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        with self.lock:
+            value = self.items.get(key)
+            if value is not None:
+                self.items.move_to_end(key)
+            return value
+
+    def put(self, key: tuple, value: np.ndarray) -> None:
+        with self.lock:
+            if key in self.items:
+                return
+            self.items[key] = value
+            self.size += value.nbytes
+            while self.size > self.limit and self.items:
+                _, old = self.items.popitem(last=False)
+                self.size -= old.nbytes
+
+
+_CACHE = _Cache(CACHE_BYTES)
+
+
+def clear_ndvi(scene: SceneRef, grid: Grid, buffer_px: int) -> np.ndarray:
+    """NDVI (H, W) float32 of ``scene`` on ``grid``, NaN where the cloud mask (buffered) or the haze test
+    says not clear or where there is no data."""
+    key = (scene.scene_id, scene.item_id, grid.crs.to_string(), tuple(grid.transform)[:6], grid.width,
+           grid.height, buffer_px)
+    cached = _CACHE.get(key)
+    if cached is not None:
+        return cached
+    mask_key = mask_band(scene)
+    bands = ["red", "nir"] + (["blue"] if "blue" in scene.assets else [])
+    with ThreadPoolExecutor(max_workers=len(bands) + 1, thread_name_prefix="screen-read") as pool:
+        raw = list(pool.map(lambda b: read_band(scene, b, grid), [mask_key, *bands]))
+    clear = _clear_mask(mask_key, raw[0], buffer_px)
+    refl = {b: _reflectance(scene, b, dn) for b, dn in zip(bands, raw[1:], strict=True)}
+    if "blue" in refl:
+        clear &= ~haze_mask(refl["blue"], refl["red"], buffer_px)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ndvi = (refl["nir"] - refl["red"]) / (refl["nir"] + refl["red"])
+    ndvi = np.where(clear & np.isfinite(ndvi), ndvi, np.nan).astype(np.float32)
+    _CACHE.put(key, ndvi)
+    return ndvi
+
+
+def window_of(grid: Grid, regions: list[Region]) -> Grid:
+    """The sub-grid covering every region's bounding box plus :data:`MARGIN_PX`."""
+    t, px = grid.transform, grid.pixel_size
+    minx = min(r.geom_utm.bounds[0] for r in regions)
+    miny = min(r.geom_utm.bounds[1] for r in regions)
+    maxx = max(r.geom_utm.bounds[2] for r in regions)
+    maxy = max(r.geom_utm.bounds[3] for r in regions)
+    c0, c1 = math.floor((minx - t.c) / px) - MARGIN_PX, math.ceil((maxx - t.c) / px) + MARGIN_PX
+    r0, r1 = math.floor((t.f - maxy) / px) - MARGIN_PX, math.ceil((t.f - miny) / px) + MARGIN_PX
+    return grid.window(slice(r0, r1), slice(c0, c1))
+
+
+def harmonic_fit(stack: np.ndarray, dates: list[datetime], targets: list[datetime]
+                 ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Fit nrt's harmonic model (CCDC class, order 2, no trend, RIRLS) to ``stack`` (T, H, W NDVI, NaN =
+    no look) and predict ``targets``: (predictions (H, W) per target, RMSE (H, W), looks per pixel (H, W)).
+    Pixels with fewer than :data:`MIN_PIXEL_HISTORY` looks are NaN in every output."""
+    import pandas as pd
+    import xarray as xr
+    from nrt.monitor.ccdc import CCDC
+
+    looks = np.isfinite(stack).sum(axis=0)
+    enough = (looks >= MIN_PIXEL_HISTORY).astype(np.uint8)
+    h, w = stack.shape[1:]
+    da = xr.DataArray(stack, dims=("time", "y", "x"),
+                      coords={"time": pd.to_datetime([d.replace(tzinfo=None) for d in dates]),
+                              "y": np.arange(h, dtype=float)[::-1], "x": np.arange(w, dtype=float)})
+    model = CCDC(trend=False, harmonic_order=2, mask=enough)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # all-NaN pixels outside the mask: nrt's nanmean warns per pixel
+        model.fit(da, method="RIRLS", screen_outliers=None)
+    ok = enough == 1
+    preds = [np.where(ok, model.predict(t.replace(tzinfo=None)), np.nan) for t in targets]
+    rmse = np.where(ok, model.rmse, np.nan)
+    return preds, rmse, looks
+
+
+def _history_stack(past: list[SceneRef], window: Grid, buffer_px: int) -> tuple[np.ndarray | None, list[SceneRef]]:
+    """(T, H, W) NDVI of the history scenes that could be read, and those scenes."""
+    looks, looked = [], []
+    for scene in past:
+        try:
+            looks.append(clear_ndvi(scene, window, buffer_px))
+            looked.append(scene)
+        except (CogReadError, HrefRefused, SkipAnalysis) as exc:  # one unreadable date: screen without it
+            logger.warning("screen: history scene %s left out: %s", scene.item_id, exc)
+    return (np.stack(looks) if looks else None), looked
+
+
+def screen(regions: list[Region], grid: Grid, before: SceneRef, after: SceneRef, history: list[SceneRef],
+           buffer_px: int, t: Thresholds = THRESHOLDS) -> list[Verdict]:
+    """One :class:`Verdict` per region (same order). ``history``: the area's clear scenes before ``after``
+    (newest first or any order; ``before`` may be among them); only the newest :data:`MAX_HISTORY` within
+    :data:`HISTORY_DAYS` are used."""
+    if not regions:
+        return []
+    window = window_of(grid, regions)
+    screened = [r for r in regions if r.change_class in NDVI_CLASSES]
+    if not screened:
+        return [Verdict(UNSCREENED, {"why": "not an NDVI change class"}) for _ in regions]
+    past = sorted({s.scene_id: s for s in history
+                   if s.acquired_at < after.acquired_at
+                   and (after.acquired_at - s.acquired_at).days <= HISTORY_DAYS}.values(),
+                  key=lambda s: s.acquired_at)[-MAX_HISTORY:]
+    ndvi_b = clear_ndvi(before, window, buffer_px)
+    ndvi_a = clear_ndvi(after, window, buffer_px)
+    small = window.width * window.height <= MAX_WINDOW_PX
+    stack = None
+    if small and len(past) >= MIN_HISTORY_DATES:
+        stack, past = _history_stack(past, window, buffer_px)
+    span = (after.acquired_at - past[0].acquired_at).days if past else 0
+    use_model = stack is not None and len(past) >= MIN_HISTORY_DATES and span >= MIN_HISTORY_DAYS
+    common: dict[str, Any] = {"history_dates": len(past), "history_days": span}
+    aoi = window.aoi()
+    d_ndvi = ndvi_a - ndvi_b
+    vegetated = aoi & np.isfinite(d_ndvi) & (ndvi_b >= VEGETATED)
+    scene_d = float(np.median(d_ndvi[vegetated])) if vegetated.any() else 0.0
+    pred_a = pred_b = rmse = None
+    offset = 0.0
+    if use_model:
+        (pred_a, pred_b), rmse, _ = harmonic_fit(stack, [s.acquired_at for s in past],
+                                                 [after.acquired_at, before.acquired_at])
+        res = ndvi_a - pred_a
+        ok = aoi & np.isfinite(res) & (pred_a >= VEGETATED)
+        offset = float(np.median(res[ok])) if ok.any() else 0.0
+        common.update(method="nrt CCDC harmonic (order 2, RIRLS), 3 × RMSE", scene_offset=round(offset, 3))
+    else:
+        why = ("window too large for the model" if not small else
+               f"history too short ({len(past)} clear dates over {span} days; the model needs "
+               f"{MIN_HISTORY_DATES} over {MIN_HISTORY_DAYS})")
+        common.update(method="scene-normalised dNDVI", why=why)
+    common["scene_dndvi"] = round(scene_d, 3)
+
+    out: list[Verdict] = []
+    t_win = window.transform
+    for region in regions:
+        sign = NDVI_CLASSES.get(region.change_class)
+        if sign is None:
+            out.append(Verdict(UNSCREENED, {"why": "not an NDVI change class"}))
+            continue
+        inside = geometry_mask([mapping(region.geom_utm)], out_shape=(window.height, window.width),
+                               transform=t_win, invert=True) & np.isfinite(d_ndvi)
+        stats: dict[str, Any] = dict(common)
+        threshold = t.ndvi_drop if sign < 0 else t.ndvi_rise
+        relative = d_ndvi - scene_d
+        departs = sign * relative >= sign * threshold
+        judged = inside
+        if pred_a is not None:
+            modelled = inside & np.isfinite(pred_a) & np.isfinite(rmse)
+            limit = np.maximum(SENSITIVITY * rmse, MIN_DEPARTURE)
+            model_departs = sign * (ndvi_a - pred_a - offset) >= limit
+            # Pixels the model cannot judge (too few looks of their own) keep the fallback's answer.
+            departs = np.where(modelled, model_departs, departs)
+            if modelled.any():
+                stats.update(expected_ndvi=round(float(np.mean(pred_a[modelled])), 3),
+                             expected_dndvi=round(float(np.mean((pred_a - pred_b)[modelled])), 3),
+                             rmse=round(float(np.median(rmse[modelled])), 3),
+                             modelled_share=round(float(modelled.sum()) / max(int(inside.sum()), 1), 3))
+        n = int(judged.sum())
+        if n == 0:
+            out.append(Verdict(UNSCREENED, {**stats, "why": "no pixel of the region clear in both scenes"}))
+            continue
+        share = float(departs[judged].sum()) / n
+        stats.update(departure_share=round(share, 3), after_ndvi=round(float(np.mean(ndvi_a[judged])), 3),
+                     before_ndvi=round(float(np.mean(ndvi_b[judged])), 3),
+                     relative_dndvi=round(float(np.mean(relative[judged])), 3), pixels_screened=n)
+        out.append(Verdict(DEPARTURE if share >= DEPARTURE_SHARE else SEASONAL, stats))
+    logger.info("screen: %s over %d history dates (%s)", ", ".join(v.verdict for v in out), len(past),
+                common.get("method"))
+    return out

@@ -55,6 +55,10 @@ class CatalogueSettings(BaseModel):
     # Earth Search ignores CQL2 `filter` silently; the STACQL `query` extension works everywhere we poll.
     page_size: int = 200
     timeout_seconds: float = 30.0
+    # How the late sweep finds items published long after sensing: "auto" probes whether the API filters
+    # on the publication-time property `updated` (then `created`) and else re-reads by sensing time
+    # ("deep"); "off" never sweeps this catalogue.
+    late_sweep: Literal["auto", "updated", "created", "deep", "off"] = "auto"
 
 
 class PollSettings(BaseModel):
@@ -70,6 +74,11 @@ class PollSettings(BaseModel):
     # The whole poll (every catalogue × collection) stops starting requests after this long; what was
     # not finished keeps its cursor and is re-read next cycle.
     deadline_seconds: float = 600.0
+    # The late sweep (monitor/catalogues/late.py) runs at most this often, after a poll; 0 = never.
+    late_sweep_hours: float = 6.0
+    # It looks for items sensed up to this long ago (and more than the look-back ago): older publications
+    # are archive reprocessing, the backfill command's business.
+    late_sweep_days: float = 90.0
 
 
 class AnalysisSettings(BaseModel):

@@ -181,6 +181,12 @@ class PollState(Base):
     last_success_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(Text)
     items_seen: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The late sweep (monitor/catalogues/late.py): publication time read up to, last completed sweep, how it
+    # searched (updated / created / deep), and late granules stored (unirs_late_items_total).
+    late_cursor: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    late_swept_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    late_mode: Mapped[str | None] = mapped_column(Text)
+    late_items: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class Acquisition(Base):

@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Numeric, and_, case, cast, func, select
 from sqlalchemy.orm import Session
@@ -205,6 +205,19 @@ def read_state(session: Session, settings: Settings, now: datetime | None = None
     ):
         polls.add_metric([cat, collection], at.timestamp())
     families.append(polls)
+
+    late = CounterMetricFamily(
+        "unirs_late_items", "Granules first seen more than the look-back after they were sensed (published "
+        "late; found by the late sweep or a poll), stored and analysed like any other.",
+        labels=["catalogue", "collection"])
+    for cat, collection, n in session.execute(
+        select(Catalogue.name, PollState.collection, PollState.late_items)
+        .select_from(PollState)
+        .join(Catalogue, Catalogue.id == PollState.catalogue_id)
+        .order_by(Catalogue.name, PollState.collection)
+    ):
+        late.add_metric([cat, collection], float(n or 0))
+    families.append(late)
     return families
 
 

@@ -8,7 +8,8 @@ notices) and goes back to waiting, so two leaders never run jobs at the same tim
 
 Jobs (APScheduler 3, ``BlockingScheduler``; each job is single-instance and coalesced):
 
-- ``poll``: every ``poll.interval_minutes``: poll every catalogue, then pair right away;
+- ``poll``: every ``poll.interval_minutes``: poll every catalogue, the late sweep where it is due
+  (``poll.late_sweep_hours``, ``monitor/catalogues/late.py``), then pair right away;
 - ``pair``: periodically, for observations still pending (a crash mid-pairing, failed reads due a retry);
 - ``dispatch``: every ``analysis.dispatch_interval_seconds``: ``monitor.dispatch.dispatch_once(settings)``;
 - ``reports``: ``monitor.reports.run_deliveries(settings)`` (alerts for analyses the workers finished);
@@ -59,6 +60,7 @@ class CycleSummary:
     observations: int = 0
     analyses_created: int = 0
     search_requests: int = 0
+    late_items: int = 0
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -67,13 +69,16 @@ class CycleSummary:
 
 
 def poll_and_pair(settings: Settings, *, now: datetime | None = None) -> CycleSummary:
-    """Poll every catalogue, then settle the pending observations (one cycle, serialised across processes)."""
+    """Poll every catalogue, sweep for late items where due, then settle the pending observations (one
+    cycle, serialised across processes)."""
     from monitor.catalogues import poll_all
+    from monitor.catalogues.late import sweep_late_all
     from monitor.pairing import process_pending
 
     summary = CycleSummary()
     with cycle_lock(settings.database_url):
         polled = poll_all(settings, now=now)
+        swept = sweep_late_all(settings, now=now)
         pairing = process_pending(settings)
     summary.items_seen = polled.total("items_seen")
     summary.new_scenes = polled.total("new_scenes")
@@ -82,7 +87,9 @@ def poll_and_pair(settings: Settings, *, now: datetime | None = None) -> CycleSu
     summary.search_requests = polled.search_requests
     summary.observations = pairing.observations
     summary.analyses_created = pairing.analyses_created
+    summary.late_items = polled.total("late_items") + sum(r.stats.late_items for r in swept)
     summary.errors = [f"{p.catalogue}/{p.collection}: {p.error}" for p in polled.polls if not p.ok]
+    summary.errors += [f"{r.catalogue}/{r.collection} late sweep: {r.error}" for r in swept if not r.ok]
     return summary
 
 

@@ -83,6 +83,7 @@ def poll(settings: Settings, once: bool, now_text: str | None, no_dispatch: bool
     click.echo(f"observations settled: {summary.observations}")
     click.echo(f"analyses created: {summary.analyses_created}")
     click.echo(f"search requests: {summary.search_requests}")
+    click.echo(f"late items: {summary.late_items}")
     if dispatched is not None:
         click.echo(f"dispatched: {dispatched}")
     for error in summary.errors:

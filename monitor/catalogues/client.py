@@ -177,20 +177,41 @@ def make_search(
     end: datetime | None,
     max_cloud_cover: float | None,
     page_size: int,
+    extra_query: dict[str, Any] | None = None,
 ) -> ItemSearch:
-    """The POST /search for one collection, area geometry and time window (nothing is sent yet)."""
-    query: dict[str, Any] | None = None
+    """The POST /search for one collection, area geometry and time window (nothing is sent yet).
+
+    ``extra_query`` adds STACQL ``query`` terms (the late sweep's ``{"updated": {"gte": …}}``).
+    """
+    query: dict[str, Any] = dict(extra_query or {})
     if max_cloud_cover is not None and max_cloud_cover < 100:
         # STACQL `query`, typed dict form (the list shorthand sends numbers as strings).
-        query = {"eo:cloud_cover": {"lte": max_cloud_cover}}
+        query["eo:cloud_cover"] = {"lte": max_cloud_cover}
     return client.search(
         method="POST",
         collections=[collection],
         intersects=mapping(intersects),
         datetime=(start, end),
-        query=query,
+        query=query or None,
         limit=page_size,
     )
+
+
+def first_page_size(client: Client, collection: str, query: dict[str, Any]) -> int:
+    """How many items (0 or 1) the first page of a whole-collection search with STACQL ``query`` holds.
+
+    One request; the late sweep asks this to learn whether the API honours a filter on a property
+    (a server that ignores an unknown ``query`` term answers as if there were none).
+    """
+    search = client.search(method="POST", collections=[collection], query=query, limit=1)
+    stac_io = search._stac_io
+    if not isinstance(stac_io, PolicyStacApiIO):
+        raise TypeError("first_page_size needs a client from open_client()")
+    page = _read_page(stac_io, search.url, search.method, search.get_parameters())
+    features = page.get("features")
+    if not isinstance(features, list):
+        raise InconsistentSearch("the probe's answer is not a FeatureCollection with a features list")
+    return len(features)
 
 
 def search_items(client: Client, **kwargs: Any) -> Iterator[dict[str, Any]]:

@@ -161,18 +161,23 @@ def search_and_ingest(
     stats: IngestStats,
     *,
     progress: Any = None,
+    extra_query: dict[str, Any] | None = None,
+    seen_at: datetime | None = None,
+    lookback: timedelta | None = None,
 ) -> int:
     """Run one search and ingest it page by page (each page committed); return observations created.
 
     ``stats`` is updated after every committed page, so it is accurate even when a later page raises
-    (API errors propagate to the caller, which keeps the cursor).
+    (API errors propagate to the caller, which keeps the cursor). ``extra_query``: more STACQL terms;
+    ``seen_at``/``lookback``: count late granules (:func:`~monitor.catalogues.store.ingest_items`).
     """
     observations = 0
     pages = search_pages(client, collection=collection, intersects=group.geometry, start=start, end=end,
-                         max_cloud_cover=group.max_cloud_cover, page_size=page_size)
+                         max_cloud_cover=group.max_cloud_cover, page_size=page_size, extra_query=extra_query)
     for batch in pages:  # one transaction per page: what was read is kept even if a later page fails
         with session_scope(settings) as session:
-            batch_stats = ingest_items(session, catalogue, catalogue_id, collection, batch)
+            batch_stats = ingest_items(session, catalogue, catalogue_id, collection, batch, seen_at=seen_at,
+                                       lookback=lookback)
             scene_ids = _scene_ids_for(session, catalogue_id, batch_stats)
             created = create_observations(session, group.area_ids, scene_ids)
         stats.add(batch_stats)
@@ -196,15 +201,17 @@ def _poll_collection(client: Any, catalogue: CatalogueSettings, catalogue_id: in
     try:
         for group in groups:
             result.observations_created += search_and_ingest(settings, client, catalogue, catalogue_id, collection,
-                                                             group, start, now, catalogue.page_size, result.stats)
+                                                             group, start, now, catalogue.page_size, result.stats,
+                                                             seen_at=now, lookback=lookback)
     except Exception as exc:  # API errors, timeouts, DB errors: record, keep the cursor, try next poll
         result.ok = False
         result.error = _describe(exc)
         logger.error("poll of %s/%s failed after %d items; cursor kept: %s", catalogue.name, collection,
                      result.stats.items_seen, result.error)
-        _record_failure(settings, catalogue_id, collection, now, result.error, result.stats.items_seen)
+        _record_failure(settings, catalogue_id, collection, now, result.error, result.stats.items_seen,
+                        result.stats.late_items)
     else:
-        _record_success(settings, catalogue_id, collection, now, result.stats.items_seen)
+        _record_success(settings, catalogue_id, collection, now, result.stats.items_seen, result.stats.late_items)
         logger.info("polled %s/%s: %d items, %d new scenes, %d upgraded, %d quarantined, %d new observations",
                     catalogue.name, collection, result.stats.items_seen, result.stats.new_scenes,
                     result.stats.upgraded_scenes, result.stats.quarantined, result.observations_created)
@@ -273,11 +280,12 @@ def _cursor(session: Session, catalogue_id: int, collection: str) -> datetime | 
     ).scalar_one_or_none()
 
 
-def _record_success(settings: Settings, catalogue_id: int, collection: str, now: datetime, items_seen: int) -> None:
+def _record_success(settings: Settings, catalogue_id: int, collection: str, now: datetime, items_seen: int,
+                    late_items: int = 0) -> None:
     with session_scope(settings) as session:
         stmt = insert(PollState).values(
             catalogue_id=catalogue_id, collection=collection, cursor=now, last_attempt_at=func.now(),
-            last_success_at=func.now(), last_error=None, items_seen=items_seen,
+            last_success_at=func.now(), last_error=None, items_seen=items_seen, late_items=late_items,
         )
         stmt = stmt.on_conflict_do_update(
             index_elements=[PollState.catalogue_id, PollState.collection],
@@ -289,17 +297,18 @@ def _record_success(settings: Settings, catalogue_id: int, collection: str, now:
                 "last_success_at": stmt.excluded.last_success_at,
                 "last_error": None,
                 "items_seen": PollState.items_seen + stmt.excluded.items_seen,
+                "late_items": PollState.late_items + stmt.excluded.late_items,
             },
         )
         session.execute(stmt)
 
 
 def _record_failure(settings: Settings, catalogue_id: int, collection: str, now: datetime, error: str,
-                    items_seen: int = 0) -> None:
+                    items_seen: int = 0, late_items: int = 0) -> None:
     with session_scope(settings) as session:
         stmt = insert(PollState).values(
             catalogue_id=catalogue_id, collection=collection, cursor=None, last_attempt_at=func.now(),
-            last_error=error[:4000], items_seen=items_seen,
+            last_error=error[:4000], items_seen=items_seen, late_items=late_items,
         )
         stmt = stmt.on_conflict_do_update(
             index_elements=[PollState.catalogue_id, PollState.collection],
@@ -307,6 +316,7 @@ def _record_failure(settings: Settings, catalogue_id: int, collection: str, now:
                 "last_attempt_at": stmt.excluded.last_attempt_at,
                 "last_error": stmt.excluded.last_error,
                 "items_seen": PollState.items_seen + stmt.excluded.items_seen,
+                "late_items": PollState.late_items + stmt.excluded.late_items,
             },
         )
         session.execute(stmt)

@@ -14,6 +14,7 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from geoalchemy2.shape import from_shape
@@ -42,6 +43,7 @@ class IngestStats:
     upgraded_scenes: int = 0
     unchanged: int = 0
     quarantined: int = 0
+    late_items: int = 0  # new granules sensed more than the look-back before they were seen
     scene_ids: list[int] = field(default_factory=list)  # inserted or upgraded
     granule_keys: list[str] = field(default_factory=list)  # every item stored or already stored
 
@@ -51,6 +53,7 @@ class IngestStats:
         self.upgraded_scenes += other.upgraded_scenes
         self.unchanged += other.unchanged
         self.quarantined += other.quarantined
+        self.late_items += other.late_items
         self.scene_ids.extend(other.scene_ids)
         self.granule_keys.extend(other.granule_keys)
 
@@ -139,11 +142,14 @@ def quarantine(session: Session, catalogue_id: int, collection: str | None, raw:
 
 
 def ingest_items(session: Session, catalogue: CatalogueSettings, catalogue_id: int, collection: str,
-                 items: Iterable[Any]) -> IngestStats:
+                 items: Iterable[Any], *, seen_at: datetime | None = None,
+                 lookback: timedelta | None = None) -> IngestStats:
     """Upsert every item as a scene; quarantine the ones that cannot be (the rest still go in).
 
     Each item runs in a savepoint so one row the database rejects (say, a NUL byte in a string, which
-    JSONB refuses) is quarantined instead of aborting the whole batch.
+    JSONB refuses) is quarantined instead of aborting the whole batch. With ``seen_at`` (the poll's now)
+    and ``lookback``, a new granule sensed more than ``lookback`` before ``seen_at`` is late: logged at
+    WARNING, counted in ``stats.late_items``, and stored like any other.
     """
     stats = IngestStats()
     for raw in items:
@@ -169,6 +175,13 @@ def ingest_items(session: Session, catalogue: CatalogueSettings, catalogue_id: i
         if outcome is UpsertOutcome.INSERTED:
             stats.new_scenes += 1
             logger.info("new granule %s (%s)", parsed.item_id, parsed.granule_key)
+            if seen_at is not None and lookback is not None and seen_at - parsed.acquired_at > lookback:
+                stats.late_items += 1
+                logger.warning("late item %s of %s: sensed %s, first seen %.1f days later, more than the %g-day "
+                               "look-back; stored and analysed", parsed.item_id, coll,
+                               parsed.acquired_at.isoformat(timespec="seconds"),
+                               (seen_at - parsed.acquired_at).total_seconds() / 86400,
+                               lookback.total_seconds() / 86400)
         elif outcome is UpsertOutcome.UPGRADED:
             stats.upgraded_scenes += 1
             logger.info("granule %s now carries better version %s (%s, rank %s)", parsed.granule_key,

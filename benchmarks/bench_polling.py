@@ -1,20 +1,25 @@
-"""Benchmark: grouped polling vs one search per area, against a real local STAC API.
+"""Benchmark: grouped polling vs one search per area, against a real local STAC API, packed and spread.
 
 Setup (all on loopback, throw-away databases dropped at the end):
 - a pgstac database served by stac-fastapi-pgstac (``devtools.localstac``) holding generated Sentinel-2
-  shaped items: a grid of 1° × 1° "tiles" over a 10° × 5° region (Romania), several acquisitions each
-  within the look-back window, random scene cloud cover;
-- an application database (the real Alembic schema) with N generated watched areas (small squares,
-  0.3–2 km wide) spread uniformly over the region.
+  shaped items: a grid of 1° × 1° "tiles" over Europe (lon −10..30, lat 36..60), several acquisitions
+  each within the look-back window, random scene cloud cover;
+- an application database (the real Alembic schema) holding, per case, N generated watched areas (small
+  squares, 0.3–2 km wide), uniform over the case's region:
+  - ``packed``: 10,000 areas over 10° × 5° (Romania, about 780 × 555 km), the old headline case;
+  - ``spread``: 100, 1,000 and 10,000 areas over the whole of Europe (random, not packed).
 
-Measured in the same run:
+Measured per case, from the same empty scene tables:
 - grouped: ``monitor.catalogues.poll_all`` — one poll cycle (searches, paging, scene upserts, pending
   observations for every area × scene that intersect), HTTP search requests counted on the wire;
-- naive: one search per area with the area's own geometry, plus the same ingest, on a random SAMPLE of
-  areas, then extrapolated linearly to all N (each naive search is independent, so per-area cost is flat).
+- naive: one search per area with the area's own geometry on a random SAMPLE of areas (requests and
+  search time extrapolated linearly to all N: each naive search is independent), and the ingest done
+  ONCE for the distinct items those searches returned — a per-area poller would not upsert a scene again
+  for every area that sees it, so the naive arm is not charged for ingest the grouped arm does once.
+  Its ingest time is scaled to all N by distinct items (ingest cost is linear in items).
 
-Run: ``.venv/bin/python benchmarks/bench_polling.py [--areas 10000] [--naive-sample 200]``.
-The last line is ``request_ratio: <naive requests / grouped requests>``.
+Run: ``.venv/bin/python benchmarks/bench_polling.py [--cases packed:10000,spread:100,...] [--naive-sample 200]``.
+Prints one row per case, side by side; the last line is ``spread_10000_request_ratio: <naive / grouped>``.
 """
 
 from __future__ import annotations
@@ -33,25 +38,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from geoalchemy2.shape import from_shape
 from shapely.geometry import MultiPolygon, box, mapping
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 
 from core import migrate
 from core.config import CatalogueSettings, PollSettings, Settings, get_settings
 from devtools import dbadmin, localstac
 
 ADMIN_URL = os.environ.get("UNIRS_BENCH_ADMIN_URL", "postgresql://unirs:unirs@127.0.0.1:5432/postgres")
-REGION = (20.0, 43.5, 30.0, 48.5)  # lon/lat box (about 780 km × 555 km)
+PACKED = (20.0, 43.5, 30.0, 48.5)  # lon/lat box (Romania, about 780 km × 555 km)
+EUROPE = (-10.0, 36.0, 30.0, 60.0)  # the item grid, and the spread case's region
+REGIONS = {"packed": PACKED, "spread": EUROPE}
+DEFAULT_CASES = "packed:10000,spread:100,spread:1000,spread:10000"
 TILE_DEG = 1.0
 NOW = datetime(2024, 8, 30, 12, tzinfo=UTC)
 
 
 def generate_items(template: dict, dates: int, rng: random.Random) -> list[dict]:
     items = []
-    minx, miny, maxx, maxy = REGION
+    minx, miny, maxx, maxy = EUROPE
     nx, ny = int((maxx - minx) / TILE_DEG), int((maxy - miny) / TILE_DEG)
     for ix in range(nx):
         for iy in range(ny):
-            tile = f"{34 + ix // 6}T{chr(65 + ix % 6)}{chr(65 + iy)}"
+            tile = f"{29 + ix // 6}{chr(67 + iy % 20)}{chr(65 + ix % 6)}{chr(65 + iy // 20)}"
             # Tiles overlap a little, as MGRS tiles do.
             footprint = box(minx + ix * TILE_DEG - 0.05, miny + iy * TILE_DEG - 0.05,
                             minx + (ix + 1) * TILE_DEG + 0.05, miny + (iy + 1) * TILE_DEG + 0.05)
@@ -70,8 +78,8 @@ def generate_items(template: dict, dates: int, rng: random.Random) -> list[dict]
     return items
 
 
-def generate_areas(n: int, rng: random.Random) -> list[MultiPolygon]:
-    minx, miny, maxx, maxy = REGION
+def generate_areas(n: int, region: tuple[float, float, float, float], rng: random.Random) -> list[MultiPolygon]:
+    minx, miny, maxx, maxy = region
     out = []
     for _ in range(n):
         size = rng.uniform(0.004, 0.025)  # ~0.3–2 km
@@ -94,36 +102,98 @@ def insert_areas(geoms: list[MultiPolygon], collection: str) -> list[int]:
     return ids
 
 
-def naive_poll(settings: Settings, catalogue: CatalogueSettings, areas: list[tuple[int, MultiPolygon]],
-               collection: str) -> tuple[int, float, int]:
-    """One search per area (its own geometry), same ingest path. Returns (search requests, seconds, items)."""
+def reset_tables(settings: Settings) -> None:
+    """Empty what a poll writes (and the areas), so each case and each arm starts from the same state."""
     from core.db import session_scope
-    from monitor.catalogues.client import open_client
-    from monitor.catalogues.groups import SearchGroup
-    from monitor.catalogues.poller import RequestCounter, search_and_ingest
-    from monitor.catalogues.store import IngestStats, upsert_catalogue
+
+    with session_scope(settings) as session:
+        session.execute(text("TRUNCATE observations, scenes, acquisitions, poll_states, areas "
+                             "RESTART IDENTITY CASCADE"))
+
+
+def naive_poll(settings: Settings, catalogue: CatalogueSettings, areas: list[tuple[int, MultiPolygon]],
+               collection: str) -> dict[str, float]:
+    """One search per area (its own geometry); the distinct items found ingested once, then observations
+    per area. Returns search requests, search seconds, ingest seconds, items returned and distinct items."""
+    from core.db import session_scope
+    from monitor.catalogues.client import open_client, search_pages
+    from monitor.catalogues.poller import RequestCounter, _scene_ids_for, create_observations
+    from monitor.catalogues.store import ingest_items, upsert_catalogue
 
     with session_scope(settings) as session:
         catalogue_id = upsert_catalogue(session, catalogue)
     counter = RequestCounter()
-    started = time.monotonic()
     client = open_client(catalogue, settings.poll, response_hooks=[counter])
-    stats = IngestStats()
     start = NOW - timedelta(days=settings.poll.lookback_days)
-    for area_id, geom in areas:
-        group = SearchGroup(area_ids=[area_id], geometry=geom.geoms[0], max_cloud_cover=80.0)
-        search_and_ingest(settings, client, catalogue, catalogue_id, collection, group, start, NOW,
-                          catalogue.page_size, stats)
-    return counter.searches, time.monotonic() - started, stats.items_seen
+    started = time.monotonic()
+    distinct: dict[str, dict] = {}
+    returned = 0
+    for _area_id, geom in areas:
+        for page in search_pages(client, collection=collection, intersects=geom.geoms[0], start=start, end=NOW,
+                                 max_cloud_cover=80.0, page_size=catalogue.page_size):
+            returned += len(page)
+            distinct.update((item["id"], item) for item in page)
+    search_seconds = time.monotonic() - started
+    started = time.monotonic()
+    with session_scope(settings) as session:
+        stats = ingest_items(session, catalogue, catalogue_id, collection, list(distinct.values()))
+        scene_ids = _scene_ids_for(session, catalogue_id, stats)
+        create_observations(session, [a for a, _ in areas], scene_ids)
+    return {"requests": counter.searches, "search_seconds": search_seconds,
+            "ingest_seconds": time.monotonic() - started, "items": returned, "distinct": len(distinct)}
+
+
+def run_case(name: str, n: int, settings: Settings, catalogue: CatalogueSettings, collection: str,
+             naive_sample: int, rng: random.Random) -> dict[str, float]:
+    from monitor.catalogues import poll_all
+
+    reset_tables(settings)
+    geoms = generate_areas(n, REGIONS[name], rng)
+    ids = insert_areas(geoms, collection)
+    started = time.monotonic()
+    result = poll_all(settings, now=NOW)
+    grouped_seconds = time.monotonic() - started
+    poll = result.polls[0]
+    if not poll.ok:
+        raise SystemExit(f"grouped poll failed ({name} {n}): {poll.error}")
+
+    # Same starting state for the naive arm: no scenes stored yet (the areas stay).
+    from core.db import session_scope
+
+    with session_scope(settings) as session:
+        session.execute(text("TRUNCATE observations, scenes, acquisitions, poll_states RESTART IDENTITY CASCADE"))
+    sample = rng.sample(list(zip(ids, geoms, strict=True)), min(naive_sample, len(ids)))
+    naive = naive_poll(settings, catalogue, sample, collection)
+    scale = len(ids) / len(sample)
+    # Ingest is linear in distinct items: all N areas' searches would return what the grouped arm stored.
+    ingest_scale = poll.stats.new_scenes / naive["distinct"] if naive["distinct"] else 1.0
+    naive_seconds_all = naive["search_seconds"] * scale + naive["ingest_seconds"] * max(ingest_scale, 1.0)
+    return {
+        "areas": len(ids), "groups": poll.groups, "grouped_requests": poll.search_requests,
+        "grouped_items": poll.stats.items_seen, "scenes": poll.stats.new_scenes,
+        "observations": poll.observations_created, "grouped_seconds": grouped_seconds,
+        "sample": len(sample), "naive_requests_sample": naive["requests"],
+        "naive_requests": naive["requests"] * scale, "naive_items_sample": naive["items"],
+        "naive_search_seconds": naive["search_seconds"] * scale,
+        "naive_ingest_seconds": naive["ingest_seconds"] * max(ingest_scale, 1.0),
+        "naive_seconds": naive_seconds_all,
+        "request_ratio": naive["requests"] * scale / poll.search_requests,
+        "time_ratio": naive_seconds_all / grouped_seconds,
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--areas", type=int, default=10_000)
+    parser.add_argument("--cases", default=DEFAULT_CASES,
+                        help=f"comma-separated region:areas (regions: {', '.join(REGIONS)}; default {DEFAULT_CASES})")
     parser.add_argument("--naive-sample", type=int, default=200, help="areas searched one by one (extrapolated)")
     parser.add_argument("--dates", type=int, default=3, help="acquisitions per tile inside the look-back window")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
+    cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]
+    unknown = [c for c, _ in cases if c not in REGIONS]
+    if unknown:
+        parser.error(f"unknown region {unknown[0]!r}; choose from {', '.join(REGIONS)}")
     logging.basicConfig(level=logging.WARNING)
     rng = random.Random(args.seed)
 
@@ -138,7 +208,7 @@ def main() -> int:
 
         localstac.prepare_database(stac_dsn, create=False)
         collection = localstac.read_sample_collection()
-        collection["extent"]["spatial"]["bbox"] = [list(REGION)]
+        collection["extent"]["spatial"]["bbox"] = [list(EUROPE)]
         localstac.load_collection(stac_dsn, collection)
         template = localstac.read_sample_items()[0]
         items = generate_items(template, args.dates, rng)
@@ -147,42 +217,41 @@ def main() -> int:
 
         catalogue = CatalogueSettings(name="bench", url=api.url, collections=[collection["id"]],
                                       allowed_schemes=["http"], allowed_hosts=["127.0.0.1"], allow_private_hosts=True,
-                                      page_size=200, timeout_seconds=120)
+                                      page_size=200, timeout_seconds=120, late_sweep="off")
         settings = Settings(database_url=sa_url, catalogues=[catalogue],
                             poll=PollSettings(lookback_days=10, group_distance_km=50))
-        geoms = generate_areas(args.areas, rng)
-        ids = insert_areas(geoms, collection["id"])
-
-        from monitor.catalogues import poll_all
         from monitor.catalogues.groups import MAX_EXTENT_FACTOR
 
-        started = time.monotonic()
-        result = poll_all(settings, now=NOW)
-        grouped_seconds = time.monotonic() - started
-        poll = result.polls[0]
-        if not poll.ok:
-            raise SystemExit(f"grouped poll failed: {poll.error}")
+        print(f"STAC API: stac-fastapi-pgstac on {api.url}; {len(items)} items ({len(items) // args.dates} 1° tiles x "
+              f"{args.dates} dates) over lon {EUROPE[0]}..{EUROPE[2]}, lat {EUROPE[1]}..{EUROPE[3]}")
+        print(f"areas: 0.3-2 km squares, uniform over the region (packed: lon {PACKED[0]}..{PACKED[2]}, lat "
+              f"{PACKED[1]}..{PACKED[3]}, ~780 x 555 km; spread: all of the item grid, ~3,000 x 2,700 km); look-back "
+              f"10 d; page size {catalogue.page_size}; group distance {settings.poll.group_distance_km} km (groups at "
+              f"most {MAX_EXTENT_FACTOR * settings.poll.group_distance_km:.0f} km wide)")
+        print(f"naive: one search per area on a random sample of {args.naive_sample} areas, extrapolated to all; "
+              "its ingest done once for the distinct items found (scaled by distinct items), not once per area")
+        rows = []
+        for name, n in cases:
+            row = run_case(name, n, settings, catalogue, collection["id"], args.naive_sample, rng)
+            rows.append((name, n, row))
+            print(f"  {name} {n}: grouped {row['groups']} searches / {row['grouped_requests']} requests / "
+                  f"{row['grouped_seconds']:.1f} s; naive ~{row['naive_requests']:.0f} requests / "
+                  f"~{row['naive_seconds']:.0f} s", flush=True)
 
-        sample = rng.sample(list(zip(ids, geoms, strict=True)), min(args.naive_sample, len(ids)))
-        naive_requests, naive_seconds, naive_items = naive_poll(settings, catalogue, sample, collection["id"])
-        scale = len(ids) / len(sample)
-        naive_requests_all = naive_requests * scale
-        naive_seconds_all = naive_seconds * scale
-
-        print(f"STAC API: stac-fastapi-pgstac on {api.url}; {len(items)} items ({len(items) // args.dates} tiles x "
-              f"{args.dates} dates) over lon {REGION[0]}..{REGION[2]}, lat {REGION[1]}..{REGION[3]}")
-        print(f"areas: {len(ids)} (0.3-2 km squares, uniform over the region); look-back 10 d; page size "
-              f"{catalogue.page_size}; group distance {settings.poll.group_distance_km} km "
-              f"(groups at most {MAX_EXTENT_FACTOR * settings.poll.group_distance_km:.0f} km wide)")
-        print(f"grouped: {poll.groups} searches, {poll.search_requests} HTTP search requests (incl. pages), "
-              f"{poll.http_requests} HTTP requests in all, {poll.stats.items_seen} items returned, "
-              f"{poll.stats.new_scenes} scenes, {poll.observations_created} area x scene observations, "
-              f"cycle {grouped_seconds:.1f} s")
-        print(f"naive (measured on a random sample of {len(sample)} areas, extrapolated x{scale:.1f} to {len(ids)}): "
-              f"{naive_requests} search requests / {naive_seconds:.1f} s / {naive_items} items for the sample -> "
-              f"~{naive_requests_all:.0f} requests, ~{naive_seconds_all:.0f} s per cycle")
-        print(f"time_ratio: {naive_seconds_all / grouped_seconds:.1f}")
-        print(f"request_ratio: {naive_requests_all / poll.search_requests:.1f}")
+        header = (f"{'case':<16}{'areas':>7}{'groups':>8}{'grouped req':>12}{'naive req':>11}{'req ratio':>10}"
+                  f"{'grouped s':>10}{'naive s':>9}{'(search+ingest)':>17}{'time ratio':>11}{'scenes':>8}{'obs':>8}")
+        print(header)
+        for name, n, r in rows:
+            split = f"{r['naive_search_seconds']:.0f}+{r['naive_ingest_seconds']:.1f}"
+            print(f"{name + ' ' + str(n):<16}{r['areas']:>7}{r['groups']:>8}{r['grouped_requests']:>12}"
+                  f"{r['naive_requests']:>11.0f}{r['request_ratio']:>10.1f}{r['grouped_seconds']:>10.1f}"
+                  f"{r['naive_seconds']:>9.0f}{split:>17}{r['time_ratio']:>11.1f}{r['scenes']:>8}{r['observations']:>8}")
+        last = next(((n, r) for name, n, r in reversed(rows) if name == "spread"), None)
+        if last is None:
+            name, n, r = rows[-1]
+            print(f"{name}_{n}_request_ratio: {r['request_ratio']:.1f}")
+        else:
+            print(f"spread_{last[0]}_request_ratio: {last[1]['request_ratio']:.1f}")
     finally:
         if api is not None:
             api.stop()

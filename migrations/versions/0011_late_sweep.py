@@ -1,7 +1,7 @@
 """late sweep state per catalogue × collection: publication-time cursor, last sweep, detected mode, late items
 
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 Create Date: 2026-12-02 15:40:00
 
 The late sweep (``monitor/catalogues/late.py``) finds items published more than the look-back after they
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = '0011'
-down_revision: str | None = '0009'
+down_revision: str | None = '0010'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -70,9 +70,9 @@ DEFAULT_DATA = ROOT / "build" / "sentinel2-romania-all"
 REFERENCE = ROOT / "benchmarks" / "reference" / "forest_loss_reference.tif"
 EPOCH = date(2015, 1, 1)
 LOSS = ("vegetation_loss", "new_built_up_or_bare")
-# A loss first seen on a leaf-off date is in the reference on the next leaf-on clear date: an alert up to
-# this long before the reference date is on time, not early.
-EARLY_DAYS = 270
+# The reference dates a loss to the first clear date it was seen on; one revisit gap earlier is still the
+# same clearing (the service may have looked at a date the interpreter's list skipped).
+EARLY_DAYS = 30
 VERBOSE = "-v" in sys.argv or "--verbose" in sys.argv
 
 

@@ -97,6 +97,8 @@ HOSTILE = ["file:///etc/passwd", "http://169.254.169.254/latest/meta-data/", "ht
 
 
 def r6() -> dict[str, int]:
+    """Hostile hrefs through ``check_href``, then asset reads redirected off the allow-list (real servers:
+    the allowed hop on 127.0.0.1, the sample COGs on 127.0.0.2, which must never be asked)."""
     cat = CatalogueSettings(name="chaos", url="https://stac.example", allowed_hosts=["sentinel-cogs.example",
                                                                                    "127.0.0.1", "localhost",
                                                                                    "10.0.0.1", "192.168.1.1"])
@@ -111,13 +113,70 @@ def r6() -> dict[str, int]:
         except Exception as exc:
             row["tracebacks"] += 1
             print("R6", type(exc).__name__, exc, href)
+    for name, outcome in r6_redirects():
+        row["tries"] += 1
+        if outcome == "refused":
+            row["passed"] += 1
+        elif outcome.startswith("traceback"):
+            row["tracebacks"] += 1
+            print("R6", name, outcome)
+        else:
+            print("R6", name, outcome)
     return row
+
+
+def r6_redirects() -> list[tuple[str, str]]:
+    """(case, "refused" | what went wrong) for each redirect case; a control read through an allowed
+    redirect must succeed first, so a refusal is the policy and not a broken server."""
+    from shapely.geometry import shape
+
+    from devtools import localstac
+    from eo.cog import CogReadError, read_aoi
+    from tests.fixtures_egress import RangeFileServer, Redirector
+    from tests.fixtures_ingest import inner_aoi
+
+    red = "cogs/2020-08-29/red.tif"
+    cat = CatalogueSettings(name="local", url="http://127.0.0.1:9", allowed_schemes=["http"],
+                            allowed_hosts=["127.0.0.1"], allow_private_hosts=True)
+    aoi = inner_aoi(shape(localstac.read_sample_items()[0]["geometry"]))
+    local_file = (localstac.SAMPLE_DATA_DIR / red).resolve()
+    out: list[tuple[str, str]] = []
+    with RangeFileServer(localstac.SAMPLE_DATA_DIR) as files, \
+            RangeFileServer(localstac.SAMPLE_DATA_DIR, host="127.0.0.2") as elsewhere:
+        with Redirector(lambda path: files.url + path) as allowed:
+            if read_aoi(f"{allowed.url}/{red}", aoi, catalogue=cat).array.size == 0:
+                return [("control", "the allowed redirect read nothing")]
+        cases = [(f"{status} to 127.0.0.2", lambda path: elsewhere.url + path, status, 1)
+                 for status in (301, 302, 303, 307, 308)]
+        cases += [("302 chain 127.0.0.1 -> 127.0.0.1 -> 127.0.0.2", lambda path: elsewhere.url + path, 302, 2),
+                  ("302 to file://", lambda path: f"file://{local_file}", 302, 1),
+                  ("302 to 127.0.0.2 by IPv4-mapped IPv6", lambda path: f"http://[::ffff:127.0.0.2]:"
+                   f"{elsewhere.server.server_address[1]}{path}", 302, 1)]
+        for name, target, status, hops in cases:
+            before = len(elsewhere.requests)
+            with Redirector(target, status=status) as last:
+                first = Redirector(lambda path, last=last: last.url + path, status=status) if hops == 2 else None
+                start = first.__enter__() if first else last
+                try:
+                    read_aoi(f"{start.url}/{red}", aoi, catalogue=cat)
+                    outcome = "read succeeded"
+                except (HrefRefused, CogReadError):
+                    outcome = "refused"
+                except Exception as exc:
+                    outcome = f"traceback {type(exc).__name__}: {exc}"
+                finally:
+                    if first:
+                        first.__exit__(None, None, None)
+            if len(elsewhere.requests) > before:
+                outcome = f"127.0.0.2 was asked {elsewhere.requests[before:]}"
+            out.append((name, outcome))
+    return out
 
 
 FULL = {"R1": 5, "R2": 3, "R3": 3, "R4": 3, "R5": 5000}
 QUICK = {"R1": 1, "R2": 1, "R3": 1, "R4": 1, "R5": 300}
 NAMES = {"R1": "R1 worker kill -9", "R2": "R2 redis+pg restart", "R3": "R3 STAC faults", "R4": "R4 SMTP faults",
-         "R5": "R5 area inputs", "R6": "R6 hostile hrefs"}
+         "R5": "R5 area inputs", "R6": "R6 hrefs+redirects"}
 
 
 def run_services(wanted: list[str], sizes: dict[str, int], workdir: Path) -> dict[str, dict]:

@@ -1,6 +1,6 @@
 """The chaos suite (issue 17 item 7): R1–R6, one command, one table.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/chaos.py            # full: ~10 min on a busy 2-core machine
+    PYTHONPATH=. .venv/bin/python benchmarks/chaos.py            # full: ~5 min on a 2-core machine
     PYTHONPATH=. .venv/bin/python benchmarks/chaos.py --quick    # what tests/test_chaos_quick.py runs
     PYTHONPATH=. .venv/bin/python benchmarks/chaos.py --only R3,R6
 

@@ -111,6 +111,14 @@ class ModelSettings(BaseModel):
     max_new_tokens: int = 48
 
 
+#: The From address of emails written to the outbox when no sender is configured (demo, local tries).
+DEMO_SENDER = "UniRS Monitor <alerts@localhost>"
+
+
+class SenderMissing(ValueError):
+    """Emails would be sent through an SMTP host but no sender is configured."""
+
+
 class SmtpSettings(BaseModel):
     # No host = write .eml files (and an HTML preview) to `outbox_dir` instead of sending.
     host: str | None = None
@@ -119,7 +127,9 @@ class SmtpSettings(BaseModel):
     ssl: bool = False
     username: str | None = None
     password: str | None = None
-    sender: str = "UniRS Monitor <alerts@localhost>"
+    # The From address. Required to send through `host`; the outbox (the demo, trying things out) falls
+    # back to DEMO_SENDER. `unirs-monitor doctor` warns about an @localhost sender.
+    sender: str | None = None
     timeout_seconds: float = 30.0
     max_attempts: int = 5
     outbox_dir: Path = Path("var/outbox")
@@ -129,6 +139,16 @@ class SmtpSettings(BaseModel):
     retry_max_seconds: float = 3600.0
     # A delivery claimed for sending longer than this is assumed to belong to a dead worker.
     lease_seconds: int = 300
+
+    def from_address(self) -> str:
+        """The From header of every email: ``sender``, or :data:`DEMO_SENDER` for the outbox; raises
+        :class:`SenderMissing` when emails would go to a mail server without a configured sender."""
+        if self.sender:
+            return self.sender
+        if self.host:
+            raise SenderMissing(f"smtp.sender (UNIRS_SMTP__SENDER) is not set: no email is sent through {self.host} "
+                                "without a From address your mail server accepts; deliveries stay pending")
+        return DEMO_SENDER
 
 
 class ReportSettings(BaseModel):

@@ -162,6 +162,20 @@ def check_model(settings: Settings, load: bool) -> str:
     return f"loaded {path} ({n / 1e6:.1f} M parameters)"
 
 
+def check_sender(settings: Settings) -> str:
+    """The From address: required with an SMTP host; an @localhost one is a warning (mail servers refuse or
+    junk it, and replies go nowhere)."""
+    from email.utils import parseaddr
+
+    sender = settings.smtp.from_address()  # SenderMissing with a host and no sender: a failure
+    address = parseaddr(sender)[1] or sender
+    if address.rpartition("@")[2].lower() in ("localhost", "localhost.localdomain"):
+        configured = "configured" if settings.smtp.sender else "the demo default (no smtp.sender configured)"
+        raise DoctorWarning(f"emails are From {sender}, {configured}: an @localhost sender is refused or junked by "
+                            "most mail servers; set UNIRS_SMTP__SENDER to an address of your domain")
+    return f"emails are From {sender}"
+
+
 def check_areas(settings: Settings) -> str:
     """Active areas, and the ones that alert nobody (a warning: they are watched, their findings stored)."""
     from core.db import session_scope
@@ -190,6 +204,7 @@ def run_checks(settings: Settings, *, load_model: bool = False) -> list[Check]:
     checks += [
         _check("email", lambda: check_smtp(settings)),
         _check("email links", lambda: check_web_links(settings)),
+        _check("email sender", lambda: check_sender(settings)),
         _check("model", lambda: check_model(settings, load_model)),
     ]
     return checks

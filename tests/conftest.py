@@ -14,7 +14,8 @@ from core.config import get_settings
 from core.db import reset_engines
 from devtools import dbadmin
 
-pytest_plugins = ["tests.fixtures_stac", "tests.fixtures_ingest", "tests.fixtures_workers", "tests.fixtures_web"]
+pytest_plugins = ["tests.fixtures_stac", "tests.fixtures_ingest", "tests.fixtures_workers", "tests.fixtures_web",
+                  "tests.fixtures_reports"]
 
 ADMIN_URL = os.environ.get("UNIRS_TEST_ADMIN_URL", "postgresql://unirs:unirs@127.0.0.1:5432/postgres")
 

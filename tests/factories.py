@@ -1,5 +1,7 @@
-"""Rows the way the workers write them (area, catalogue, scenes, analysis, findings, PNG thumbnails), for
-tests of reports and the findings query. Inserted directly: these tests must not depend on the pipeline."""
+"""Hand-made rows shaped like the workers' (area, catalogue, scenes, analysis, findings, PNG thumbnails), for
+tests of the findings query, the web API and metrics, and for states the worker does not produce on the
+sample (the report test of empty states). Report tests use what the real worker writes instead
+(tests/fixtures_reports.py), so a drift in the worker's output breaks them."""
 
 from __future__ import annotations
 

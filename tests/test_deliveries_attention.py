@@ -18,7 +18,7 @@ from core.db import session_scope
 from monitor.cli import cli
 from monitor.metrics import exposition
 from monitor.reports import run_deliveries
-from tests import factories as f
+from tests.fixtures_reports import insert_worker_world
 from tests.test_reports import REPO, configure, deliveries, parts_of, smtp  # noqa: F401 — fixtures
 
 CRASH = ("import os, sys\nfrom datetime import datetime\nfrom core.config import get_settings\n"
@@ -37,15 +37,11 @@ def metric(name: str, kind: str) -> float:
     return float(line.removeprefix(prefix))
 
 
-def test_an_unknown_outcome_is_listed_counted_named_in_the_digest_and_requeued(db, smtp):  # noqa: F811
+def test_an_unknown_outcome_is_listed_counted_named_in_the_digest_and_requeued(db, smtp, worker_output):  # noqa: F811
     now = datetime.now(UTC)
     with session_scope(get_settings()) as s:
-        area = f.area(s, name="Daily forest", frequency="daily", recipients=["ana@example.org"])
-        cat = f.catalogue(s)
-        scenes = [f.scene(s, cat, datetime(2020, 8, day, 9, 40, tzinfo=UTC)) for day in (4, 9)]
-        f.observe(s, area, scenes[1], 0.95)
-        an = f.analysis(s, area, scenes[1], scenes[0], finished_at=now - timedelta(hours=2))
-        f.findings(s, an, caption="Second clear-cut to the east")
+        insert_worker_world(s, worker_output, name="Daily forest", frequency="daily", recipients=["ana@example.org"],
+                            finished_at=now - timedelta(hours=2))
 
     # The sender dies after the server accepted the digest, before recording it.
     proc = subprocess.run([sys.executable, "-c", CRASH, now.isoformat()], cwd=REPO, env=dict(os.environ),

@@ -1,6 +1,8 @@
 """`unirs-monitor doctor` reports what works and exactly what does not."""
 
 import json
+import uuid
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -33,6 +35,10 @@ def test_doctor_healthy_database_and_broken_pieces(database_url, monkeypatch, tm
     assert not checks["broker"]["ok"]
     assert not checks["catalogue local"]["ok"] and "127.0.0.1" in checks["catalogue local"]["detail"]
     assert checks["email"]["ok"] and "outbox" in checks["email"]["detail"]
+    assert checks["email sender"]["ok"] and checks["email sender"]["warning"]  # the demo sender
+    assert checks["email sender"]["detail"].startswith(
+        "emails are From UniRS Monitor <alerts@localhost>, the demo default (no smtp.sender configured): an "
+        "@localhost sender is refused or junked by most mail servers")
     assert not checks["model"]["ok"] and "config.json is missing" in checks["model"]["detail"]
     assert checks["email links"]["ok"] and "no List-Unsubscribe header" in checks["email links"]["detail"]
 
@@ -48,8 +54,39 @@ def test_doctor_warns_when_email_links_cannot_be_signed(database_url, monkeypatc
     assert checks["email links"]["detail"].startswith("emails link to https://monitor.example.org (")
 
 
-def test_doctor_unmigrated_database(monkeypatch):
-    code, checks = _doctor(monkeypatch, UNIRS_DATABASE_URL="postgresql+psycopg://unirs:unirs@127.0.0.1:5432/postgres")
-    assert code == 1
-    assert not checks["database"]["ok"]
-    assert "PostGIS is not installed" in checks["database"]["detail"] or "db upgrade" in checks["database"]["detail"]
+def test_doctor_names_a_missing_postgis_and_an_unmigrated_schema(monkeypatch):
+    """Two throw-away databases: one without PostGIS, one with PostGIS but no schema."""
+    from devtools import dbadmin
+    from tests.conftest import ADMIN_URL
+
+    plain = dbadmin.with_dbname(ADMIN_URL, f"unirs_doctor_plain_{uuid.uuid4().hex[:8]}")
+    dbadmin.create_database(plain)
+    empty = dbadmin.create_scratch_database(ADMIN_URL, "unirs_doctor_empty")
+    try:
+        code, checks = _doctor(monkeypatch, UNIRS_DATABASE_URL=dbadmin.sqlalchemy_url(plain))
+        assert code == 1 and not checks["database"]["ok"]
+        assert "PostGIS is not installed in this database" in checks["database"]["detail"]
+        code, checks = _doctor(monkeypatch, UNIRS_DATABASE_URL=dbadmin.sqlalchemy_url(empty))
+        assert code == 1 and not checks["database"]["ok"]
+        head = sorted(p.name for p in (Path(__file__).parents[1] / "migrations" / "versions").glob("0*.py"))[-1][:4]
+        assert f"schema at revision none, code expects {head}: run `unirs-monitor db upgrade`" in \
+            checks["database"]["detail"]
+    finally:
+        dbadmin.drop_database(plain)
+        dbadmin.drop_database(empty)
+
+
+def test_doctor_requires_a_sender_to_send_and_warns_on_localhost(database_url, monkeypatch):
+    base = {"UNIRS_DATABASE_URL": database_url, "UNIRS_SMTP__HOST": "127.0.0.1", "UNIRS_SMTP__PORT": "1"}
+    monkeypatch.delenv("UNIRS_SMTP__SENDER", raising=False)
+    code, checks = _doctor(monkeypatch, **base)
+    assert code == 1 and not checks["email sender"]["ok"]
+    assert checks["email sender"]["detail"] == (
+        "SenderMissing: smtp.sender (UNIRS_SMTP__SENDER) is not set: no email is sent through 127.0.0.1 without a "
+        "From address your mail server accepts; deliveries stay pending")
+    _, checks = _doctor(monkeypatch, **base, UNIRS_SMTP__SENDER="Ops <ops@LOCALHOST>")
+    assert checks["email sender"]["ok"] and checks["email sender"]["warning"]
+    assert checks["email sender"]["detail"].startswith("emails are From Ops <ops@LOCALHOST>, configured: an @localhost")
+    _, checks = _doctor(monkeypatch, **base, UNIRS_SMTP__SENDER="Forest watch <alerts@forest.example.org>")
+    assert checks["email sender"] == {"name": "email sender", "ok": True, "warning": False,
+                                      "detail": "emails are From Forest watch <alerts@forest.example.org>"}

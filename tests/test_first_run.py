@@ -83,6 +83,7 @@ def test_the_readme_path_on_a_fresh_database(stac_collection, items_by_date, sam
         "UNIRS_CATALOGUES": json.dumps([loopback_catalogue(stac_collection.api.url, [stac_collection.id])
                                         .model_dump(mode="json")]),
         "UNIRS_SMTP__OUTBOX_DIR": str(tmp_path / "outbox"),
+        "UNIRS_SMTP__SENDER": "Forest watch <alerts@your-domain.example>",  # the README's export
         "UNIRS_ANALYSIS__DISPATCH_INTERVAL_SECONDS": "1",
         "PYTHONPATH": str(ROOT),
     })

@@ -66,11 +66,18 @@ def test_unknown_properties_kept_as_attributes_on_request_and_round_trip(db, tmp
     assert again["properties"]["attributes"] == {"fid": 7, "owner": "forestry office"}
 
 
-def test_help_lists_the_accepted_property_keys():
-    text = run("areas", "add", "--help").output
-    for key in AreaOptions.accepted_keys():
-        assert key in text
-    assert "--keep-unknown-properties" in text
+def test_every_accepted_property_key_is_stored_and_exported(db):
+    """Each key `accepted_keys()` names (the list `areas add --help` and the refusal print) really takes effect."""
+    given = {
+        "name": "every key", "collections": ["sentinel-2-l2a"], "max_cloud_cover": 55.0, "min_clear_fraction": 0.6,
+        "recipients": ["a@example.org"], "questions": ["vegetation_loss"], "alert_frequency": "daily",
+        "min_alert_hectares": 1.5, "pairing_policy": "seasonal", "alert_classes": ["vegetation_loss"],
+        "alert_on": "confirmed", "attributes": {"fid": 3},
+    }
+    assert sorted(given) == sorted(AreaOptions.accepted_keys())
+    run("areas", "add", collection(feature(NORTH, **given)))
+    exported = json.loads(run("areas", "export").stdout)["features"][0]["properties"]
+    assert {k: exported[k] for k in given} == given
 
 
 def test_an_area_that_alerts_nobody_is_flagged_at_add_list_update_and_by_doctor(db, monkeypatch, tmp_path):

@@ -16,28 +16,34 @@ from email import policy
 from email.message import EmailMessage
 from pathlib import Path
 
+import numpy as np
 import psycopg
 import pytest
 from aiosmtpd.controller import Controller
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from shapely.geometry import box, shape
+from shapely.geometry import shape
+from sqlalchemy import select
 
 from core.config import get_settings
 from core.db import session_scope
-from core.models import Finding
+from core.models import Analysis, AnalysisStatus, Finding
 from monitor.reports import ledger, run_deliveries
 from monitor.reports.context import agreement, load_analysis_report, osm_link
 from monitor.reports.immediate import create_immediate_deliveries
 from monitor.reports.message import build_message
-from monitor.reports.render import ATTRIBUTION, render_alert
+from monitor.reports.render import ATTRIBUTION, RenderedEmail, render_alert
 from monitor.reports.sanitize import header_text
 from tests import factories as f
+from tests.fixtures_reports import WorkerOutput, insert_worker_world
+from workers.mapframe import FOOTER_PX, OUTLINE, SWATCH_PX
+from workers.render import CLASS_COLOURS
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "var" / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
+SENDER = "UniRS Monitor <alerts@monitor.example.org>"
 
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -99,10 +105,17 @@ def smtp(configure):
     """A real SMTP server on a free loopback port, with the settings pointed at it."""
     port = free_port()
     controller, handler = start_smtp(port)
-    configure(UNIRS_SMTP__HOST="127.0.0.1", UNIRS_SMTP__PORT=port, UNIRS_SMTP__TIMEOUT_SECONDS=5)
+    configure(UNIRS_SMTP__HOST="127.0.0.1", UNIRS_SMTP__PORT=port, UNIRS_SMTP__TIMEOUT_SECONDS=5,
+              UNIRS_SMTP__SENDER=SENDER)
     handler.port = port
     yield handler
     controller.stop()
+
+
+def world(output: WorkerOutput, **kw) -> int:
+    """One committed area with the worker's 2018-08-25 analysis (or ``after=``); returns the analysis id."""
+    with session_scope(get_settings()) as s:
+        return insert_worker_world(s, output, **kw).id
 
 
 def deliveries(db_url: str) -> list[dict]:
@@ -140,14 +153,20 @@ def test_header_text_is_always_one_safe_line(value):
     parsed = email.message_from_bytes(msg.as_bytes(policy=policy.SMTP), policy=policy.default)
     assert set(parsed.keys()) == {"Subject"} and "\n" not in parsed["Subject"] and "\r" not in parsed["Subject"]
     # CPython drops a space between two RFC 2047 encoded words on decoding; the text is otherwise intact.
-    assert parsed["Subject"].split() == clean.split() or "".join(parsed["Subject"].split()) == "".join(clean.split())
+    assert "".join(parsed["Subject"].split()) == "".join(clean.split())
 
 
-def test_email_package_refuses_line_breaks_in_headers():
-    msg = EmailMessage()
-    for bad in ("a\r\nBcc: victim@example.org", "a\nX-Evil: 1", "a\rb"):
+def test_build_message_refuses_line_breaks_in_recipient_and_sender():
+    """Recipients and the sender come from areas and settings, not through header_text: build_message must
+    refuse a line break in them rather than write a second header."""
+    rendered = RenderedEmail(subject="s", text="t", html="<p>h</p>")
+    for recipient, sender in (("ana@example.org\r\nBcc: victim@example.org", "UniRS <a@example.org>"),
+                              ("ana@example.org", "UniRS <a@example.org>\nX-Evil: 1")):
         with pytest.raises(ValueError):
-            msg["Subject"] = bad
+            build_message(rendered, sender=sender, recipient=recipient, message_id="<m@x>", delivery_key="analysis:1")
+    msg = build_message(rendered, sender=SENDER, recipient="ana@example.org", message_id="<m@x>",
+                        delivery_key="analysis:1")
+    assert (msg["From"], msg["To"], msg["X-UniRS-Delivery"]) == (SENDER, "ana@example.org", "analysis:1")
 
 
 def test_agreement_and_links():
@@ -172,14 +191,18 @@ def test_agreement_and_links():
 # ------------------------------------------------------------------------------------- rendering
 
 
-def test_hostile_area_names_and_model_text_are_escaped_and_kept_out_of_headers(db, configure):
+def test_hostile_area_names_and_model_text_are_escaped_and_kept_out_of_headers(db, configure, worker_output):
     name = 'Apuseni <script>alert("x")</script>\r\nBcc: victim@evil.example'
     caption = '<img src=x onerror=alert(1)> clear-cut\r\nX-Injected: yes'
     with session_scope(get_settings()) as s:
-        an = f.world(s, name=name, caption=caption, answers=[
-            {"question": "<b>Is it a road?</b>", "answer": "<script>steal()</script> yes", "confidence": 0.7,
-             "statistics": {"<i>px</i>": "<svg onload=alert(1)>", "statistic_answer": "yes"}},
-        ])
+        an = insert_worker_world(s, worker_output, name=name)
+        # What a model could write, over the worker's rows: a hostile caption, question, answer and statistic.
+        summary = s.execute(select(Finding).where(Finding.analysis_id == an.id, Finding.kind == "summary")).scalar_one()
+        summary.caption = caption
+        answer = s.execute(select(Finding).where(Finding.analysis_id == an.id, Finding.kind == "answer")
+                           .order_by(Finding.ordinal).limit(1)).scalar_one()
+        answer.question, answer.answer = "<b>Is it a road?</b>", "<script>steal()</script> yes"
+        answer.statistics = {**answer.statistics, "<i>px</i>": "<svg onload=alert(1)>"}
     with session_scope(get_settings()) as s:
         report = load_analysis_report(s, an.id, get_settings().public_url)
     rendered = render_alert(report, "ana@example.org")
@@ -191,18 +214,17 @@ def test_hostile_area_names_and_model_text_are_escaped_and_kept_out_of_headers(d
                     "&lt;b&gt;Is it a road?&lt;/b&gt;", "&lt;script&gt;steal()&lt;/script&gt; yes"):
         assert escaped in html
     assert "\r" not in rendered.subject and "\n" not in rendered.subject
-    assert rendered.subject == ('Forest loss 4.30 ha — Apuseni <script>alert("x")</script> Bcc: victim@evil.example'
-                                " — 2020-08-29")
+    assert rendered.subject == ('Forest loss 0.25 ha — Apuseni <script>alert("x")</script> Bcc: victim@evil.example'
+                                " — 2018-08-25")
 
     msg = build_message(rendered, sender="UniRS <alerts@example.org>", recipient="ana@example.org",
                         message_id="<m1@unirs-monitor>", delivery_key="analysis:1")
     raw = msg.as_bytes(policy=policy.SMTP)
     head = raw.split(b"\r\n\r\n", 1)[0]
-    for line in head.split(b"\r\n"):
-        # Every header line is a header of ours or a folded continuation (leading whitespace).
-        assert line[:1] in (b" ", b"\t") or line.split(b":", 1)[0] in {
-            b"Subject", b"From", b"To", b"Date", b"Message-ID", b"Auto-Submitted", b"X-UniRS-Delivery",
-            b"MIME-Version", b"Content-Type"}, line
+    # Unfolded, the head is exactly our headers in our order: nothing injected, nothing split off.
+    names = [line.split(b":", 1)[0] for line in head.split(b"\r\n") if line[:1] not in (b" ", b"\t")]
+    assert names == [b"Subject", b"From", b"To", b"Date", b"Message-ID", b"Auto-Submitted", b"X-UniRS-Delivery",
+                     b"MIME-Version", b"Content-Type"]
     parsed = email.message_from_bytes(raw, policy=policy.default)
     assert parsed["Bcc"] is None and parsed["X-Injected"] is None
     assert parsed["Subject"] == rendered.subject
@@ -235,14 +257,22 @@ def test_sparse_analysis_renders_every_empty_state(db, configure):
 # -------------------------------------------------------------------------------------- delivery
 
 
-def test_each_recipient_gets_exactly_one_complete_email(db, smtp):
+def _footer_swatches(png: bytes) -> dict[str, int]:
+    """Pixels of each legend colour in the strip under the map of an email image."""
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    footer = pixels[-FOOTER_PX:]
+    colours = {"outline": OUTLINE, "vegetation loss": CLASS_COLOURS[3], "vegetation gain": CLASS_COLOURS[4],
+               "new built-up": CLASS_COLOURS[2], "water change": CLASS_COLOURS[1]}
+    return {name: int(np.all(footer == colour, axis=-1).sum()) for name, colour in colours.items()}
+
+
+def test_each_recipient_gets_exactly_one_complete_email(db, smtp, worker_output):
     recipients = ["ana@example.org", "bob@example.org"]
     with session_scope(get_settings()) as s:
-        an = f.world(s, recipients=recipients)
-        f.world(s, name="Quiet valley", min_ha=5.0,
-                regions=[(box(23.12, 46.52, 23.121, 46.521), "new_built_up_or_bare", 1.0)])
-        f.world(s, name="Digest only", frequency="daily", recipients=["d@example.org"])
-        f.world(s, name="Muted", frequency="off", recipients=["m@example.org"])
+        an = insert_worker_world(s, worker_output, name="Apuseni forest", recipients=recipients).id
+        insert_worker_world(s, worker_output, name="Quiet valley", min_ha=5.0)  # 0.25 ha of loss < 5 ha
+        insert_worker_world(s, worker_output, name="Digest only", frequency="daily", recipients=["d@example.org"])
+        insert_worker_world(s, worker_output, name="Muted", frequency="off", recipients=["m@example.org"])
 
     counts = run_deliveries(get_settings())
     assert counts["alerts_queued"] == 2 and counts["sent"] == 3  # 2 alerts + the daily area's first digest
@@ -251,45 +281,68 @@ def test_each_recipient_gets_exactly_one_complete_email(db, smtp):
     assert not any("m@example.org" in rcpt for rcpt, _ in smtp.parsed())
 
     for rcpt, msg in alerts:
-        assert msg["To"] == rcpt[0]
-        assert msg["Message-ID"] == ledger.message_id_for(f"analysis:{an.id}", rcpt[0])
-        assert msg["Subject"] == "Forest loss 4.30 ha — Apuseni forest — 2020-08-29"
+        assert msg["To"] == rcpt[0] and msg["From"] == SENDER
+        assert msg["Message-ID"] == ledger.message_id_for(f"analysis:{an}", rcpt[0])
+        assert msg["Subject"] == "Forest loss 0.25 ha — Apuseni forest — 2018-08-25"
         p = parts_of(msg)
+        roles = [i["Content-ID"].strip("<>").split("@")[0].rsplit("-", 1)[1] for i in p["images"]]
+        assert roles == ["before", "after", "overlay"]
         assert [i.get_content_type() for i in p["images"]] == ["image/png"] * 3
-        for image in p["images"]:
+        for role, image in zip(roles, p["images"], strict=True):
             assert f'src="cid:{image["Content-ID"].strip("<>")}"' in p["html"]
-            assert Image.open(io.BytesIO(image.get_content())).size == (96, 96)
+            # The sample grid is 103 × 100 px of 10 m: the map is upscaled to 512 × 497, plus the footer.
+            assert Image.open(io.BytesIO(image.get_content())).size == (512, 497 + FOOTER_PX)
+            swatches = _footer_swatches(image.get_content())
+            # The legend: the area outline on every image; on the overlay the two classes the pair has.
+            expected = {"outline": 1, "vegetation loss": role == "overlay", "vegetation gain": role == "overlay",
+                        "new built-up": 0, "water change": 0}
+            assert swatches == {k: int(v) * SWATCH_PX ** 2 for k, v in expected.items()}, role
         html, text = p["html"], p["text"]
-        for fact in ("A new forest road and two clear-cuts appear.", "vegetation loss", "3.20 ha",
-                     "new built-up land or bare ground",
-                     "Has forest been cleared?", "statistic agrees", "statistic disagrees", "sentinel-2b",
-                     "21 %", "88 %", "97 %", "latest earlier clear scene of tile 34TFS", "unirs", "0.3.1",
+        for fact in ("Vegetation loss of 0.25 ha, mostly in the west of the area; vegetation gain of 1.30 ha",
+                     "vegetation loss", "vegetation gain", "1.55 ha", "0.25 ha", "1.30 ha",
+                     "Has vegetation (forest, crops, grassland) been removed?",
+                     "Yes: about 0.25 ha of vegetation was lost (NDVI fell by 0.2 or more).",
+                     "sentinel-2a", "S2A_34TER_20170711_0_L2A", "S2A_34TER_20180825_0_L2A", "100 %",
+                     "latest earlier clear acquisition of tile 34TER: 2017-07-11", "spectral",
                      "https://www.openstreetmap.org/?mlat=", ATTRIBUTION):
-            assert fact in html and fact.replace("statistic disagrees", "statistic DISAGREES") in text, fact
+            assert fact in html and fact in text, fact
+        assert "written from the pixel statistics (spectral)" in text and "UniRS model" not in text
 
         (geojson,) = p["attachments"]
         assert geojson.get_content_type() == "application/geo+json"
-        assert geojson.get_filename() == f"changes-apuseni-forest-analysis-{an.id}.geojson"
+        assert geojson.get_filename() == f"changes-apuseni-forest-analysis-{an}.geojson"
         fc = json.loads(geojson.get_content())
-        assert [feat["properties"]["change_class"] for feat in fc["features"]] == [
-            "vegetation_loss", "new_built_up_or_bare"]
-        for feat in fc["features"]:
-            minx, miny, maxx, maxy = shape(feat["geometry"]).bounds
-            assert 23.1 <= minx < maxx <= 23.2 and 46.5 <= miny < maxy <= 46.6  # lon/lat order
+        run = worker_output.runs["2018-08-25"]
+        assert [(ft["properties"]["change_class"], ft["properties"]["hectares"]) for ft in fc["features"]] == [
+            (r["change_class"], r["hectares"]) for r in run.regions()]
+        for feat, region in zip(fc["features"], run.regions(), strict=True):
+            # lon/lat order, the worker's polygon (7 decimals: ~1 cm)
+            assert shape(feat["geometry"]).hausdorff_distance(region["geom"]) < 1e-6
 
     rows = deliveries(db)
     assert {r["status"] for r in rows} == {"sent"}
-    assert not [r for r in rows if r["delivery_key"].startswith("analysis:") and r["analysis_id"] != an.id]
+    assert not [r for r in rows if r["delivery_key"].startswith("analysis:") and r["analysis_id"] != an]
 
     again = run_deliveries(get_settings())
     assert again["sent"] == 0 and again["alerts_queued"] == 0 and len(smtp.messages) == 3
 
 
-def test_smtp_down_then_up_delivers_once(db, configure):
+def test_no_sender_no_smtp_email_and_nothing_lost(db, smtp, configure, worker_output):
+    configure(UNIRS_SMTP__SENDER="")
+    world(worker_output, recipients=["ana@example.org"])
+    counts = run_deliveries(get_settings())
+    assert (counts["alerts_queued"], counts["sender_missing"], counts["sent"]) == (1, 1, 0)
+    assert smtp.messages == [] and [r["status"] for r in deliveries(db)] == ["pending"]
+    configure(UNIRS_SMTP__SENDER=SENDER)
+    assert run_deliveries(get_settings())["sent"] == 1
+    assert smtp.parsed()[0][1]["From"] == SENDER
+
+
+def test_smtp_down_then_up_delivers_once(db, configure, worker_output):
     port = free_port()  # nothing listens here yet
-    configure(UNIRS_SMTP__HOST="127.0.0.1", UNIRS_SMTP__PORT=port, UNIRS_SMTP__TIMEOUT_SECONDS=5)
-    with session_scope(get_settings()) as s:
-        f.world(s, recipients=["ana@example.org"])
+    configure(UNIRS_SMTP__HOST="127.0.0.1", UNIRS_SMTP__PORT=port, UNIRS_SMTP__TIMEOUT_SECONDS=5,
+              UNIRS_SMTP__SENDER=SENDER)
+    world(worker_output, recipients=["ana@example.org"])
     t0 = datetime.now(UTC)
 
     assert run_deliveries(get_settings(), now=t0)["retry"] == 1
@@ -311,12 +364,11 @@ def test_smtp_down_then_up_delivers_once(db, configure):
     assert row["status"] == "sent" and row["attempts"] == 2 and row["last_error"] is None
 
 
-def test_5xx_is_permanent_4xx_is_retried_until_attempts_run_out(db, smtp, configure):
+def test_5xx_is_permanent_4xx_is_retried_until_attempts_run_out(db, smtp, configure, worker_output):
     configure(UNIRS_SMTP__MAX_ATTEMPTS=2)
     smtp.rcpt_replies = {"gone@example.org": "550 5.1.1 <gone@example.org>: no such user",
                          "busy@example.org": "451 4.3.0 mailbox busy, try later"}
-    with session_scope(get_settings()) as s:
-        f.world(s, recipients=["ana@example.org", "gone@example.org", "busy@example.org"])
+    world(worker_output, recipients=["ana@example.org", "gone@example.org", "busy@example.org"])
     t0 = datetime.now(UTC)
     counts = run_deliveries(get_settings(), now=t0)
     assert (counts["sent"], counts["failed"], counts["retry"]) == (1, 1, 1)
@@ -332,10 +384,9 @@ def test_5xx_is_permanent_4xx_is_retried_until_attempts_run_out(db, smtp, config
     assert [rcpt for rcpt, _ in smtp.messages] == [["ana@example.org"]]
 
 
-def test_crash_after_the_server_accepted_never_sends_twice(db, smtp):
+def test_crash_after_the_server_accepted_never_sends_twice(db, smtp, worker_output):
     """A worker process killed between SMTP acceptance and `mark_sent` (the one ambiguous window)."""
-    with session_scope(get_settings()) as s:
-        f.world(s, recipients=["ana@example.org"])
+    world(worker_output, recipients=["ana@example.org"])
     crash = "import os\nfrom core.config import get_settings\nfrom monitor.reports import ledger, runner\n" \
             "ledger.mark_sent = lambda *a, **k: os._exit(70)\nrunner.run_deliveries(get_settings())\n"
     proc = subprocess.run([sys.executable, "-c", crash], cwd=REPO, env=dict(os.environ), timeout=120,
@@ -356,10 +407,9 @@ def test_crash_after_the_server_accepted_never_sends_twice(db, smtp):
     assert len(smtp.messages) == 1
 
 
-def test_outbox_crashes_resolve_exactly_once(db, configure, tmp_path, monkeypatch):
+def test_outbox_crashes_resolve_exactly_once(db, configure, tmp_path, monkeypatch, worker_output):
     """With an outbox the outcome is knowable: claimed-but-not-written is resent, written is marked sent."""
-    with session_scope(get_settings()) as s:
-        an = f.world(s, recipients=["ana@example.org", "bob@example.org"])
+    an = world(worker_output, recipients=["ana@example.org", "bob@example.org"])
     outbox = tmp_path / "outbox"
     t0 = datetime.now(UTC)
     lease = timedelta(seconds=get_settings().smtp.lease_seconds + 1)
@@ -382,7 +432,7 @@ def test_outbox_crashes_resolve_exactly_once(db, configure, tmp_path, monkeypatc
         m.setattr(ledger, "mark_sent", crash)
         with pytest.raises(Crash):
             run_deliveries(get_settings(), now=t0)
-    bob_file = outbox / (ledger.message_id_for(f"analysis:{an.id}", "bob@example.org")[1:].split("@")[0] + ".eml")
+    bob_file = outbox / (ledger.message_id_for(f"analysis:{an}", "bob@example.org")[1:].split("@")[0] + ".eml")
     assert bob_file.exists() and len(list(outbox.glob("*.eml"))) == 1
     written = bob_file.stat().st_mtime_ns
 
@@ -392,10 +442,9 @@ def test_outbox_crashes_resolve_exactly_once(db, configure, tmp_path, monkeypatc
     assert len(list(outbox.glob("*.eml"))) == 2 and bob_file.stat().st_mtime_ns == written
 
 
-def test_concurrent_runners_send_each_delivery_once(db, smtp):
-    with session_scope(get_settings()) as s:
-        for i in range(3):
-            f.world(s, name=f"Forest {i}", recipients=["ana@example.org", "bob@example.org"])
+def test_concurrent_runners_send_each_delivery_once(db, smtp, worker_output):
+    for i in range(3):
+        world(worker_output, name=f"Forest {i}", recipients=["ana@example.org", "bob@example.org"])
     barrier = threading.Barrier(2)
     results = []
 
@@ -417,42 +466,44 @@ def test_concurrent_runners_send_each_delivery_once(db, smtp):
 # ---------------------------------------------------------------------------------------- digests
 
 
-def test_daily_digest_aggregates_the_period_with_a_health_section(db, smtp):
+def test_daily_digest_aggregates_the_period_with_a_health_section(db, smtp, worker_output):
     now = datetime.now(UTC)
     with session_scope(get_settings()) as s:
-        area = f.area(s, name="Daily forest", frequency="daily", recipients=["ana@example.org", "bob@example.org"])
-        cat = f.catalogue(s)
-        scenes = [f.scene(s, cat, datetime(2020, 8, day, 9, 40, tzinfo=UTC)) for day in (4, 9, 14, 19)]
-        f.observe(s, area, scenes[0], 0.95)  # the last clear scene is years old: a health warning
-        captions = ["Road extended by 400 m", "Second clear-cut to the east", "Regrowth on the old cut"]
-        for i, caption in enumerate(captions):
-            an = f.analysis(s, area, scenes[i + 1], scenes[i], finished_at=now - timedelta(hours=20 - i))
-            f.findings(s, an, caption=caption)
-        f.analysis(s, area, scenes[3], scenes[2], status="failed", finished_at=now - timedelta(hours=2),
-                   last_error="COG read timed out: https://sentinel-cogs.example/B04.tif")
+        first = insert_worker_world(s, worker_output, "2018-08-25", name="Daily forest", frequency="daily",
+                                    recipients=["ana@example.org", "bob@example.org"],
+                                    finished_at=now - timedelta(hours=20))
+        second = insert_worker_world(s, worker_output, "2020-08-29", area=first.area,
+                                     finished_at=now - timedelta(hours=19))
+        s.add(Analysis(idempotency_key="failed-one", area_id=first.area_id, after_scene_id=second.after_scene_id,
+                       before_scene_id=first.after_scene_id, analyser="spectral@1", question_set="@1",
+                       pairing_policy="latest", status=AnalysisStatus.FAILED, attempts=3, stats={},
+                       finished_at=now - timedelta(hours=2),
+                       last_error="COG read timed out: https://sentinel-cogs.example/B04.tif"))
         # An immediate area's analysis is not part of this digest.
-        f.world(s, name="Elsewhere", recipients=["zed@example.org"])
+        insert_worker_world(s, worker_output, name="Elsewhere", recipients=["zed@example.org"])
+    captions = [worker_output.runs[d].summary["caption"] for d in ("2018-08-25", "2020-08-29")]
 
     counts = run_deliveries(get_settings(), now=now)
     assert counts["digests_created"] == 1 and counts["digest_deliveries_queued"] == 2
     digests = [(rcpt, m) for rcpt, m in smtp.parsed() if m["X-UniRS-Delivery"].startswith("digest:")]
     assert sorted(rcpt[0] for rcpt, _ in digests) == ["ana@example.org", "bob@example.org"]
     for _, msg in digests:
-        assert "Daily forest daily digest" in msg["Subject"] and "3 analyses, 12.90 ha changed" in msg["Subject"]
+        # 1.55 ha (2018-08-25) + 1.42 ha (2020-08-29) of change found, rounded once, the same everywhere.
+        assert "Daily forest daily digest" in msg["Subject"] and "2 analyses, 2.97 ha changed" in msg["Subject"]
         assert "(attention needed)" in msg["Subject"]
         p = parts_of(msg)
         for caption in captions:
             assert caption in p["html"] and caption in p["text"]
-        assert "A new forest road" not in p["html"]  # the immediate area's analysis
+        assert "Elsewhere" not in p["html"]  # the immediate area's analysis
         for fact in ("Pipeline health", "COG read timed out: https://sentinel-cogs.example/B04.tif",
-                     "no clear scene", "2020-08-04", "1 failed"):
+                     "no clear scene", "2020-08-29", "1 failed"):
             assert fact in p["html"], fact
         assert "WARNING: none for 14+ days" in p["text"]
-        assert len(p["images"]) == 9  # three detailed analyses × before/after/overlay
+        assert len(p["images"]) == 6  # two detailed analyses × before/after/overlay
         for image in p["images"]:
             assert f'cid:{image["Content-ID"].strip("<>")}' in p["html"]
         fc = json.loads(p["attachments"][0].get_content())
-        assert len(fc["features"]) == 6
+        assert len(fc["features"]) == 8 + 4  # the two analyses' regions
 
     assert run_deliveries(get_settings(), now=now + timedelta(minutes=5))["digests_created"] == 0  # not due again yet
     later = run_deliveries(get_settings(), now=now + timedelta(hours=25))
@@ -464,16 +515,15 @@ def test_daily_digest_aggregates_the_period_with_a_health_section(db, smtp):
 # ------------------------------------------------------------------------------ outbox and browser
 
 
-def _outbox_run(db) -> list[Path]:
-    with session_scope(get_settings()) as s:
-        f.world(s, recipients=["ana@example.org"])
-        f.world(s, name="Daily forest", frequency="daily", recipients=["ana@example.org"])
+def _outbox_run(db, worker_output) -> list[Path]:
+    world(worker_output, recipients=["ana@example.org"])
+    world(worker_output, name="Daily forest", frequency="daily", recipients=["ana@example.org"])
     assert run_deliveries(get_settings())["sent"] == 2
     return sorted(get_settings().smtp.outbox_dir.glob("*.eml"))
 
 
-def test_outbox_writes_eml_and_browser_preview(db, configure):
-    emls = _outbox_run(db)
+def test_outbox_writes_eml_and_browser_preview(db, configure, worker_output):
+    emls = _outbox_run(db, worker_output)
     assert len(emls) == 2
     for eml in emls:
         msg = email.message_from_bytes(eml.read_bytes(), policy=policy.default)
@@ -486,9 +536,9 @@ def test_outbox_writes_eml_and_browser_preview(db, configure):
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
                     "(scripts/setup-services installs it); the layout screenshot is skipped")
-def test_email_renders_in_headless_chromium(db, configure, tmp_path):
+def test_email_renders_in_headless_chromium(db, configure, tmp_path, worker_output):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    for eml in _outbox_run(db):
+    for eml in _outbox_run(db, worker_output):
         kind = "digest" if "digest" in eml.read_text(encoding="utf-8", errors="replace")[:2000] else "alert"
         png = ARTIFACTS / f"email-{kind}.png"
         png.unlink(missing_ok=True)
@@ -505,11 +555,10 @@ def test_email_renders_in_headless_chromium(db, configure, tmp_path):
             assert colours is not None and len(colours) > 50  # text and thumbnails, not a blank page
 
 
-def test_claim_lease_runs_from_the_claim_not_from_the_start_of_a_slow_run(db):
+def test_claim_lease_runs_from_the_claim_not_from_the_start_of_a_slow_run(db, worker_output):
     """A batch that started long ago (slow SMTP) must not hand out leases that are already expired: a
     concurrent runner would settle the row as "outcome unknown" while it is still being sent."""
-    with session_scope(get_settings()) as s:
-        f.world(s, recipients=["ana@example.org"])
+    world(worker_output, recipients=["ana@example.org"])
     with session_scope(get_settings()) as s:
         create_immediate_deliveries(s, datetime.now(UTC), get_settings())
     run_started = datetime.now(UTC) - timedelta(hours=1)

@@ -62,14 +62,15 @@ def test_two_schedulers_one_leader_and_failover(db, tmp_path):
     first, first_log = start_scheduler(tmp_path, "first")
     second, second_log = start_scheduler(tmp_path, "second")
     procs = {first.pid: first, second.pid: second}
+    logs = {first.pid: first_log, second.pid: second_log}
     try:
         leader = wait_for(lambda: leader_pids(db), "a leader")
-        assert len(leader) == 1 and leader[0] in procs
-        standby = next(p for p in procs if p != leader[0])
-        wait_for(lambda: "standing by" in (tmp_path / ("first.log" if standby == first.pid else "second.log"))
-                 .read_text(), "the stand-by to say so")
+        (standby,) = set(procs) - set(leader)  # exactly one of the two holds the lock
+        wait_for(lambda: "standing by" in logs[standby].read_text(), "the stand-by to say so")
         time.sleep(2)  # a few retry rounds: still exactly one leader
         assert leader_pids(db) == leader
+        assert "this scheduler is now the leader" in logs[leader[0]].read_text()
+        assert "this scheduler is now the leader" not in logs[standby].read_text()
 
         # The leader dies without any cleanup: its connection closes and the stand-by takes over.
         os.kill(leader[0], signal.SIGKILL)
@@ -80,8 +81,8 @@ def test_two_schedulers_one_leader_and_failover(db, tmp_path):
         os.kill(standby, signal.SIGTERM)
         assert procs[standby].wait(timeout=60) == 0
         wait_for(lambda: leader_pids(db) == [], "the lock to be released")
-        log = (first_log if standby == first.pid else second_log).read_text()
-        assert "this scheduler is now the leader" in log and "scheduler stopped" in log
+        log = logs[standby].read_text()
+        assert log.index("standing by") < log.index("this scheduler is now the leader") < log.index("scheduler stopped")
     finally:
         for proc in procs.values():
             if proc.poll() is None:

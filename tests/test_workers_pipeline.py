@@ -34,6 +34,7 @@ from tests.fixtures_workers import (
     truncate,
     wait_for,
 )
+from workers.mapframe import FOOTER_PX
 
 SAMPLE = localstac.SAMPLE_DATA_DIR
 DATES = ["2015-08-31", "2020-08-29", "2017-07-06", "2017-07-11", "2016-08-15", "2016-08-25"]
@@ -153,9 +154,13 @@ def test_change_pair_writes_thumbnails_and_answers(batch):
         images = {i.role: i for i in session.execute(
             select(FindingImage).where(FindingImage.finding_id == found[0].id)).scalars()}
     assert set(images) == {"before", "after", "overlay"}
+    grid = batch["rows"][batch["ids"]["change"]]["stats"]["grid"]
+    assert grid["width"] >= grid["height"] and grid["thumbnail_step_px"] == 1
     for image in images.values():
         png = Image.open(io.BytesIO(image.data))
-        assert png.format == "PNG" and png.size == (image.width, image.height) and max(png.size) >= 256
+        # Upscaled to 512 px on the longer side (nearest), plus the scale bar / legend strip under it.
+        assert png.format == "PNG" and png.size == (image.width, image.height) == (
+            512, round(grid["height"] * 512 / grid["width"]) + FOOTER_PX)
     before = np.asarray(Image.open(io.BytesIO(images["after"].data)).convert("RGB"), dtype=np.int16)
     overlay = np.asarray(Image.open(io.BytesIO(images["overlay"].data)).convert("RGB"), dtype=np.int16)
     assert ((overlay[..., 0] - before[..., 0]) > 60).any(), "changed pixels are tinted red on the overlay"

@@ -152,7 +152,6 @@ def test_worker_cli_builds_the_celery_command():
     cpu = runner.invoke(worker, ["--queues", "cpu", "-c", "3", "--print-command"])
     assert "--queues cpu --pool prefork --concurrency 3" in cpu.output
     assert runner.invoke(worker, ["--queues", "tpu", "--print-command"]).exit_code != 0
-    assert "--pool solo" in runner.invoke(worker, ["--help"]).output
 
 
 # --- state machine ---------------------------------------------------------------------------------

@@ -36,12 +36,12 @@ from core.config import Settings
 from core.db import session_scope
 from core.jobs import AnalyserSpec
 from core.models import Analysis, AnalysisStatus, Observation, ObservationStatus, Scene
-from eo.change_classes import format_hectares
+from eo.change_classes import format_hectares, label
 from eo.cog import CogReadError
 from eo.questions import QuestionTemplate, UnknownQuestion, ids_from_question_set, templates_for
 from eo.radiometry import RadiometryMismatch
 from eo.security import HrefRefused, catalogue_for_scene
-from workers import confirmation, leases, render, screen, spectral, unirs
+from workers import confirmation, leases, mapframe, render, screen, spectral, unirs
 from workers.findings_writer import FindingRow, region_confidence, union_or, write_done
 from workers.raster import SceneRef, SkipAnalysis
 from workers.tiling import PreparedPair, analyse_pair, frame, overlay_classes
@@ -227,13 +227,18 @@ def _analyse(ctx: AnalysisContext, claim: leases.Claim, heartbeat: leases.Heartb
 
 
 def thumbnails(pair: PreparedPair, result: spectral.SpectralResult) -> dict[str, render.Png]:
-    """Before, after and overlay PNGs from the thumbnail canvas (every f-th pixel; f = 1 up to 1024 px)."""
+    """Before, after and overlay PNGs from the thumbnail canvas (every f-th pixel; f = 1 up to 1024 px), framed
+    for a reader (:func:`workers.mapframe.frame`: ≥ 512 px, area outline, scale bar, north arrow, legend)."""
     thumbs = pair.thumbs
     value_range = render.stretch_range(thumbs.before, thumbs.after, valid=thumbs.valid)
     img_b, img_a = render.to_uint8(thumbs.before, value_range), render.to_uint8(thumbs.after, value_range)
-    tinted = render.overlay(img_a, overlay_classes(pair, result.regions), thumbs.aoi)
-    return {"before": render.encode_png(img_b), "after": render.encode_png(img_a),
-            "overlay": render.encode_png(tinted)}
+    codes = overlay_classes(pair, result.regions)
+    tinted = render.overlay(img_a, codes, thumbs.aoi)
+    legend = [mapframe.LegendEntry(render.CLASS_COLOURS[code], label(name))
+              for name, code in spectral.CLASS_CODES.items() if (codes == code).any()]
+    pixel_m = thumbs.grid.pixel_size
+    return {role: render.encode_png(mapframe.frame(rgb8, aoi=thumbs.aoi, pixel_m=pixel_m, legend=entries))
+            for role, rgb8, entries in (("before", img_b, []), ("after", img_a, []), ("overlay", tinted, legend))}
 
 
 def clear_history(session: Any, ctx: AnalysisContext, settings: Settings) -> list[SceneRef]:

@@ -15,9 +15,7 @@ from PIL import Image
 
 FIXED_RANGE = (0.0, 0.3)
 PERCENTILES = (2.0, 98.0)
-# Thumbnails are upscaled (nearest: pixels stay visible as pixels) to at least this size for emails,
-# and downscaled to at most MAX_SIDE.
-MIN_SIDE = 256
+# The thumbnail canvas is at most this many pixels a side (every f-th pixel of larger areas).
 MAX_SIDE = 1024
 CLASS_COLOURS = {  # RGB tint per change class code (workers.spectral.CLASS_CODES)
     1: (30, 120, 255),  # water change: blue
@@ -76,17 +74,8 @@ def overlay(after_rgb8: np.ndarray, class_map: np.ndarray, aoi: np.ndarray) -> n
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-def encode_png(rgb8: np.ndarray) -> Png:
-    image = Image.fromarray(rgb8)  # (H, W, 3) uint8 is RGB
-    width, height = image.size
-    scale = 1.0
-    if max(width, height) < MIN_SIDE:
-        scale = MIN_SIDE / max(width, height)
-    elif max(width, height) > MAX_SIDE:
-        scale = MAX_SIDE / max(width, height)
-    if scale != 1.0:
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        image = image.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BILINEAR)
+def encode_png(image: Image.Image) -> Png:
+    """PNG of an RGB image as it is (sizes are decided by :mod:`workers.mapframe`)."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=6)  # optimize=True: ~2x the time, no smaller here
     return Png(buffer.getvalue(), image.size[0], image.size[1])

@@ -92,10 +92,6 @@ class SpectralResult:
     unavailable: dict[str, str] = field(default_factory=dict)  # metric -> why it was not computed
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def significant(self) -> bool:
-        return bool(self.regions)
-
     def answer(self, template: QuestionTemplate) -> tuple[str, bool | None, float | None]:
         """(answer text, yes/no, value) of one template, from its backing statistic."""
         value = self.metrics.get(template.backing_statistic)

@@ -214,12 +214,6 @@ def first_page_size(client: Client, collection: str, query: dict[str, Any]) -> i
     return len(features)
 
 
-def search_items(client: Client, **kwargs: Any) -> Iterator[dict[str, Any]]:
-    """Yield raw item dicts of every page (arguments as :func:`make_search`); see :func:`search_pages`."""
-    for page in search_pages(client, **kwargs):
-        yield from page
-
-
 def search_pages(client: Client, **kwargs: Any) -> Iterator[list[Any]]:
     """Yield the ``features`` of each page of the search, checking that the paging adds up.
 

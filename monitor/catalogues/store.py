@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from geoalchemy2.shape import from_shape
-from sqlalchemy import func, literal_column, select
+from sqlalchemy import func, literal_column
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
@@ -191,10 +191,6 @@ def ingest_items(session: Session, catalogue: CatalogueSettings, catalogue_id: i
         if scene_id is not None:
             stats.scene_ids.append(scene_id)
     return stats
-
-
-def catalogue_id_by_name(session: Session, name: str) -> int | None:
-    return session.execute(select(Catalogue.id).where(Catalogue.name == name)).scalar_one_or_none()
 
 
 def _jsonb_safe(value: Any) -> bool:

@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from core.models import Analysis, Area, Finding, Observation, Scene
-from eo.change_classes import headline, label
+from eo.change_classes import format_hectares, headline, label
 
 IMAGE_ROLES = ("before", "after", "overlay")
 IMAGE_LABELS = {"before": "Before", "after": "After", "overlay": "Change overlay"}
@@ -164,9 +164,17 @@ def _flatten(stats: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
         elif isinstance(value, list):
             if len(value) <= 5 and all(not isinstance(v, (dict, list)) for v in value):
                 rows.append((name, ", ".join(format_value(v) for v in value)))
+        elif key.endswith("_ha") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            rows.append((name, format_hectares(value)))  # the one rounding rule, in the details too
         else:
             rows.append((name, format_value(value)))
     return rows[:_MAX_STATS_ROWS]
+
+
+def _measure(value: Any, unit: str) -> str:
+    if unit == "ha" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format_hectares(value)
+    return f"{format_value(value)} {unit}".strip()
 
 
 # Keys of an answer's statistics shown in their own words by _answer_statistics (or redundant there).
@@ -181,10 +189,9 @@ def _answer_statistics(stats: dict[str, Any]) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     if stats.get("backing_statistic") is not None:
         value = stats.get("value")
-        rows.append((str(stats["backing_statistic"]),
-                     f"{format_value(value)} {unit}".strip() if value is not None else "not measured"))
+        rows.append((str(stats["backing_statistic"]), _measure(value, unit) if value is not None else "not measured"))
     if stats.get("threshold") is not None:
-        rows.append(("threshold", f"{format_value(stats['threshold'])} {unit}".strip()))
+        rows.append(("threshold", _measure(stats["threshold"], unit)))
     if isinstance(stats.get("statistic_says_yes"), bool):
         rows.append(("statistic says", "yes" if stats["statistic_says_yes"] else "no"))
     elif stats.get("spectral_answer") is not None:

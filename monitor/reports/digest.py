@@ -77,10 +77,6 @@ class Health:
         return self.days_since_clear is None or self.days_since_clear >= self.no_clear_days
 
     @property
-    def unknown_deliveries(self) -> list[Problem]:
-        return [p for p in self.deliveries if p.kind == "unknown"]
-
-    @property
     def ok(self) -> bool:
         return (not self.no_clear_warning and not self.failed and not any(p.last_error for p in self.polls)
                 and not self.deliveries)

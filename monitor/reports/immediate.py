@@ -27,22 +27,6 @@ from monitor.reports.ledger import NewDelivery, insert_deliveries
 log = logging.getLogger(__name__)
 
 
-def changed_hectares_sql():
-    """Correlated scalar subquery: changed hectares of ``Analysis.id``."""
-    return (
-        select(
-            func.coalesce(
-                func.sum(Finding.hectares).filter(Finding.kind == "region"),
-                func.max(Finding.hectares).filter(Finding.kind == "summary"),
-                0.0,
-            )
-        )
-        .where(Finding.analysis_id == Analysis.id)
-        .correlate(Analysis)
-        .scalar_subquery()
-    )
-
-
 def region_alerts_sql():
     """The condition under which a region finding counts towards its area's alert (correlated on Area):
     an alerting class, the first detection of its change (not linked to an earlier finding), and

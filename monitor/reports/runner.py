@@ -17,7 +17,7 @@ from email.message import EmailMessage
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from core.config import Settings
+from core.config import SenderMissing, Settings
 from core.db import session_scope
 from core.models import Delivery, DeliveryStatus
 from monitor.reports import ledger, links
@@ -75,7 +75,7 @@ def prepare_message(session: Session, delivery_id: int, settings: Settings, now:
     email_links = links.email_links(settings.web, area_id, delivery.recipient) if area_id is not None else None
     rendered = render_delivery(session, delivery, settings, email_links)
     return build_message(
-        rendered, sender=settings.smtp.sender, recipient=delivery.recipient, message_id=delivery.message_id,
+        rendered, sender=settings.smtp.from_address(), recipient=delivery.recipient, message_id=delivery.message_id,
         delivery_key=delivery.delivery_key, date=now, headers=email_links.headers if email_links else None,
     )
 
@@ -157,13 +157,23 @@ def run_deliveries(settings: Settings, *, now: datetime | None = None,
         counts["webhooks_queued"] = create_webhook_deliveries(session, now, settings)
     with session_scope(settings) as session:
         counts["digests_created"], counts["digest_deliveries_queued"] = create_due_digests(session, now, settings)
-    transport = make_transport(settings.smtp)
     try:
-        counts.update(recover_stale(transport, now, settings))
-        counts.update(send_due(transport, now, settings, limit))
-    finally:
-        transport.close()
+        settings.smtp.from_address()
+    except SenderMissing as exc:
+        log.error("%s", exc)  # every run until configured: queued emails wait, nothing is lost
+        counts["sender_missing"] = 1
+    else:
+        transport = make_transport(settings.smtp)
+        try:
+            counts.update(recover_stale(transport, now, settings))
+            counts.update(send_due(transport, now, settings, limit))
+        finally:
+            transport.close()
     counts.update(send_due_webhooks(now, settings, limit))
+    return _result(counts)
+
+
+def _result(counts: Counter[str]) -> dict[str, int]:
     result = {key: 0 for key in ("alerts_queued", "digests_created", "digest_deliveries_queued", "sent", "retry",
                                  "failed", "unsubscribed", "webhooks_queued", "webhooks_sent", "webhooks_retry",
                                  "webhooks_failed")}

@@ -64,7 +64,8 @@ class SmtpTransport:
     def __init__(self, settings: SmtpSettings) -> None:
         self.settings = settings
         self._conn: smtplib.SMTP | None = None
-        self.envelope_sender = parseaddr(settings.sender)[1] or settings.sender
+        sender = settings.from_address()
+        self.envelope_sender = parseaddr(sender)[1] or sender
 
     def _connect(self) -> smtplib.SMTP:
         s = self.settings

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from click.testing import CliRunner
 
 from model import UniRS, VisualInput
@@ -192,9 +191,3 @@ def test_eval_requires_predictions_or_model(tmp_path):
     gt.write_text(json.dumps([{"id": "a", "label": "fire"}]))
     run = CliRunner().invoke(eval_main, ["era", "--gt", str(gt)])
     assert run.exit_code != 0 and "Give --predictions or --model" in run.output
-
-
-@pytest.mark.parametrize("command", ["rsvqa", "caption", "era"])
-def test_eval_help(command):
-    run = CliRunner().invoke(eval_main, [command, "--help"])
-    assert run.exit_code == 0 and "--temperature" in run.output and "--model" in run.output

@@ -236,12 +236,12 @@ def test_nothing_to_train_is_refused(small_vila, mixture, tmp_path):
         train(cfg, log=lambda m: None)
 
 
-def test_cli_help_and_dry_run(mixture):
+def test_cli_dry_run_counts_the_mixture_and_refuses_bad_input(mixture):
     runner = CliRunner()
-    result = runner.invoke(train_main, ["--help"])
-    assert result.exit_code == 0
-    for text in ("--dataset", "--llm [full|lora|frozen]", "--train-change-module", "--resume-from", "--grad-accum"):
-        assert text in result.output
+    refused = runner.invoke(train_main, ["--model", str(mixture["era"].parent), "--output-dir", "unused", "--dry-run",
+                                         "--llm", "half", "--dataset", f"geochat={mixture['geochat']}"])
+    assert refused.exit_code == 2 and "Invalid value for '--llm': 'half' is not one of 'full', 'lora', 'frozen'." \
+        in refused.output
     result = runner.invoke(
         train_main,
         [

@@ -25,7 +25,8 @@ OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 def _settings(database_url: str, smtp_port: int, public_url: str, secret: str = "test-secret") -> Settings:
     return Settings(database_url=database_url,
-                    smtp={"host": "127.0.0.1", "port": smtp_port, "timeout_seconds": 5},
+                    smtp={"host": "127.0.0.1", "port": smtp_port, "timeout_seconds": 5,
+                          "sender": "UniRS Monitor <alerts@monitor.example.org>"},
                     web={"public_url": public_url, "secret": secret, "basemap_url": ""})
 
 
@@ -136,7 +137,8 @@ def test_tokens_are_bound_to_the_secret_the_area_and_the_recipient(db):
 
 
 def test_without_a_public_url_emails_keep_the_cli_footer_and_no_header(db, smtp_server):
-    settings = Settings(database_url=db, smtp={"host": "127.0.0.1", "port": smtp_server.port, "timeout_seconds": 5})
+    settings = Settings(database_url=db, smtp={"host": "127.0.0.1", "port": smtp_server.port, "timeout_seconds": 5,
+                                               "sender": "UniRS Monitor <alerts@monitor.example.org>"})
     with session_scope(settings) as session:
         f.world(session, recipients=["ana@example.org"])
     assert run_deliveries(settings)["sent"] == 1

@@ -68,7 +68,7 @@ class Lab:
                  smtp_port: int | None = None) -> Settings:
         """Settings of a chaos run: the loopback COG catalogue, a 6 s lease, SMTP on ``smtp_port``."""
         smtp = SmtpSettings(host="127.0.0.1", port=smtp_port or 9, timeout_seconds=5.0, retry_base_seconds=300.0,
-                            outbox_dir=self.workdir / "outbox")
+                            outbox_dir=self.workdir / "outbox", sender="UniRS chaos <alerts@chaos.example.org>")
         return Settings(
             database_url=database_url or self.app_url, broker_url=broker_url or self.redis.url,
             catalogues=[loopback_catalogue(self.cog_server.url)], smtp=smtp,

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from core.models import Analysis, Area, Finding, FindingImage
 from monitor import findings as fq
 from monitor.reports.context import load_analysis_report
-from web.deps import Principal, db, owned, owned_analysis, owned_area, owned_finding, principal
+from web.deps import DB, Principal, owned, owned_analysis, owned_area, owned_finding, principal
 
 router = APIRouter(prefix="/api", tags=["analyses and findings"])
 ROLES = ("before", "after", "overlay")
@@ -36,7 +36,7 @@ def analysis_row(an: Analysis) -> dict[str, Any]:
 
 @router.get("/areas/{area_id}/analyses")
 def area_analyses(area_id: int, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
-                  who: Principal = Depends(principal), session: Session = Depends(db)) -> list[dict[str, Any]]:
+                  who: Principal = Depends(principal), session: Session = DB) -> list[dict[str, Any]]:
     """The area's analyses, newest first, with status, pair and pairing reason."""
     area = owned_area(session, who, area_id)
     rows = session.scalars(select(Analysis).where(Analysis.area_id == area.id)
@@ -55,7 +55,7 @@ def image_finding(session: Session, analysis_id: int) -> int | None:
 
 
 @router.get("/analyses/{analysis_id}")
-def analysis(analysis_id: int, who: Principal = Depends(principal), session: Session = Depends(db)) -> dict[str, Any]:
+def analysis(analysis_id: int, who: Principal = Depends(principal), session: Session = DB) -> dict[str, Any]:
     """One analysis as its alert shows it: the scene pair and why it was chosen, caption, changed hectares
     by class, answers to the area's questions, changed regions (GeoJSON) and image URLs."""
     an = owned_analysis(session, who, analysis_id)
@@ -72,7 +72,7 @@ def analysis(analysis_id: int, who: Principal = Depends(principal), session: Ses
 def findings(area_id: int | None = None, kind: str | None = None, since: datetime | None = None,
              until: datetime | None = None, bbox: str | None = None, limit: int = Query(1000, ge=1, le=10000),
              format: str = Query("geojson", pattern="^(geojson|csv)$"), who: Principal = Depends(principal),
-             session: Session = Depends(db)):
+             session: Session = DB):
     """Your findings, newest first, as GeoJSON (RFC 7946) or CSV (geometry as WKT)."""
     try:
         flt = fq.FindingFilter(kind=kind, since=since, until=until, bbox=fq.parse_bbox(bbox) if bbox else None,
@@ -93,7 +93,7 @@ def findings(area_id: int | None = None, kind: str | None = None, since: datetim
 
 
 @router.get("/findings/{finding_id}")
-def finding(finding_id: int, who: Principal = Depends(principal), session: Session = Depends(db)) -> dict[str, Any]:
+def finding(finding_id: int, who: Principal = Depends(principal), session: Session = DB) -> dict[str, Any]:
     """One finding in full, with its analysis and the sizes of its thumbnails."""
     row = owned_finding(session, who, finding_id)
     return jsonable_encoder(fq.get_finding(session, row.id))
@@ -102,7 +102,7 @@ def finding(finding_id: int, who: Principal = Depends(principal), session: Sessi
 @router.get("/findings/{finding_id}/images/{role}.png", response_class=Response,
             responses={200: {"content": {"image/png": {}}}})
 def finding_image(finding_id: int, role: str, who: Principal = Depends(principal),
-                  session: Session = Depends(db)) -> Response:
+                  session: Session = DB) -> Response:
     """A stored thumbnail: ``before``, ``after`` (true colour) or ``overlay`` (changed pixels)."""
     row = owned_finding(session, who, finding_id)
     image = session.scalar(select(FindingImage).where(FindingImage.finding_id == row.id, FindingImage.role == role))

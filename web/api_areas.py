@@ -21,7 +21,7 @@ from core.models import Analysis, Area, AreaStatus, Observation, Scene, Unsubscr
 from eo.questions import load_templates
 from monitor import areas as svc
 from monitor.geometry import AreaGeometryError, parse_areas
-from web.deps import Principal, db, owned, owned_area, principal, settings_of
+from web.deps import DB, Principal, owned, owned_area, principal, settings_of
 
 router = APIRouter(prefix="/api", tags=["areas"])
 
@@ -54,7 +54,7 @@ def _refused(exc: Exception) -> HTTPException:
 
 @router.get("/areas")
 def list_areas(status: str | None = Query(None, pattern="^(active|paused)$"), who: Principal = Depends(principal),
-               session: Session = Depends(db)) -> dict[str, Any]:
+               session: Session = DB) -> dict[str, Any]:
     """Your watched areas as a GeoJSON FeatureCollection (admins: every area)."""
     stmt = select(Area).order_by(Area.name)
     if status:
@@ -66,7 +66,7 @@ def list_areas(status: str | None = Query(None, pattern="^(active|paused)$"), wh
 @router.post("/areas", status_code=201)
 def create_areas(body: Any = Body(..., examples=[EXAMPLE]), name: str | None = None, union: bool = False,
                  fix: bool = False, keep_unknown_properties: bool = False, who: Principal = Depends(principal),
-                 session: Session = Depends(db), settings: Settings = Depends(settings_of)) -> dict[str, Any]:
+                 session: Session = DB, settings: Settings = Depends(settings_of)) -> dict[str, Any]:
     """Add area(s) from GeoJSON (Geometry, Feature, FeatureCollection: one area per feature, named by
     ``properties.name`` or ``?name=``). Properties set thresholds and recipients as in ``areas export``.
     Other properties are refused unless ``?keep_unknown_properties=true``. All or nothing."""
@@ -81,14 +81,14 @@ def create_areas(body: Any = Body(..., examples=[EXAMPLE]), name: str | None = N
 
 
 @router.get("/areas/{area_id}")
-def get_area(area_id: int, who: Principal = Depends(principal), session: Session = Depends(db)) -> dict[str, Any]:
+def get_area(area_id: int, who: Principal = Depends(principal), session: Session = DB) -> dict[str, Any]:
     return area_feature(session, owned_area(session, who, area_id))
 
 
 @router.patch("/areas/{area_id}")
 def update_area(area_id: int, body: dict[str, Any] = Body(..., examples=[{"properties": {"max_cloud_cover": 40}}]),
                 fix: bool = False, who: Principal = Depends(principal),
-                session: Session = Depends(db), settings: Settings = Depends(settings_of)) -> dict[str, Any]:
+                session: Session = DB, settings: Settings = Depends(settings_of)) -> dict[str, Any]:
     """Change an area: a Feature (or an object of properties) with any of name, geometry, thresholds,
     recipients, questions, alert_frequency, pairing_policy. Unset fields keep their value."""
     area = owned_area(session, who, area_id)
@@ -107,19 +107,19 @@ def update_area(area_id: int, body: dict[str, Any] = Body(..., examples=[{"prope
 
 
 @router.delete("/areas/{area_id}", status_code=204)
-def delete_area(area_id: int, who: Principal = Depends(principal), session: Session = Depends(db)) -> Response:
+def delete_area(area_id: int, who: Principal = Depends(principal), session: Session = DB) -> Response:
     """Remove the area with its observations, analyses and findings."""
     svc.remove_area(session, owned_area(session, who, area_id))
     return Response(status_code=204)
 
 
 @router.post("/areas/{area_id}/pause")
-def pause(area_id: int, who: Principal = Depends(principal), session: Session = Depends(db)) -> dict[str, Any]:
+def pause(area_id: int, who: Principal = Depends(principal), session: Session = DB) -> dict[str, Any]:
     return area_feature(session, svc.set_status(session, owned_area(session, who, area_id), AreaStatus.PAUSED))
 
 
 @router.post("/areas/{area_id}/resume")
-def resume(area_id: int, who: Principal = Depends(principal), session: Session = Depends(db)) -> dict[str, Any]:
+def resume(area_id: int, who: Principal = Depends(principal), session: Session = DB) -> dict[str, Any]:
     return area_feature(session, svc.set_status(session, owned_area(session, who, area_id), AreaStatus.ACTIVE))
 
 
@@ -136,14 +136,14 @@ def _set_options(session: Session, who: Principal, area_id: int, opts: svc.AreaO
 
 @router.put("/areas/{area_id}/recipients")
 def set_recipients(area_id: int, recipients: list[str] = Body(..., embed=True), who: Principal = Depends(principal),
-                   session: Session = Depends(db), settings: Settings = Depends(settings_of)) -> dict[str, Any]:
+                   session: Session = DB, settings: Settings = Depends(settings_of)) -> dict[str, Any]:
     """Replace the e-mail recipients (validated like ``--recipient``)."""
     return _set_options(session, who, area_id, svc.AreaOptions(recipients=recipients), settings)
 
 
 @router.put("/areas/{area_id}/questions")
 def set_questions(area_id: int, questions: list[str] = Body(..., embed=True), who: Principal = Depends(principal),
-                  session: Session = Depends(db), settings: Settings = Depends(settings_of)) -> dict[str, Any]:
+                  session: Session = DB, settings: Settings = Depends(settings_of)) -> dict[str, Any]:
     """Replace the question set (template ids of ``GET /api/questions``; empty = every template)."""
     return _set_options(session, who, area_id, svc.AreaOptions(questions=questions), settings)
 
@@ -156,7 +156,7 @@ def questions(who: Principal = Depends(principal)) -> list[dict[str, Any]]:
 
 @router.get("/areas/{area_id}/observations")
 def observations(area_id: int, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
-                 who: Principal = Depends(principal), session: Session = Depends(db)) -> list[dict[str, Any]]:
+                 who: Principal = Depends(principal), session: Session = DB) -> list[dict[str, Any]]:
     """Every acquisition seen over the area, newest first: clear / cloudy / pending / failed, the AOI clear
     fraction and the reason, and the analyses it is the after scene of (with the pairing reason)."""
     area = owned_area(session, who, area_id)

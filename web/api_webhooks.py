@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from core.config import Settings
 from core.models import WebhookEndpoint
 from monitor.reports import webhooks as svc
-from web.deps import Principal, db, owned_area, principal, settings_of
+from web.deps import DB, Principal, owned_area, principal, settings_of
 
 router = APIRouter(prefix="/api", tags=["webhooks"])
 
@@ -28,7 +28,7 @@ class NewWebhook(BaseModel):
 
 @router.get("/areas/{area_id}/webhooks")
 def list_webhooks(area_id: int, who: Principal = Depends(principal),
-                  session: Session = Depends(db)) -> list[dict[str, Any]]:
+                  session: Session = DB) -> list[dict[str, Any]]:
     """The area's webhook endpoints (without their secrets)."""
     area = owned_area(session, who, area_id)
     rows = session.scalars(select(WebhookEndpoint).where(WebhookEndpoint.area_id == area.id)
@@ -37,7 +37,7 @@ def list_webhooks(area_id: int, who: Principal = Depends(principal),
 
 
 @router.post("/areas/{area_id}/webhooks", status_code=201)
-def add_webhook(area_id: int, body: NewWebhook, who: Principal = Depends(principal), session: Session = Depends(db),
+def add_webhook(area_id: int, body: NewWebhook, who: Principal = Depends(principal), session: Session = DB,
                 settings: Settings = Depends(settings_of)) -> dict[str, Any]:
     """Register an HTTPS endpoint: it receives one signed JSON event per alert of the area (Standard Webhooks;
     verify with the ``secret`` of this answer, which is not shown again)."""
@@ -52,7 +52,7 @@ def add_webhook(area_id: int, body: NewWebhook, who: Principal = Depends(princip
 
 @router.delete("/areas/{area_id}/webhooks/{webhook_id}", status_code=204, response_class=Response)
 def remove_webhook(area_id: int, webhook_id: int, who: Principal = Depends(principal),
-                   session: Session = Depends(db)) -> Response:
+                   session: Session = DB) -> Response:
     area = owned_area(session, who, area_id)
     endpoint = session.get(WebhookEndpoint, webhook_id)
     if endpoint is None or endpoint.area_id != area.id:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from core.models import LoginFailure, User
 from monitor import accounts
-from web.deps import Principal, check_csrf, db, principal, session_stamp, settings_of
+from web.deps import DB, Principal, check_csrf, principal, session_stamp, settings_of
 from web.templating import render
 
 router = APIRouter()
@@ -51,7 +51,7 @@ def _safe_next(target: str) -> str:
 
 @router.post("/login", include_in_schema=False)
 def login(request: Request, email: Annotated[str, Form()], password: Annotated[str, Form()],
-          csrf: Annotated[str, Form()] = "", next: Annotated[str, Form()] = "/", session: Session = Depends(db)):
+          csrf: Annotated[str, Form()] = "", next: Annotated[str, Form()] = "/", session: Session = DB):
     check_csrf(request, csrf)
     keys = _keys(request, email)
     if _limited(session, keys, request):
@@ -81,7 +81,7 @@ class TokenRequest(BaseModel):
 
 
 @router.post("/api/tokens", status_code=201, tags=["accounts"])
-def create_token(body: TokenRequest, who: Principal = Depends(principal), session: Session = Depends(db)):
+def create_token(body: TokenRequest, who: Principal = Depends(principal), session: Session = DB):
     """Issue an API token for yourself. The token is in this answer only; only its hash is stored."""
     user = session.get(User, who.user_id)
     try:

@@ -44,6 +44,12 @@ def db(request: Request) -> Iterator[Session]:
         yield session
 
 
+# Routes take ``session: Session = DB``. scope="function" commits when the route returns, *before* the
+# response is sent; FastAPI's default ("request") commits after it, so a client that creates an area and
+# at once lists its areas (the map page does) could read the database before the commit and miss it.
+DB = Depends(db, scope="function")
+
+
 def csrf_token(request: Request) -> str:
     """The session's CSRF token (created on first use); forms and the page's fetch() calls send it back."""
     token = request.session.get("csrf")
@@ -67,7 +73,7 @@ def _unauthorised(detail: str) -> HTTPException:
     return HTTPException(401, detail, headers={"WWW-Authenticate": 'Bearer realm="unirs"'})
 
 
-def optional_principal(request: Request, session: Session = Depends(db)) -> Principal | None:
+def optional_principal(request: Request, session: Session = DB) -> Principal | None:
     header = request.headers.get("authorization", "")
     if header:
         scheme, _, token = header.partition(" ")

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from core.models import Area, Finding
 from monitor import findings as fq
-from web.deps import Principal, db, owned, owned_finding, principal
+from web.deps import DB, Principal, owned, owned_finding, principal
 
 router = APIRouter(prefix="/ogc", tags=["OGC API Features"])
 
@@ -100,7 +100,7 @@ def _check(cid: str) -> None:
 
 
 @router.get("/collections")
-def collections(request: Request, who: Principal = Depends(principal), session: Session = Depends(db)) -> Response:
+def collections(request: Request, who: Principal = Depends(principal), session: Session = DB) -> Response:
     return _json({
         "links": [{"href": f"{_base(request)}/collections", "rel": "self", "type": "application/json"}],
         "collections": [_collection(request, session, who, cid) for cid in COLLECTIONS],
@@ -109,7 +109,7 @@ def collections(request: Request, who: Principal = Depends(principal), session: 
 
 @router.get("/collections/{cid}")
 def collection(cid: str, request: Request, who: Principal = Depends(principal),
-               session: Session = Depends(db)) -> Response:
+               session: Session = DB) -> Response:
     _check(cid)
     return _json(_collection(request, session, who, cid))
 
@@ -162,7 +162,7 @@ def _int(params: Any, name: str, default: int, low: int) -> int:
 
 @router.get("/collections/{cid}/items")
 def items(cid: str, request: Request, who: Principal = Depends(principal),
-          session: Session = Depends(db)) -> Response:
+          session: Session = DB) -> Response:
     """Features of the collection, newest observation first; ``next`` link while more remain."""
     _check(cid)
     params = request.query_params
@@ -205,7 +205,7 @@ def items(cid: str, request: Request, who: Principal = Depends(principal),
 
 @router.get("/collections/{cid}/items/{fid}")
 def item(cid: str, fid: int, request: Request, who: Principal = Depends(principal),
-         session: Session = Depends(db)) -> Response:
+         session: Session = DB) -> Response:
     _check(cid)
     row = owned_finding(session, who, fid)
     if COLLECTIONS[cid][2] and row.kind != COLLECTIONS[cid][2]:

@@ -25,7 +25,7 @@ from core.models import Analysis, Area, Scene
 from eo.change_classes import CLASS_ORDER, format_hectares, label
 from monitor import findings as fq
 from web import api_analyses, api_areas
-from web.deps import Principal, db, optional_principal, owned
+from web.deps import DB, Principal, optional_principal, owned
 from web.templating import render
 
 router = APIRouter(include_in_schema=False)
@@ -43,7 +43,7 @@ class _LoginFirst(Exception):
     pass
 
 
-def page_user(request: Request, session: Session = Depends(db)) -> Principal:
+def page_user(request: Request, session: Session = DB) -> Principal:
     who = optional_principal(request, session)
     if who is None or who.via != "session":
         raise _LoginFirst(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
@@ -67,7 +67,7 @@ def observation_kind(status: str, reason: str | None) -> str:
 
 @router.get("/")
 def index(request: Request, added: int | None = None, who: Principal = Depends(page_user),
-          session: Session = Depends(db)):
+          session: Session = DB):
     areas = api_areas.list_areas(status=None, who=who, session=session)
     counts = dict(session.execute(
         owned(select(Analysis.area_id, func.count()).join(Area, Area.id == Analysis.area_id)
@@ -77,7 +77,7 @@ def index(request: Request, added: int | None = None, who: Principal = Depends(p
 
 
 @router.get("/areas/{area_id}")
-def area_page(request: Request, area_id: int, who: Principal = Depends(page_user), session: Session = Depends(db)):
+def area_page(request: Request, area_id: int, who: Principal = Depends(page_user), session: Session = DB):
     try:
         feature = api_areas.get_area(area_id, who=who, session=session)
     except HTTPException as exc:
@@ -101,7 +101,7 @@ def _scene_dates(session: Session, ids: set[int | None]) -> dict[int, str]:
 
 @router.get("/analyses/{analysis_id}")
 def analysis_page(request: Request, analysis_id: int, who: Principal = Depends(page_user),
-                  session: Session = Depends(db)):
+                  session: Session = DB):
     try:
         report = api_analyses.analysis(analysis_id, who=who, session=session)
     except HTTPException as exc:
@@ -115,7 +115,7 @@ def analysis_page(request: Request, analysis_id: int, who: Principal = Depends(p
 
 @router.get("/findings")
 def findings_page(request: Request, area_id: int | None = None, kind: str | None = None,
-                  who: Principal = Depends(page_user), session: Session = Depends(db)):
+                  who: Principal = Depends(page_user), session: Session = DB):
     kind = kind if kind in fq.KINDS else None
     stmt = owned(fq.build_statement(fq.FindingFilter(kind=kind, limit=FINDINGS_ROWS)), who)
     if area_id is not None:

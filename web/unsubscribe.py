@@ -9,11 +9,11 @@ expected from a mail provider's POST); it names (area, recipient) without the ad
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from sqlalchemy.orm import Session
 
 from monitor.reports import links
-from web.deps import db, settings_of
+from web.deps import DB, settings_of
 from web.templating import render
 
 router = APIRouter(include_in_schema=False)
@@ -45,15 +45,15 @@ def _page(request: Request, token: str, session: Session, action: str | None = N
 
 
 @router.get("/unsubscribe")
-def confirm(request: Request, token: str = Query("", max_length=400), session: Session = Depends(db)):
+def confirm(request: Request, token: str = Query("", max_length=400), session: Session = DB):
     return _page(request, token, session)
 
 
 @router.post("/unsubscribe")
-def one_click(request: Request, token: str = Query("", max_length=400), session: Session = Depends(db)):
+def one_click(request: Request, token: str = Query("", max_length=400), session: Session = DB):
     return _page(request, token, session, "unsubscribe")
 
 
 @router.post("/unsubscribe/undo")
-def undo(request: Request, token: str = Query("", max_length=400), session: Session = Depends(db)):
+def undo(request: Request, token: str = Query("", max_length=400), session: Session = DB):
     return _page(request, token, session, "undo")

@@ -66,9 +66,19 @@ def _shift(d: int, n: int) -> tuple[slice, slice]:
 
 def scl_clear(scl: np.ndarray, buffer_px: int, extra_clear: tuple[int, ...] = ()) -> np.ndarray:
     """True where the SCL class is clear and no (buffered) cloud or cloud shadow is near."""
-    clear = np.isin(scl, CLEAR_SCL + tuple(extra_clear))
-    cloudy = dilate(np.isin(scl, CLOUD_SCL), buffer_px)
+    clear = _in_classes(scl, CLEAR_SCL + tuple(extra_clear))
+    cloudy = dilate(_in_classes(scl, CLOUD_SCL), buffer_px)
     return clear & ~cloudy
+
+
+def _in_classes(values: np.ndarray, classes: tuple[int, ...]) -> np.ndarray:
+    """``np.isin(values, classes)``; for uint8 (SCL as stored) one table look-up per pixel instead of one
+    comparison pass per class (a quarter of a 1,000 km² pair's mask time went to np.isin)."""
+    if values.dtype != np.uint8:
+        return np.isin(values, classes)
+    table = np.zeros(256, dtype=bool)
+    table[[c for c in classes if 0 <= c < 256]] = True
+    return table[values]
 
 
 def qa_pixel_clear(qa: np.ndarray, buffer_px: int) -> np.ndarray:

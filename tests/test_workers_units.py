@@ -80,6 +80,17 @@ def test_scl_mask_buffers_clouds_and_shadows():
     assert scl_clear(scl, 3, extra_clear=(11,))[19, 19]
 
 
+def test_scl_classes_by_table_equal_isin_for_every_value():
+    from eo.masks import CLEAR_SCL, CLOUD_SCL, _in_classes
+
+    every = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    for classes in (CLEAR_SCL, CLOUD_SCL, (*CLEAR_SCL, 11)):
+        assert (_in_classes(every, classes) == np.isin(every, classes)).all()
+        assert int(_in_classes(every, classes).sum()) == len(set(classes))
+    wide = every.astype(np.uint16) * 7  # not uint8: the np.isin path, same answer
+    assert (_in_classes(wide, CLEAR_SCL) == np.isin(wide, CLEAR_SCL)).all()
+
+
 def test_landsat_qa_pixel_mask():
     qa = np.full((10, 10), 1 << 6, dtype=np.uint16)  # clear bit
     qa[5, 5] = 1 << 3  # cloud

@@ -18,8 +18,11 @@ from monitor.catalogues import ingest_items, parse_item, upsert_catalogue
 ITEMS = Path(__file__).parent / "data" / "items"
 PUBLIC = CatalogueSettings(
     name="public", url="https://stac.example", allowed_schemes=["https", "s3"],
-    allowed_hosts=["sentinel-cogs.s3.us-west-2.amazonaws.com", "e84-earth-search-sentinel-data.s3.us-west-2.amazonaws.com",
-                   "*.blob.core.windows.net", "usgs-landsat", "sentinel-s2-l2a"],
+    allowed_hosts=[
+        "sentinel-cogs.s3.us-west-2.amazonaws.com",
+        "e84-earth-search-sentinel-data.s3.us-west-2.amazonaws.com",
+        "*.blob.core.windows.net", "usgs-landsat", "sentinel-s2-l2a",
+    ],
 )
 
 

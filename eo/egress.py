@@ -22,7 +22,8 @@ not an open relay for other local users. libcurl skips a proxy for hosts named i
 ``file://`` redirects are refused by libcurl itself (not among its redirect protocols).
 
 HTTPS stays end-to-end (``CONNECT`` is a byte tunnel); plain ``http`` requests are forwarded one per
-connection (``Connection: close``). ``s3://`` hrefs do not use the proxy: GDAL talks to the deployment's
+connection (``Connection: close`` upstream; a second request on the client's connection ends it rather than
+reaching the first request's host unvetted). ``s3://`` hrefs do not use the proxy: GDAL talks to the deployment's
 configured S3 endpoint, not to a catalogue-chosen host.
 """
 
@@ -150,9 +151,10 @@ class EgressGuard:
                 client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 if rest:
                     upstream.sendall(rest)
+                _pipe(client, upstream)
             else:
                 upstream.sendall(_origin_request(method, url, version, headers) + rest)
-            _pipe(client, upstream)
+                _relay_response(client, upstream)
 
     def _vet(self, url: str, catalogue: CatalogueSettings) -> tuple[str, int]:
         """check_href the hop, then resolve it once and return the vetted address to connect to."""
@@ -248,6 +250,28 @@ def _answer(sock: socket.socket, status: int, text: str, extra: dict[str, str] |
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
     except OSError:
         pass
+
+
+def _relay_response(client: socket.socket, upstream: socket.socket) -> None:
+    """Copy the upstream's answer to the client; end at the client's next request.
+
+    A plain-HTTP proxy connection may be reused by libcurl for a request to ANOTHER host. Piping those
+    bytes to this upstream would send an unvetted request to the first host (and hand its answer back as
+    the other host's), so a proxied ``http`` connection carries one vetted request; libcurl retries a
+    request on a fresh connection when a reused one closes before answering.
+    """
+    sockets: list[Any] = [client, upstream]
+    while True:
+        readable, _, _ = select.select(sockets, [], [], _IDLE_SECONDS)
+        if not readable or client in readable:
+            return
+        try:
+            data = upstream.recv(65536)
+            if not data:
+                return
+            client.sendall(data)
+        except OSError:
+            return
 
 
 def _pipe(a: socket.socket, b: socket.socket) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import socket
+import threading
 
 import pytest
 
@@ -105,3 +106,70 @@ def test_the_proxy_is_not_an_open_relay(cog_server):
     finally:
         proxy.close_read(token)
     assert _proxy_status(ok.encode()) == 407  # the token dies with its read
+
+
+class _KeepAliveServer:
+    """A loopback HTTP server that ignores ``Connection: close`` and answers every request it reads."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self._listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(5)
+            buffer = b""
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    try:
+                        chunk = conn.recv(4096)
+                    except OSError:
+                        return
+                    if not chunk:
+                        return
+                    buffer += chunk
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                self.requests.append(head.split(b"\r\n", 1)[0].decode("latin-1"))
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_a_reused_plain_http_proxy_connection_never_reaches_the_first_host_unvetted():
+    # libcurl may reuse one proxy connection for a request to another host: the second request (for
+    # 127.0.0.2, off the allow-list) must not be piped to the first, vetted upstream.
+    upstream = _KeepAliveServer()
+    proxy = egress.guard()
+    token = proxy.open_read(ONLY_127_0_0_1)
+    auth = base64.b64encode(f"unirs:{token}".encode()).decode()
+    first = (f"GET http://127.0.0.1:{upstream.port}/first HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
+             f"Proxy-Authorization: Basic {auth}\r\n\r\n")
+    second = (f"GET http://127.0.0.2:{upstream.port}/second HTTP/1.1\r\nHost: 127.0.0.2:{upstream.port}\r\n"
+              f"Proxy-Authorization: Basic {auth}\r\n\r\n")
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.sendall(first.encode())
+            reply = b""
+            while not reply.endswith(b"ok"):
+                chunk = sock.recv(4096)
+                assert chunk, "proxy closed before the first answer"
+                reply += chunk
+            sock.sendall(second.encode())
+            rest = b""
+            while chunk := sock.recv(4096):
+                rest += chunk
+        assert reply.startswith(b"HTTP/1.1 200")
+        assert rest == b""  # the connection ends instead of answering for the other host
+        upstream._thread.join(timeout=10)
+        assert upstream.requests == ["GET /first HTTP/1.1"]
+    finally:
+        proxy.close_read(token)
+        upstream.close()

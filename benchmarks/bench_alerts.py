@@ -6,12 +6,15 @@ pairing code, analysed by the real pipeline (in this process, COGs read over HTT
 then the real alert query decides what would be emailed at that moment. The area is the demo's
 (``devtools/demo.py``), with the default settings of a new area (``areas add`` without options).
 
-Three alert rules, scored on the same findings:
+Three alert rules, scored on the same findings (``before`` therefore also sees the regions the screen
+found; the figures of main before the screen are in the closing note of issue 15):
 
 - ``before``: main before issue 15 — an alert when all changed hectares (every class) reach 0.5 ha; its
   loss part (vegetation loss, new built-up/bare) is what it tells about loss; no confirmation, no link.
 - ``after``: the default of a new area now — loss classes only, ≥ 0.2 ha, alert on the first (probable)
-  detection, re-detections linked and not alerted (``monitor/reports/immediate.py``).
+  detection, re-detections linked and not alerted (``monitor/reports/immediate.py``), regions the
+  time-series screen judges seasonal or atmospheric never alerted, loss regions the screen finds on its
+  own alerted like the others (``workers/screen.py``).
 - ``after_confirmed``: the same area with ``--alert-on confirmed`` (emailed when the next clear
   acquisition confirms).
 
@@ -186,6 +189,9 @@ def score(alerts: list[Alert], ref: np.ndarray, transform, crs, area_mask: np.nd
         ok = px & reference & (ref_day <= day + EARLY_DAYS)
         if px.sum() and ok.sum() / px.sum() < 0.5:
             false_alerts += 1
+        if VERBOSE and px.sum():
+            print(f"    alert {a.date} {px.sum() * 0.01:.2f} ha in the area, reference share "
+                  f"{ok.sum() / px.sum():.2f}", file=sys.stderr)
         emailed_px += int(px.sum())
         union |= px
         correct |= ok

@@ -350,7 +350,7 @@ class Finding(Base):
     first_finding_id: Mapped[int | None] = mapped_column(ForeignKey("findings.id", ondelete="SET NULL"))
     state_changed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Regions only (workers/screen.py, revision 0010): the time-series screen's verdict — departure |
-    # seasonal | unscreened; NULL for rows written before the screen existed.
+    # seasonal | atmospheric | unscreened; NULL for rows written before the screen existed.
     screen_verdict: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
@@ -364,7 +364,7 @@ class Finding(Base):
         Index("ix_findings_observed_at", "observed_at"),
         Index("ix_findings_kind", "kind"),
         Index("ix_findings_area_state", "area_id", "alert_state", postgresql_where=text("kind = 'region'")),
-        CheckConstraint("screen_verdict IN ('departure', 'seasonal', 'unscreened')",
+        CheckConstraint("screen_verdict IN ('departure', 'seasonal', 'unscreened', 'atmospheric')",
                         name="ck_findings_screen_verdict"),
         # `findings --text` is ILIKE '%…%': trigram GIN indexes (extension pg_trgm), with the area in front
         # (btree_gin, revision 0009) so "this area, this word" is answered inside the index.

@@ -5,8 +5,9 @@ make a single date look like a clear-cut. So, per area and per region (Hansen et
 a first detection is *probable*, a repeat on the next clear observation *confirms* it):
 
 - a region the time-series screen judged ``seasonal`` (:mod:`workers.screen`: what the season does to
-  the area's NDVI) is ``seasonal``: never alerted, never settled, and never a link target — a leaf-off
-  date must not absorb the real cuts detected after it;
+  the area's NDVI) or ``atmospheric`` (haze, thin cloud or shadow the cloud mask missed) keeps that as its
+  state: never alerted, never settled, and never a link target — a leaf-off date must not absorb the
+  real cuts detected after it;
 - every other new region is ``probable`` …
 - … unless at least :data:`REDETECTED_SHARE` of its area lies in earlier, not dismissed regions of the
   same headline group (loss / gain / water, :data:`eo.change_classes.HEADLINE_GROUPS`) and not seasonal: then it is
@@ -49,8 +50,8 @@ from workers.raster import BlockPair, SceneRef
 logger = logging.getLogger(__name__)
 
 PROBABLE, CONFIRMED, DISMISSED, REDETECTED = "probable", "confirmed", "dismissed", "redetected"
-SEASONAL = "seasonal"
-NOT_TARGETS = (DISMISSED, SEASONAL)  # earlier regions a new one may not link to
+SEASONAL, ATMOSPHERIC = "seasonal", "atmospheric"  # the time-series screen's verdicts that never alert
+NOT_TARGETS = (DISMISSED, SEASONAL, ATMOSPHERIC)  # earlier regions a new one may not link to
 REDETECTED_SHARE = 0.5  # of the new region's area inside earlier regions of its group
 SEEN_SHARE = 0.5  # of an earlier region's pixels clear in the later acquisition, to judge it at all
 CONFIRM_SHARE = 0.5  # of those pixels still showing the class
@@ -167,9 +168,9 @@ class Settler:
 
 
 def new_states(regions: list[spectral.Region], earlier: list[EarlierRegion],
-               settled: list[Settlement], seasonal: list[bool] | None = None) -> list[NewState]:
-    """State and link of each new region (same order as ``regions``); ``seasonal[i]``: the time-series
-    screen judged region i seasonal."""
+               settled: list[Settlement], screened_out: list[str | None] | None = None) -> list[NewState]:
+    """State and link of each new region (same order as ``regions``); ``screened_out[i]``: ``seasonal`` or
+    ``atmospheric`` when the time-series screen says region i is not a change on the ground."""
     dismissed = {s.finding_id for s in settled if s.state == DISMISSED}
     by_group: dict[str, list[EarlierRegion]] = {}
     for e in earlier:
@@ -177,8 +178,8 @@ def new_states(regions: list[spectral.Region], earlier: list[EarlierRegion],
             by_group.setdefault(group(e.change_class), []).append(e)
     out: list[NewState] = []
     for k, region in enumerate(regions):
-        if seasonal and seasonal[k]:
-            out.append(NewState(SEASONAL, None, {}))
+        if screened_out and screened_out[k]:
+            out.append(NewState(screened_out[k], None, {}))
             continue
         geom = region.geom_4326
         candidates = [e for e in by_group.get(group(region.change_class), []) if e.geom.intersects(geom)]

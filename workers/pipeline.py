@@ -180,10 +180,15 @@ def _analyse(ctx: AnalysisContext, claim: leases.Claim, heartbeat: leases.Heartb
     settled = settler.finish(ctx.after)
     with session_scope(settings) as session:
         history = clear_history(session, ctx, settings)
-    verdicts = screen.screen(result.regions, pair.grid, ctx.before, ctx.after, history,
-                             settings.analysis.cloud_buffer_px)
+    screened = screen.screen(result.regions, pair.grid, ctx.before, ctx.after, history,
+                             settings.analysis.cloud_buffer_px, settings.analysis.min_mapping_unit_ha)
+    if screened.found:
+        result.regions.extend(screened.found)
+        result.notes.append(f"the time-series screen found {len(screened.found)} loss region(s) "
+                            f"({sum(r.hectares for r in screened.found):.2f} ha) the pair's dNDVI missed")
+    verdicts = screened.verdicts + screened.found_verdicts
     states = confirmation.new_states(result.regions, earlier, settled,
-                                     [v.verdict == screen.SEASONAL for v in verdicts])
+                                     [v.verdict if v.verdict in screen.NOT_CHANGE else None for v in verdicts])
     timings["prepare_and_spectral"] = time.monotonic() - started
     heartbeat.check()
 

@@ -19,13 +19,23 @@ area's clear history (the ``clear`` observations the service already records) be
    forest together, a cut lowers its own pixels far more than the rest.
 
 A region is ``departure`` when at least :data:`DEPARTURE_SHARE` of its screened pixels depart, otherwise
-``seasonal``; water change (NDWI) and regions without NDVI values are ``unscreened``. The verdict is stored
+``seasonal``; a loss region whose departing pixels mostly do not look bare (red − blue reflectance below
+:data:`BARE_REDNESS`: haze and thin cloud brighten flat, shadows darken) is ``atmospheric``; water change
+(NDWI) and regions without NDVI values are ``unscreened``.
+
+3. **Loss the pair missed.** A cut first seen on a leaf-off → leaf-on pair raises NDVI like the rest of
+   the scene, so the pair's dNDVI misses it. With the model, pixels where it expects full canopy
+   (:data:`EXPECTED_FOREST`) and sees bare-looking ground at most :data:`FOUND_MAX_NDVI`, departing as in 1,
+   outside the pair's own departing loss regions, become ``vegetation_loss`` regions of their own
+   (8-connected, at least the minimum mapping unit; ``statistics.screen.found_by``). Not on a date that
+   has atmospheric regions. The verdict is stored
 per region finding (``findings.screen_verdict``, revision 0010) with its figures in
 ``statistics["screen"]``; :mod:`workers.confirmation` never alerts a seasonal region nor links later
 re-detections to it.
 
 Reads: red, nir (blue for the haze test when present) and the cloud mask of each history scene over the
-regions' bounding window only (plus :data:`MARGIN_PX`), cached per worker process
+area's grid (areas over :data:`MAX_WINDOW_PX`: the regions' bounding window plus :data:`MARGIN_PX`, and
+nothing looked for outside it), cached per worker process
 (:data:`CACHE_BYTES`), since consecutive analyses of an area share most of their history.
 """
 
@@ -42,19 +52,19 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from rasterio.features import geometry_mask
-from shapely.geometry import mapping
+from rasterio.features import geometry_mask, shapes
+from shapely.geometry import mapping, shape
 
 from eo.cog import CogReadError
 from eo.masks import haze_mask
 from eo.security import HrefRefused
 from workers.raster import Grid, SceneRef, SkipAnalysis, _clear_mask, _reflectance, mask_band, read_band
-from workers.regions import Region
+from workers.regions import Region, shape_measures, to_4326
 from workers.spectral import THRESHOLDS, Thresholds
 
 logger = logging.getLogger(__name__)
 
-SEASONAL, DEPARTURE, UNSCREENED = "seasonal", "departure", "unscreened"
+SEASONAL, DEPARTURE, UNSCREENED, ATMOSPHERIC = "seasonal", "departure", "unscreened", "atmospheric"
 HISTORY_DAYS = 3 * 365  # older dates describe a forest that may not stand any more
 MAX_HISTORY = 80  # clear dates read at most (the newest)
 MIN_HISTORY_DATES = 12  # a second-order harmonic has 5 coefficients; 12 dates leave residuals to judge by
@@ -67,6 +77,10 @@ MARGIN_PX = 30  # around the regions' bounding box: context for the scene-wide o
 MAX_WINDOW_PX = 4_000_000  # beyond (a 20 km × 20 km window) the regions are screened by the fallback only
 CACHE_BYTES = 256 * 2**20
 VEGETATED = 0.3  # NDVI: pixels whose median residual / dNDVI is the scene-wide offset
+BARE_REDNESS = 0.03  # red − blue reflectance: bare soil, slash and roads are red; haze, thin cloud, shadow flat
+EXPECTED_FOREST = 0.7  # NDVI the model expects where it looks for loss the pair missed (full canopy)
+FOUND_MAX_NDVI = 0.6  # ... and what is left there: bare or barely vegetated
+NOT_CHANGE = (SEASONAL, ATMOSPHERIC)  # verdicts that keep a region from alerting
 NDVI_CLASSES = {"vegetation_loss": -1, "new_built_up_or_bare": -1, "vegetation_gain": +1}
 
 
@@ -104,9 +118,9 @@ class _Cache:
 _CACHE = _Cache(CACHE_BYTES)
 
 
-def clear_ndvi(scene: SceneRef, grid: Grid, buffer_px: int) -> np.ndarray:
-    """NDVI (H, W) float32 of ``scene`` on ``grid``, NaN where the cloud mask (buffered) or the haze test
-    says not clear or where there is no data."""
+def clear_looks(scene: SceneRef, grid: Grid, buffer_px: int) -> np.ndarray:
+    """(2, H, W) float32 of ``scene`` on ``grid``: NDVI and red − blue reflectance (NaN without a blue band),
+    NaN where the cloud mask (buffered) or the haze test says not clear or where there is no data."""
     key = (scene.scene_id, scene.item_id, grid.crs.to_string(), tuple(grid.transform)[:6], grid.width,
            grid.height, buffer_px)
     cached = _CACHE.get(key)
@@ -122,13 +136,20 @@ def clear_ndvi(scene: SceneRef, grid: Grid, buffer_px: int) -> np.ndarray:
         clear &= ~haze_mask(refl["blue"], refl["red"], buffer_px)
     with np.errstate(divide="ignore", invalid="ignore"):
         ndvi = (refl["nir"] - refl["red"]) / (refl["nir"] + refl["red"])
-    ndvi = np.where(clear & np.isfinite(ndvi), ndvi, np.nan).astype(np.float32)
-    _CACHE.put(key, ndvi)
-    return ndvi
+    ok = clear & np.isfinite(ndvi)
+    redness = refl["red"] - refl["blue"] if "blue" in refl else np.full(ndvi.shape, np.nan, dtype=np.float32)
+    layers = np.stack([np.where(ok, ndvi, np.nan), np.where(ok, redness, np.nan)]).astype(np.float32)
+    _CACHE.put(key, layers)
+    return layers
 
 
-def window_of(grid: Grid, regions: list[Region]) -> Grid:
-    """The sub-grid covering every region's bounding box plus :data:`MARGIN_PX`."""
+def window_of(grid: Grid, regions: list[Region]) -> Grid | None:
+    """The whole grid when it is at most :data:`MAX_WINDOW_PX` (loss the pair missed is looked for too);
+    otherwise the sub-grid covering every region's bounding box plus :data:`MARGIN_PX` (None: no region)."""
+    if grid.width * grid.height <= MAX_WINDOW_PX:
+        return grid
+    if not regions:
+        return None
     t, px = grid.transform, grid.pixel_size
     minx = min(r.geom_utm.bounds[0] for r in regions)
     miny = min(r.geom_utm.bounds[1] for r in regions)
@@ -169,30 +190,39 @@ def _history_stack(past: list[SceneRef], window: Grid, buffer_px: int) -> tuple[
     looks, looked = [], []
     for scene in past:
         try:
-            looks.append(clear_ndvi(scene, window, buffer_px))
+            looks.append(clear_looks(scene, window, buffer_px)[0])
             looked.append(scene)
         except (CogReadError, HrefRefused, SkipAnalysis) as exc:  # one unreadable date: screen without it
             logger.warning("screen: history scene %s left out: %s", scene.item_id, exc)
     return (np.stack(looks) if looks else None), looked
 
 
+@dataclass
+class Screened:
+    verdicts: list[Verdict]  # one per region given, same order
+    found: list[Region]  # loss regions the pair's dNDVI missed (leaf-off → leaf-on pairs), all departures
+    found_verdicts: list[Verdict]
+
+
 def screen(regions: list[Region], grid: Grid, before: SceneRef, after: SceneRef, history: list[SceneRef],
-           buffer_px: int, t: Thresholds = THRESHOLDS) -> list[Verdict]:
-    """One :class:`Verdict` per region (same order). ``history``: the area's clear scenes before ``after``
-    (newest first or any order; ``before`` may be among them); only the newest :data:`MAX_HISTORY` within
-    :data:`HISTORY_DAYS` are used."""
-    if not regions:
-        return []
+           buffer_px: int, min_mapping_unit_ha: float, t: Thresholds = THRESHOLDS) -> Screened:
+    """Verdicts of ``regions`` and the loss regions found by the model alone. ``history``: the area's clear
+    scenes before ``after`` (any order; ``before`` may be among them); only the newest :data:`MAX_HISTORY`
+    within :data:`HISTORY_DAYS` are used."""
+    if not regions and len(history) < MIN_HISTORY_DATES:
+        return Screened([], [], [])
     window = window_of(grid, regions)
+    if window is None:
+        return Screened([], [], [])
     screened = [r for r in regions if r.change_class in NDVI_CLASSES]
-    if not screened:
-        return [Verdict(UNSCREENED, {"why": "not an NDVI change class"}) for _ in regions]
+    if regions and not screened:
+        return Screened([Verdict(UNSCREENED, {"why": "not an NDVI change class"}) for _ in regions], [], [])
     past = sorted({s.scene_id: s for s in history
                    if s.acquired_at < after.acquired_at
                    and (after.acquired_at - s.acquired_at).days <= HISTORY_DAYS}.values(),
                   key=lambda s: s.acquired_at)[-MAX_HISTORY:]
-    ndvi_b = clear_ndvi(before, window, buffer_px)
-    ndvi_a = clear_ndvi(after, window, buffer_px)
+    ndvi_b = clear_looks(before, window, buffer_px)[0]
+    ndvi_a, redness_a = clear_looks(after, window, buffer_px)
     small = window.width * window.height <= MAX_WINDOW_PX
     stack = None
     if small and len(past) >= MIN_HISTORY_DATES:
@@ -220,6 +250,9 @@ def screen(regions: list[Region], grid: Grid, before: SceneRef, after: SceneRef,
         common.update(method="scene-normalised dNDVI", why=why)
     common["scene_dndvi"] = round(scene_d, 3)
 
+    limit = np.maximum(SENSITIVITY * rmse, MIN_DEPARTURE) if rmse is not None else None
+    with np.errstate(invalid="ignore"):
+        looks_bare = redness_a >= BARE_REDNESS if np.isfinite(redness_a).any() else np.ones(aoi.shape, bool)
     out: list[Verdict] = []
     t_win = window.transform
     for region in regions:
@@ -233,10 +266,8 @@ def screen(regions: list[Region], grid: Grid, before: SceneRef, after: SceneRef,
         threshold = t.ndvi_drop if sign < 0 else t.ndvi_rise
         relative = d_ndvi - scene_d
         departs = sign * relative >= sign * threshold
-        judged = inside
         if pred_a is not None:
             modelled = inside & np.isfinite(pred_a) & np.isfinite(rmse)
-            limit = np.maximum(SENSITIVITY * rmse, MIN_DEPARTURE)
             model_departs = sign * (ndvi_a - pred_a - offset) >= limit
             # Pixels the model cannot judge (too few looks of their own) keep the fallback's answer.
             departs = np.where(modelled, model_departs, departs)
@@ -245,15 +276,82 @@ def screen(regions: list[Region], grid: Grid, before: SceneRef, after: SceneRef,
                              expected_dndvi=round(float(np.mean((pred_a - pred_b)[modelled])), 3),
                              rmse=round(float(np.median(rmse[modelled])), 3),
                              modelled_share=round(float(modelled.sum()) / max(int(inside.sum()), 1), 3))
-        n = int(judged.sum())
+        n = int(inside.sum())
         if n == 0:
             out.append(Verdict(UNSCREENED, {**stats, "why": "no pixel of the region clear in both scenes"}))
             continue
-        share = float(departs[judged].sum()) / n
-        stats.update(departure_share=round(share, 3), after_ndvi=round(float(np.mean(ndvi_a[judged])), 3),
-                     before_ndvi=round(float(np.mean(ndvi_b[judged])), 3),
-                     relative_dndvi=round(float(np.mean(relative[judged])), 3), pixels_screened=n)
-        out.append(Verdict(DEPARTURE if share >= DEPARTURE_SHARE else SEASONAL, stats))
-    logger.info("screen: %s over %d history dates (%s)", ", ".join(v.verdict for v in out), len(past),
-                common.get("method"))
-    return out
+        share = float(departs[inside].sum()) / n
+        n_departs = int((departs & inside).sum())
+        bare_share = float((departs & inside & looks_bare).sum()) / n_departs if n_departs else 0.0
+        stats.update(departure_share=round(share, 3), after_ndvi=round(float(np.mean(ndvi_a[inside])), 3),
+                     before_ndvi=round(float(np.mean(ndvi_b[inside])), 3),
+                     relative_dndvi=round(float(np.mean(relative[inside])), 3), pixels_screened=n)
+        if share < DEPARTURE_SHARE:
+            verdict = SEASONAL
+        elif sign < 0 and bare_share < DEPARTURE_SHARE:
+            # NDVI fell but the ground does not look bare: brightening as flat as haze or thin cloud, or a
+            # shadow's darkening — what the cloud mask missed, not a change on the ground.
+            verdict = ATMOSPHERIC
+            stats["bare_looking_share"] = round(bare_share, 3)
+        else:
+            verdict = DEPARTURE
+        out.append(Verdict(verdict, stats))
+    found: list[Region] = []
+    found_verdicts: list[Verdict] = []
+    # A date on which the screen saw haze or shadow is not trusted to find loss on its own.
+    if pred_a is not None and not any(v.verdict == ATMOSPHERIC for v in out):
+        with np.errstate(invalid="ignore"):
+            lost = (aoi & np.isfinite(ndvi_a) & np.isfinite(pred_a) & (pred_a >= EXPECTED_FOREST)
+                    & (ndvi_a - pred_a - offset <= -limit) & (ndvi_a <= FOUND_MAX_NDVI) & looks_bare)
+        taken = [r.geom_utm for r, v in zip(regions, out, strict=True)
+                 if v.verdict == DEPARTURE and NDVI_CLASSES.get(r.change_class) == -1]
+        if taken:
+            lost &= ~geometry_mask([mapping(g) for g in taken], out_shape=lost.shape, transform=t_win, invert=True)
+        found, found_verdicts = _found_regions(lost, window, ndvi_a, ndvi_b, pred_a, d_ndvi, min_mapping_unit_ha,
+                                               common)
+    logger.info("screen: %s over %d history dates (%s); %d loss regions the pair missed",
+                ", ".join(v.verdict for v in out), len(past), common.get("method"), len(found))
+    return Screened(out, found, found_verdicts)
+
+
+def _found_regions(lost: np.ndarray, window: Grid, ndvi_a: np.ndarray, ndvi_b: np.ndarray, pred_a: np.ndarray,
+                   d_ndvi: np.ndarray, min_ha: float, common: dict[str, Any]) -> tuple[list[Region], list[Verdict]]:
+    """Connected (8-neighbour) departure-loss pixels of at least ``min_ha`` as vegetation-loss regions. Their
+    ``before_means`` NDVI is what the model expected, so confirmation compares later looks with the forest
+    that should be there (a leaf-off before date would make bare ground look unchanged)."""
+    ha_per_px = window.pixel_area_m2 / 10_000.0
+    labels = rasterio_label(lost)
+    geoms, stats = [], []
+    for geom, value in shapes(labels, mask=labels > 0, transform=window.transform, connectivity=8):
+        px = labels == int(value)
+        n = int(px.sum())
+        if n * ha_per_px < min_ha:
+            continue
+        geoms.append(shape(geom))
+        stats.append((n, px))
+    out, verdicts = [], []
+    for g, g4326, (n, px) in zip(geoms, to_4326(geoms, window.crs), stats, strict=True):
+        elongation, width = shape_measures(g, window.pixel_size)
+        finite = px & np.isfinite(d_ndvi)
+        out.append(Region(change_class="vegetation_loss", geom_utm=g, geom_4326=g4326, pixels=n,
+                          hectares=n * ha_per_px,
+                          mean_dndvi=round(float(np.mean(d_ndvi[finite])), 4) if finite.any() else None,
+                          linear=bool(elongation >= THRESHOLDS.linear_elongation
+                                      and width <= THRESHOLDS.linear_max_width_m),
+                          elongation=round(elongation, 2),
+                          before_means={"ndvi": round(float(np.mean(pred_a[px])), 4), "ndwi": None, "ndbi": None}))
+        verdicts.append(Verdict(DEPARTURE, {**common, "found_by": "time-series screen (the pair's dNDVI missed it)",
+                                            "expected_ndvi": round(float(np.mean(pred_a[px])), 3),
+                                            "after_ndvi": round(float(np.mean(ndvi_a[px])), 3),
+                                            "before_ndvi": round(float(np.nanmean(ndvi_b[px])), 3)
+                                            if np.isfinite(ndvi_b[px]).any() else None,
+                                            "departure_share": 1.0, "pixels_screened": n}))
+    return out, verdicts
+
+
+def rasterio_label(mask: np.ndarray) -> np.ndarray:
+    """int32 labels of the 8-connected components of ``mask`` (0 outside)."""
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    return labels.astype(np.int32)

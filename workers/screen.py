@@ -19,8 +19,10 @@ area's clear history (the ``clear`` observations the service already records) be
    forest together, a cut lowers its own pixels far more than the rest.
 
 A region is ``departure`` when at least :data:`DEPARTURE_SHARE` of its screened pixels depart, otherwise
-``seasonal``; a loss region whose departing pixels mostly do not look bare (red − blue reflectance below
-:data:`BARE_REDNESS`: haze and thin cloud brighten flat, shadows darken) is ``atmospheric``; water change
+``seasonal``; with the model, a loss region whose departing pixels mostly do not look bare (red − blue
+reflectance below :data:`BARE_REDNESS`: haze and thin cloud brighten flat, shadows darken) is
+``atmospheric`` (the fallback does not judge this: without the pixel's own history a half-regrown patch
+— 2017-07-11 → 2018-08-25, red − blue ≈ 0.025 — looks as flat as haze); water change
 (NDWI) and regions without NDVI values are ``unscreened``.
 
 3. **Loss the pair missed.** A cut first seen on a leaf-off → leaf-on pair raises NDVI like the rest of
@@ -288,7 +290,7 @@ def screen(regions: list[Region], grid: Grid, before: SceneRef, after: SceneRef,
                      relative_dndvi=round(float(np.mean(relative[inside])), 3), pixels_screened=n)
         if share < DEPARTURE_SHARE:
             verdict = SEASONAL
-        elif sign < 0 and bare_share < DEPARTURE_SHARE:
+        elif sign < 0 and bare_share < DEPARTURE_SHARE and pred_a is not None:
             # NDVI fell but the ground does not look bare: brightening as flat as haze or thin cloud, or a
             # shadow's darkening — what the cloud mask missed, not a change on the ground.
             verdict = ATMOSPHERIC

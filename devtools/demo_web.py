@@ -71,11 +71,18 @@ def stop_previous(var_dir: Path) -> int | None:
         return None
     if b"serve" not in cmdline or not any(arg.endswith(b"monitor.cli") for arg in cmdline):
         return None
-    os.killpg(pid, signal.SIGTERM)
-    for _ in range(100):
+    # uvicorn drains its connections on SIGTERM; on a loaded machine that can outlast the grace period,
+    # and a server left running would keep the port and the PID file's promise broken.
+    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
         if not _running(pid):
             break
-        time.sleep(0.1)
     pidfile.unlink(missing_ok=True)
     return pid
 

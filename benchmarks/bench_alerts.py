@@ -57,7 +57,7 @@ from sqlalchemy import select
 from core import migrate
 from core.config import AnalysisSettings, CatalogueSettings, Settings, get_settings
 from core.db import reset_engines, session_scope
-from core.models import Area, Delivery, Finding, Observation, ObservationStatus
+from core.models import Area, Delivery, Finding, Observation, ObservationStatus, Scene
 from devtools import dbadmin, localstac
 from monitor.areas import AreaOptions, add_areas
 from monitor.catalogues.items import parse_item
@@ -111,7 +111,8 @@ def run_service(data: Path, cogs: localstac.CogServer, settings: Settings, log) 
         item["collection"] = "sentinel-2-l2a"
         with session_scope(settings) as s:
             scene_id, _ = upsert_scene(s, cat_id, "sentinel-2-l2a", parse_item(item, catalogue), item)
-            s.add(Observation(area_id=area_id, scene_id=scene_id, status=ObservationStatus.PENDING))
+            s.add(Observation(area_id=area_id, scene_id=scene_id, status=ObservationStatus.PENDING,
+                              acquisition_id=s.get(Scene, scene_id).acquisition_id))
         stats = process_pending(settings)
         for analysis_id in stats.analysis_ids:
             run_analysis(analysis_id, "bench", settings)

@@ -149,6 +149,24 @@ def create_pending(session: Session, *, idempotency_key: str, area_id: int, afte
     ).scalar_one_or_none()
 
 
+def create_pending_many(session: Session, rows: list[dict[str, Any]], *, analyser: AnalyserSpec,
+                        chunk: int = 1000) -> list[int]:
+    """:func:`create_pending` for many rows in a few statements (pairing settles whole acquisitions).
+
+    Each row: ``idempotency_key``, ``area_id``, ``after_scene_id``, ``before_scene_id``, ``question_set``,
+    ``pairing_policy``, ``pair_reason``. Returns the ids of the rows actually inserted (duplicates skipped)."""
+    created: list[int] = []
+    for start in range(0, len(rows), chunk):
+        values = [{**row, "analyser": analyser.requested().id, "status": AnalysisStatus.PENDING, "attempts": 0,
+                   "stats": {}} for row in rows[start:start + chunk]]
+        created.extend(session.execute(
+            insert(Analysis).values(values)
+            .on_conflict_do_nothing(index_elements=[Analysis.idempotency_key])
+            .returning(Analysis.id)
+        ).scalars())
+    return created
+
+
 _S = AnalysisStatus
 
 _FAIL_LOST = text(f"""

@@ -62,11 +62,12 @@ class PairingPolicy(enum.StrEnum):
 
 
 class ObservationStatus(enum.StrEnum):
-    """Outcome of looking at one scene over one area (AOI clear fraction)."""
+    """Outcome of looking at one acquisition over one area (covered and clear fractions)."""
 
     PENDING = "pending"
     CLEAR = "clear"
     CLOUDY = "cloudy"
+    PARTIAL = "partial"  # imaged too little of the area (tile edge, datastrip end): not cloud
     FAILED = "failed"
 
 
@@ -129,7 +130,9 @@ class Area(Base):
     collections: Mapped[list[str]] = mapped_column(ARRAY(Text), default=lambda: ["sentinel-2-l2a"])
     # Scene-level cloud filter sent to the catalogue (loose: the AOI clear fraction decides later).
     max_cloud_cover: Mapped[float] = mapped_column(Float, default=80.0)
-    min_clear_fraction: Mapped[float] = mapped_column(Float, default=0.7)
+    min_clear_fraction: Mapped[float] = mapped_column(Float, default=0.7)  # of the imaged pixels
+    # An acquisition imaging less of the area than this is "partial", never "cloudy" (revision 0008).
+    min_covered_fraction: Mapped[float] = mapped_column(Float, default=0.5, server_default=text("0.5"))
     recipients: Mapped[list[str]] = mapped_column(ARRAY(Text), default=list)
     questions: Mapped[list[str]] = mapped_column(ARRAY(Text), default=list)  # question template ids
     alert_frequency: Mapped[AlertFrequency] = mapped_column(
@@ -263,21 +266,27 @@ class QuarantinedItem(Base):
 
 
 class Observation(Base):
-    """One scene seen over one area: the AOI clear fraction and whether it can be used."""
+    """One acquisition seen over one area, as the mosaic of its granules (revision 0008).
+
+    ``covered_fraction`` = imaged pixels / area pixels; ``clear_fraction`` = clear pixels / imaged pixels
+    (None when nothing was imaged). ``scene_id``: the granule that imaged the area first (labels, links).
+    """
 
     __tablename__ = "observations"
 
     area_id: Mapped[int] = mapped_column(ForeignKey("areas.id", ondelete="CASCADE"), primary_key=True)
-    scene_id: Mapped[int] = mapped_column(ForeignKey("scenes.id", ondelete="CASCADE"), primary_key=True)
+    acquisition_id: Mapped[int] = mapped_column(ForeignKey("acquisitions.id", ondelete="CASCADE"), primary_key=True)
+    scene_id: Mapped[int | None] = mapped_column(ForeignKey("scenes.id", ondelete="CASCADE"))
     status: Mapped[ObservationStatus] = mapped_column(
         _enum(ObservationStatus, "observation_status"), default=ObservationStatus.PENDING
     )
+    covered_fraction: Mapped[float | None] = mapped_column(Float)
     clear_fraction: Mapped[float | None] = mapped_column(Float)
     reason: Mapped[str | None] = mapped_column(Text)
     computed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
-    scene: Mapped[Scene] = relationship(lazy="joined")
+    scene: Mapped[Scene | None] = relationship(lazy="joined")
 
     __table_args__ = (Index("ix_observations_status", "status"),)
 

@@ -112,6 +112,7 @@ def read_aoi(
     indexes: int | list[int] | None = None,
     aoi_mask: bool = True,
     use_overviews: bool = False,
+    tolerance: float | None = None,
 ) -> AoiRaster:
     """Read the window of ``href`` covering ``geom_4326`` (EPSG:4326) on the requested grid (``geom_4326``
     may be None when ``bounds`` are given and ``aoi_mask`` is False).
@@ -124,7 +125,9 @@ def read_aoi(
     ``aoi_mask=False`` skips rasterising the AOI polygon (``mask`` is None; block readers that have their own
     AOI mask). ``use_overviews=True`` reads from the coarsest internal overview whose pixels are still no
     larger than the requested ``resolution`` (thumbnails, coarse cloud screens: a fraction of the bytes);
-    nearest resampling of an overview built with nearest (SCL) keeps classes classes.
+    nearest resampling of an overview built with nearest (SCL) keeps classes classes. ``tolerance``: the
+    warp's approximation error in source pixels (GDAL's default 0.125 when None; a tiny value = exact transformer,
+    so a pixel's value does not depend on the window it is read in — shared mask reads need that).
 
     Pixels outside the file are ``nodata``. Raises :class:`eo.security.HrefRefused` for hrefs that
     must not be opened and :class:`CogReadError` for unreadable or corrupt files.
@@ -138,9 +141,11 @@ def read_aoi(
             with rasterio.open(url) as src:
                 level = _overview_level(src, dst_crs, resolution) if use_overviews else None
                 if level is None:
-                    return _read(src, href, geom_4326, dst_crs, resolution, resampling, bounds, indexes, aoi_mask)
+                    return _read(src, href, geom_4326, dst_crs, resolution, resampling, bounds, indexes, aoi_mask,
+                                 tolerance)
             with rasterio.open(url, overview_level=level) as src:
-                raster = _read(src, href, geom_4326, dst_crs, resolution, resampling, bounds, indexes, aoi_mask)
+                raster = _read(src, href, geom_4326, dst_crs, resolution, resampling, bounds, indexes, aoi_mask,
+                               tolerance)
                 raster.overview_level = level
                 return raster
     except CogReadError:
@@ -175,7 +180,7 @@ def _overview_level(src: Any, dst_crs: Any, resolution: Any) -> int | None:
 
 def _read(src: Any, href: str, geom_4326: BaseGeometry | None, dst_crs: Any, resolution: Any,
           resampling: Resampling, bounds: tuple[float, float, float, float] | None, indexes: int | list[int] | None,
-          aoi_mask: bool = True) -> AoiRaster:
+          aoi_mask: bool = True, tolerance: float | None = None) -> AoiRaster:
     if src.crs is None:
         raise CogReadError(href, "the file has no CRS (not georeferenced)")
     crs = CRS.from_user_input(dst_crs) if dst_crs is not None else src.crs
@@ -204,8 +209,9 @@ def _read(src: Any, href: str, geom_4326: BaseGeometry | None, dst_crs: Any, res
     dst_transform = Affine(res[0], 0.0, left, 0.0, -res[1], top)
 
     nodata = src.nodata
+    extra = {} if tolerance is None else {"tolerance": tolerance}
     with WarpedVRT(src, crs=crs, transform=dst_transform, width=width, height=height, resampling=resampling,
-                   nodata=nodata if nodata is not None else 0) as vrt:
+                   nodata=nodata if nodata is not None else 0, **extra) as vrt:
         array = vrt.read(indexes)
     if array.ndim == 2:
         array = array[np.newaxis, ...]

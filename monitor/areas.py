@@ -39,6 +39,7 @@ class AreaOptions:
     collections: list[str] | None = None
     max_cloud_cover: float | None = None
     min_clear_fraction: float | None = None
+    min_covered_fraction: float | None = None  # share of the area an acquisition must image (else "partial")
     recipients: list[str] | None = None
     questions: list[str] | None = None
     alert_frequency: str | None = None
@@ -49,8 +50,8 @@ class AreaOptions:
 
     # GeoJSON property names accepted on import, so `areas export` output can be added back.
     PROPERTY_KEYS = (
-        "collections", "max_cloud_cover", "min_clear_fraction", "recipients", "questions", "alert_frequency",
-        "min_alert_hectares", "pairing_policy", "alert_classes", "alert_on",
+        "collections", "max_cloud_cover", "min_clear_fraction", "min_covered_fraction", "recipients", "questions",
+        "alert_frequency", "min_alert_hectares", "pairing_policy", "alert_classes", "alert_on",
     )
 
     # Also accepted on import: the name, free attributes, and what `areas export` writes but a new area
@@ -177,6 +178,9 @@ def _validate_options(opts: AreaOptions) -> None:
         raise AreaError(f"max cloud cover must be a percentage in [0, 100], got {opts.max_cloud_cover}")
     if opts.min_clear_fraction is not None and not 0 <= _number(opts.min_clear_fraction, "minimum clear fraction") <= 1:
         raise AreaError(f"minimum clear fraction must be in [0, 1], got {opts.min_clear_fraction}")
+    if opts.min_covered_fraction is not None and not 0 <= _number(opts.min_covered_fraction,
+                                                                  "minimum covered fraction") <= 1:
+        raise AreaError(f"minimum covered fraction must be in [0, 1], got {opts.min_covered_fraction}")
     if opts.min_alert_hectares is not None and not 0 <= _number(opts.min_alert_hectares,
                                                                 "minimum alert hectares") < float("inf"):
         raise AreaError(f"minimum alert hectares must be ≥ 0, got {opts.min_alert_hectares}")
@@ -244,7 +248,7 @@ def _apply(area: Area, opts: AreaOptions) -> None:
     for key in ("collections", "questions"):
         if getattr(opts, key) is not None:
             setattr(area, key, [str(v).strip() for v in getattr(opts, key)])
-    for key in ("max_cloud_cover", "min_clear_fraction", "min_alert_hectares"):
+    for key in ("max_cloud_cover", "min_clear_fraction", "min_covered_fraction", "min_alert_hectares"):
         if getattr(opts, key) is not None:
             setattr(area, key, float(getattr(opts, key)))
     if opts.alert_frequency is not None:
@@ -363,6 +367,7 @@ def area_properties(area: Area) -> dict[str, Any]:
         "collections": list(area.collections),
         "max_cloud_cover": area.max_cloud_cover,
         "min_clear_fraction": area.min_clear_fraction,
+        "min_covered_fraction": area.min_covered_fraction,
         "recipients": list(area.recipients),
         "questions": list(area.questions),
         "alert_frequency": area.alert_frequency.value,

@@ -41,7 +41,11 @@ def _settings_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-cloud", "max_cloud_cover", type=float,
                      help="Scene-level cloud cover filter sent to the catalogue, percent (default 80)."),
         click.option("--min-clear", "min_clear_fraction", type=float,
-                     help="Minimum clear fraction of the area itself (SCL / QA_PIXEL), 0–1 (default 0.7)."),
+                     help="Minimum clear fraction of the imaged part of the area (SCL / QA_PIXEL), 0–1 "
+                          "(default 0.7)."),
+        click.option("--min-coverage", "min_covered_fraction", type=float,
+                     help="Minimum share of the area an acquisition must image, 0–1 (default 0.5; less is "
+                          "'partial', not cloudy)."),
         click.option("--recipient", "recipients", multiple=True, help="Email address for alerts (repeatable)."),
         click.option("--question", "questions", multiple=True,
                      help="Question template id to ask about each change (repeatable; default: all templates)."),

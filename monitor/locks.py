@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 LEADER_LOCK = "unirs-monitor:scheduler-leader"
 CYCLE_LOCK = "unirs-monitor:poll-cycle"
+PAIR_LOCK = "unirs-monitor:pairing"
 
 
 def lock_key(name: str) -> int:
@@ -138,9 +139,10 @@ def wait_for_leadership(lock: AdvisoryLock, retry_seconds: float, should_stop=la
 
 
 @contextmanager
-def cycle_lock(database_url: str) -> Iterator[None]:
-    """Serialise poll/pair cycles across processes (the scheduler's jobs and a cron ``poll --once``)."""
-    lock = AdvisoryLock(CYCLE_LOCK, database_url, purpose="poll-cycle")
+def cycle_lock(database_url: str, name: str = CYCLE_LOCK) -> Iterator[None]:
+    """Serialise poll cycles (``name`` :data:`CYCLE_LOCK`) or pairing runs (:data:`PAIR_LOCK`) across
+    processes (the scheduler's jobs and a cron ``poll --once``)."""
+    lock = AdvisoryLock(name, database_url, purpose=name.rsplit(":", 1)[-1])
     lock.acquire()
     try:
         yield

@@ -9,7 +9,8 @@ notices) and goes back to waiting, so two leaders never run jobs at the same tim
 Jobs (APScheduler 3, ``BlockingScheduler``; each job is single-instance and coalesced):
 
 - ``poll``: every ``poll.interval_minutes``: poll every catalogue, the late sweep where it is due
-  (``poll.late_sweep_hours``, ``monitor/catalogues/late.py``), then pair right away;
+  (``poll.late_sweep_hours``, ``monitor/catalogues/late.py``) under the poll-cycle lock, then pair right
+  away under the separate pairing lock (a long pairing run never holds up the next poll);
 - ``pair``: periodically, for observations still pending (a crash mid-pairing, failed reads due a retry);
 - ``dispatch``: every ``analysis.dispatch_interval_seconds``: ``monitor.dispatch.dispatch_once(settings)``;
 - ``reports``: ``monitor.reports.run_deliveries(settings)`` (alerts for analyses the workers finished);
@@ -38,7 +39,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 
 from core.config import Settings
 from monitor.dispatch import dispatch_once
-from monitor.locks import LEADER_LOCK, AdvisoryLock, cycle_lock, wait_for_leadership
+from monitor.locks import LEADER_LOCK, PAIR_LOCK, AdvisoryLock, cycle_lock, wait_for_leadership
 from monitor.reports import run_deliveries
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ def poll_and_pair(settings: Settings, *, now: datetime | None = None) -> CycleSu
     with cycle_lock(settings.database_url):
         polled = poll_all(settings, now=now)
         swept = sweep_late_all(settings, now=now)
+    # Pairing reads cloud masks (seconds to minutes for many areas): outside the poll lock, under its own.
+    with cycle_lock(settings.database_url, PAIR_LOCK):
         pairing = process_pending(settings)
     summary.items_seen = polled.total("items_seen")
     summary.new_scenes = polled.total("new_scenes")
@@ -96,7 +99,7 @@ def poll_and_pair(settings: Settings, *, now: datetime | None = None) -> CycleSu
 def pair_pending(settings: Settings) -> None:
     from monitor.pairing import process_pending
 
-    with cycle_lock(settings.database_url):
+    with cycle_lock(settings.database_url, PAIR_LOCK):
         process_pending(settings)
 
 

@@ -99,7 +99,8 @@ def scene(session, cat: Catalogue, when: datetime, platform: str = "sentinel-2b"
 
 def observe(session, area_row: Area, scene_row: Scene, clear: float) -> None:
     session.add(Observation(
-        area_id=area_row.id, scene_id=scene_row.id, clear_fraction=clear,
+        area_id=area_row.id, acquisition_id=scene_row.acquisition_id, scene_id=scene_row.id, covered_fraction=1.0,
+        clear_fraction=clear,
         status=ObservationStatus.CLEAR if clear >= 0.7 else ObservationStatus.CLOUDY,
         computed_at=scene_row.acquired_at,
     ))

@@ -200,7 +200,8 @@ def insert_worker_world(session: Session, output: WorkerOutput, after: str = "20
     stats = run.analysis["stats"]
     for date, fraction in ((run.before_date, stats["before_clear_fraction"]), (after, stats["after_clear_fraction"])):
         session.add(Observation(area_id=area.id, scene_id=scene_ids[date], clear_fraction=fraction,
-                                status=ObservationStatus.CLEAR, computed_at=datetime.now(UTC)))
+                                acquisition_id=session.get(Scene, scene_ids[date]).acquisition_id,
+                                covered_fraction=1.0, status=ObservationStatus.CLEAR, computed_at=datetime.now(UTC)))
     analysis = Analysis(idempotency_key=uuid.uuid4().hex, area_id=area.id, after_scene_id=scene_ids[after],
                         before_scene_id=scene_ids[run.before_date],
                         finished_at=finished_at or datetime.now(UTC) - timedelta(hours=2),

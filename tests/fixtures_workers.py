@@ -267,15 +267,22 @@ def insert_sample_scenes(catalogue: CatalogueSettings, cog_url: str, dates: list
 
 
 def insert_scene_copy(scene_id: int, *, suffix: str, assets: dict[str, Any]) -> int:
-    """A copy of a scene row under another granule key with some assets replaced (corrupt/hostile)."""
+    """A copy of a scene row, as the only granule of an acquisition of its own (so it is not mosaicked with
+    the original), with some assets replaced (corrupt/hostile)."""
     with session_scope(get_settings()) as session:
         row = session.execute(
             text("""
+                WITH acq AS (
+                    INSERT INTO acquisitions (key, platform, sensed_at, relative_orbit)
+                    SELECT a.key || :suffix, a.platform, a.sensed_at, a.relative_orbit
+                      FROM acquisitions a JOIN scenes s ON s.acquisition_id = a.id WHERE s.id = :id
+                    RETURNING id)
                 INSERT INTO scenes (catalogue_id, collection, acquisition_id, acquisition_key, granule_key, item_id,
                                     version_rank, platform, tile,
                                     relative_orbit, acquired_at, cloud_cover, processing_baseline, footprint, assets,
                                     item, versions_seen)
-                SELECT catalogue_id, collection, acquisition_id, acquisition_key || :suffix, granule_key || :suffix,
+                SELECT catalogue_id, collection, (SELECT id FROM acq), acquisition_key || :suffix,
+                       granule_key || :suffix,
                        item_id || :suffix, version_rank,
                        platform, tile, relative_orbit, acquired_at, cloud_cover, processing_baseline, footprint,
                        assets || CAST(:assets AS jsonb), item, 1
@@ -301,9 +308,12 @@ def insert_area(geom: BaseGeometry, name: str | None = None, questions: list[str
 
 
 def insert_observation(area_id: int, scene_id: int, clear: float = 1.0) -> None:
+    from core.models import Scene
+
     with session_scope(get_settings()) as session:
-        session.add(Observation(area_id=area_id, scene_id=scene_id, clear_fraction=clear,
-                                status=ObservationStatus.CLEAR))
+        acquisition_id = session.get(Scene, scene_id).acquisition_id
+        session.add(Observation(area_id=area_id, acquisition_id=acquisition_id, scene_id=scene_id,
+                                covered_fraction=1.0, clear_fraction=clear, status=ObservationStatus.CLEAR))
 
 
 def insert_analysis(area_id: int, after_id: int, before_id: int | None, analyser: str = "spectral@1",

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import rasterio
 from affine import Affine
+from rasterio.features import geometry_mask
 from rasterio.warp import transform_geom
 from shapely.geometry import box, mapping, shape
 from shapely.geometry.base import BaseGeometry
@@ -46,8 +47,10 @@ class Granule:
 
 def write_granule(root: Path, name: str, epsg: int, bounds: tuple[float, float, float, float], *,
                   red: int, nir: int, green: int | None = None, blue: int | None = None, scl: int = 4,
-                  pixel: float = 10.0, scl_array: np.ndarray | None = None) -> Granule:
-    """Constant-valued uint16 bands (uint8 SCL at 20 m) over ``bounds``; nodata 0, tiled GeoTIFFs."""
+                  pixel: float = 10.0, scl_array: np.ndarray | None = None,
+                  cut: tuple[BaseGeometry, dict[str, int]] | None = None) -> Granule:
+    """Constant-valued uint16 bands (uint8 SCL at 20 m) over ``bounds``; nodata 0, tiled GeoTIFFs.
+    ``cut``: (EPSG:4326 polygon, band -> value): other values where pixel centres fall inside (a clear-cut)."""
     values = {"red": red, "nir": nir, "green": green if green is not None else red + 200,
               "blue": blue if blue is not None else max(red - 100, 1)}
     left, bottom, right, top = bounds
@@ -63,6 +66,11 @@ def write_granule(root: Path, name: str, epsg: int, bounds: tuple[float, float, 
         else:
             data = np.full((height, width), values[band], dtype=np.uint16)
             dtype = "uint16"
+            if cut is not None and band in cut[1]:
+                inside = geometry_mask([transform_geom("EPSG:4326", f"EPSG:{epsg}", mapping(cut[0]))],
+                                       out_shape=(height, width), transform=Affine(size, 0, left, 0, -size, top),
+                                       invert=True)
+                data[inside] = cut[1][band]
         path = folder / f"{band}.tif"
         with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=1, dtype=dtype,
                            crs=f"EPSG:{epsg}", transform=Affine(size, 0, left, 0, -size, top), nodata=0,

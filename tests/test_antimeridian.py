@@ -165,7 +165,7 @@ def test_polling_an_antimeridian_area_finds_the_items_of_both_sides_only(stac_co
     with session_scope(get_settings()) as session:
         stored = set(session.execute(select(Scene.item_id)).scalars())
     assert stored == {published["east"]["id"], published["west"]["id"]}
-    assert result.observations_created == 2
+    assert result.observations_created == 1  # both tiles are granules of one acquisition: one observation
 
 
 # --- GeoJSON output ----------------------------------------------------------------------------------

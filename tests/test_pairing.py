@@ -8,18 +8,18 @@ shadow), 34 % on 2019-08-30 and 81 % on 2020-07-30 (41 % scene cloud cover, else
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 from shapely.affinity import translate
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from core.config import AnalysisSettings, ModelSettings, Settings, get_settings
 from core.db import session_scope
 from core.jobs import requested_analyser
-from core.models import Analysis, Observation, Scene
+from core.models import Acquisition, Analysis, Observation
 from eo.masks import clear_fraction
 from monitor.catalogues import poll_all
 from monitor.pairing import (
@@ -36,8 +36,9 @@ NOW = datetime(2020, 12, 31, tzinfo=UTC)
 def observations(area_id: int) -> dict[str, tuple[str, float | None, str | None]]:
     with session_scope(get_settings()) as session:
         rows = session.execute(
-            select(Scene.acquired_at, Observation.status, Observation.clear_fraction, Observation.reason)
-            .join(Scene, Scene.id == Observation.scene_id)
+            select(Acquisition.sensed_at.label("acquired_at"), Observation.status, Observation.clear_fraction,
+                   Observation.reason)
+            .join(Acquisition, Acquisition.id == Observation.acquisition_id)
             .where(Observation.area_id == area_id)
         ).all()
     return {r.acquired_at.date().isoformat(): (r.status.value, r.clear_fraction, r.reason) for r in rows}
@@ -191,9 +192,9 @@ def test_unreadable_cloud_mask_is_a_failed_observation(stac_collection, make_set
     assert reason.startswith("cloud mask unreadable: cannot read http://127.0.0.1:") and "missing-scl.tif" in reason
 
 
-def test_failed_after_scene_read_later_as_a_before_candidate_still_gets_its_own_analysis(
+def test_failed_observation_is_retried_and_still_gets_its_own_analysis(
         stac_collection, make_settings, add_area, items_by_date, sample_footprint, monkeypatch):
-    import monitor.pairing as pairing
+    import monitor.observations as observations_module
     from eo.cog import CogReadError
 
     for date in ("2020-07-30", "2020-08-04", "2020-08-29"):
@@ -202,19 +203,25 @@ def test_failed_after_scene_read_later_as_a_before_candidate_still_gets_its_own_
     area = add_area("forest", inner_aoi(sample_footprint), collections=[stac_collection.id])
     poll_all(cfg, now=datetime(2020, 8, 30, tzinfo=UTC))
 
-    real = pairing.aoi_clear_fraction
+    real = observations_module.observe_acquisition
     failures = {"2020-08-04": 1}  # one transient network error on the 08-04 cloud mask
 
-    def flaky(assets, geom, area_km2, catalogue):
+    def flaky(granules, areas, **kw):
         for date, left in failures.items():
-            if left and date.replace("-", "") in assets["scl"]["href"].replace("-", ""):
+            href = granules[0].assets["scl"]["href"]
+            if left and date.replace("-", "") in href.replace("-", ""):
                 failures[date] -= 1
-                raise CogReadError(assets["scl"]["href"], "HTTP 503")
-        return real(assets, geom, area_km2, catalogue)
+                raise CogReadError(href, "HTTP 503")
+        return real(granules, areas, **kw)
 
-    monkeypatch.setattr(pairing, "aoi_clear_fraction", flaky)
-    process_pending(cfg)  # 08-04 fails as an "after" scene; 08-29 re-reads it fine as its before-candidate
-    assert pairs(area)["2020-08-29"][0] == "2020-08-04"
+    monkeypatch.setattr(observations_module, "observe_acquisition", flaky)
     process_pending(cfg)
-    # 08-04 was a new acquisition too: its own analysis (against 07-30) must not be lost.
-    assert pairs(area).get("2020-08-04", ("none",))[0] == "2020-07-30"
+    assert observations(area)["2020-08-04"][0] == "failed"
+    # 08-04 is not known to be clear at this point: 08-29 pairs with the latest acquisition that is.
+    assert pairs(area)["2020-08-29"][0] == "2020-07-30"
+    with session_scope(get_settings()) as session:  # the retry is due an hour later
+        session.execute(update(Observation).values(computed_at=Observation.computed_at - timedelta(hours=2)))
+    process_pending(cfg)
+    # 08-04 was a new acquisition too: its own analysis (against 07-30) is not lost.
+    assert observations(area)["2020-08-04"][0] == "clear"
+    assert pairs(area)["2020-08-04"][0] == "2020-07-30"

@@ -52,7 +52,8 @@ def seed(url: str, name: str, recipient: str) -> tuple[int, int]:
         pending = f.analysis(s, done.area, done.after_scene, done.before_scene, status="pending",
                              analyser="spectral@1")
         late = f.scene(s, s.get(Catalogue, done.after_scene.catalogue_id), datetime(2020, 9, 3, 9, 40, tzinfo=UTC))
-        s.add(Observation(area_id=done.area_id, scene_id=late.id, status=ObservationStatus.PENDING))
+        s.add(Observation(area_id=done.area_id, acquisition_id=late.acquisition_id, scene_id=late.id,
+                          status=ObservationStatus.PENDING))
         return pending.id, late.id
 
 

@@ -23,7 +23,7 @@ from geoalchemy2.shape import to_shape
 from sqlalchemy import select, text
 
 from core.db import session_scope
-from core.models import Analysis, Area, Finding, Observation
+from core.models import Analysis, Area, Finding, Observation, Scene
 from monitor import pairing
 from tests.fixtures_web import PASSWORD, make_account
 from tests.fixtures_workers import insert_area, insert_sample_scenes, run_until_terminal
@@ -54,7 +54,9 @@ def sample_world(web_db, worker_settings, cog_server, send_task, start_worker):
     with session_scope(worker_settings) as session:
         area = session.get(Area, area_id)
         area.owner_id, area.min_clear_fraction, area.max_cloud_cover = alice.id, 0.7, 100.0
-        session.add_all([Observation(area_id=area_id, scene_id=scenes.ids[d]) for d in DATES])
+        session.add_all([Observation(area_id=area_id, scene_id=scenes.ids[d],
+                                     acquisition_id=select(Scene.acquisition_id).where(Scene.id == scenes.ids[d])
+                                     .scalar_subquery()) for d in DATES])
     pairing.process_pending(worker_settings)
     with session_scope(worker_settings) as session:
         analyses = session.scalars(select(Analysis.id).where(Analysis.area_id == area_id)).all()

@@ -157,8 +157,9 @@ def questions(who: Principal = Depends(principal)) -> list[dict[str, Any]]:
 @router.get("/areas/{area_id}/observations")
 def observations(area_id: int, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
                  who: Principal = Depends(principal), session: Session = DB) -> list[dict[str, Any]]:
-    """Every acquisition seen over the area, newest first: clear / cloudy / pending / failed, the AOI clear
-    fraction and the reason, and the analyses it is the after scene of (with the pairing reason)."""
+    """Every acquisition seen over the area, newest first: clear / cloudy / partial / pending / failed, the
+    covered fraction (imaged / area pixels), the clear fraction (clear / imaged pixels) and the reason, and
+    the analyses it is the after scene of (with the pairing reason)."""
     area = owned_area(session, who, area_id)
     rows = session.execute(
         select(Observation, Scene).join(Scene, Scene.id == Observation.scene_id)
@@ -174,6 +175,7 @@ def observations(area_id: int, limit: int = Query(100, ge=1, le=1000), offset: i
     return [{
         "scene_id": scene.id, "item_id": scene.item_id, "acquired_at": scene.acquired_at.isoformat(),
         "platform": scene.platform, "tile": scene.tile, "scene_cloud_cover": scene.cloud_cover,
-        "status": obs.status.value, "clear_fraction": obs.clear_fraction, "reason": obs.reason,
+        "status": obs.status.value, "covered_fraction": obs.covered_fraction,
+        "clear_fraction": obs.clear_fraction, "reason": obs.reason,
         "analyses": analyses.get(scene.id, []),
     } for obs, scene in rows]

@@ -2,7 +2,9 @@
 
 ``run_analysis(id, worker)``: claim the row (:mod:`workers.leases`), heartbeat while working, then
 
-1. load the area, the two scenes and their catalogue (short read-only transaction);
+1. load the area and both acquisitions as mosaics of their granules touching the area, with their
+   catalogues (short read-only transaction): an area across two tiles, even of two UTM zones, is read
+   onto its one grid from both;
 2. raster prep and spectral analysis, block by block (:mod:`workers.tiling`, :mod:`workers.raster`,
    :mod:`workers.spectral`) — a pair that cannot be compared ends ``skipped`` with the reason;
 3. UniRS (:mod:`workers.unirs`) on the chips that pass the spectral screen, when the analyser asks for it
@@ -30,7 +32,7 @@ from typing import Any
 import numpy as np
 from geoalchemy2.shape import to_shape
 from shapely.geometry.base import BaseGeometry
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from core.config import Settings
 from core.db import session_scope
@@ -82,6 +84,19 @@ def _scene_ref(session: Any, scene: Scene, settings: Settings) -> SceneRef:
                     catalogue=catalogue)
 
 
+def acquisition_ref(session: Any, scene: Scene, area_geom: Any, settings: Settings) -> SceneRef:
+    """The acquisition of ``scene`` over the area as a mosaic: ``scene`` first (the granule pairing saw image
+    the area first), then the acquisition's other granules touching the area in pairing's order (id)."""
+    others = session.execute(
+        select(Scene).where(Scene.acquisition_id == scene.acquisition_id, Scene.id != scene.id,
+                            func.ST_Intersects(Scene.footprint, area_geom))
+        .order_by(Scene.id)
+    ).scalars().all()
+    ref = _scene_ref(session, scene, settings)
+    ref.others = tuple(_scene_ref(session, other, settings) for other in others)
+    return ref
+
+
 def load_context(analysis_id: int, settings: Settings) -> AnalysisContext:
     with session_scope(settings) as session:
         analysis = session.get(Analysis, analysis_id)
@@ -89,11 +104,13 @@ def load_context(analysis_id: int, settings: Settings) -> AnalysisContext:
             raise PermanentFailure(f"analysis {analysis_id} disappeared")
         area = analysis.area
         question_ids = ids_from_question_set(analysis.question_set) or list(area.questions or [])
+        before = analysis.before_scene
         return AnalysisContext(
             analysis_id=analysis.id, area_id=area.id, area_name=area.name, area_geom=to_shape(area.geom),
             analyser=AnalyserSpec.parse(analysis.analyser), question_ids=question_ids,
-            before=_scene_ref(session, analysis.before_scene, settings) if analysis.before_scene else None,
-            after=_scene_ref(session, analysis.after_scene, settings), pair_reason=analysis.pair_reason,
+            before=acquisition_ref(session, before, area.geom, settings) if before else None,
+            after=acquisition_ref(session, analysis.after_scene, area.geom, settings),
+            pair_reason=analysis.pair_reason,
         )
 
 

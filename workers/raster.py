@@ -45,7 +45,7 @@ from shapely.geometry.base import BaseGeometry
 from core.config import AnalysisSettings, CatalogueSettings
 from eo import radiometry
 from eo.cog import read_aoi, utm_crs_for
-from eo.masks import MASK_BANDS, clear_mask, haze_mask
+from eo.masks import MASK_BANDS, QA_FILL, clear_mask, haze_mask
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,9 @@ class SkipAnalysis(Exception):
 
 @dataclass
 class SceneRef:
-    """What raster prep needs to know about a scene (copied out of the DB row)."""
+    """What raster prep needs to know about an acquisition over the area (copied out of the DB rows): its
+    first granule, and in ``others`` the further granules touching the area (mosaic order). A band is read
+    from the first granule and its no-data filled from the others, in order (:func:`read_band`)."""
 
     scene_id: int
     item_id: str
@@ -77,6 +79,7 @@ class SceneRef:
     processing_baseline: str | None
     assets: dict[str, dict[str, Any]]
     catalogue: CatalogueSettings
+    others: tuple[SceneRef, ...] = ()
 
 
 @dataclass
@@ -238,8 +241,34 @@ def harmonisation_rule(scene: SceneRef, band: str) -> tuple[float, float, str]:
 
 
 def read_band(scene: SceneRef, band: str, grid: Grid, *, use_overviews: bool = False) -> np.ma.MaskedArray:
-    """DNs of ``band`` on ``grid`` (nearest), no-data masked. ``use_overviews``: from the coarsest internal
-    overview still at least as fine as the grid (coarse grids: thumbnails, cloud screens)."""
+    """DNs of ``band`` on ``grid`` (nearest), no-data masked: the acquisition's mosaic — the first granule,
+    its no-data filled from the other granules that have the band, in order. A granule whose reflectance
+    rule differs (another catalogue's copy, another offset convention) is brought to the first granule's DN
+    convention through reflectance, so one rule reads the whole array. ``use_overviews``: from the coarsest
+    internal overview still at least as fine as the grid (coarse grids: thumbnails, cloud screens)."""
+    out = _read_granule(scene, band, grid, use_overviews)
+    rule = rule_of(scene, band) if band not in MASK_BANDS else None
+    for other in scene.others:
+        if not np.ma.getmaskarray(out).any():
+            break
+        if band not in other.assets:
+            continue
+        part = _read_granule(other, band, grid, use_overviews)
+        fill = np.ma.getmaskarray(out) & ~np.ma.getmaskarray(part)
+        if not fill.any():
+            continue
+        values = part.data
+        other_rule = rule_of(other, band) if rule is not None else None
+        data = out.data.copy()
+        if other_rule is not None and (other_rule.scale, other_rule.offset) != (rule.scale, rule.offset):
+            values = (values.astype(np.float64) * other_rule.scale + other_rule.offset - rule.offset) / rule.scale
+            data = data.astype(np.float32)
+        data[fill] = values[fill]
+        out = np.ma.MaskedArray(data, mask=np.ma.getmaskarray(out) & ~fill)
+    return out
+
+
+def _read_granule(scene: SceneRef, band: str, grid: Grid, use_overviews: bool) -> np.ma.MaskedArray:
     entry = scene.assets[band]
     raster = read_aoi(entry["href"], None, catalogue=scene.catalogue, dst_crs=grid.crs, resolution=grid.pixel_size,
                       bounds=grid.bounds, resampling=Resampling.nearest, indexes=1, aoi_mask=False,
@@ -248,9 +277,12 @@ def read_band(scene: SceneRef, band: str, grid: Grid, *, use_overviews: bool = F
     if array.shape != (grid.height, grid.width):  # read_aoi honours bounds; a mismatch is a bug, say so
         raise RuntimeError(f"{band} of {scene.item_id}: read {array.shape}, grid is {(grid.height, grid.width)}")
     nodata = entry.get("nodata", raster.nodata)
-    if nodata is None:
-        return np.ma.asarray(array)
-    return np.ma.masked_equal(array, nodata)
+    mask = np.zeros(array.shape, dtype=bool) if nodata is None else array == nodata
+    if band == "scl":
+        mask |= array == 0  # SCL class 0 is "no data" whatever the file says
+    elif band == "qa_pixel":
+        mask |= (array.astype(np.uint32) & QA_FILL) != 0
+    return np.ma.MaskedArray(array, mask=mask)
 
 
 def rule_of(scene: SceneRef, band: str) -> radiometry.ReflectanceRule:

@@ -23,7 +23,7 @@ from monitor.catalogues.client import make_search, open_client
 from monitor.catalogues.groups import SearchGroup, search_geometry
 from monitor.catalogues.poller import search_and_ingest
 from monitor.catalogues.store import IngestStats, upsert_catalogue
-from monitor.locks import cycle_lock
+from monitor.locks import PAIR_LOCK, cycle_lock
 from monitor.pairing import PairingStats, process_pending
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def backfill_area(area_ref: str, since: datetime, until: datetime | None = None,
 
     bar = progress("pairing", None) if progress else None
     try:
-        with cycle_lock(settings.database_url):
+        with cycle_lock(settings.database_url, PAIR_LOCK):
             summary.pairing = process_pending(settings, area_ids=[area_id], progress=bar)
     finally:
         if bar is not None:

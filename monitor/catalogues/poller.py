@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from geoalchemy2.shape import to_shape
-from sqlalchemy import any_, func, literal, select
+from sqlalchemy import any_, func, literal, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -232,34 +232,45 @@ def _active_areas(session: Session, collection: str, area_ids: list[int] | None 
 
 
 def create_observations(session: Session, area_ids: list[int], scene_ids: list[int]) -> int:
-    """Pending observations for every (active area, scene) whose geometries intersect (PostGIS decides).
+    """Pending observations for every (active area, acquisition) with a granule among ``scene_ids`` whose
+    footprint intersects the area (PostGIS decides); one row per acquisition however many tiles touch it.
 
     A scene returned by a search made for a group is offered to that group's areas only (the group was
     formed from the areas that want the searched collection); the footprint test here is exact, the
     search geometry was only a superset. The scene's own collection is not compared: the stored best
-    version of a granule may come from another collection (Earth Search C1 for a v1 search).
+    version of a granule may come from another collection (Earth Search C1 for a v1 search). A ``partial``
+    observation is computed again when a granule of its acquisition arrives after it was computed.
     """
     if not area_ids or not scene_ids:
         return 0
     from core.models import Observation, ObservationStatus
 
     pending = literal(ObservationStatus.PENDING, type_=Observation.__table__.c.status.type)
+    touching = (
+        Area.id.in_(area_ids), Scene.id.in_(scene_ids), Area.status == AreaStatus.ACTIVE,
+    )
     pairs = (
-        select(Area.id, Scene.id, pending)
+        select(Area.id, Scene.acquisition_id, func.min(Scene.id), pending)
         .join(Scene, func.ST_Intersects(Area.geom, Scene.footprint))
-        .where(
-            Area.id.in_(area_ids),
-            Scene.id.in_(scene_ids),
-            Area.status == AreaStatus.ACTIVE,
-        )
+        .where(*touching)
+        .group_by(Area.id, Scene.acquisition_id)
     )
     stmt = (
         insert(Observation)
-        .from_select(["area_id", "scene_id", "status"], pairs)
-        .on_conflict_do_nothing(index_elements=["area_id", "scene_id"])
+        .from_select(["area_id", "acquisition_id", "scene_id", "status"], pairs)
+        .on_conflict_do_nothing(index_elements=["area_id", "acquisition_id"])
         .returning(Observation.area_id)
     )
-    return len(session.execute(stmt).all())
+    created = len(session.execute(stmt).all())
+    late = (
+        select(Area.id).join(Scene, func.ST_Intersects(Area.geom, Scene.footprint))
+        .where(*touching, Scene.acquisition_id == Observation.acquisition_id, Area.id == Observation.area_id,
+               Scene.first_seen_at > Observation.computed_at)
+        .exists()
+    )
+    session.execute(update(Observation).where(Observation.status == ObservationStatus.PARTIAL, late)
+                    .values(status=ObservationStatus.PENDING, computed_at=None))
+    return created
 
 
 def _scene_ids_for(session: Session, catalogue_id: int, stats: IngestStats) -> list[int]:

@@ -72,7 +72,7 @@ def test_every_accepted_property_key_is_stored_and_exported(db):
         "name": "every key", "collections": ["sentinel-2-l2a"], "max_cloud_cover": 55.0, "min_clear_fraction": 0.6,
         "recipients": ["a@example.org"], "questions": ["vegetation_loss"], "alert_frequency": "daily",
         "min_alert_hectares": 1.5, "pairing_policy": "seasonal", "alert_classes": ["vegetation_loss"],
-        "alert_on": "confirmed", "attributes": {"fid": 3},
+        "alert_on": "confirmed", "min_covered_fraction": 0.8, "attributes": {"fid": 3},
     }
     assert sorted(given) == sorted(AreaOptions.accepted_keys())
     run("areas", "add", collection(feature(NORTH, **given)))

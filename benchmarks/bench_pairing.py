@@ -33,10 +33,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark's area generator
 
 import numpy as np
 import rasterio
 from affine import Affine
+from bench_polling import EUROPE, generate_areas  # one area generator for both benchmarks
 from geoalchemy2.shape import from_shape
 from rasterio.warp import transform_geom
 from rasterio.windows import Window
@@ -51,7 +53,6 @@ from eo.observe import GranuleMask, ReadStats, observe_acquisition
 
 ADMIN_URL = os.environ.get("UNIRS_BENCH_ADMIN_URL", "postgresql://unirs:unirs@127.0.0.1:5432/postgres")
 SCENE_EPSG, SCENE_LEFT, SCENE_TOP, SCENE_PX = 32634, 600_000.0, 5_100_000.0, 5490
-EUROPE = (-10.0, 36.0, 30.0, 60.0)
 NOW = datetime(2024, 8, 30, 12, tzinfo=UTC)
 LAT_BANDS = "CDEFGHJKLMNPQRSTUVWX"
 
@@ -71,16 +72,6 @@ def write_scene(path: Path, rng: np.random.Generator) -> None:
         dst.write(data, 1)
 
 
-def random_squares(n: int, bounds: tuple[float, float, float, float], rng: random.Random) -> list[MultiPolygon]:
-    minx, miny, maxx, maxy = bounds
-    out = []
-    for _ in range(n):
-        size = rng.uniform(0.004, 0.025)  # ~0.3–2 km
-        x, y = rng.uniform(minx, maxx - size), rng.uniform(miny, maxy - size)
-        out.append(MultiPolygon([box(x, y, x + size, y + size)]))
-    return out
-
-
 def one_scene(cogs: localstac.CogServer, root: Path, n: int, sample: int, rng: random.Random) -> tuple[float, float]:
     """Part 1; returns (shared seconds, per-area seconds extrapolated to all areas)."""
     catalogue = CatalogueSettings(name="bench", url=cogs.url, allowed_schemes=["http"], allowed_hosts=["127.0.0.1"],
@@ -90,7 +81,7 @@ def one_scene(cogs: localstac.CogServer, root: Path, n: int, sample: int, rng: r
     inner = footprint.buffer(-0.03)
     areas: dict[int, MultiPolygon] = {}
     while len(areas) < n:
-        geom = random_squares(1, inner.bounds, rng)[0]
+        geom = generate_areas(1, inner.bounds, rng)[0]
         if inner.contains(geom):
             areas[len(areas)] = geom
 
@@ -163,7 +154,7 @@ def europe(cogs_root: Path, n: int, rng: random.Random, nprng: np.random.Generat
         migrate.upgrade(sa_url)
         os.environ["UNIRS_DATABASE_URL"] = sa_url
         get_settings.cache_clear()
-        geoms = random_squares(n, EUROPE, rng)
+        geoms = generate_areas(n, EUROPE, rng)
         by_tile: dict[tuple[int, int], list] = {}
         for g in geoms:
             c = g.centroid

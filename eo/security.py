@@ -24,7 +24,7 @@ import ipaddress
 import logging
 import re
 import socket
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -55,15 +55,9 @@ def check_href(href: str, catalogue: CatalogueSettings, *, resolve: bool = True,
     """
     if not isinstance(href, str) or not href:
         raise HrefRefused(f"href must be a non-empty string, got {href!r}")
-    if any(ch in _FORBIDDEN_CHARS for ch in href):
-        raise HrefRefused(f"href {href!r} contains whitespace, control characters or backslashes")
-    if href.lower().startswith("/vsi"):
+    parts, port = _split(href, "href")
+    if href.lower().startswith("/vsi"):  # a path, so urlsplit found no netloc to object to
         raise HrefRefused(f"href {href!r} is a GDAL virtual file system path")
-    try:
-        parts = urlsplit(href)
-        port = parts.port
-    except ValueError as exc:
-        raise HrefRefused(f"href {href!r} is not a valid URL: {exc}") from None
     scheme = parts.scheme.lower()
     if not scheme:
         raise HrefRefused(f"href {href!r} is a bare path, not a URL")
@@ -111,13 +105,7 @@ def webhook_target(url: str, webhooks: WebhookSettings, *, resolve: bool = True)
     """
     if not isinstance(url, str) or not url or len(url) > 2048:
         raise HrefRefused("webhook URL must be a non-empty string of at most 2048 characters")
-    if any(ch in _FORBIDDEN_CHARS for ch in url):
-        raise HrefRefused(f"webhook URL {url!r} contains whitespace, control characters or backslashes")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise HrefRefused(f"webhook URL {url!r} is not a valid URL: {exc}") from None
+    parts, port = _split(url, "webhook URL")
     scheme = parts.scheme.lower()
     allowed = sorted({s.lower() for s in webhooks.allowed_schemes})
     if scheme not in allowed:
@@ -136,6 +124,17 @@ def webhook_target(url: str, webhooks: WebhookSettings, *, resolve: bool = True)
         raise HrefRefused(str(exc).replace("href", "webhook URL", 1).replace(
             "set allow_private_hosts on the catalogue only for local test/demo setups",
             "add the host to webhooks.allowed_private_hosts to allow it")) from None
+
+
+def _split(url: str, label: str) -> tuple[SplitResult, int | None]:
+    """The checks every third-party URL gets first: no whitespace/control/backslash, a parseable port."""
+    if any(ch in _FORBIDDEN_CHARS for ch in url):
+        raise HrefRefused(f"{label} {url!r} contains whitespace, control characters or backslashes")
+    try:
+        parts = urlsplit(url)
+        return parts, parts.port
+    except ValueError as exc:
+        raise HrefRefused(f"{label} {url!r} is not a valid URL: {exc}") from None
 
 
 def host_allowed(host: str, allowed_hosts: list[str]) -> bool:

@@ -64,6 +64,30 @@ def list_cmd(area: str | None, as_json: bool) -> None:
         click.echo(f"{r['id']}\tarea {r['area_id']}\t{'enabled' if r['enabled'] else 'disabled'}\t{r['url']}")
 
 
+def _set_enabled(webhook_id: int, enabled: bool) -> None:
+    with session_scope(_settings()) as session:
+        endpoint = session.get(WebhookEndpoint, webhook_id)
+        if endpoint is None:
+            raise click.ClickException(f"no webhook {webhook_id}; see `unirs-monitor webhooks list`")
+        changed = svc.set_enabled(session, endpoint, enabled)
+    state = "enabled" if enabled else "disabled"
+    click.echo(f"webhook {webhook_id} {state}" if changed else f"webhook {webhook_id} was already {state}")
+
+
+@webhooks.command("enable")
+@click.argument("webhook_id", type=int)
+def enable_cmd(webhook_id: int) -> None:
+    """Send events to endpoint WEBHOOK_ID again (alerts of the time it was disabled stay unsent)."""
+    _set_enabled(webhook_id, True)
+
+
+@webhooks.command("disable")
+@click.argument("webhook_id", type=int)
+def disable_cmd(webhook_id: int) -> None:
+    """Stop sending to endpoint WEBHOOK_ID: its events are marked skipped ("webhook disabled"), not sent."""
+    _set_enabled(webhook_id, False)
+
+
 @webhooks.command("remove")
 @click.argument("webhook_id", type=int)
 def remove_cmd(webhook_id: int) -> None:

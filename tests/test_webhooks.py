@@ -158,6 +158,15 @@ def test_endpoints_through_the_api_with_the_url_policy(web_db, alice, bob, recei
         assert [(w["id"], w["url"]) for w in listed] == [(made.json()["id"], receiver.url)]
         assert "secret" not in listed[0]
         assert client.get(f"/api/areas/{area_id}/webhooks", headers=bob.auth()).status_code == 404
+        hook = f"/api/areas/{area_id}/webhooks/{made.json()['id']}"
+        assert client.patch(hook, json={"enabled": False}, headers=bob.auth()).status_code == 404
+        assert client.patch(hook, json={"enabled": False}, headers=alice.auth(read_only=True)).status_code == 403
+        assert client.patch(hook, json={"enabled": "nope"}, headers=alice.auth()).status_code == 422
+        off = client.patch(hook, json={"enabled": False}, headers=alice.auth())
+        assert off.status_code == 200 and off.json()["enabled"] is False and "secret" not in off.json()
+        assert [w["enabled"] for w in client.get(f"/api/areas/{area_id}/webhooks", headers=alice.auth()).json()] \
+            == [False]
+        assert client.patch(hook, json={"enabled": True}, headers=alice.auth()).json()["enabled"] is True
         assert client.delete(f"/api/areas/{area_id}/webhooks/{made.json()['id']}", headers=bob.auth()).status_code \
             == 404
         assert client.delete(f"/api/areas/{area_id}/webhooks/{made.json()['id']}", headers=alice.auth()).status_code \
@@ -177,6 +186,13 @@ def test_endpoints_through_the_cli(db, receiver, monkeypatch):
     listed = runner.invoke(cli, ["webhooks", "list", "--json"], catch_exceptions=False)
     (row,) = json.loads(listed.output)
     assert (row["area_id"], row["url"], row["enabled"]) == (area_id, receiver.url, True) and "secret" not in row
+    off = runner.invoke(cli, ["webhooks", "disable", str(row["id"])], catch_exceptions=False)
+    assert off.exit_code == 0 and off.output == f"webhook {row['id']} disabled\n"
+    assert runner.invoke(cli, ["webhooks", "disable", str(row["id"])]).output.endswith("was already disabled\n")
+    assert f"{row['id']}\tarea {area_id}\tdisabled\t" in runner.invoke(cli, ["webhooks", "list"]).output
+    assert runner.invoke(cli, ["webhooks", "enable", str(row["id"])]).output == f"webhook {row['id']} enabled\n"
+    missing = runner.invoke(cli, ["webhooks", "enable", "999999"])
+    assert missing.exit_code == 1 and "no webhook 999999" in missing.output
     assert runner.invoke(cli, ["webhooks", "remove", str(row["id"])]).exit_code == 0
     assert "no webhook endpoints" in runner.invoke(cli, ["webhooks", "list"]).output
     get_settings.cache_clear()
@@ -216,6 +232,46 @@ def test_one_signed_event_per_alert_with_retries(db, receiver):
     forged = receiver.requests[0]["headers"] | {"webhook-signature": "v1,AAAA"}
     with pytest.raises(WebhookVerificationError):
         Webhook(receiver.secret).verify(receiver.requests[0]["body"], forged)
+
+
+def test_a_disabled_endpoint_gets_no_requests(db, receiver):
+    """Events of a disabled endpoint end skipped with the reason (like emails to unsubscribed recipients), also
+    one queued while it was enabled; enabling it again sends new alerts only, never the skipped ones."""
+    area_id, first = _alert_area(db)
+    settings = _settings(db, receiver)
+    from core.models import Area, Delivery, WebhookEndpoint
+    from monitor.reports.webhooks import create_webhook_deliveries, set_enabled
+
+    with session_scope(settings) as session:
+        area = session.get(Area, area_id)
+        endpoint = add_endpoint(session, area, receiver.url, settings.webhooks)
+        receiver.secret, endpoint_id = endpoint.secret, endpoint.id
+        assert create_webhook_deliveries(session, datetime.now(UTC), settings) == 1  # queued while enabled
+        assert set_enabled(session, endpoint, False) and not set_enabled(session, endpoint, False)
+        an = f.analysis(session, area, f.scene(session, f.catalogue(session), datetime(2021, 8, 3, 9, 40, tzinfo=UTC)),
+                        None)
+        f.findings(session, an)
+        second = an.id
+    counts = run_deliveries(settings)
+    assert (counts["webhooks_queued"], counts["webhooks_disabled"], counts["webhooks_sent"]) == (1, 2, 0)
+    assert receiver.requests == []
+
+    def ledger() -> dict[int, tuple]:
+        with session_scope(settings) as session:
+            return {d.analysis_id: (d.status.value, d.skip_reason, d.attempts)
+                    for d in session.query(Delivery).filter(Delivery.webhook_id == endpoint_id)}
+
+    assert ledger() == {first: ("skipped", "webhook disabled", 0), second: ("skipped", "webhook disabled", 0)}
+    with session_scope(settings) as session:
+        set_enabled(session, session.get(WebhookEndpoint, endpoint_id), True)
+        third = f.analysis(session, session.get(Area, area_id),
+                           f.scene(session, f.catalogue(session), datetime(2021, 9, 2, 9, 40, tzinfo=UTC)), None)
+        f.findings(session, third)
+        third = third.id
+    counts = run_deliveries(settings)
+    assert (counts["webhooks_queued"], counts["webhooks_sent"], counts["webhooks_disabled"]) == (1, 1, 0)
+    assert [e["data"]["analysis_id"] for e in receiver.events.values()] == [third]
+    assert ledger()[first] == ("skipped", "webhook disabled", 0) and ledger()[third][0] == "sent"
 
 
 @pytest.mark.parametrize(("reply", "error"), [

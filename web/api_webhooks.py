@@ -50,6 +50,23 @@ def add_webhook(area_id: int, body: NewWebhook, who: Principal = Depends(princip
     return svc.endpoint_view(endpoint, secret=True)
 
 
+class WebhookChange(BaseModel):
+    enabled: bool = Field(..., description="false: the endpoint's events are skipped (reason 'webhook disabled')")
+
+
+@router.patch("/areas/{area_id}/webhooks/{webhook_id}")
+def change_webhook(area_id: int, webhook_id: int, body: WebhookChange, who: Principal = Depends(principal),
+                   session: Session = DB) -> dict[str, Any]:
+    """Enable or disable an endpoint. A disabled one gets no requests; its events end ``skipped`` and are not
+    sent when it is enabled again."""
+    area = owned_area(session, who, area_id)
+    endpoint = session.get(WebhookEndpoint, webhook_id)
+    if endpoint is None or endpoint.area_id != area.id:
+        raise HTTPException(404, f"no webhook {webhook_id} on area {area_id}")
+    svc.set_enabled(session, endpoint, body.enabled)
+    return svc.endpoint_view(endpoint)
+
+
 @router.delete("/areas/{area_id}/webhooks/{webhook_id}", status_code=204, response_class=Response)
 def remove_webhook(area_id: int, webhook_id: int, who: Principal = Depends(principal),
                    session: Session = DB) -> Response:

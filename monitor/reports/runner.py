@@ -176,7 +176,7 @@ def run_deliveries(settings: Settings, *, now: datetime | None = None,
 def _result(counts: Counter[str]) -> dict[str, int]:
     result = {key: 0 for key in ("alerts_queued", "digests_created", "digest_deliveries_queued", "sent", "retry",
                                  "failed", "unsubscribed", "webhooks_queued", "webhooks_sent", "webhooks_retry",
-                                 "webhooks_failed")}
+                                 "webhooks_failed", "webhooks_disabled")}
     result.update(counts)
     if any(result.values()):
         log.info("deliveries run: %s", ", ".join(f"{k}={v}" for k, v in sorted(result.items()) if v))

@@ -17,6 +17,11 @@ Which analyses: the same rule as immediate emails (:mod:`monitor.reports.immedia
 above zero and at least ``min_alert_hectares``, finished within ``reports.immediate_lookback_days``), for
 active areas whatever their email frequency. Endpoints added later do not receive events about analyses
 already sent to the area's other endpoints.
+
+A disabled endpoint (``enabled`` false: ``unirs-monitor webhooks disable ID`` or ``PATCH``) gets no requests:
+its events are still created, and end ``skipped`` with ``skip_reason`` ``webhook disabled`` when they come
+due — the ledger's rule for emails to unsubscribed recipients — so enabling it again does not replay the
+alerts of the time it was off.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import exists, func, or_, select
+from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook
 
@@ -48,6 +53,7 @@ from monitor.reports.links import analysis_page_url
 from monitor.reports.transport import DeliveryError
 
 log = logging.getLogger(__name__)
+SKIP_DISABLED = "webhook disabled"
 EVENT_TYPE = "alert.created"
 USER_AGENT = "UniRS-Monitor-Webhooks/1"
 
@@ -79,6 +85,28 @@ def add_endpoint(session: Session, area: Area, url: str, webhooks: WebhookSettin
     return endpoint
 
 
+def set_enabled(session: Session, endpoint: WebhookEndpoint, enabled: bool) -> bool:
+    """Enable or disable ``endpoint``; True if that changed it. Events of a disabled endpoint are skipped."""
+    if endpoint.enabled == enabled:
+        return False
+    endpoint.enabled = enabled
+    session.flush()
+    log.info("webhook %s %s", endpoint.id, "enabled" if enabled else "disabled")
+    return True
+
+
+def skip_if_disabled(session: Session, delivery_id: int) -> bool:
+    """pending → skipped (reason ``webhook disabled``) if the event's endpoint is disabled."""
+    done = session.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery_id, Delivery.status == DeliveryStatus.PENDING,
+               Delivery.webhook_id.in_(select(WebhookEndpoint.id).where(WebhookEndpoint.enabled.is_(False))))
+        .values(status=DeliveryStatus.SKIPPED, skip_reason=SKIP_DISABLED, next_attempt_at=None)
+        .returning(Delivery.id)
+    ).one_or_none()
+    return done is not None
+
+
 def endpoint_view(endpoint: WebhookEndpoint, secret: bool = False) -> dict[str, Any]:
     """The JSON shape of an endpoint in the API and CLI (the secret only when just created)."""
     view = {"id": endpoint.id, "area_id": endpoint.area_id, "url": endpoint.url, "description": endpoint.description,
@@ -92,10 +120,11 @@ def endpoint_view(endpoint: WebhookEndpoint, secret: bool = False) -> dict[str, 
 
 
 def create_webhook_deliveries(session: Session, now: datetime, settings: Settings) -> int:
-    """Queue an event per (alerting analysis, enabled endpoint of its area). Returns rows created."""
+    """Queue an event per (alerting analysis, endpoint of its area); those of disabled endpoints are skipped
+    when due (:func:`skip_if_disabled`), not sent. Returns rows created."""
     alerting = alert_hectares_sql()
     since = now - timedelta(days=settings.reports.immediate_lookback_days)
-    has_endpoint = exists().where(WebhookEndpoint.area_id == Area.id, WebhookEndpoint.enabled.is_(True))
+    has_endpoint = exists().where(WebhookEndpoint.area_id == Area.id)
     analyses = session.execute(
         select(Analysis.id, Analysis.area_id)
         .join(Area, Area.id == Analysis.area_id)
@@ -114,8 +143,7 @@ def create_webhook_deliveries(session: Session, now: datetime, settings: Setting
     ).all()
     created = 0
     for analysis_id, area_id in analyses:
-        endpoints = session.scalars(select(WebhookEndpoint.id).where(
-            WebhookEndpoint.area_id == area_id, WebhookEndpoint.enabled.is_(True))).all()
+        endpoints = session.scalars(select(WebhookEndpoint.id).where(WebhookEndpoint.area_id == area_id)).all()
         created += ledger.insert_deliveries(session, [
             ledger.NewDelivery(f"analysis:{analysis_id}", f"webhook:{eid}", analysis_id=analysis_id, webhook_id=eid)
             for eid in endpoints
@@ -253,6 +281,9 @@ def send_due_webhooks(now: datetime, settings: Settings, limit: int = 200) -> Co
         ids = ledger.due_ids(session, now, limit, webhooks=True)
     for delivery_id in ids:
         with session_scope(settings) as session:
+            if skip_if_disabled(session, delivery_id):
+                counts["webhooks_disabled"] += 1
+                continue
             prepared = _prepare(session, delivery_id, settings)
         if prepared is None:
             continue

@@ -369,3 +369,43 @@ def test_webhook_url_policy_refuses_non_public_targets(url, reason):
         check_webhook_url(url, policy)
     assert check_webhook_url("https://127.0.0.1:8443/hook", policy) == "https://127.0.0.1:8443/hook"
     assert check_webhook_url("https://93.184.215.14/hook", policy, resolve=False) == "https://93.184.215.14/hook"
+
+
+def test_the_digest_words_a_failed_webhook_as_a_webhook_with_its_host_only(db, receiver):
+    """A webhook event that failed for good is in the area's digest as WEBHOOK FAILED to the endpoint's host:
+    never its URL (the path holds a token here) nor its secret; a failed email keeps the email wording."""
+    from core.models import Area, Delivery, DeliveryStatus, Digest
+    from monitor.reports.digest import load_digest_report
+    from monitor.reports.render import render_digest
+
+    token_url = receiver.url + "/T0KEN-b3arer"
+    settings = _settings(db, receiver)
+    with session_scope(settings) as session:
+        an = f.world(session, recipients=("ana@example.org",), frequency="daily")
+        endpoint = add_endpoint(session, session.get(Area, an.area_id), token_url, settings.webhooks)
+        area_id, secret = an.area_id, endpoint.secret
+    # Sent without the allow-list entry, the event is refused by the URL policy, whose message names the URL.
+    refused = _settings(db, receiver)
+    refused.webhooks.allowed_private_hosts = []
+    assert run_deliveries(refused)["webhooks_failed"] == 1
+    ((_, status, _, error),) = _rows(db)
+    assert status == "failed" and "T0KEN" in error  # the ledger keeps the whole error for the operator
+    with session_scope(settings) as session:
+        session.add(Delivery(delivery_key=f"analysis:{an.id}", recipient="bo@example.org", analysis_id=an.id,
+                             message_id="<delivery-x@unirs>", status=DeliveryStatus.FAILED, attempts=3,
+                             last_error="550 mailbox unavailable"))
+        now = datetime.now(UTC)
+        digest = Digest(area_id=area_id, period_start=now - timedelta(days=1), period_end=now)
+        session.add(digest)
+        session.flush()
+        email = render_digest(load_digest_report(session, digest.id, settings), "ana@example.org")
+    text, html = email.text, email.html
+    (line,) = [ln for ln in text.splitlines() if "WEBHOOK FAILED" in ln]
+    endpoint_ref = f"to webhook {endpoint.id} at 127.0.0.1: refused by the webhook URL policy"
+    assert endpoint_ref in line and "https://127.0.0.1/…" in line, line
+    assert "EMAIL FAILED: delivery" in text and "to bo@example.org: 550 mailbox unavailable" in text
+    assert "EMAIL FAILED" not in line and "to webhook:" not in text
+    for body in (text, html):
+        assert "T0KEN" not in body and secret not in body and receiver.url not in body and "/hooks/unirs" not in body
+    assert "Emails and webhook events not delivered" in html and f"webhook {endpoint.id} at 127.0.0.1" in html
+    assert "1 email not delivered; 1 webhook event not delivered" in html

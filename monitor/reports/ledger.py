@@ -37,15 +37,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from core.config import SmtpSettings, WebhookSettings
-from core.models import Delivery, DeliveryStatus
+from core.models import Delivery, DeliveryStatus, WebhookEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +283,8 @@ class Problem:
     attempts: int
     last_error: str | None
     created_at: datetime
+    channel: str = "email"  # or "webhook"
+    target: str = ""  # for a reader: the address, or "webhook N at HOST" (never the URL: it may hold a token)
 
 
 def is_unknown():
@@ -300,7 +304,38 @@ def problems(session: Session, *, unknown_only: bool = False, area_id: int | Non
             Delivery.analysis_id.in_(select(Analysis.id).where(Analysis.area_id == area_id)),
             Delivery.digest_id.in_(select(Digest.id).where(Digest.area_id == area_id)),
         ))
-    rows = session.execute(query.order_by(Delivery.created_at, Delivery.id).limit(limit)).scalars()
-    return [Problem(d.id, d.delivery_key, d.recipient,
-                    "unknown" if (d.last_error or "").startswith(UNKNOWN_PREFIX) else "failed",
-                    d.attempts, d.last_error, d.created_at) for d in rows]
+    rows = session.execute(query.add_columns(WebhookEndpoint.url)
+                           .outerjoin(WebhookEndpoint, WebhookEndpoint.id == Delivery.webhook_id)
+                           .order_by(Delivery.created_at, Delivery.id).limit(limit)).all()
+    out = []
+    for d, url in rows:
+        kind = "unknown" if (d.last_error or "").startswith(UNKNOWN_PREFIX) else "failed"
+        if d.webhook_id is None:
+            out.append(Problem(d.id, d.delivery_key, d.recipient, kind, d.attempts, d.last_error, d.created_at,
+                               "email", d.recipient))
+            continue
+        host = webhook_host(url)
+        out.append(Problem(d.id, d.delivery_key, d.recipient, kind, d.attempts, _hide_urls(d.last_error, url, host),
+                           d.created_at, "webhook", f"webhook {d.webhook_id} at {host}"))
+    return out
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def webhook_host(url: str | None) -> str:
+    """The host of a webhook URL, all a report shows of it (paths and queries often carry tokens)."""
+    try:
+        return (urlsplit(url or "").hostname or "unknown host").lower()
+    except ValueError:
+        return "unknown host"
+
+
+def _hide_urls(error: str | None, url: str | None, host: str) -> str | None:
+    """``error`` with the endpoint's URL, and any other URL in it, cut to scheme and host."""
+    if not error:
+        return error
+    if url:
+        error = error.replace(url, f"{urlsplit(url).scheme}://{host}/…")
+    return _URL.sub(lambda m: m[0] if m[0].endswith("/…") else f"{m[0].split('://', 1)[0]}://"
+                    f"{webhook_host(m[0])}/…", error)

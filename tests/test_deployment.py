@@ -60,11 +60,17 @@ def test_compose_file_matches_the_compose_spec_schema():
 def test_docker_compose_config_accepts_the_file(tmp_path):
     tool = compose_tool()
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNIRS_")}
+    # The From of the alerts has no default (an @localhost one is refused or junked by mail servers).
+    unset = subprocess.run([*tool, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, env=env,
+                           cwd=ROOT, timeout=120)
+    assert unset.returncode != 0 and "set UNIRS_SMTP__SENDER in .env to the From of the alerts" in unset.stderr
+    env["UNIRS_SMTP__SENDER"] = "Forest watch <alerts@forest.example>"
     result = subprocess.run([*tool, "-f", str(COMPOSE), "--profile", "gpu", "config"], capture_output=True,
                             text=True, env=env, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
     services = resolved["services"]
+    assert {services[n]["environment"]["UNIRS_SMTP__SENDER"] for n in LONG_RUNNING} == {env["UNIRS_SMTP__SENDER"]}
     assert set(services) >= {"db", "redis", "migrate", "scheduler", "worker-cpu", "worker-gpu"}
     gpu = services["worker-gpu"]
     assert gpu["build"]["args"]["TORCH_INDEX"].endswith("/cu128")  # the CUDA wheel, interpolated default

@@ -10,12 +10,19 @@ versioned without reading code). Each template has
   sentences to say for yes / no / not computable.
 
 An empty selection means every default template.
+
+The question set an analysis records (``Analysis.question_set``, part of its idempotency key) is
+``"<sorted ids>@<version>"``, the version being a digest of the templates' content
+(:func:`templates_version`): editing a question, threshold or answer sentence makes a new question set
+by itself, with no number to remember to bump; editing the file's ``description`` does not.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -58,19 +65,37 @@ def _parse(entry: dict[str, Any]) -> QuestionTemplate:
     )
 
 
-@functools.lru_cache(maxsize=1)
-def _load() -> tuple[QuestionTemplate, ...]:
-    raw = json.loads(resources.files("eo").joinpath("data", DATA_FILE).read_text(encoding="utf-8"))
+def parse_file(text: str) -> tuple[tuple[QuestionTemplate, ...], str]:
+    """The templates of a questions file's JSON ``text`` and their version (12 hex digits of the sha256 of
+    the canonical JSON of ``templates``). ValueError on an unknown rule or duplicate ids."""
+    raw = json.loads(text)
     templates = tuple(_parse(e) for e in raw["templates"])
     ids = [t.id for t in templates]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{DATA_FILE}: duplicate template ids in {ids}")
-    return templates
+    canonical = json.dumps(raw["templates"], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return templates, hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[tuple[QuestionTemplate, ...], str]:
+    return parse_file(resources.files("eo").joinpath("data", DATA_FILE).read_text(encoding="utf-8"))
+
+
+def templates_version() -> str:
+    """The content version of the default templates (see the module docstring)."""
+    return _load()[1]
+
+
+def question_set_id(questions: Iterable[str] | None, version: str | None = None) -> str:
+    """``Analysis.question_set`` of an area asking ``questions`` (ids; empty: every default):
+    ``"id1,id2@<version>"``, the version :func:`templates_version` unless given."""
+    return ",".join(sorted(set(questions or []))) + f"@{version or templates_version()}"
 
 
 def load_templates() -> list[QuestionTemplate]:
     """Every default template, in file order."""
-    return list(_load())
+    return list(_load()[0])
 
 
 def templates_for(ids: list[str] | tuple[str, ...] | None) -> list[QuestionTemplate]:
@@ -87,7 +112,7 @@ def templates_for(ids: list[str] | tuple[str, ...] | None) -> list[QuestionTempl
 
 
 def ids_from_question_set(question_set: str | None) -> list[str]:
-    """Template ids of an ``Analysis.question_set`` (``"id1,id2@<version>"``, written by monitor.pairing)."""
+    """Template ids of an ``Analysis.question_set`` (``"id1,id2@<version>"``, :func:`question_set_id`)."""
     if not question_set:
         return []
     ids_part = question_set.rsplit("@", 1)[0]

@@ -38,21 +38,17 @@ from core import jobs
 from core.config import Settings
 from core.db import session_scope
 from core.models import Acquisition, Area, AreaStatus, Observation, ObservationStatus, PairingPolicy, Scene
+from eo.questions import question_set_id
 from monitor.catalogues.identity import constellation
 from monitor.observations import observe_pending
 
 logger = logging.getLogger(__name__)
 
-QUESTION_SET_VERSION = 1
 PAIRING_POLICY_VERSION = 1
 # Seasonal policy: candidates within this many days of the after acquisition's date, in earlier years.
 SEASONAL_WINDOW_DAYS = 30
 # Earlier acquisitions considered per area (about 15 years of 5-day revisits on one orbit).
 MAX_CANDIDATES = 1200
-
-
-def question_set_id(questions: Iterable[str] | None) -> str:
-    return ",".join(sorted(set(questions or []))) + f"@{QUESTION_SET_VERSION}"
 
 
 def idempotency_key(area_id: int, after_key: str, before_key: str | None, analyser: str, question_set: str,

@@ -21,6 +21,7 @@ from core.config import CatalogueSettings, get_settings
 from core.db import session_scope
 from core.models import Analysis, Observation, PollState, QuarantinedItem, Scene
 from devtools import localstac
+from eo.questions import templates_version
 from monitor.catalogues import ingest_items, parse_item, poll_all, upsert_catalogue
 from monitor.catalogues.groups import AreaFootprint, group_areas, search_geometry
 from monitor.catalogues.items import MalformedItem
@@ -199,7 +200,7 @@ def test_new_item_repoll_and_late_item(stac_collection, make_settings, add_area,
             "S2B_34TER_20200829_0_L2A", "S2A_34TER_20200804_0_L2A")
         assert analysis.pair_reason == (
             "latest earlier clear acquisition of tile 34TER orbit R136: 2020-08-04 (clear 100%)")
-        assert analysis.analyser == "spectral@1" and analysis.question_set == "@1"
+        assert analysis.analyser == "spectral@1" and analysis.question_set == f"@{templates_version()}"
     assert cursor_of(stac_collection.id).cursor == utc("2020-08-30T12:00:00")
 
     # Re-poll: nothing new anywhere.

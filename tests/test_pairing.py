@@ -21,11 +21,11 @@ from core.db import session_scope
 from core.jobs import requested_analyser
 from core.models import Acquisition, Analysis, Observation
 from eo.masks import clear_fraction
+from eo.questions import question_set_id, templates_version
 from monitor.catalogues import poll_all
 from monitor.pairing import (
     idempotency_key,
     process_pending,
-    question_set_id,
     seasonal_match,
 )
 from tests.fixtures_ingest import inner_aoi
@@ -65,8 +65,9 @@ def test_requested_analyser_follows_the_gpu_workers_setting_not_the_weights():
 
 
 def test_question_set_ids():
-    assert question_set_id(["roads", "deforestation", "roads"]) == "deforestation,roads@1"
-    assert question_set_id([]) == "@1"
+    version = templates_version()
+    assert question_set_id(["roads", "deforestation", "roads"]) == f"deforestation,roads@{version}"
+    assert question_set_id([]) == f"@{version}"
 
 
 def test_idempotency_key_covers_every_ingredient():
@@ -140,10 +141,11 @@ def test_latest_and_seasonal_pairing_over_the_full_history(stac_api, make_settin
     # 2018-11-08 (shadow) and 2019-08-30 (cloud) are skipped; 2019-06-16 is the latest clear one.
     assert latest_pairs["2019-07-01"][0] == "2019-06-16"
     assert latest_pairs["2019-06-16"][0] == "2018-08-25"
-    assert analysis.status.value == "pending" and analysis.question_set == "deforestation,roads@1"
+    questions = f"deforestation,roads@{templates_version()}"
+    assert analysis.status.value == "pending" and analysis.question_set == questions
     assert analysis.idempotency_key == idempotency_key(
         latest, analysis.after_scene.acquisition_key, analysis.before_scene.acquisition_key, "spectral@1",
-        "deforestation,roads@1", "latest")
+        questions, "latest")
 
     seasonal_pairs = pairs(seasonal)
     before, reason, _ = seasonal_pairs["2020-08-29"]

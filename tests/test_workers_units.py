@@ -48,6 +48,30 @@ def test_default_templates_each_name_a_backing_statistic():
     assert ids_from_question_set("@1") == []
 
 
+def test_editing_a_template_makes_a_new_question_set():
+    """The question set an analysis records carries a digest of the templates' content: editing a question
+    or a threshold changes it (and with it the idempotency key), the file's description does not."""
+    from importlib import resources
+
+    from eo.questions import parse_file, question_set_id, templates_version
+
+    text = resources.files("eo").joinpath("data", "questions.json").read_text(encoding="utf-8")
+    templates, version = parse_file(text)
+    assert version == templates_version() and len(version) == 12 and list(templates) == load_templates()
+    assert question_set_id(["new_roads", "bare_soil"]) == f"bare_soil,new_roads@{version}"
+    raw = json.loads(text)
+    assert "version" not in raw  # no hand-kept number that editing forgets to bump
+    reworded = json.loads(text)
+    reworded["templates"][3]["text"] = "Has a new road or track appeared?"
+    stricter = json.loads(text)
+    stricter["templates"][1]["answer"]["threshold"] = 0.6
+    described = json.loads(text) | {"description": "another note"}
+    versions = {parse_file(json.dumps(doc))[1] for doc in (reworded, stricter)}
+    assert len(versions) == 2 and version not in versions
+    assert parse_file(json.dumps(described, indent=4))[1] == version  # layout and description are not content
+    assert ids_from_question_set(question_set_id(["new_roads"], "0123abcd4567")) == ["new_roads"]
+
+
 def test_template_answers_from_statistics():
     veg = templates_for(["vegetation_loss"])[0]
     assert veg.answer_from(1.3) == ("Yes: about 1.30 ha of vegetation was lost (NDVI fell by 0.2 or more).", True)

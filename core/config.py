@@ -74,6 +74,9 @@ class PollSettings(BaseModel):
     # The whole poll (every catalogue × collection) stops starting requests after this long; what was
     # not finished keeps its cursor and is re-read next cycle.
     deadline_seconds: float = 600.0
+    # Searches of different groups of areas run in this many threads at once (each on its own HTTP session
+    # and database connection): a poll waits mostly on the catalogue's answers.
+    search_threads: int = Field(4, ge=1, le=8)
     # The late sweep (monitor/catalogues/late.py) runs at most this often, after a poll; 0 = never.
     late_sweep_hours: float = 6.0
     # It looks for items sensed up to this long ago (and more than the look-back ago): older publications

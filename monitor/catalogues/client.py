@@ -117,7 +117,22 @@ class PolicyStacApiIO(StacApiIO):
         super().__init__(**kwargs)
         self.catalogue = catalogue
         self.deadline = deadline
+        self._kwargs = kwargs
+        self.response_hooks: list[Callable[..., Any]] = []
         self.session.hooks["response"].append(self._check_redirect)
+
+    def add_response_hooks(self, hooks: Sequence[Callable[..., Any]]) -> None:
+        """requests response hooks (one call per HTTP response, retries included as one); kept by :meth:`fork`."""
+        self.response_hooks.extend(hooks)
+        self.session.hooks["response"].extend(hooks)
+
+    def fork(self) -> PolicyStacApiIO:
+        """The same I/O (policy, retries, timeout, deadline, response hooks) on its own HTTP session, for
+        another thread: requests does not promise a ``Session`` is safe to share between threads."""
+        other = PolicyStacApiIO(self.catalogue, self.deadline, **self._kwargs)
+        other.timeout = self.timeout
+        other.add_response_hooks(self.response_hooks)
+        return other
 
     def check_deadline(self) -> None:
         if self.deadline is not None and time.monotonic() >= self.deadline:
@@ -158,7 +173,7 @@ def open_client(catalogue: CatalogueSettings, poll: PollSettings,
     which no request or retry starts.
     """
     stac_io = make_stac_io(catalogue, poll, deadline)
-    stac_io.session.hooks["response"].extend(response_hooks)
+    stac_io.add_response_hooks(response_hooks)
     # Client.open() re-applies its own `timeout` argument to the StacApiIO: pass the same one again.
     client = Client.open(catalogue.url, stac_io=stac_io, timeout=stac_io.timeout)
     # Our searches use only the `query` extension (Earth Search ignores CQL2 `filter` silently); servers
@@ -214,8 +229,11 @@ def first_page_size(client: Client, collection: str, query: dict[str, Any]) -> i
     return len(features)
 
 
-def search_pages(client: Client, **kwargs: Any) -> Iterator[list[Any]]:
+def search_pages(client: Client, *, stac_io: PolicyStacApiIO | None = None, **kwargs: Any) -> Iterator[list[Any]]:
     """Yield the ``features`` of each page of the search, checking that the paging adds up.
+
+    ``kwargs`` are :func:`make_search`'s; ``stac_io`` (a :meth:`PolicyStacApiIO.fork` of the client's)
+    sends the requests instead of the client's own, so several threads can page searches of one client.
 
     Raises :class:`InconsistentSearch` (after yielding what was read) when the catalogue's count
     (``numberMatched`` or ``context.matched``) exceeds the items paged, when a page holds fewer features
@@ -224,7 +242,7 @@ def search_pages(client: Client, **kwargs: Any) -> Iterator[list[Any]]:
     errors and JSON that does not parse.
     """
     search = make_search(client, **kwargs)
-    stac_io = search._stac_io
+    stac_io = stac_io or search._stac_io
     if not isinstance(stac_io, PolicyStacApiIO):
         raise TypeError("search_pages needs a client from open_client()")
     url, method, parameters = search.url, search.method, search.get_parameters()

@@ -4,9 +4,10 @@ For each configured catalogue × collection that some active area wants:
 
 1. group the areas (``monitor.catalogues.groups``) — one search per group, not per area;
 2. search ``datetime = (cursor or now) − look-back .. now`` (catalogues publish days late), loose cloud
-   filter via STACQL ``query`` (the loosest of the group's areas), paging through every result;
-3. upsert each item as a scene (or quarantine it) and record which areas saw which scenes (pending
-   observations, picked up by :mod:`monitor.pairing`) — committed page by page;
+   filter via STACQL ``query`` (the loosest of the group's areas), paging through every result; the
+   searches of different groups run ``poll.search_threads`` at a time;
+3. upsert each page's items as scenes (or quarantine them) and record which areas saw which scenes
+   (pending observations, picked up by :mod:`monitor.pairing`) — one transaction per page;
 4. only when every group's search completed, move the cursor to ``now``. On any failure the error is
    recorded in ``poll_states.last_error`` and the cursor stays, so the next poll re-reads the window:
    nothing is lost, and the upserts make the re-read harmless.
@@ -15,25 +16,33 @@ For each configured catalogue × collection that some active area wants:
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from geoalchemy2.shape import to_shape
+from psycopg.errors import DeadlockDetected, SerializationFailure
 from sqlalchemy import any_, func, literal, select, update
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from core.config import CatalogueSettings, Settings
 from core.db import session_scope
 from core.models import Area, AreaStatus, PollState, Scene
-from monitor.catalogues.client import open_client, search_pages
+from monitor.catalogues.client import PolicyStacApiIO, open_client, search_pages
 from monitor.catalogues.groups import AreaFootprint, SearchGroup, group_areas
 from monitor.catalogues.store import IngestStats, ingest_items, upsert_catalogue
 
 logger = logging.getLogger(__name__)
+
+# A page's transaction aborted by PostgreSQL to break a lock cycle with a concurrent page is written again.
+PAGE_ATTEMPTS = 3
 
 
 @dataclass
@@ -85,11 +94,13 @@ class RequestCounter:
     def __init__(self) -> None:
         self.total = 0
         self.searches = 0
+        self._lock = threading.Lock()  # the searches of one poll run in several threads
 
     def __call__(self, response: Any, *args: Any, **kwargs: Any) -> None:
-        self.total += 1
-        if response.request.path_url.split("?", 1)[0].rstrip("/").endswith("/search"):
-            self.searches += 1
+        search = response.request.path_url.split("?", 1)[0].rstrip("/").endswith("/search")
+        with self._lock:
+            self.total += 1
+            self.searches += search
 
 
 def poll_all(settings: Settings, *, now: datetime | None = None,
@@ -164,22 +175,35 @@ def search_and_ingest(
     extra_query: dict[str, Any] | None = None,
     seen_at: datetime | None = None,
     lookback: timedelta | None = None,
+    stac_io: PolicyStacApiIO | None = None,
 ) -> int:
     """Run one search and ingest it page by page (each page committed); return observations created.
 
     ``stats`` is updated after every committed page, so it is accurate even when a later page raises
     (API errors propagate to the caller, which keeps the cursor). ``extra_query``: more STACQL terms;
-    ``seen_at``/``lookback``: count late granules (:func:`~monitor.catalogues.store.ingest_items`).
+    ``seen_at``/``lookback``: count late granules (:func:`~monitor.catalogues.store.ingest_items`);
+    ``stac_io``: a fork of the client's I/O, for a search run in another thread.
     """
     observations = 0
     pages = search_pages(client, collection=collection, intersects=group.geometry, start=start, end=end,
-                         max_cloud_cover=group.max_cloud_cover, page_size=page_size, extra_query=extra_query)
+                         max_cloud_cover=group.max_cloud_cover, page_size=page_size, extra_query=extra_query,
+                         stac_io=stac_io)
     for batch in pages:  # one transaction per page: what was read is kept even if a later page fails
-        with session_scope(settings) as session:
-            batch_stats = ingest_items(session, catalogue, catalogue_id, collection, batch, seen_at=seen_at,
-                                       lookback=lookback)
-            scene_ids = _scene_ids_for(session, catalogue_id, batch_stats)
-            created = create_observations(session, group.area_ids, scene_ids)
+        for attempt in range(1, PAGE_ATTEMPTS + 1):
+            try:
+                with session_scope(settings) as session:
+                    batch_stats = ingest_items(session, catalogue, catalogue_id, collection, batch,
+                                               seen_at=seen_at, lookback=lookback)
+                    scene_ids = _scene_ids_for(session, catalogue_id, batch_stats)
+                    created = create_observations(session, group.area_ids, scene_ids)
+                break
+            except OperationalError as exc:
+                # Concurrent pages (other groups, another poller) write the same scenes and acquisitions;
+                # PostgreSQL breaks a lock cycle by aborting one transaction, which is safe to run again.
+                if attempt == PAGE_ATTEMPTS or not isinstance(exc.orig, DeadlockDetected | SerializationFailure):
+                    raise
+                logger.warning("page of %d items rolled back (%s); writing it again", len(batch),
+                               exc.orig.__class__.__name__)
         stats.add(batch_stats)
         observations += created
         if progress is not None:
@@ -199,10 +223,11 @@ def _poll_collection(client: Any, catalogue: CatalogueSettings, catalogue_id: in
     logger.info("polling %s/%s: %d areas in %d searches, %s .. %s", catalogue.name, collection, len(areas),
                 len(groups), start.isoformat(), now.isoformat())
     try:
-        for group in groups:
-            result.observations_created += search_and_ingest(settings, client, catalogue, catalogue_id, collection,
-                                                             group, start, now, catalogue.page_size, result.stats,
-                                                             seen_at=now, lookback=lookback)
+        result.observations_created = _search_groups(
+            settings, client, groups, settings.poll.search_threads, result.stats,
+            lambda group, stats, stac_io: search_and_ingest(
+                settings, client, catalogue, catalogue_id, collection, group, start, now, catalogue.page_size,
+                stats, seen_at=now, lookback=lookback, stac_io=stac_io))
     except Exception as exc:  # API errors, timeouts, DB errors: record, keep the cursor, try next poll
         result.ok = False
         result.error = _describe(exc)
@@ -217,6 +242,49 @@ def _poll_collection(client: Any, catalogue: CatalogueSettings, catalogue_id: in
                     result.stats.upgraded_scenes, result.stats.quarantined, result.observations_created)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _search_groups(settings: Settings, client: Any, groups: list[SearchGroup], threads: int, stats: IngestStats,
+                   search: Callable[[SearchGroup, IngestStats, PolicyStacApiIO], int]) -> int:
+    """Run ``search(group, stats, stac_io)`` for every group, ``threads`` at a time; return the sum.
+
+    Groups hold disjoint areas, so their pages never write the same observation. Each thread has its own
+    HTTP session (a fork of the client's I/O: same policy, retries, deadline and request counting) and
+    its own database connection. After the first failure no further search starts (the poll keeps its
+    cursor either way, and the next one re-reads the window); the searches already running finish, and
+    everything committed so far is counted in ``stats``. The first failure is raised.
+    """
+    ios: queue.SimpleQueue[PolicyStacApiIO] = queue.SimpleQueue()
+    ios.put(client._stac_io)
+    for _ in range(min(threads, len(groups)) - 1):
+        ios.put(client._stac_io.fork())
+    per_group = [IngestStats() for _ in groups]
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def run(index: int) -> int:
+        if failures:
+            return 0
+        stac_io = ios.get()
+        try:
+            return search(groups[index], per_group[index], stac_io)
+        except Exception as exc:
+            with lock:
+                failures.append(exc)
+            return 0
+        finally:
+            ios.put(stac_io)
+
+    if threads <= 1 or len(groups) <= 1:
+        created = sum(run(i) for i in range(len(groups)))
+    else:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="poll-search") as pool:
+            created = sum(pool.map(run, range(len(groups))))
+    for group_stats in per_group:
+        stats.add(group_stats)
+    if failures:
+        raise failures[0]
+    return created
 
 
 # --- areas, observations ---------------------------------------------------------------------------
@@ -268,7 +336,8 @@ def create_observations(session: Session, area_ids: list[int], scene_ids: list[i
                Scene.first_seen_at > Observation.computed_at)
         .exists()
     )
-    session.execute(update(Observation).where(Observation.status == ObservationStatus.PARTIAL, late)
+    session.execute(update(Observation).where(Observation.status == ObservationStatus.PARTIAL,
+                                              Observation.area_id.in_(area_ids), late)
                     .values(status=ObservationStatus.PENDING, computed_at=None))
     return created
 

@@ -18,21 +18,34 @@ Measured per case, from the same empty scene tables:
   for every area that sees it, so the naive arm is not charged for ingest the grouped arm does once.
   Its ingest time is scaled to all N by distinct items (ingest cost is linear in items).
 
+With ``--baseline REV`` (e.g. ``4e3669f``) each case is also polled by the code of that git revision
+(``git archive`` into a temporary directory, run in a subprocess) against the same STAC API and an
+emptied application database, arms alternating ``--repeat`` times: seconds, searches and items side by
+side, and the ratio. ``--poll-only`` skips the naive arm. ``--dates 2 --page-size 500`` is the Europe
+poll of benchmarks/bench_pairing.py (its items also hold one SCL COG each; the poll never reads them).
+
 Run: ``.venv/bin/python benchmarks/bench_polling.py [--cases packed:10000,spread:100,...] [--naive-sample 200]``.
-Prints one row per case, side by side; the last line is ``spread_10000_request_ratio: <naive / grouped>``.
+Prints one row per case, side by side; the last line is ``spread_10000_request_ratio: <naive / grouped>``,
+or with ``--baseline``, ``<case>_poll_speedup: <baseline seconds / current seconds>`` (medians).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import os
 import random
+import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -143,43 +156,113 @@ def naive_poll(settings: Settings, catalogue: CatalogueSettings, areas: list[tup
             "ingest_seconds": time.monotonic() - started, "items": returned, "distinct": len(distinct)}
 
 
-def run_case(name: str, n: int, settings: Settings, catalogue: CatalogueSettings, collection: str,
-             naive_sample: int, rng: random.Random) -> dict[str, float]:
-    from monitor.catalogues import poll_all
+# Runs in a subprocess on the baseline revision's code: one poll of the benchmark's databases.
+BASELINE_POLL = """
+import json, os, sys, time
+from core.config import CatalogueSettings, PollSettings, Settings
+from monitor.catalogues import poll_all
+from datetime import datetime
+spec = json.loads(sys.argv[1])
+catalogue = CatalogueSettings(**spec["catalogue"])
+settings = Settings(database_url=spec["database_url"], catalogues=[catalogue], poll=PollSettings(**spec["poll"]))
+started = time.monotonic()
+result = poll_all(settings, now=datetime.fromisoformat(spec["now"]))
+poll = result.polls[0]
+print(json.dumps({"seconds": time.monotonic() - started, "ok": poll.ok, "error": poll.error, "groups": poll.groups,
+                  "searches": poll.search_requests, "items": poll.stats.items_seen, "scenes": poll.stats.new_scenes,
+                  "observations": poll.observations_created}))
+"""
 
-    reset_tables(settings)
-    geoms = generate_areas(n, REGIONS[name], rng)
-    ids = insert_areas(geoms, collection)
-    started = time.monotonic()
-    result = poll_all(settings, now=NOW)
-    grouped_seconds = time.monotonic() - started
-    poll = result.polls[0]
-    if not poll.ok:
-        raise SystemExit(f"grouped poll failed ({name} {n}): {poll.error}")
 
-    # Same starting state for the naive arm: no scenes stored yet (the areas stay).
+def extract_revision(revision: str, into: Path) -> Path:
+    """The tracked files of ``revision`` of this repository, unpacked under ``into``."""
+    repo = Path(__file__).resolve().parent.parent
+    archive = into / "baseline.tar"
+    subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", "-o", str(archive), revision], check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into / "tree", filter="data")
+    return into / "tree"
+
+
+def poll_once(settings: Settings, baseline: Path | None) -> dict[str, Any]:
+    """One grouped poll from empty scene tables (the areas stay): this code, or the baseline's in a subprocess."""
+    truncate_scenes(settings)
+    if baseline is None:
+        from monitor.catalogues import poll_all
+
+        started = time.monotonic()
+        result = poll_all(settings, now=NOW)
+        poll = result.polls[0]
+        return {"seconds": time.monotonic() - started, "ok": poll.ok, "error": poll.error, "groups": poll.groups,
+                "searches": poll.search_requests, "items": poll.stats.items_seen, "scenes": poll.stats.new_scenes,
+                "observations": poll.observations_created}
+    catalogue = settings.catalogues[0]
+    spec = {"database_url": settings.database_url, "now": NOW.isoformat(),
+            "catalogue": catalogue.model_dump(include={"name", "url", "collections", "allowed_schemes", "allowed_hosts",
+                                                       "allow_private_hosts", "page_size", "timeout_seconds",
+                                                       "late_sweep"}),
+            "poll": settings.poll.model_dump(include={"lookback_days", "group_distance_km"})}
+    env = {**os.environ, "PYTHONPATH": str(baseline), "UNIRS_DATABASE_URL": settings.database_url}
+    out = subprocess.run([sys.executable, "-c", BASELINE_POLL, json.dumps(spec)], cwd=baseline, env=env,
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def truncate_scenes(settings: Settings) -> None:
     from core.db import session_scope
 
     with session_scope(settings) as session:
         session.execute(text("TRUNCATE observations, scenes, acquisitions, poll_states RESTART IDENTITY CASCADE"))
+
+
+def run_case(name: str, n: int, settings: Settings, catalogue: CatalogueSettings, collection: str,
+             naive_sample: int, rng: random.Random, *, baseline: Path | None = None, repeat: int = 1,
+             poll_only: bool = False) -> dict[str, Any]:
+    reset_tables(settings)
+    geoms = generate_areas(n, REGIONS[name], rng)
+    ids = insert_areas(geoms, collection)
+    runs: dict[str, list[dict[str, Any]]] = {"current": [], "baseline": []}
+    for _ in range(repeat):
+        for arm in ("baseline", "current") if baseline is not None else ("current",):
+            run = poll_once(settings, baseline if arm == "baseline" else None)
+            if not run["ok"]:
+                raise SystemExit(f"{arm} poll failed ({name} {n}): {run['error']}")
+            runs[arm].append(run)
+    last = runs["current"][-1]
+    grouped_seconds = statistics.median(r["seconds"] for r in runs["current"])
+    row: dict[str, Any] = {
+        "areas": len(ids), "groups": last["groups"], "grouped_requests": last["searches"],
+        "grouped_items": last["items"], "scenes": last["scenes"], "observations": last["observations"],
+        "grouped_seconds": grouped_seconds, "runs": runs,
+    }
+    if baseline is not None:
+        row["baseline_seconds"] = statistics.median(r["seconds"] for r in runs["baseline"])
+        row["baseline"] = runs["baseline"][-1]
+        if (row["baseline"]["scenes"], row["baseline"]["observations"]) != (last["scenes"], last["observations"]):
+            raise SystemExit(f"{name} {n}: baseline stored {row['baseline']['scenes']} scenes / "
+                             f"{row['baseline']['observations']} observations, current {last['scenes']} / "
+                             f"{last['observations']}")
+    if poll_only:
+        return row
+
+    # Same starting state for the naive arm: no scenes stored yet (the areas stay).
+    truncate_scenes(settings)
     sample = rng.sample(list(zip(ids, geoms, strict=True)), min(naive_sample, len(ids)))
     naive = naive_poll(settings, catalogue, sample, collection)
     scale = len(ids) / len(sample)
     # Ingest is linear in distinct items: all N areas' searches would return what the grouped arm stored.
-    ingest_scale = poll.stats.new_scenes / naive["distinct"] if naive["distinct"] else 1.0
+    ingest_scale = last["scenes"] / naive["distinct"] if naive["distinct"] else 1.0
     naive_seconds_all = naive["search_seconds"] * scale + naive["ingest_seconds"] * max(ingest_scale, 1.0)
-    return {
-        "areas": len(ids), "groups": poll.groups, "grouped_requests": poll.search_requests,
-        "grouped_items": poll.stats.items_seen, "scenes": poll.stats.new_scenes,
-        "observations": poll.observations_created, "grouped_seconds": grouped_seconds,
+    row.update({
         "sample": len(sample), "naive_requests_sample": naive["requests"],
         "naive_requests": naive["requests"] * scale, "naive_items_sample": naive["items"],
         "naive_search_seconds": naive["search_seconds"] * scale,
         "naive_ingest_seconds": naive["ingest_seconds"] * max(ingest_scale, 1.0),
         "naive_seconds": naive_seconds_all,
-        "request_ratio": naive["requests"] * scale / poll.search_requests,
+        "request_ratio": naive["requests"] * scale / last["searches"],
         "time_ratio": naive_seconds_all / grouped_seconds,
-    }
+    })
+    return row
 
 
 def main() -> int:
@@ -189,6 +272,10 @@ def main() -> int:
     parser.add_argument("--naive-sample", type=int, default=200, help="areas searched one by one (extrapolated)")
     parser.add_argument("--dates", type=int, default=3, help="acquisitions per tile inside the look-back window")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--page-size", type=int, default=200)
+    parser.add_argument("--poll-only", action="store_true", help="skip the naive arm")
+    parser.add_argument("--baseline", metavar="REV", help="also poll with the code of this git revision")
+    parser.add_argument("--repeat", type=int, default=1, help="polls per arm (alternating; medians reported)")
     args = parser.parse_args()
     cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]
     unknown = [c for c, _ in cases if c not in REGIONS]
@@ -197,6 +284,8 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     rng = random.Random(args.seed)
 
+    scratch = tempfile.TemporaryDirectory(prefix="bench-polling-")
+    baseline = extract_revision(args.baseline, Path(scratch.name)) if args.baseline else None
     app_url = dbadmin.create_scratch_database(ADMIN_URL, "unirs_bench")
     stac_dsn = dbadmin.create_scratch_database(ADMIN_URL, "unirs_bench_stac")
     api = None
@@ -217,7 +306,7 @@ def main() -> int:
 
         catalogue = CatalogueSettings(name="bench", url=api.url, collections=[collection["id"]],
                                       allowed_schemes=["http"], allowed_hosts=["127.0.0.1"], allow_private_hosts=True,
-                                      page_size=200, timeout_seconds=120, late_sweep="off")
+                                      page_size=args.page_size, timeout_seconds=120, late_sweep="off")
         settings = Settings(database_url=sa_url, catalogues=[catalogue],
                             poll=PollSettings(lookback_days=10, group_distance_km=50))
         from monitor.catalogues.groups import MAX_EXTENT_FACTOR
@@ -232,11 +321,38 @@ def main() -> int:
               "its ingest done once for the distinct items found (scaled by distinct items), not once per area")
         rows = []
         for name, n in cases:
-            row = run_case(name, n, settings, catalogue, collection["id"], args.naive_sample, rng)
+            row = run_case(name, n, settings, catalogue, collection["id"], args.naive_sample, rng, baseline=baseline,
+                           repeat=args.repeat, poll_only=args.poll_only)
             rows.append((name, n, row))
+            runs = ", ".join(f"{r['seconds']:.1f}" for r in row["runs"]["current"])
             print(f"  {name} {n}: grouped {row['groups']} searches / {row['grouped_requests']} requests / "
-                  f"{row['grouped_seconds']:.1f} s; naive ~{row['naive_requests']:.0f} requests / "
-                  f"~{row['naive_seconds']:.0f} s", flush=True)
+                  f"{row['grouped_items']} items / {runs} s", flush=True)
+            if baseline is not None:
+                b = row["baseline"]
+                runs = ", ".join(f"{r['seconds']:.1f}" for r in row["runs"]["baseline"])
+                print(f"  {name} {n}: baseline {args.baseline}: {b['groups']} searches / {b['searches']} requests / "
+                      f"{b['items']} items / {runs} s", flush=True)
+            if not args.poll_only:
+                print(f"  {name} {n}: naive ~{row['naive_requests']:.0f} requests / ~{row['naive_seconds']:.0f} s",
+                      flush=True)
+
+        if baseline is not None:
+            print(f"\npoll only, {args.dates} dates, page size {args.page_size}; median of {args.repeat} alternating "
+                  f"run(s) per arm; baseline = {args.baseline}")
+            print(f"{'case':<16}{'base req':>9}{'req':>6}{'base items':>11}{'items':>7}{'base s':>8}{'s':>7}"
+                  f"{'speedup':>9}{'scenes':>8}{'obs':>8}")
+            for name, n, r in rows:
+                b = r["baseline"]
+                print(f"{name + ' ' + str(n):<16}{b['searches']:>9}{r['grouped_requests']:>6}{b['items']:>11}"
+                      f"{r['grouped_items']:>7}{r['baseline_seconds']:>8.1f}{r['grouped_seconds']:>7.1f}"
+                      f"{r['baseline_seconds'] / r['grouped_seconds']:>9.2f}{r['scenes']:>8}{r['observations']:>8}")
+        if args.poll_only or baseline is not None:
+            name, n, r = next(((name, n, r) for name, n, r in reversed(rows) if name == "spread"), rows[-1])
+            if baseline is not None:
+                print(f"{name}_{n}_poll_speedup: {r['baseline_seconds'] / r['grouped_seconds']:.2f}")
+            else:
+                print(f"{name}_{n}_poll_seconds: {r['grouped_seconds']:.1f}")
+            return 0
 
         header = (f"{'case':<16}{'areas':>7}{'groups':>8}{'grouped req':>12}{'naive req':>11}{'req ratio':>10}"
                   f"{'grouped s':>10}{'naive s':>9}{'(search+ingest)':>17}{'time ratio':>11}{'scenes':>8}{'obs':>8}")
@@ -260,6 +376,7 @@ def main() -> int:
         reset_engines()
         dbadmin.drop_database(app_url)
         dbadmin.drop_database(stac_dsn)
+        scratch.cleanup()
     return 0
 
 

@@ -8,6 +8,8 @@ explicitly: the sample scenes are from 2015–2020, and the look-back window is 
 from __future__ import annotations
 
 import json
+import math
+import random
 import threading
 from datetime import UTC, datetime
 
@@ -23,7 +25,7 @@ from core.models import Analysis, Observation, PollState, QuarantinedItem, Scene
 from devtools import localstac
 from eo.questions import templates_version
 from monitor.catalogues import ingest_items, parse_item, poll_all, upsert_catalogue
-from monitor.catalogues.groups import AreaFootprint, group_areas, search_geometry
+from monitor.catalogues.groups import MAX_EXTENT_FACTOR, AreaFootprint, group_areas, search_geometry
 from monitor.catalogues.items import MalformedItem
 from tests.fixtures_ingest import inner_aoi, loopback_catalogue
 
@@ -136,8 +138,9 @@ def test_malformed_fixtures_are_refused_with_the_field_named(sample_data_dir, fi
 
 
 def test_group_areas_merges_neighbours_and_splits_chains():
-    # 3 clusters: two tiny areas 5 km apart, one alone 300 km away, and a 600 km chain of areas
-    # every 20 km (linked one by one, but too wide for a single search).
+    # 3 clusters: two tiny areas 5 km apart, one alone 300 km away, and a 540 km straight chain of areas
+    # every 18 km (linked one by one; its hull is a thin strip, so one search asks for no more items than
+    # three would).
     areas = [AreaFootprint(1, box(22.0, 45.0, 22.01, 45.01), 50), AreaFootprint(2, box(22.06, 45.0, 22.07, 45.01), 80),
              AreaFootprint(3, box(26.0, 45.0, 26.01, 45.01), 20)]
     areas += [AreaFootprint(10 + i, box(10 + 0.25 * i, 50.0, 10.01 + 0.25 * i, 50.01), 50) for i in range(30)]
@@ -145,9 +148,32 @@ def test_group_areas_merges_neighbours_and_splits_chains():
     by_member = {a: g for g in groups for a in g.area_ids}
     assert by_member[1] is by_member[2] and by_member[1].max_cloud_cover == 80
     assert by_member[3].area_ids == [3]
-    chain_groups = {id(by_member[10 + i]) for i in range(30)}
-    assert 2 <= len(chain_groups) <= 8
-    assert len(groups) < len(areas) / 3
+    assert {id(by_member[10 + i]) for i in range(30)} == {id(by_member[10])}
+    assert len(groups) == 3
+
+
+def test_group_areas_splits_wide_and_hollow_clusters():
+    # An L of two 540 km legs: one hull would be a ~145,000 km² triangle of nothing. Split at least in two.
+    leg = [box(10 + 0.25 * i, 50.0, 10.01 + 0.25 * i, 50.01) for i in range(30)]
+    up = [box(10.0, 50.2 + 0.16 * i, 10.01, 50.21 + 0.16 * i) for i in range(30)]
+    groups = group_areas([AreaFootprint(i, g, 50) for i, g in enumerate(leg + up)], distance_km=50)
+    assert 2 <= len(groups) <= 4
+    assert all(len(g.area_ids) >= 10 for g in groups)
+    # A straight chain 1,400 km long: wider than MAX_EXTENT_FACTOR x 50 km, split into pieces at most that wide.
+    chain = [AreaFootprint(i, box(-10 + 0.25 * i, 50.0, -9.99 + 0.25 * i, 50.01), 50) for i in range(80)]
+    groups = group_areas(chain, distance_km=50)
+    assert 2 <= len(groups) <= 4
+    for group in groups:
+        minx, _, maxx, _ = group.geometry.bounds
+        assert (maxx - minx) * 111.32 * math.cos(math.radians(50)) <= MAX_EXTENT_FACTOR * 50
+
+
+def test_a_dense_spread_of_areas_makes_few_searches():
+    # 2,000 areas one every ~20 km over 6 x 4 degrees: one cluster, dense, ~450 x 440 km: one search.
+    rng = random.Random(3)
+    areas = [AreaFootprint(i, box(x, y, x + 0.01, y + 0.01), 50)
+             for i, (x, y) in enumerate((rng.uniform(10, 16), rng.uniform(45, 49)) for _ in range(2000))]
+    assert len(group_areas(areas, distance_km=50)) == 1
 
 
 @settings(max_examples=40, deadline=None)

@@ -2,9 +2,17 @@
 
 One search per area does not scale (10,000 areas = 10,000 requests per poll, and rate limits, §3.4 of
 the design notes). Areas whose bounding boxes are within ``group_distance_km`` of each other are linked
-(single linkage), clusters wider than ``MAX_EXTENT_FACTOR × group_distance_km`` are split again so a
-chain of areas cannot turn into a continent-wide search, and each group is searched once with a simple
-polygon that contains every member (the exact area × footprint test happens later in PostGIS).
+(single linkage). A cluster is split again (at the median of its longer side) while it is wider than
+``MAX_EXTENT_FACTOR × group_distance_km`` (no continent-wide search) or its hull is mostly empty — more
+than :data:`SPARSE_EMPTY_KM2` and more than the ``group_distance_km`` cells its members touch, as for an
+L-shaped chain of areas — and each group is searched once with a simple polygon that contains every
+member (the exact area × footprint test happens later in PostGIS).
+
+Why large groups: a catalogue's answer costs a fixed part per request and a part per item returned, and
+an item returned to two neighbouring groups is paid twice. For 10,000 areas spread over Europe (one per
+~30 km) groups at most 200 km wide meant 337 searches returning 3,680 items for 1,529 granules; at most
+800 km wide, 23 searches returning 2,007 (benchmarks/bench_polling.py). Where the hull is mostly empty,
+the items under the empty part are the waste, hence the sparseness split.
 
 Missing a link here only costs an extra search, never a missed scene: every search geometry contains
 its areas.
@@ -21,6 +29,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, box
 from shapely.geometry.base import BaseGeometry
@@ -29,8 +38,13 @@ from monitor.geometry import crosses_antimeridian
 
 KM_PER_DEG_LAT = 110.574
 KM_PER_DEG_LON_EQUATOR = 111.320
-# A group's search box is at most this many group distances wide (200 km by default: about two MGRS tiles).
-MAX_EXTENT_FACTOR = 4.0
+# A group's search box is at most this many group distances wide (800 km by default: about seven MGRS tiles).
+MAX_EXTENT_FACTOR = 16.0
+# A group whose hull holds more empty km² than this (and than the km² its members occupy) is split: about
+# one Sentinel-2 tile (110 km × 110 km), whose items a split would no longer ask for.
+SPARSE_EMPTY_KM2 = 12_000.0
+# Occupancy is counted on cells at least this wide (a tiny group distance must not mean millions of cells).
+MIN_CELL_KM = 10.0
 # Servers choke on complex search geometries (pgstac once capped them near 8 KB, PC returns 500s).
 MAX_SEARCH_VERTICES = 64
 
@@ -88,7 +102,7 @@ def group_areas(areas: Sequence[AreaFootprint], distance_km: float) -> list[Sear
     max_extent = MAX_EXTENT_FACTOR * distance_km if distance_km > 0 else 0.0
     groups: list[SearchGroup] = []
     for members in sorted(clusters.values(), key=lambda m: m[0]):
-        for part in _split(members, boxes, max_extent):
+        for part in _split(members, boxes, max_extent, distance_km):
             groups.append(_group([areas[i] for i in part]))
     return groups
 
@@ -170,8 +184,10 @@ def _gap_km(a: tuple[float, float, float, float], b: tuple[float, float, float, 
     return math.hypot(dx, dy)
 
 
-def _split(members: list[int], boxes: list[tuple[float, float, float, float]], max_extent: float) -> list[list[int]]:
-    """Split a cluster at the median along its longer side until each part is at most ``max_extent`` wide."""
+def _split(members: list[int], boxes: list[tuple[float, float, float, float]], max_extent: float,
+           cell_km: float) -> list[list[int]]:
+    """Split a cluster at the median along its longer side until each part is at most ``max_extent`` wide
+    and not sparse (:func:`_sparse`)."""
     if max_extent <= 0:
         return [[m] for m in members]
     if len(members) == 1:
@@ -180,9 +196,20 @@ def _split(members: list[int], boxes: list[tuple[float, float, float, float]], m
     miny = min(boxes[i][1] for i in members)
     maxx = max(boxes[i][2] for i in members)
     maxy = max(boxes[i][3] for i in members)
-    if maxx - minx <= max_extent and maxy - miny <= max_extent:
+    if maxx - minx <= max_extent and maxy - miny <= max_extent and not _sparse(members, boxes, cell_km):
         return [members]
     axis = 0 if maxx - minx >= maxy - miny else 1
     ordered = sorted(members, key=lambda i: (boxes[i][axis] + boxes[i][axis + 2]) / 2)
     half = len(ordered) // 2
-    return _split(ordered[:half], boxes, max_extent) + _split(ordered[half:], boxes, max_extent)
+    return _split(ordered[:half], boxes, max_extent, cell_km) + _split(ordered[half:], boxes, max_extent, cell_km)
+
+
+def _sparse(members: list[int], boxes: list[tuple[float, float, float, float]], cell_km: float) -> bool:
+    """Whether the members' hull (km², local approximation) is mostly empty: more than
+    :data:`SPARSE_EMPTY_KM2` and more than the area of the ``cell_km`` grid cells the members touch."""
+    cell_km = max(cell_km, MIN_CELL_KM)
+    occupied = {key for i in members for key in _cells(boxes[i], cell_km, pad=0.0)}
+    occupied_km2 = len(occupied) * cell_km * cell_km
+    corners = np.array([(b[x], b[y]) for b in (boxes[i] for i in members) for x in (0, 2) for y in (1, 3)])
+    empty_km2 = shapely.convex_hull(shapely.multipoints(corners)).area - occupied_km2
+    return empty_km2 > max(SPARSE_EMPTY_KM2, occupied_km2)

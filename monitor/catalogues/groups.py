@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import shapely
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from shapely.geometry import MultiPolygon, box
 from shapely.geometry.base import BaseGeometry
 
@@ -71,33 +73,28 @@ def group_areas(areas: Sequence[AreaFootprint], distance_km: float) -> list[Sear
     # A split area's planar bounds span the world: linked by them, it would join every area of its latitudes.
     apart = [crosses_antimeridian(a.geometry) for a in areas]
     boxes = [_km_box(a.geometry) for a in areas]
-    parent = list(range(len(areas)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    if distance_km > 0:
-        cell = distance_km
-        grid: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, b in enumerate(boxes):
-            if apart[i]:
-                continue
-            for key in _cells(b, cell, pad=0.0):
-                grid[key].append(i)
-        for i, b in enumerate(boxes):
-            if apart[i]:
-                continue
-            for key in _cells(b, cell, pad=distance_km):
-                for j in grid[key]:
-                    if j > i and find(i) != find(j) and _gap_km(b, boxes[j]) <= distance_km:
-                        parent[find(j)] = find(i)
+    # Single linkage = connected components of the "bounding boxes within distance_km" graph (the gap
+    # between two axis-parallel boxes is their planar distance): pairs from an STRtree, components by scipy.
+    label = list(range(len(areas)))
+    linked = [i for i in range(len(areas)) if not apart[i]]
+    if distance_km > 0 and len(linked) > 1:
+        b = np.array([boxes[i] for i in linked], dtype=float)
+        # Candidates: boxes meeting the other box grown by distance_km (envelopes only, no GEOS predicate,
+        # which is 50x slower here); then the exact gap, vectorised.
+        grow = np.array([-distance_km, -distance_km, distance_km, distance_km])
+        left, right = shapely.STRtree(shapely.box(*b.T)).query(shapely.box(*(b + grow).T))
+        dx = np.maximum(0.0, np.maximum(b[right, 0] - b[left, 2], b[left, 0] - b[right, 2]))
+        dy = np.maximum(0.0, np.maximum(b[right, 1] - b[left, 3], b[left, 1] - b[right, 3]))
+        near = np.hypot(dx, dy) <= distance_km
+        left, right = left[near], right[near]
+        graph = coo_matrix((np.ones(len(left), dtype=np.int8), (left, right)), shape=(len(linked), len(linked)))
+        _, components = connected_components(graph, directed=False)
+        for i, component in zip(linked, components.tolist(), strict=True):
+            label[i] = -1 - component  # apart areas keep their own index: labels never collide
 
     clusters: dict[int, list[int]] = defaultdict(list)
     for i in range(len(areas)):
-        clusters[find(i)].append(i)
+        clusters[label[i]].append(i)
 
     max_extent = MAX_EXTENT_FACTOR * distance_km if distance_km > 0 else 0.0
     groups: list[SearchGroup] = []
@@ -176,12 +173,6 @@ def _cells(b: tuple[float, float, float, float], cell: float, pad: float):
     for x in range(x0, x1 + 1):
         for y in range(y0, y1 + 1):
             yield (x, y)
-
-
-def _gap_km(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
-    dx = max(0.0, b[0] - a[2], a[0] - b[2])
-    dy = max(0.0, b[1] - a[3], a[1] - b[3])
-    return math.hypot(dx, dy)
 
 
 def _split(members: list[int], boxes: list[tuple[float, float, float, float]], max_extent: float,

@@ -27,6 +27,10 @@ Scores (area-based, 10 m pixels of the cube's grid inside the area; Olofsson et 
 
 Goal (issue 15): UA ≥ 0.95, PA ≥ 0.90, 0 false alerts, redundancy ≤ 1.2.
 
+``-v`` also prints every analysis's regions and, per rule and reference event, the reference pixels no alert
+covered and why (:func:`misses`: seasonal, atmospheric, dismissed, linked as a re-detection, found but not
+emailed, never detected) — where producer's accuracy is lost.
+
 Run: ``.venv/bin/python benchmarks/bench_alerts.py`` (builds ``build/sentinel2-romania-all`` with
 ``scripts/build-sample-data --all-dates`` when it is missing; ~3 min).
 """
@@ -209,6 +213,40 @@ def score(alerts: list[Alert], ref: np.ndarray, transform, crs, area_mask: np.nd
     }
 
 
+def misses(alerts: list[Alert], findings: list[tuple], ref: np.ndarray, transform, crs, area_mask: np.ndarray
+           ) -> list[str]:
+    """Per reference event (``visual_interpretation.json``), its pixels no alert covered and why: of the loss
+    findings over a missed pixel, the state nearest to an alert (``probable``/``confirmed``: in an analysis
+    below the minimum alert area or not emailed under this rule; then ``redetected``: linked to an earlier
+    finding; ``dismissed``; ``atmospheric``; ``seasonal``), or ``never detected``. ``findings``: (EPSG:4326
+    geometry, observed date, alert state) of every loss region finding of the area."""
+    events = json.loads((REFERENCE.parent / "visual_interpretation.json").read_text())["events"]
+    reference = area_mask & (ref > 1)
+    alerted = np.zeros(ref.shape, bool)
+    for a in alerts:
+        if a.geoms:
+            alerted |= geometry_mask([transform_geom("EPSG:4326", crs, mapping(g)) for g in a.geoms],
+                                     out_shape=ref.shape, transform=transform, invert=True)
+    why = np.full(ref.shape, "never detected", dtype=object)
+    rank = ["seasonal", "atmospheric", "dismissed", "redetected"]  # painted in this order, alertable states last
+    for geom, _, state in sorted(findings, key=lambda f: rank.index(f[2]) if f[2] in rank else len(rank)):
+        why[geometry_mask([transform_geom("EPSG:4326", crs, mapping(geom))], out_shape=ref.shape,
+                          transform=transform, invert=True)] = state or "none"
+    taken = np.zeros(ref.shape, bool)
+    lines = []
+    for ev in events:
+        days = [(date.fromisoformat(v) - EPOCH).days for v in ev["visible"]]
+        window = np.zeros(ref.shape, bool)
+        window[ev["rows"][0]:ev["rows"][1], ev["cols"][0]:ev["cols"][1]] = True
+        px = reference & window & np.isin(ref, days) & ~taken  # a pixel belongs to the first event that takes it
+        taken |= px
+        missed = px & ~alerted
+        causes = {c: int((missed & (why == c)).sum()) for c in np.unique(why[missed])}
+        lines.append(f"{ev['id']}: {int(px.sum())} px, missed {int(missed.sum())} ("
+                     + ", ".join(f"{c} {n}" for c, n in sorted(causes.items(), key=lambda kv: -kv[1])) + ")")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -233,6 +271,9 @@ def main(argv: list[str] | None = None) -> None:
             area_id, alerts = run_service(args.data, cogs, settings, log)
             with session_scope(settings) as s:
                 area_geom = to_shape(s.get(Area, area_id).geom)
+                findings = [(to_shape(f.geom), f.observed_at, f.alert_state) for f in s.execute(
+                    select(Finding).where(Finding.area_id == area_id, Finding.kind == "region",
+                                          Finding.change_class.in_(LOSS))).scalars()]
         with rasterio.open(REFERENCE) as src:
             ref, transform, crs = src.read(1), src.transform, src.crs
         area_mask = geometry_mask([transform_geom("EPSG:4326", crs, mapping(area_geom))], out_shape=ref.shape,
@@ -240,6 +281,9 @@ def main(argv: list[str] | None = None) -> None:
         results = {rule: score(a, ref, transform, crs, area_mask) for rule, a in alerts.items()}
         for rule, listed in alerts.items():
             log(f"{rule}: " + ", ".join(f"{a.date} {a.hectares:.2f} ha" for a in listed))
+            if args.verbose:
+                for line in misses(listed, findings, ref, transform, crs, area_mask):
+                    log(f"    {line}")
     finally:
         reset_engines()
         dbadmin.drop_database(dsn)

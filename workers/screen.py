@@ -60,6 +60,7 @@ from shapely.geometry import mapping, shape
 from eo.cog import CogReadError
 from eo.masks import haze_mask
 from eo.security import HrefRefused
+from workers import atmosphere
 from workers.raster import Grid, SceneRef, SkipAnalysis, _clear_mask, _reflectance, mask_band, read_band
 from workers.regions import Region, shape_measures, to_4326
 from workers.spectral import THRESHOLDS, Thresholds
@@ -298,6 +299,7 @@ def screen(regions: list[Region], grid: Grid, before: SceneRef, after: SceneRef,
         else:
             verdict = DEPARTURE
         out.append(Verdict(verdict, stats))
+    _atmosphere(regions, out, after, window, ndvi_a)
     found: list[Region] = []
     found_verdicts: list[Verdict] = []
     # A date on which the screen saw haze or shadow is not trusted to find loss on its own.
@@ -311,9 +313,21 @@ def screen(regions: list[Region], grid: Grid, before: SceneRef, after: SceneRef,
             lost &= ~geometry_mask([mapping(g) for g in taken], out_shape=lost.shape, transform=t_win, invert=True)
         found, found_verdicts = _found_regions(lost, window, ndvi_a, ndvi_b, pred_a, d_ndvi, min_mapping_unit_ha,
                                                common)
+        _atmosphere(found, found_verdicts, after, window, ndvi_a)
     logger.info("screen: %s over %d history dates (%s); %d loss regions the pair missed",
                 ", ".join(v.verdict for v in out), len(past), common.get("method"), len(found))
     return Screened(out, found, found_verdicts)
+
+
+def _atmosphere(regions: list[Region], verdicts: list[Verdict], after: SceneRef, window: Grid,
+                ndvi_a: np.ndarray) -> None:
+    """Departing loss regions that are haze or a cloud's edge become atmospheric (workers/atmosphere.py)."""
+    hits = atmosphere.recheck([r.geom_utm for r in regions], [v.verdict for v in verdicts],
+                              [NDVI_CLASSES.get(r.change_class) for r in regions], after, window, ndvi_a)
+    for v, hit in zip(verdicts, hits, strict=True):
+        if hit:
+            v.verdict = ATMOSPHERIC
+            v.statistics.update(atmosphere=hit[0], **hit[1])
 
 
 def _found_regions(lost: np.ndarray, window: Grid, ndvi_a: np.ndarray, ndvi_b: np.ndarray, pred_a: np.ndarray,

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,22 +134,33 @@ def read_aoi(
     Pixels outside the file are ``nodata``. Raises :class:`eo.security.HrefRefused` for hrefs that
     must not be opened and :class:`CogReadError` for unreadable or corrupt files.
     """
+    with open_checked(href, catalogue) as opener:
+        with opener() as src:
+            level = overview_level(src, dst_crs, resolution) if use_overviews else None
+            if level is None:
+                return _read(src, href, geom_4326, dst_crs, resolution, resampling, bounds, indexes, aoi_mask,
+                             tolerance)
+        with opener(level) as src:
+            raster = _read(src, href, geom_4326, dst_crs, resolution, resampling, bounds, indexes, aoi_mask,
+                           tolerance)
+            raster.overview_level = level
+            return raster
+
+
+@contextmanager
+def open_checked(href: str, catalogue: CatalogueSettings) -> Iterator[Callable[..., Any]]:
+    """``href`` checked against the catalogue's policy (:func:`eo.security.check_href`), GDAL set up for it
+    (policy proxy included); yields ``opener(overview_level=None)`` → an open rasterio dataset (a context
+    manager), to be called as often as needed while the block runs (one policy check and proxy token for
+    many reads). Errors inside the block come out as :class:`eo.security.HrefRefused` (a redirect outside
+    the policy) or :class:`CogReadError` (unreadable, corrupt, HTTP errors)."""
     url = check_href(href, catalogue)
     proxy = egress.guard() if egress.uses_proxy(url) else None
     token = proxy.open_read(catalogue) if proxy else None
     try:
         options = proxy.gdal_options(token) if proxy and token else {}
         with gdal_env(catalogue.timeout_seconds, **options):
-            with rasterio.open(url) as src:
-                level = _overview_level(src, dst_crs, resolution) if use_overviews else None
-                if level is None:
-                    return _read(src, href, geom_4326, dst_crs, resolution, resampling, bounds, indexes, aoi_mask,
-                                 tolerance)
-            with rasterio.open(url, overview_level=level) as src:
-                raster = _read(src, href, geom_4326, dst_crs, resolution, resampling, bounds, indexes, aoi_mask,
-                               tolerance)
-                raster.overview_level = level
-                return raster
+            yield lambda overview_level=None: rasterio.open(url, overview_level=overview_level)
     except CogReadError:
         raise
     except (RasterioError, OSError, ValueError) as exc:
@@ -161,7 +174,7 @@ def read_aoi(
             proxy.close_read(token)
 
 
-def _overview_level(src: Any, dst_crs: Any, resolution: Any) -> int | None:
+def overview_level(src: Any, dst_crs: Any, resolution: Any) -> int | None:
     """Index of the coarsest overview whose pixel is no larger than ``resolution``; None = full resolution."""
     if resolution is None:
         return None

@@ -28,17 +28,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import rasterio
 import shapely
 from affine import Affine
 from pyproj import Transformer
 from rasterio.crs import CRS
+from rasterio.enums import Resampling
 from rasterio.features import geometry_mask, rasterize
-from rasterio.warp import transform_geom
-from shapely.geometry import box, mapping, shape
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
+from rasterio.windows import Window
 from shapely.geometry.base import BaseGeometry
 
 from core.config import CatalogueSettings
-from eo.cog import read_aoi, utm_crs_for
+from eo.cog import open_checked, overview_level, utm_crs_for
 from eo.masks import MASK_BANDS, QA_FILL, clear_mask
 
 MASK_PIXEL_M = 20.0
@@ -90,10 +93,11 @@ class Coverage:
 
 @dataclass(frozen=True)
 class ReadStats:
-    """What a call read: granule window reads (one per granule and window) and the pixels fetched."""
+    """What a call read: granule window reads (one per granule and window), the pixels fetched, files opened."""
 
     reads: int
     pixels: int
+    opens: int = 0  # granule files opened (once per granule and overview level used)
 
 
 def mask_band(assets: dict[str, Any]) -> str:
@@ -223,28 +227,135 @@ def _touched(a: _Area, origin: tuple[int, int], size: float, source: np.ndarray,
                     granules_used=tuple(granules[int(k) - 1].item_id for k in used))
 
 
-def _mosaic(crs: CRS, size: float, cluster: list[_Area], granules: Sequence[GranuleMask], bands: list[str]
-            ) -> tuple[tuple[int, int], np.ndarray, np.ndarray, int]:
-    """The cluster's window: (origin col/row, which granule first imaged each pixel, clear, granules read)."""
-    col0, row0 = min(a.bounds[0] for a in cluster), min(a.bounds[1] for a in cluster)
-    col1, row1 = max(a.bounds[2] for a in cluster), max(a.bounds[3] for a in cluster)
-    bounds = (col0 * size, -row1 * size, col1 * size, -row0 * size)
-    window = shape(transform_geom(crs, "EPSG:4326", mapping(box(*bounds))))
-    source = np.zeros((row1 - row0, col1 - col0), dtype=np.uint8)  # 0 = not imaged, k = granule k-1 first
-    clear = np.zeros(source.shape, dtype=bool)
-    reads = 0
-    for k, (granule, band) in enumerate(zip(granules, bands, strict=True)):
-        if granule.footprint is not None and not granule.footprint.intersects(window):
-            continue
-        entry = granule.assets[band]
-        raster = read_aoi(entry["href"], None, catalogue=granule.catalogue, dst_crs=crs, resolution=size,
-                          bounds=bounds, indexes=1, aoi_mask=False, use_overviews=True, tolerance=EXACT_TOLERANCE)
-        reads += 1
-        values = raster.array[0]
-        seen = _imaged(band, values, entry.get("nodata", raster.nodata)) & (source == 0)
-        source[seen] = min(k + 1, 255)
-        clear |= seen & clear_mask(band, values)
-    return (col0, row0), source, clear, reads
+@dataclass(frozen=True)
+class _Window:
+    """One window of a lattice to read: its CRS, pixel size, pixel index box and the areas it serves."""
+
+    crs: CRS
+    size: float
+    box: tuple[int, int, int, int]  # col0, row0, col1, row1 (exclusive) on the lattice
+    cluster: list[_Area]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.box[3] - self.box[1], self.box[2] - self.box[0]
+
+    @property
+    def transform(self) -> Affine:
+        return Affine(self.size, 0.0, self.box[0] * self.size, 0.0, -self.size, -self.box[1] * self.size)
+
+
+def _windows(areas: dict[int, BaseGeometry], shared: bool) -> list[_Window]:
+    out = []
+    for (crs_name, size), members in _project(areas).items():
+        crs = CRS.from_string(crs_name)
+        for cluster in _clusters(members, size, shared):
+            box_ = (min(a.bounds[0] for a in cluster), min(a.bounds[1] for a in cluster),
+                    max(a.bounds[2] for a in cluster), max(a.bounds[3] for a in cluster))
+            out.append(_Window(crs, size, box_, cluster))
+    return out
+
+
+def _footprints_4326(windows: list[_Window]) -> np.ndarray:
+    """Each window's box (its four corners) in EPSG:4326, as the footprints it is tested against."""
+    out = np.empty(len(windows), dtype=object)
+    by_crs: dict[str, list[int]] = defaultdict(list)
+    for i, w in enumerate(windows):
+        by_crs[w.crs.to_string()].append(i)
+    for crs_name, idx in by_crs.items():
+        b = np.array([windows[i].box for i in idx], dtype=float) * np.array([[windows[i].size] for i in idx])
+        left, top, right, bottom = b[:, 0], -b[:, 1], b[:, 2], -b[:, 3]
+        xs = np.stack([right, right, left, left], axis=1)
+        ys = np.stack([bottom, top, top, bottom], axis=1)
+        lon, lat = Transformer.from_crs(crs_name, "EPSG:4326", always_xy=True).transform(xs, ys)
+        out[idx] = shapely.polygons(np.stack([lon, lat], axis=-1))
+    return out
+
+
+def _aligned(src: Any, w: _Window) -> tuple[int, int] | None:
+    """(column, row) offset of the window in ``src`` when the lattice is ``src``'s own pixel grid (same CRS and
+    pixel size, pixel edges on each other): then a plain window read gives exactly what nearest warping gives."""
+    t = src.transform
+    if src.crs != w.crs or t.b != 0 or t.d != 0 or not math.isclose(t.a, w.size, rel_tol=1e-9) \
+            or not math.isclose(-t.e, w.size, rel_tol=1e-9):
+        return None
+    col = (w.box[0] * w.size - t.c) / w.size
+    row = (t.f + w.box[1] * w.size) / w.size
+    if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
+        return None
+    return round(col), round(row)
+
+
+def _clipped_read(dataset: Any, col: int, row: int, height: int, width: int, fill: float) -> np.ndarray:
+    """Band 1 of ``dataset`` over the pixel box at (``col``, ``row``), ``fill`` where the box leaves the dataset."""
+    out = np.full((height, width), fill, dtype=dataset.dtypes[0])
+    c0, r0 = max(col, 0), max(row, 0)
+    c1, r1 = min(col + width, dataset.width), min(row + height, dataset.height)
+    if c1 > c0 and r1 > r0:
+        out[r0 - row:r1 - row, c0 - col:c1 - col] = dataset.read(1, window=Window(c0, r0, c1 - c0, r1 - r0))
+    return out
+
+
+def _read_window(src: Any, w: _Window, fill: float, vrts: dict[tuple[str, float], Any]) -> np.ndarray:
+    height, width = w.shape
+    offset = _aligned(src, w)
+    if offset is not None:  # pixels outside the file are ``fill``, as a warp leaves them
+        return _clipped_read(src, offset[0], offset[1], height, width, fill)
+    # One warped view of the whole lattice per granule, read window by window: with an exact transformer each
+    # pixel's value does not depend on the window (or the view) it is read through.
+    key = (w.crs.to_string(), w.size)
+    vrt = vrts.get(key)
+    if vrt is None:
+        vrt = vrts[key] = _lattice_vrt(src, w.crs, w.size, fill)
+    col0, row0 = vrt.lattice_origin
+    return _clipped_read(vrt, w.box[0] - col0, w.box[1] - row0, height, width, fill)
+
+
+class _LatticeVRT(WarpedVRT):
+    lattice_origin: tuple[int, int]
+
+
+def _lattice_vrt(src: Any, crs: CRS, size: float, fill: float) -> Any:
+    """A warped view of ``src`` on the lattice (``crs``, ``size``) over the file's extent (plus a margin)."""
+    left, bottom, right, top = transform_bounds(src.crs, crs, *src.bounds, densify_pts=21)
+    col0, row0 = math.floor(left / size) - 2, math.floor(-top / size) - 2
+    col1, row1 = math.ceil(right / size) + 2, math.ceil(-bottom / size) + 2
+    vrt = _LatticeVRT(src, crs=crs, transform=Affine(size, 0.0, col0 * size, 0.0, -size, -row0 * size),
+                      width=col1 - col0, height=row1 - row0, resampling=Resampling.nearest, nodata=fill,
+                      tolerance=EXACT_TOLERANCE)
+    vrt.lattice_origin = (col0, row0)
+    return vrt
+
+
+def _read_granule(granule: GranuleMask, band: str, windows: list[_Window]) -> tuple[list[np.ndarray], float | None]:
+    """Every window of one granule's mask from ONE open file (per overview level used): the arrays (the file's
+    nodata, else 0, where it has no pixel) and the nodata value to test against."""
+    entry = granule.assets[band]
+    out: list[np.ndarray | None] = [None] * len(windows)
+    with open_checked(entry["href"], granule.catalogue) as opener:
+        by_level: dict[int | None, list[int]] = defaultdict(list)
+        with opener() as src:
+            fill = src.nodata if src.nodata is not None else 0
+            levels = {key: overview_level(src, key[0], key[1]) for key in {(w.crs, w.size) for w in windows}}
+            for i, w in enumerate(windows):
+                by_level[levels[(w.crs, w.size)]].append(i)
+            vrts: dict[tuple[str, float], Any] = {}
+            try:
+                for i in by_level.pop(None, []):
+                    out[i] = _read_window(src, windows[i], fill, vrts)
+            finally:
+                for vrt in vrts.values():
+                    vrt.close()
+        for level, idx in sorted(by_level.items()):
+            with opener(level) as src:
+                vrts = {}
+                try:
+                    for i in idx:
+                        out[i] = _read_window(src, windows[i], fill, vrts)
+                finally:
+                    for vrt in vrts.values():
+                        vrt.close()
+    return out, entry.get("nodata", fill)  # type: ignore[return-value]
 
 
 def observe_acquisition(granules: Sequence[GranuleMask], areas: dict[int, BaseGeometry], *,
@@ -252,23 +363,47 @@ def observe_acquisition(granules: Sequence[GranuleMask], areas: dict[int, BaseGe
     """Coverage of each area (id → EPSG:4326 geometry) by the acquisition made of ``granules`` (best first).
 
     ``shared`` (default): one read per granule and cluster window; False: one read per granule and area
-    (the reference the shared read must equal, and the benchmark's baseline). ``stats``, when given, gets
-    one :class:`ReadStats` appended. Raises :class:`NoCloudMask` when a granule has no mask asset, and what
-    :func:`eo.cog.read_aoi` raises (``HrefRefused``, ``CogReadError``) when one cannot be read: a mosaic
+    (the reference the shared read must equal, and the benchmark's baseline). Either way each granule's
+    file is opened once (per overview level) for all its windows. ``stats``, when given, gets one
+    :class:`ReadStats` appended. Raises :class:`NoCloudMask` when a granule has no mask asset, and what
+    :func:`eo.cog.open_checked` raises (``HrefRefused``, ``CogReadError``) when one cannot be read: a mosaic
     with a hole it does not know about would call the hole "not imaged".
     """
     bands = [mask_band(g.assets) for g in granules]
-    jobs = [(CRS.from_string(crs_name), size, cluster) for (crs_name, size), members in _project(areas).items()
-            for cluster in _clusters(members, size, shared)]
-    out: dict[int, Coverage] = {}
-    reads = pixels = 0
-    # Windows are read by a few threads (GDAL releases the GIL while it waits on HTTP); counting stays here.
+    windows = _windows(areas, shared)
+    touching: list[list[int]] = []
+    if windows:
+        footprints = _footprints_4326(windows)
+        tree = shapely.STRtree(footprints)
+        for g in granules:
+            touching.append(sorted(tree.query(g.footprint, predicate="intersects").tolist())
+                            if g.footprint is not None else list(range(len(windows))))
+    else:
+        touching = [[] for _ in granules]
+    source = [np.zeros(w.shape, dtype=np.uint8) for w in windows]  # 0 = not imaged, k = granule k-1 first
+    clear = [np.zeros(w.shape, dtype=bool) for w in windows]
+    reads = pixels = opens = 0
+
+    def read(k: int) -> tuple[list[np.ndarray], float | None]:
+        if not touching[k]:
+            return [], None
+        return _read_granule(granules[k], bands[k], [windows[i] for i in touching[k]])
+
+    # Granules are read by a few threads (GDAL releases the GIL while it waits on HTTP), merged here in
+    # mosaic order (first granule first) as they come.
     with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="mask-read") as pool:
-        for (_, size, cluster), (origin, source, clear, n) in zip(
-                jobs, pool.map(lambda job: _mosaic(job[0], job[1], job[2], granules, bands), jobs), strict=True):
-            reads += n
-            pixels += n * source.size
-            out.update(_count(cluster, origin, size, source, clear, granules))
+        for k, (arrays, nodata) in enumerate(pool.map(read, range(len(granules)))):
+            opens += bool(arrays)
+            for i, values in zip(touching[k], arrays, strict=True):
+                reads += 1
+                pixels += values.size
+                seen = _imaged(bands[k], values, nodata) & (source[i] == 0)
+                source[i][seen] = min(k + 1, 255)
+                clear[i] |= seen & clear_mask(bands[k], values)
+    out: dict[int, Coverage] = {}
+    with rasterio.Env():  # one GDAL environment for every rasterize call (each would set one up and tear it down)
+        for i, w in enumerate(windows):
+            out.update(_count(w.cluster, (w.box[0], w.box[1]), w.size, source[i], clear[i], granules))
     if stats is not None:
-        stats.append(ReadStats(reads, pixels))
+        stats.append(ReadStats(reads, pixels, opens))
     return out

@@ -234,3 +234,34 @@ def test_shared_observation_reads_give_exactly_the_per_area_fractions(cogs):
     # One read per granule and 10 km cell of each zone's lattice, against one per granule and area.
     assert sum(s.reads for s in alone_stats) == 2 * len(areas)
     assert shared_stats[0].reads <= len(areas) / 4
+
+
+def test_aligned_mask_reads_equal_warped_reads_exactly(cogs, monkeypatch):
+    """A lattice on the granule's own pixel grid is read as a plain window (no warp); forcing every read
+    through the warped view gives exactly the same fractions (both zones, edges, sub-pixel areas)."""
+    import eo.observe
+
+    catalogue = loopback_catalogue(cogs.url, [])
+    granules = [GranuleMask(name, {"scl": {"href": cogs.href(f"{name}/scl.tif"), "nodata": 0}}, catalogue)
+                for name in ("mixed-west", "mixed-east")]
+    rnd = random.Random(23)
+    areas = {}
+    for k in range(60):
+        w = rnd.choice([0.0001, 0.003, 0.02, 0.05])
+        x, y = rnd.uniform(23.88, 24.1), rnd.uniform(44.96, 45.04)
+        areas[k] = box(x, y, x + w, y + w * 0.8)
+    calls = {"aligned": 0}
+    real = eo.observe._aligned
+
+    def counting(src, w):
+        got = real(src, w)
+        calls["aligned"] += got is not None
+        return got
+
+    monkeypatch.setattr(eo.observe, "_aligned", counting)
+    direct = observe_acquisition(granules, areas)
+    assert calls["aligned"] > 0  # the plain-window path was taken for the zone-34 granule
+    monkeypatch.setattr(eo.observe, "_aligned", lambda src, w: None)
+    warped = observe_acquisition(granules, areas)
+    assert direct == warped
+    assert any(0 < c.covered_fraction < 1 for c in direct.values())

@@ -12,20 +12,31 @@ cycle for 10,000 areas spread over Europe, on loopback (local STAC API, COGs ove
    an area and per date (two dates in the look-back; the tiles of one longitude column share a datatake,
    so acquisitions are mosaics of several granules), each with its own SCL COG in the tile's UTM zone
    (sparse GeoTIFF: only the blocks under areas are written). Timed: ``poll_all`` (searches, ingest, pending
-   observations) then ``process_pending`` (observations, before acquisitions, analysis rows).
+   observations), then observations and pairing as the scheduler runs them: ``process_pending`` sends one
+   ``unirs.observe`` task per acquisition to ``--workers`` real Celery worker processes (a private
+   redis-server), and pairs what they computed, in a loop, until no observation is left pending (the last
+   observation/analysis row written). Baseline arm, same run: ``--baseline-rev``'s (main before the workers
+   took the observations) in-process ``process_pending`` on a copy of the polled database; both arms must
+   settle the same observations and create the same analyses.
 
-Run: ``.venv/bin/python benchmarks/bench_pairing.py [--areas 10000] [--per-area-sample 1000]``.
-The last line is ``shared_speedup: <per-area seconds / shared seconds>``.
+Run: ``.venv/bin/python benchmarks/bench_pairing.py [--areas 10000] [--per-area-sample 1000] [--workers 2]``.
+The last line is ``shared_speedup: <per-area seconds / shared seconds>``; the Europe part ends with
+``pairing_speedup`` (before / after) and ``full_cycle_seconds`` (poll + observations and pairing).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import math
 import os
 import random
+import re
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +62,9 @@ from devtools import dbadmin, localstac
 from eo.cog import utm_crs_for
 from eo.observe import GranuleMask, ReadStats, observe_acquisition
 
+REPO = Path(__file__).resolve().parent.parent
+# main before observations moved to the workers: one process, one read per granule and window.
+BASELINE_REV = "4e3669f"
 ADMIN_URL = os.environ.get("UNIRS_BENCH_ADMIN_URL", "postgresql://unirs:unirs@127.0.0.1:5432/postgres")
 SCENE_EPSG, SCENE_LEFT, SCENE_TOP, SCENE_PX = 32634, 600_000.0, 5_100_000.0, 5490
 NOW = datetime(2024, 8, 30, 12, tzinfo=UTC)
@@ -144,10 +158,12 @@ def write_sparse_scl(path: Path, epsg: int, bounds: tuple[float, float, float, f
             dst.write(scl_patches(rng, int(win.height), int(win.width)), 1, window=win)
 
 
-def europe(cogs_root: Path, n: int, rng: random.Random, nprng: np.random.Generator) -> None:
-    """Part 2: one poll + pairing cycle over Europe."""
-    app_url = dbadmin.create_scratch_database(ADMIN_URL, "unirs_bench")
-    stac_dsn = dbadmin.create_scratch_database(ADMIN_URL, "unirs_bench_stac")
+def europe(cogs_root: Path, n: int, rng: random.Random, nprng: np.random.Generator, workers: int = 2,
+           baseline_rev: str | None = BASELINE_REV) -> None:
+    """Part 2: one poll + pairing cycle over Europe: observations by ``workers`` Celery worker processes, and
+    (``baseline_rev``) the same pairing by that revision's in-process code on a copy of the polled database."""
+    app_url = dbadmin.create_scratch_database(ADMIN_URL, "unirs_bench_pairing")
+    stac_dsn = dbadmin.create_scratch_database(ADMIN_URL, "unirs_bench_pairing_stac")
     api = cogs = None
     try:
         sa_url = dbadmin.sqlalchemy_url(app_url)
@@ -222,16 +238,11 @@ def europe(cogs_root: Path, n: int, rng: random.Random, nprng: np.random.Generat
                 session.execute(insert(Area), rows[start:start + 2000])
 
         from monitor.catalogues import poll_all
-        from monitor.pairing import process_pending
 
         cogs.reset_stats()
         t0 = time.monotonic()
         polled = poll_all(settings, now=NOW)
         poll_seconds = time.monotonic() - t0
-        t0 = time.monotonic()
-        paired = process_pending(settings)
-        pair_seconds = time.monotonic() - t0
-        requests = cogs.stats()["requests"]
         if not polled.ok:
             raise SystemExit(f"poll failed: {[p.error for p in polled.polls if not p.ok]}")
         print(f"Europe: {n} areas uniform over lon {EUROPE[0]}..{EUROPE[2]}, lat {EUROPE[1]}..{EUROPE[3]}; "
@@ -239,10 +250,30 @@ def europe(cogs_root: Path, n: int, rng: random.Random, nprng: np.random.Generat
               f"and date), sparse SCL COGs per item (setup {setup_seconds:.0f} s, not timed)")
         print(f"poll: {polled.search_requests} search requests, {polled.total('new_scenes')} scenes, "
               f"{polled.polls[0].observations_created} pending observations, {poll_seconds:.1f} s")
-        print(f"pairing: {paired.observations} observations settled ({paired.clear} clear, {paired.cloudy} cloudy, "
-              f"{paired.partial} partial, {paired.failed} failed), {paired.granule_reads} granule mask reads, "
-              f"{requests} COG HTTP requests, {paired.analyses_created} analyses created, {pair_seconds:.1f} s")
-        print(f"full_cycle_seconds: {poll_seconds + pair_seconds:.1f} (goal < 60)")
+        from core.db import reset_engines
+
+        reset_engines()  # the baseline's copy is made from this database: no connection may stay open
+        time.sleep(1)
+        copy_url = clone_database(app_url) if baseline_rev else None
+        print(f"{'arm':<34}{'observations':>13}{'clear':>7}{'window reads':>13}{'files opened':>13}"
+              f"{'COG requests':>13}{'analyses':>9}{'seconds':>9}")
+        after = cycle_with_workers(settings, cogs, workers)
+        print(f"{f'after: {workers} cpu worker processes':<34}{after['observations']:>13}{after['clear']:>7}"
+              f"{after['reads']:>13}{after['opens']:>13}{after['requests']:>13}{after['analyses']:>9}"
+              f"{after['seconds']:>9.1f}")
+        if copy_url is not None:
+            try:
+                before = baseline_cycle(copy_url, catalogue, cogs, baseline_rev)
+            finally:
+                dbadmin.drop_database(copy_url)
+            print(f"{f'before: {baseline_rev}, in-process':<34}{before['observations']:>13}{before['clear']:>7}"
+                  f"{before['reads']:>13}{'-':>13}{before['requests']:>13}{before['analyses']:>9}"
+                  f"{before['seconds']:>9.1f}")
+            if (before["observations"], before["analyses"]) != (after["observations"], after["analyses"]):
+                raise SystemExit("the arms settled different observations or created different analyses")
+            print(f"pairing_speedup: {before['seconds'] / after['seconds']:.2f} (same run, same data)")
+        print(f"full_cycle_seconds: {poll_seconds + after['seconds']:.1f} (poll {poll_seconds:.1f} + observations "
+              f"and pairing {after['seconds']:.1f}; goal < 60)")
     finally:
         for server in (api, cogs):
             if server is not None:
@@ -254,12 +285,175 @@ def europe(cogs_root: Path, n: int, rng: random.Random, nprng: np.random.Generat
         dbadmin.drop_database(stac_dsn)
 
 
+def clone_database(dsn: str) -> str:
+    """A copy of the database (``CREATE DATABASE … TEMPLATE``; nobody may be connected to it)."""
+    import psycopg
+
+    source = dbadmin.dbname(dsn)
+    name = f"{source}_copy"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        # Idle pooled connections of this process (this scratch database is ours alone) would block the copy.
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                     "AND pid <> pg_backend_pid()", [source])
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{source}"')
+    return dbadmin.with_dbname(dsn, name)
+
+
+class PrivateBroker:
+    """A redis-server of our own on a free loopback port: the shared broker's ``cpu`` queue has other consumers."""
+
+    def __init__(self, workdir: Path):
+        self.port = localstac.free_port()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        import redis
+
+        for _ in range(200):
+            try:
+                if redis.Redis.from_url(self.url, socket_timeout=1).ping():
+                    return
+            except redis.RedisError:
+                time.sleep(0.1)
+        raise SystemExit("redis-server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def start_workers(count: int, settings: Settings, workdir: Path) -> list[subprocess.Popen]:
+    """``count`` Celery worker programs (one pool process each) on the ``cpu`` queue; returns once all are ready."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIRS_")}
+    env.update({"UNIRS_DATABASE_URL": settings.database_url, "UNIRS_BROKER_URL": settings.broker_url,
+                "UNIRS_CATALOGUES": json.dumps([c.model_dump(mode="json") for c in settings.catalogues]),
+                "UNIRS_LOG_LEVEL": "INFO", "PYTHONPATH": str(REPO)})
+    procs, logs = [], []
+    for k in range(count):
+        log = workdir / f"worker-{k}.log"
+        logs.append(log)
+        with open(log, "ab") as out:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--queues", "cpu",
+                 "--concurrency", "1", "--loglevel", "INFO", "-n", f"bench-{k}-{os.getpid()}@%h", "--without-gossip",
+                 "--without-mingle", "--without-heartbeat"],
+                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True))
+    deadline = time.monotonic() + 300
+    while not all(" ready." in log.read_text(errors="replace") for log in logs if log.exists()) or \
+            not all(log.exists() for log in logs):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            raise SystemExit(f"workers did not start; see {workdir}")
+        time.sleep(0.2)
+    return procs
+
+
+def cycle_with_workers(settings: Settings, cogs: localstac.CogServer, count: int) -> dict[str, float]:
+    """Observations by ``count`` real worker processes, pairing here in a loop, as the scheduler's jobs do;
+    timed from the first dispatch until no observation is left pending (the last row written)."""
+    from monitor.observations import celery_sender
+    from monitor.pairing import process_pending
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-pairing-workers-"))
+    broker = PrivateBroker(workdir)
+    settings = settings.model_copy(update={"broker_url": broker.url})
+    procs: list[subprocess.Popen] = []
+    try:
+        procs = start_workers(count, settings, workdir)
+        send = celery_sender(settings)
+        cogs.reset_stats()
+        analyses = 0
+        observed_at = None
+        t0 = time.monotonic()
+        while True:
+            analyses += process_pending(settings, send_observations=send).analyses_created
+            uncomputed, pending = pending_observations(settings)
+            if observed_at is None and not uncomputed:
+                observed_at = time.monotonic() - t0
+            if not pending:
+                break
+            time.sleep(0.25)
+        seconds = time.monotonic() - t0
+        requests = cogs.stats()["requests"]
+        by_status = observation_counts(settings)
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            proc.wait(60)
+        broker.stop()
+    reads = opens = busy = 0.0
+    for log in workdir.glob("worker-*.log"):
+        content = log.read_text(errors="replace")
+        for m in re.finditer(r"(\d+) granule windows read from (\d+) files", content):
+            reads, opens = reads + int(m[1]), opens + int(m[2])
+        busy += sum(float(m[1]) for m in re.finditer(r"unirs\.observe\[[^]]+\] succeeded in ([0-9.]+)s", content))
+    shutil.rmtree(workdir, ignore_errors=True)
+    print(f"  workers: every observation computed {observed_at:.1f} s after the first dispatch, the last pairing "
+          f"{seconds:.1f} s; tasks ran {busy:.1f} worker-seconds in all")
+    return {"observations": sum(by_status.values()), "clear": by_status.get("clear", 0), "analyses": analyses,
+            "seconds": seconds, "requests": requests, "reads": int(reads), "opens": int(opens)}
+
+
+def pending_observations(settings: Settings) -> tuple[int, int]:
+    """(rows without fractions yet, rows still pending)."""
+    from sqlalchemy import text
+
+    from core.db import session_scope
+
+    with session_scope(settings) as session:
+        row = session.execute(text("SELECT count(*) FILTER (WHERE computed_at IS NULL), count(*) FROM observations "
+                                   "WHERE status = 'pending'")).one()
+    return int(row[0]), int(row[1])
+
+
+def observation_counts(settings: Settings) -> dict[str, int]:
+    from sqlalchemy import text
+
+    from core.db import session_scope
+
+    with session_scope(settings) as session:
+        return dict(session.execute(text("SELECT status::text, count(*) FROM observations GROUP BY 1")).all())
+
+
+BASELINE_SCRIPT = """
+import json, sys, time
+from core.config import CatalogueSettings, Settings
+from monitor.pairing import process_pending
+cfg = json.loads(sys.argv[1])
+settings = Settings(database_url=cfg["database_url"], catalogues=[CatalogueSettings(**cfg["catalogue"])])
+t0 = time.monotonic()
+p = process_pending(settings)
+print(json.dumps({"seconds": time.monotonic() - t0, "observations": p.observations, "clear": p.clear,
+                  "analyses": p.analyses_created, "reads": p.granule_reads}))
+"""
+
+
+def baseline_cycle(dsn: str, catalogue: CatalogueSettings, cogs: localstac.CogServer, rev: str) -> dict[str, float]:
+    """``rev``'s pairing (in one process, as the scheduler ran it) on a copy of the polled database."""
+    with tempfile.TemporaryDirectory(prefix="bench-pairing-baseline-") as tmp:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "core", "eo", "monitor"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        cfg = {"database_url": dbadmin.sqlalchemy_url(dsn), "catalogue": catalogue.model_dump(mode="json")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("UNIRS_")}
+        cogs.reset_stats()
+        out = subprocess.run([sys.executable, "-c", BASELINE_SCRIPT, json.dumps(cfg)], cwd=tmp, check=True,
+                             capture_output=True, text=True, env={**env, "PYTHONPATH": tmp}).stdout
+    return {**json.loads(out.strip().splitlines()[-1]), "requests": cogs.stats()["requests"]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--areas", type=int, default=10_000)
     parser.add_argument("--per-area-sample", type=int, default=1000, help="areas read one by one (extrapolated)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--skip-europe", action="store_true")
+    parser.add_argument("--skip-one-scene", action="store_true")
+    parser.add_argument("--workers", type=int, default=2, help="Celery worker processes of the Europe cycle")
+    parser.add_argument("--baseline-rev", default=BASELINE_REV,
+                        help="git revision whose in-process pairing is the Europe baseline ('' = none)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rng, nprng = random.Random(args.seed), np.random.default_rng(args.seed)
@@ -267,11 +461,13 @@ def main() -> int:
         root = Path(tmp)
         write_scene(root / "scene-shared.tif", np.random.default_rng(args.seed))
         write_scene(root / "scene-alone.tif", np.random.default_rng(args.seed))
-        with localstac.CogServer(root) as cogs:
-            shared_seconds, alone_seconds = one_scene(cogs, root, args.areas, args.per_area_sample, rng)
+        if not args.skip_one_scene:
+            with localstac.CogServer(root) as cogs:
+                shared_seconds, alone_seconds = one_scene(cogs, root, args.areas, args.per_area_sample, rng)
         if not args.skip_europe:
-            europe(root, args.areas, rng, nprng)
-    print(f"shared_speedup: {alone_seconds / shared_seconds:.1f} (goal >= 15)")
+            europe(root, args.areas, rng, nprng, args.workers, args.baseline_rev or None)
+    if not args.skip_one_scene:
+        print(f"shared_speedup: {alone_seconds / shared_seconds:.1f} (goal >= 15)")
     return 0
 
 

@@ -284,6 +284,8 @@ class Observation(Base):
     clear_fraction: Mapped[float | None] = mapped_column(Float)
     reason: Mapped[str | None] = mapped_column(Text)
     computed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When its acquisition's ``unirs.observe`` task was last sent (core/observations.py; revision 0014).
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
     scene: Mapped[Scene | None] = relationship(lazy="joined")

@@ -55,8 +55,8 @@ Depth = Callable[[str], "int | None"]
 _producers: dict[str, Any] = {}
 
 
-def celery_sender(settings: Settings) -> Sender:
-    """Publish ``unirs.analyse(id)`` by task name to the given queue on ``settings.broker_url``."""
+def celery_sender(settings: Settings, task_name: str = jobs.TASK_NAME) -> Sender:
+    """Publish ``task_name(id)`` (default ``unirs.analyse``) by name to the given queue on ``settings.broker_url``."""
     from celery import Celery
 
     app = _producers.get(settings.broker_url)
@@ -65,7 +65,7 @@ def celery_sender(settings: Settings) -> Sender:
         app.conf.update(broker_connection_retry_on_startup=True, task_serializer="json")
 
     def send(analysis_id: int, queue: str) -> None:
-        app.send_task(jobs.TASK_NAME, args=[analysis_id], queue=str(queue), retry=True,
+        app.send_task(task_name, args=[analysis_id], queue=str(queue), retry=True,
                       retry_policy=PUBLISH_RETRY_POLICY)
 
     return send

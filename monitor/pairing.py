@@ -2,10 +2,11 @@
 
 A run (:func:`process_pending`) has two steps:
 
-1. :func:`monitor.observations.observe_pending`: every pending observation gets its covered and clear
-   fractions, acquisition by acquisition, one mask read per granule and window of areas; cloudy, partial
-   and failed ones are settled there.
-2. Every computed, clear, still pending observation (an *after* acquisition for its area), oldest
+1. Every pending observation gets its covered and clear fractions, acquisition by acquisition, one mask read
+   per granule and window of areas (:mod:`monitor.observations`: sent to the ``cpu`` workers, or computed in
+   this process); cloudy, partial and failed ones are settled there.
+2. Every computed, clear, still pending observation (an *after* acquisition for its area) whose earlier
+   acquisitions of the area are all computed, oldest
    acquisition first and all areas of one acquisition together, looks for its *before* acquisition: same
    constellation, same relative orbit when known, earlier, observed over this area with enough of it
    imaged and clear (any tile, catalogue or collection: acquisitions are mosaics). Policy ``latest``: the
@@ -31,16 +32,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, or_, select, true, update
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, func, or_, select, true
+from sqlalchemy.orm import Session, aliased
 
 from core import jobs
+from core import observations as observation_job
 from core.config import Settings
 from core.db import session_scope
 from core.models import Acquisition, Area, AreaStatus, Observation, ObservationStatus, PairingPolicy, Scene
 from eo.questions import question_set_id
 from monitor.catalogues.identity import constellation
-from monitor.observations import observe_pending
+from monitor.observations import Sender, dispatch_observations, observe_pending
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ class PairingStats:
     analyses_created: int = 0
     no_before: int = 0
     granule_reads: int = 0
+    dispatched: int = 0  # acquisitions sent to the cpu workers to be observed
     analysis_ids: list[int] = field(default_factory=list)
 
 
@@ -113,20 +116,37 @@ def label(tiles: tuple[str, ...], orbit: int | None) -> str:
 
 
 def process_pending(settings: Settings, *, area_ids: Iterable[int] | None = None,
-                    limit: int | None = None, progress: Any = None) -> PairingStats:
-    """Compute pending observations, then pair every clear one still pending; create analyses. Idempotent."""
+                    limit: int | None = None, progress: Any = None,
+                    send_observations: Sender | None = None) -> PairingStats:
+    """Compute pending observations (here, or — ``send_observations`` given — by sending them to the ``cpu``
+    workers), then pair every computed clear one still pending; create analyses. Idempotent.
+
+    An observation is paired only once every earlier acquisition of its area is computed (workers finish
+    acquisitions in any order; the before acquisition must not be chosen while an earlier one is unknown)."""
     area_ids = list(area_ids) if area_ids is not None else None
-    observed = observe_pending(settings, area_ids=area_ids, limit=limit, progress=progress)
-    stats = PairingStats(granule_reads=observed.granule_reads)
+    if send_observations is not None:
+        observed = dispatch_observations(settings, send=send_observations)
+    else:
+        observed = observe_pending(settings, area_ids=area_ids, limit=limit, progress=progress)
+    stats = PairingStats(granule_reads=observed.granule_reads, dispatched=observed.dispatched)
     for status in ("cloudy", "partial", "failed"):
         setattr(stats, status, observed.by_status.get(status, 0))
     stats.observations = stats.cloudy + stats.partial + stats.failed
+    earlier = aliased(Observation)
+    earlier_acq = aliased(Acquisition)
+    waiting_on_earlier = (
+        select(earlier.area_id)
+        .join(earlier_acq, earlier_acq.id == earlier.acquisition_id)
+        .where(earlier.area_id == Observation.area_id, earlier.status == ObservationStatus.PENDING,
+               earlier.computed_at.is_(None), earlier_acq.sensed_at < Acquisition.sensed_at)
+        .exists()
+    )
     query = (
         select(Observation.acquisition_id, Observation.area_id)
         .join(Area, Area.id == Observation.area_id)
         .join(Acquisition, Acquisition.id == Observation.acquisition_id)
         .where(Area.status == AreaStatus.ACTIVE, Observation.status == ObservationStatus.PENDING,
-               Observation.computed_at.is_not(None))
+               Observation.computed_at.is_not(None), ~waiting_on_earlier)
         .order_by(Acquisition.sensed_at, Acquisition.id, Observation.area_id)
     )
     if area_ids is not None:
@@ -208,10 +228,10 @@ def pair_acquisition(settings: Settings, acquisition_id: int, area_ids: list[int
         afters = _afters(session, acquisition_id, area_ids)
         candidates = _candidates(session, after, list(afters))
         analyses: list[dict[str, Any]] = []
-        settled: list[dict[str, Any]] = []
+        settled: dict[int, str] = {}
         for area_id, area in afters.items():
             before, reason = choose_before(area, after, candidates[area_id])
-            settled.append({"a": area_id, "why": reason})
+            settled[area_id] = reason
             stats.observations += 1
             stats.clear += 1
             if before is None:
@@ -225,11 +245,7 @@ def pair_acquisition(settings: Settings, acquisition_id: int, area_ids: list[int
                 "question_set": question_set, "pairing_policy": area.policy, "pair_reason": reason,
             })
         created = jobs.create_pending_many(session, analyses, analyser=analyser)
-        if settled:
-            table = Observation.__table__
-            session.connection().execute(
-                update(table).where(table.c.area_id == bindparam("a"), table.c.acquisition_id == acquisition_id)
-                .values(status=ObservationStatus.CLEAR, reason=bindparam("why")), settled)
+        observation_job.settle_clear(session, acquisition_id, settled)
     stats.analyses_created += len(created)
     stats.analysis_ids.extend(created)
 

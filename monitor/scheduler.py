@@ -9,10 +9,12 @@ notices) and goes back to waiting, so two leaders never run jobs at the same tim
 Jobs (APScheduler 3, ``BlockingScheduler``; each job is single-instance and coalesced):
 
 - ``poll``: every ``poll.interval_minutes``: poll every catalogue, the late sweep where it is due
-  (``poll.late_sweep_hours``, ``monitor/catalogues/late.py``) under the poll-cycle lock, then pair right
-  away under the separate pairing lock (a long pairing run never holds up the next poll);
+  (``poll.late_sweep_hours``, ``monitor/catalogues/late.py``) under the poll-cycle lock, then, under the
+  separate pairing lock, send the new observations to the ``cpu`` workers (one ``unirs.observe`` task per
+  acquisition, :mod:`monitor.observations`) and pair what is already observed;
 - ``pair``: periodically, for observations still pending (a crash mid-pairing, failed reads due a retry);
-- ``dispatch``: every ``analysis.dispatch_interval_seconds``: ``monitor.dispatch.dispatch_once(settings)``;
+- ``dispatch``: every ``analysis.dispatch_interval_seconds``: pair what the workers observed since (and re-send
+  lost observation tasks), then ``monitor.dispatch.dispatch_once(settings)``;
 - ``reports``: ``monitor.reports.run_deliveries(settings)`` (alerts for analyses the workers finished);
 - ``health``: hourly, a WARNING (once per day per area) for each active area without a clear scene for
   ``reports.no_clear_scene_days`` (``monitor.metrics.areas_without_clear_scene``).
@@ -69,9 +71,10 @@ class CycleSummary:
         return not self.errors
 
 
-def poll_and_pair(settings: Settings, *, now: datetime | None = None) -> CycleSummary:
+def poll_and_pair(settings: Settings, *, now: datetime | None = None, observe_in_workers: bool = False) -> CycleSummary:
     """Poll every catalogue, sweep for late items where due, then settle the pending observations (one
-    cycle, serialised across processes)."""
+    cycle, serialised across processes): computed here, or sent to the ``cpu`` workers (``observe_in_workers``:
+    the scheduler; their results are paired by the next ``pair`` or ``dispatch`` job)."""
     from monitor.catalogues import poll_all
     from monitor.catalogues.late import sweep_late_all
     from monitor.pairing import process_pending
@@ -82,7 +85,7 @@ def poll_and_pair(settings: Settings, *, now: datetime | None = None) -> CycleSu
         swept = sweep_late_all(settings, now=now)
     # Pairing reads cloud masks (seconds to minutes for many areas): outside the poll lock, under its own.
     with cycle_lock(settings.database_url, PAIR_LOCK):
-        pairing = process_pending(settings)
+        pairing = process_pending(settings, send_observations=_observation_sender(settings, observe_in_workers))
     summary.items_seen = polled.total("items_seen")
     summary.new_scenes = polled.total("new_scenes")
     summary.upgraded_scenes = polled.total("upgraded_scenes")
@@ -96,11 +99,26 @@ def poll_and_pair(settings: Settings, *, now: datetime | None = None) -> CycleSu
     return summary
 
 
-def pair_pending(settings: Settings) -> None:
+def pair_pending(settings: Settings, *, observe_in_workers: bool = False) -> None:
     from monitor.pairing import process_pending
 
     with cycle_lock(settings.database_url, PAIR_LOCK):
-        process_pending(settings)
+        process_pending(settings, send_observations=_observation_sender(settings, observe_in_workers))
+
+
+def pair_and_dispatch(settings: Settings) -> dict[str, Any]:
+    """The scheduler's ``dispatch`` job: pair what the workers observed since the last run (lost observation
+    tasks are sent again), then dispatch the analyses."""
+    pair_pending(settings, observe_in_workers=True)
+    return dispatch_once(settings)
+
+
+def _observation_sender(settings: Settings, in_workers: bool) -> Any:
+    if not in_workers:
+        return None
+    from monitor.observations import celery_sender
+
+    return celery_sender(settings)
 
 
 _health_warned: dict[str, date] = {}
@@ -179,13 +197,13 @@ class Scheduler:
         now = datetime.now(UTC)
         settings = self.settings
         if "poll" in self.jobs:
-            scheduler.add_job(self._guard("poll", lambda: poll_and_pair(settings)), "interval",
+            scheduler.add_job(self._guard("poll", lambda: poll_and_pair(settings, observe_in_workers=True)), "interval",
                               minutes=settings.poll.interval_minutes, next_run_time=now, id="poll")
         if "pair" in self.jobs:
-            scheduler.add_job(self._guard("pair", lambda: pair_pending(settings)), "interval",
+            scheduler.add_job(self._guard("pair", lambda: pair_pending(settings, observe_in_workers=True)), "interval",
                               seconds=self.pair_interval_seconds, id="pair")
         if "dispatch" in self.jobs:
-            scheduler.add_job(self._guard("dispatch", lambda: dispatch_once(settings)), "interval",
+            scheduler.add_job(self._guard("dispatch", lambda: pair_and_dispatch(settings)), "interval",
                               seconds=settings.analysis.dispatch_interval_seconds, next_run_time=now, id="dispatch")
         if "reports" in self.jobs:
             scheduler.add_job(self._guard("reports", lambda: run_deliveries(settings)), "interval",

@@ -196,7 +196,7 @@ def test_unreadable_cloud_mask_is_a_failed_observation(stac_collection, make_set
 
 def test_failed_observation_is_retried_and_still_gets_its_own_analysis(
         stac_collection, make_settings, add_area, items_by_date, sample_footprint, monkeypatch):
-    import monitor.observations as observations_module
+    import eo.observe_rows as observations_module
     from eo.cog import CogReadError
 
     for date in ("2020-07-30", "2020-08-04", "2020-08-29"):

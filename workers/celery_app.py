@@ -34,6 +34,7 @@ from celery import Celery, signals
 
 from core.config import Settings, get_settings
 from core.jobs import QUEUES, TASK_NAME
+from core.observations import TASK_NAME as OBSERVE_TASK_NAME
 from workers.leases import MAX_RUN_SECONDS
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ TASK_TIME_LIMIT = MAX_RUN_SECONDS
 
 
 def make_app(settings: Settings) -> Celery:
-    app = Celery("unirs", broker=settings.broker_url, backend=settings.result_backend, include=["workers.tasks"])
+    app = Celery("unirs", broker=settings.broker_url, backend=settings.result_backend,
+                 include=["workers.tasks", "workers.observe_tasks"])
     visibility_timeout = max(2 * TASK_TIME_LIMIT, 4 * settings.analysis.lease_seconds)
     app.conf.update(
         task_acks_late=True,
@@ -64,7 +66,8 @@ def make_app(settings: Settings) -> Celery:
         broker_connection_max_retries=None,
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        task_routes={TASK_NAME: {"queue": "cpu"}},  # dispatch names the queue explicitly; this is the default
+        # Dispatch names the queue explicitly; these are the defaults.
+        task_routes={TASK_NAME: {"queue": "cpu"}, OBSERVE_TASK_NAME: {"queue": "cpu"}},
     )
     return app
 

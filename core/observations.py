@@ -1,0 +1,151 @@
+"""The observation job: every ``observations.status`` transition, the task name and the dispatch rule.
+
+This is the only module that changes an observation row after the poll created it (``pending``, one per
+active area × acquisition a granule of which touches it). The control plane (:mod:`monitor.observations`
+dispatches, :mod:`monitor.pairing` settles) and whoever computes the fractions (a ``cpu`` worker's
+``unirs.observe`` task, or the scheduler's process itself: :mod:`eo.observe_rows`) call the functions below.
+
+::
+
+    pending, not computed ──save──▶ pending + fractions ──settle_clear (pairing)──▶ clear
+                           └─save─▶ cloudy | partial | failed
+    failed, computed > FAILED_RETRY_AFTER ago, created < FAILED_GIVE_UP_AFTER ago ──save──▶ (as above)
+
+- A row is **due** while it waits for fractions (``pending`` with ``computed_at`` NULL, or a ``failed`` one whose
+  retry is due). :func:`save` writes only rows that are still due, so a task run twice (a re-delivered message,
+  a re-send racing a slow worker) writes once: the second run finds nothing due, and a row pairing already
+  settled is never reset to ``pending``.
+- **Dispatch** is per acquisition (the message carries the acquisition id only): :func:`mark_sent` stamps
+  ``dispatched_at`` on its due rows in the transaction that publishes the message. A due row whose stamp is
+  older than ``resend_seconds`` (or older than its last failed computation) is sent again — that is how a
+  task lost with a killed worker or an emptied broker comes back: the durable state is the row, not the queue.
+- All times are the database's ``now()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from core.jobs import Queue
+from core.models import ObservationStatus
+
+#: Celery task name of one acquisition's observations (messages carry the acquisition id only).
+TASK_NAME = "unirs.observe"
+QUEUE = Queue.CPU
+FAILED_RETRY_AFTER = timedelta(hours=1)
+FAILED_GIVE_UP_AFTER = timedelta(days=3)
+#: A dispatched acquisition whose rows are still due this long after is sent again (lost message, dead worker).
+RESEND_SECONDS = 600.0
+
+_S = ObservationStatus
+_RETRY = int(FAILED_RETRY_AFTER.total_seconds())
+_GIVE_UP = int(FAILED_GIVE_UP_AFTER.total_seconds())
+#: SQL condition (table alias ``o``): the row waits for fractions.
+DUE = (f"((o.status = '{_S.PENDING.value}' AND o.computed_at IS NULL) OR "
+       f"(o.status = '{_S.FAILED.value}' AND o.computed_at < now() - make_interval(secs => {_RETRY}) "
+       f"AND o.created_at > now() - make_interval(secs => {_GIVE_UP})))")
+_NOT_IN_FLIGHT = ("(o.dispatched_at IS NULL OR o.dispatched_at < now() - make_interval(secs => :resend) "
+                  "OR o.dispatched_at < o.computed_at)")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one acquisition saw of one area: the status and fractions to store (``clear`` ones are stored as
+    ``pending`` with their fractions; pairing settles them)."""
+
+    status: ObservationStatus
+    covered: float | None
+    clear: float | None
+    reason: str | None
+    scene_id: int | None = None
+
+
+def classify(covered: float, clear: float | None, min_covered: float, min_clear: float) -> tuple[ObservationStatus,
+                                                                                                   str | None]:
+    """The status and reason of an observation from its fractions (0..1) and the area's minimums."""
+    if clear is None or covered < min_covered:
+        return ObservationStatus.PARTIAL, (f"the acquisition imaged {100 * covered:.0f}% of the area (minimum "
+                                           f"{100 * min_covered:.0f}%); the rest is outside its granules or no-data")
+    if clear < min_clear:
+        imaged = "" if covered >= 0.995 else f" ({100 * covered:.0f}% of the area imaged)"
+        return ObservationStatus.CLOUDY, (f"AOI clear fraction {100 * clear:.0f}% is below the area's minimum "
+                                          f"{100 * min_clear:.0f}%{imaged}")
+    return ObservationStatus.CLEAR, None
+
+
+def due_areas(session: Session, acquisition_id: int, area_ids: list[int] | None = None) -> list[int]:
+    """Active areas whose observation of ``acquisition_id`` is due (waits for fractions)."""
+    only = "" if area_ids is None else "AND o.area_id = ANY(:areas)"
+    rows = session.execute(text(f"""
+        SELECT o.area_id FROM observations o JOIN areas a ON a.id = o.area_id
+         WHERE o.acquisition_id = :q AND a.status = 'active' AND {DUE} {only}
+         ORDER BY o.area_id"""),  # noqa: S608 — only constants and enum values are interpolated
+        {"q": acquisition_id, **({} if area_ids is None else {"areas": area_ids})})
+    return [r.area_id for r in rows]
+
+
+def due_acquisitions(session: Session, *, area_ids: list[int] | None = None, unsent_only: bool = False,
+                     resend_seconds: float = RESEND_SECONDS, limit: int | None = None) -> dict[int, list[int]]:
+    """Acquisition id → area ids with due observations, oldest acquisition first (``unsent_only``: only rows
+    not in flight, i.e. never dispatched or dispatched more than ``resend_seconds`` ago)."""
+    params: dict[str, object] = {"resend": resend_seconds}
+    where = [DUE, "a.status = 'active'"]
+    if unsent_only:
+        where.append(_NOT_IN_FLIGHT)
+    if area_ids is not None:
+        where.append("o.area_id = ANY(:areas)")
+        params["areas"] = area_ids
+    rows = session.execute(text(f"""
+        SELECT o.acquisition_id, o.area_id FROM observations o
+          JOIN areas a ON a.id = o.area_id JOIN acquisitions q ON q.id = o.acquisition_id
+         WHERE {' AND '.join(where)}
+         ORDER BY q.sensed_at, q.id, o.area_id {'' if limit is None else 'LIMIT :limit'}"""),  # noqa: S608
+        {**params, **({} if limit is None else {"limit": limit})})
+    groups: dict[int, list[int]] = {}
+    for r in rows:
+        groups.setdefault(r.acquisition_id, []).append(r.area_id)
+    return groups
+
+
+def mark_sent(session: Session, acquisition_id: int, resend_seconds: float = RESEND_SECONDS) -> int:
+    """Stamp ``dispatched_at`` on the acquisition's due rows not in flight; returns how many (0: nothing to send).
+    Call it in the transaction that publishes the message, before the commit."""
+    result = session.execute(text(f"""
+        UPDATE observations o SET dispatched_at = now() FROM areas a
+         WHERE a.id = o.area_id AND a.status = 'active' AND o.acquisition_id = :q AND {DUE} AND {_NOT_IN_FLIGHT}"""),  # noqa: S608
+        {"q": acquisition_id, "resend": resend_seconds})
+    return result.rowcount
+
+
+_SAVE = text(f"""
+    UPDATE observations o
+       SET status = CAST(:st AS observation_status), covered_fraction = :cov, clear_fraction = :clr, reason = :why,
+           scene_id = COALESCE(:sid, o.scene_id), computed_at = now()
+     WHERE o.area_id = :a AND o.acquisition_id = :q AND {DUE}""")  # noqa: S608
+
+
+def save(session: Session, acquisition_id: int, outcomes: dict[int, Outcome]) -> None:
+    """Write the outcomes (area id → :class:`Outcome`) of one acquisition in one batched UPDATE, only into rows
+    still due; clear ones stay ``pending`` (with their fractions) for pairing."""
+    if not outcomes:
+        return
+    rows = [{"a": area_id, "q": acquisition_id,
+             "st": (_S.PENDING if o.status is _S.CLEAR else o.status).value,
+             "cov": o.covered, "clr": o.clear, "why": o.reason, "sid": o.scene_id}
+            for area_id, o in outcomes.items()]
+    session.connection().execute(_SAVE, rows)
+
+
+_SETTLE = text(f"""
+    UPDATE observations SET status = '{_S.CLEAR.value}', reason = :why
+     WHERE area_id = :a AND acquisition_id = :q AND status = '{_S.PENDING.value}' AND computed_at IS NOT NULL""")  # noqa: S608
+
+
+def settle_clear(session: Session, acquisition_id: int, reasons: dict[int, str]) -> None:
+    """Pairing's outcome for computed clear rows (area id → why this before acquisition, or why none)."""
+    if reasons:
+        session.connection().execute(_SETTLE, [{"a": a, "q": acquisition_id, "why": why} for a, why in reasons.items()])

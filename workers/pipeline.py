@@ -30,7 +30,7 @@ from datetime import timedelta
 from typing import Any
 
 import numpy as np
-from geoalchemy2.shape import to_shape
+from geoalchemy2.shape import from_shape, to_shape
 from shapely.geometry.base import BaseGeometry
 from sqlalchemy import func, select
 
@@ -290,7 +290,10 @@ def sequence_frames(ctx: AnalysisContext, pair: PreparedPair, settings: Settings
                    Scene.id.not_in([ctx.after.scene_id, ctx.before.scene_id]))
             .order_by(Scene.acquired_at.desc()).limit(limit - 2)
         ).scalars().all()
-        others = [_scene_ref(session, s, settings) for s in scenes]
+        # Each frame is its acquisition's mosaic, read like the pair: the granule the observation names
+        # covers only part of an area across a tile or zone edge.
+        area_geom = from_shape(ctx.area_geom, srid=4326)
+        others = [acquisition_ref(session, s, area_geom, settings) for s in scenes]
     frames: list[tuple[Any, np.ndarray]] = [
         (ctx.before.acquired_at, pair.thumbs.before),
         (ctx.after.acquired_at, pair.thumbs.after),

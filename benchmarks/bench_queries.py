@@ -54,9 +54,10 @@ from devtools import dbadmin
 from monitor import findings as current_findings
 from monitor.findings import FindingFilter
 
-# main before issue 13's query work (monitor/findings.py as the issue measured it).
-BASELINE_REV = "b3fdd02"
-AFTER_REVISION = "0009"  # the findings (area, trigram) indexes
+# main before the (observed_at, trigram) GiST text search (b3fdd02 was main before issue 13's query work;
+# 0009 the revision of its (area, trigram) GIN indexes: --baseline b3fdd02 --after-revision 0009 re-runs it).
+BASELINE_REV = "4e3669f"
+AFTER_REVISION = "0015"  # the (observed_at, trigram) GiST index
 ADMIN_URL = os.environ.get("UNIRS_BENCH_ADMIN_URL", "postgresql://unirs:unirs@127.0.0.1:5432/postgres")
 AREAS = 200
 FINDINGS_PER_ANALYSIS = 20
@@ -284,6 +285,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000000,5000000", help="findings per database, comma-separated")
     parser.add_argument("--repeat", type=int, default=20, help="parameter sets per query kind and arm")
     parser.add_argument("--baseline", default=BASELINE_REV)
+    parser.add_argument("--after-revision", default=AFTER_REVISION,
+                        help="the before arm runs on the schema of the revision before this one")
     parser.add_argument("--explain", action="store_true", help="print EXPLAIN ANALYZE of one query per kind")
     parser.add_argument("--keep", action="store_true", help="keep the databases (their URLs are printed)")
     args = parser.parse_args()
@@ -293,12 +296,13 @@ def main() -> None:
 
     from alembic.script import ScriptDirectory
 
-    before_revision = ScriptDirectory.from_config(migrate.alembic_config()).get_revision(AFTER_REVISION).down_revision
+    scripts = ScriptDirectory.from_config(migrate.alembic_config())
+    before_revision = scripts.get_revision(args.after_revision).down_revision
     worst = {}
     with tempfile.TemporaryDirectory(prefix="unirs-bench-queries-") as tmp:
         arms_code = {"before": baseline_module(args.baseline, Path(tmp)), "after": current_findings}
         for size in sizes:
-            url = dbadmin.create_scratch_database(ADMIN_URL, "unirs_bench")
+            url = dbadmin.create_scratch_database(ADMIN_URL, "queries_bench")
             sa_url = dbadmin.sqlalchemy_url(url)
             print(f"database {dbadmin.dbname(url)}: {size:,} findings, schema at {before_revision}", flush=True)
             try:
@@ -312,7 +316,7 @@ def main() -> None:
                 migrate.upgrade(sa_url)
                 with psycopg.connect(url, autocommit=True) as conn:
                     conn.execute("ANALYZE findings")
-                print(f"upgrade {before_revision} -> head (revision {AFTER_REVISION}) on {size:,} findings: "
+                print(f"upgrade {before_revision} -> head (revision {args.after_revision}) on {size:,} findings: "
                       f"{time.perf_counter() - t:.1f} s", flush=True)
                 results["after"] = measure(sa_url, url, arms_code["after"], pool, args.repeat, args.explain)
                 worst[size] = report(size, results)

@@ -30,6 +30,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    literal_column,
     select,
     text,
 )
@@ -383,6 +384,11 @@ class Finding(Base):
               postgresql_ops={"caption": "gin_trgm_ops"}),
         Index("ix_findings_area_answer_trgm", "area_id", "answer", postgresql_using="gin",
               postgresql_ops={"answer": "gin_trgm_ops"}),
+        # `findings --text` without an area, newest first: a KNN walk on observed_at testing trigrams in the
+        # index (btree_gist + pg_trgm, revision 0015); the expression is monitor.findings.SEARCH_TEXT.
+        Index("ix_findings_observed_text_trgm", "observed_at",
+              literal_column("((COALESCE(caption, ''::text) || ' '::text) || COALESCE(answer, ''::text))")
+              .label("search_text"), postgresql_using="gist", postgresql_ops={"search_text": "gist_trgm_ops"}),
         # The geometry expression of the view v_change_regions (revision 0002), so QGIS's extent filter is indexed.
         Index(
             "ix_findings_region_geom",

@@ -2,7 +2,8 @@
 
 Used by ``unirs-monitor findings`` and by ``benchmarks/bench_queries.py`` (so the benchmark measures
 exactly what users run). Every value reaches SQL as a bound parameter. The indexes these queries rely on
-are declared on :class:`core.models.Finding` (area + time, time, GiST geometry, area + trigram text).
+are declared on :class:`core.models.Finding` (area + time, time, GiST geometry, area + trigram text,
+time + trigram text).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import IO, Any
 
 from shapely.geometry import shape
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, literal_column, or_, select, union
 from sqlalchemy.orm import Session
 
 from core.models import Analysis, Area, Finding, FindingImage, Scene
@@ -71,12 +72,36 @@ def _time_bounds(stmt, flt: FindingFilter, *, area: bool = False):
     return stmt
 
 
-def build_statement(flt: FindingFilter, *, scan_newest: int | None = None, match_cap: int | None = None):
+# The caption and the answer as one string, the expression of the (observed_at, trigram) GiST index
+# ix_findings_observed_text_trgm (revision 0015; the SQL text must stay the index's). A substring of either
+# is a substring of this, so ILIKE on it finds every candidate; the exact test (caption or answer) follows.
+SEARCH_TEXT = literal_column("(coalesce(findings.caption, '') || ' ' || coalesce(findings.answer, ''))")
+# KNN order of that index: distance from a moment after every observation = observed_at newest first.
+NEWEST_FIRST = literal_column("(findings.observed_at <-> '9999-12-31 00:00:00+00'::timestamptz)")
+
+
+def _row_filters(stmt, flt: FindingFilter):
+    """Kind, box and size conditions on a statement over ``findings``."""
+    if flt.kind is not None:
+        if flt.kind not in KINDS:
+            raise QueryError(f"kind must be one of {', '.join(KINDS)}, got {flt.kind!r}")
+        stmt = stmt.where(Finding.kind == flt.kind)
+    if flt.bbox is not None:
+        stmt = stmt.where(func.ST_Intersects(Finding.geom, func.ST_MakeEnvelope(*flt.bbox, 4326)))
+    if flt.min_hectares is not None:
+        stmt = stmt.where(Finding.hectares >= flt.min_hectares)
+    return stmt
+
+
+def build_statement(flt: FindingFilter, *, scan_newest: int | None = None, match_cap: int | None = None,
+                    nearest: int | None = None):
     """The SELECT for ``flt``, newest first.
 
-    A text filter is applied one of two ways (see :func:`query_findings` for when each is used):
-    ``scan_newest=N`` runs ILIKE on the N newest findings only; otherwise the matches come from the
-    trigram indexes in a MATERIALIZED CTE and are ordered afterwards. ``match_cap=N`` keeps at most N
+    A text filter is applied one of three ways (see :func:`query_findings` for when each is used):
+    ``scan_newest=N`` runs ILIKE on the N newest findings only; ``nearest=N`` walks the (observed_at,
+    trigram) GiST index newest first and keeps the first N matches (plus every match at the N-th's
+    observed_at, so ties are ordered by id as everywhere); otherwise the matches come from the trigram
+    GIN indexes in a MATERIALIZED CTE and are ordered afterwards. ``match_cap=N`` keeps at most N
     matches in that CTE and adds a column ``matches`` (how many it kept: N means "maybe more").
     """
     stmt = (
@@ -93,15 +118,7 @@ def build_statement(flt: FindingFilter, *, scan_newest: int | None = None, match
     # The area as a constant (an InitPlan), not a join condition: with ``areas.name = …`` the planner cannot
     # see that one area's rows are wanted, and a streamed export (server-side cursor, planned for the first
     # rows) walked every finding newest first — 4.7 s instead of 0.4 s for 25,000 of 5 M findings.
-    stmt = _time_bounds(stmt, flt, area=True)
-    if flt.kind is not None:
-        if flt.kind not in KINDS:
-            raise QueryError(f"kind must be one of {', '.join(KINDS)}, got {flt.kind!r}")
-        stmt = stmt.where(Finding.kind == flt.kind)
-    if flt.bbox is not None:
-        stmt = stmt.where(func.ST_Intersects(Finding.geom, func.ST_MakeEnvelope(*flt.bbox, 4326)))
-    if flt.min_hectares is not None:
-        stmt = stmt.where(Finding.hectares >= flt.min_hectares)
+    stmt = _row_filters(_time_bounds(stmt, flt, area=True), flt)
     if flt.text:
         pattern = like_pattern(flt.text)
 
@@ -111,7 +128,24 @@ def build_statement(flt: FindingFilter, *, scan_newest: int | None = None, match
         # Both forms are MATERIALIZED CTEs on purpose: the planner prices ILIKE like an integer comparison,
         # so, left to itself, it either walks observed_at backwards running ILIKE on every row (20,000
         # evaluations for a word in 0.5 % of the rows) or fetches every trigram match of a common word.
-        if scan_newest is not None:
+        if nearest is not None:
+            # Only the findings table in FROM (no alias): SEARCH_TEXT and NEWEST_FIRST name it.
+            findings = Finding.__table__
+            knn = _row_filters(_time_bounds(select(findings.c.id, findings.c.observed_at), flt, area=True), flt)
+            # The exact test (caption or answer) is left out of the walk on purpose: estimated on both columns
+            # it makes the planner expect a handful of rows and sort a bitmap of all of them instead of
+            # walking; applied to the result below, a candidate it rejects only leaves the page short
+            # (then _text_search goes on to the next step).
+            knn = knn.where(SEARCH_TEXT.ilike(pattern, escape="\\"))
+            knn = knn.order_by(NEWEST_FIRST).limit(nearest).cte("nearest").prefix_with("MATERIALIZED")
+            # Every candidate at the last one's observed_at: all at that moment are ordered by id.
+            ties = _row_filters(_time_bounds(select(findings.c.id), flt, area=True), flt).where(
+                findings.c.observed_at == select(func.min(knn.c.observed_at)).scalar_subquery(),
+                SEARCH_TEXT.ilike(pattern, escape="\\"))
+            matched = union(select(knn.c.id), ties).cte("text_matches")
+            stmt = stmt.join(matched, matched.c.id == Finding.id).where(
+                or_(Finding.caption.ilike(pattern, escape="\\"), Finding.answer.ilike(pattern, escape="\\")))
+        elif scan_newest is not None:
             newest = _time_bounds(select(Finding.id, Finding.caption, Finding.answer), flt, area=True)
             newest = newest.order_by(Finding.observed_at.desc(), Finding.id.desc()).limit(scan_newest)
             newest = newest.cte("newest").prefix_with("MATERIALIZED")
@@ -168,33 +202,47 @@ def iter_findings(session: Session, flt: FindingFilter, *, batch: int | None = N
 
 
 # Text search, newest first, bounded whatever the word's frequency:
-# 1. a common word has `limit` matches among the newest SCAN_ROWS_PER_RESULT × limit findings: ILIKE on
-#    those rows only (a few thousand cheap checks; the trigram lists of a common word are long);
-# 2. otherwise the trigram indexes find the matches, over the newest 30 days first, then wider windows,
+# 1. without an area: the (observed_at, trigram) GiST index walked newest first over the newest
+#    TEXT_WINDOWS_DAYS[0] days (revision 0015) — a word with `limit` matches in that window costs a few
+#    hundred index entries per match found, and the window bounds the walk for a rare one;
+#    within an area: ILIKE on the area's newest SCAN_ROWS_PER_RESULT × limit findings (a common word has
+#    `limit` matches among them; the GiST walk would read every area's rows);
+# 1½. within one area: every match at once from the (area, trigram) GIN indexes (revision 0009) when the
+#    area has at most AREA_MATCHES_PER_RESULT × limit of them;
+# 2. otherwise the trigram GIN indexes find the matches in widening windows back from the newest finding,
 #    so a moderately common word never means fetching all of its matches to keep the newest hundred.
 # Whenever a step returns `limit` rows, every row newer than its boundary was considered: they are the
 # newest matches overall.
 SCAN_ROWS_PER_RESULT = 30
 TEXT_WINDOWS_DAYS = (30, 180, 1080)
-# 1½. within one area: every match at once from the (area, trigram) GIN indexes (revision 0009) when the
-#    area has at most this many × limit of them (otherwise step 2, with the area).
 AREA_MATCHES_PER_RESULT = 10
 
 
 def _text_search(session: Session, flt: FindingFilter) -> Sequence[Any]:
     limit = flt.limit or 0
-    rows = session.execute(build_statement(flt, scan_newest=SCAN_ROWS_PER_RESULT * limit)).mappings().all()
-    if len(rows) >= limit:
-        return rows
-    if flt.area is not None:
+    windows = TEXT_WINDOWS_DAYS
+    if flt.area is None:
+        newest = session.scalar(_time_bounds(select(func.max(Finding.observed_at)), replace(flt, since=None)))
+        if newest is None:
+            return []
+        lower = newest - timedelta(days=windows[0])
+        near = replace(flt, since=lower if flt.since is None or flt.since < lower else flt.since)
+        rows = session.execute(build_statement(near, nearest=limit)).mappings().all()
+        if len(rows) >= limit or near.since == flt.since:  # full, or the window was the whole query
+            return rows
+        windows = windows[1:]  # the GIN windows start wider: this one held fewer than `limit`
+    else:
+        rows = session.execute(build_statement(flt, scan_newest=SCAN_ROWS_PER_RESULT * limit)).mappings().all()
+        if len(rows) >= limit:
+            return rows
         cap = AREA_MATCHES_PER_RESULT * limit
         rows = session.execute(build_statement(flt, match_cap=cap + 1)).mappings().all()
         if not rows or rows[0]["matches"] <= cap:  # every match of the area was ordered: the newest are these
             return [{k: v for k, v in row.items() if k != "matches"} for row in rows]
-    newest = session.scalar(_time_bounds(select(func.max(Finding.observed_at)), replace(flt, since=None)))
-    if newest is None:
-        return []
-    for days in TEXT_WINDOWS_DAYS:
+        newest = session.scalar(_time_bounds(select(func.max(Finding.observed_at)), replace(flt, since=None)))
+        if newest is None:
+            return []
+    for days in windows:
         lower = newest - timedelta(days=days)
         if flt.since is not None and lower <= flt.since:
             break

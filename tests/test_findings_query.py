@@ -12,9 +12,11 @@ import pytest
 import shapely
 from click.testing import CliRunner
 from shapely.geometry import box, shape
+from sqlalchemy import update
 
 from core.config import get_settings
 from core.db import session_scope
+from core.models import Finding
 from monitor import findings as svc
 from monitor.cli import cli
 from tests import factories as f
@@ -246,3 +248,27 @@ def test_geojson_export_copies_the_geometry_text_through(data):
         assert svc.write_geojson(svc.iter_findings(s, flt, geometry_text=True), copied, default=str) == n
     assert n == 6 and json.loads(copied.getvalue()) == json.loads(parsed.getvalue())
     assert sum(feat["geometry"] is not None for feat in json.loads(copied.getvalue())["features"]) == 3
+
+
+@pytest.mark.parametrize("windows", [(30, 180, 1080), (1, 1080), (100_000,)])
+def test_text_search_without_area_gives_the_newest_matches(many, monkeypatch, windows):
+    # (30, …): the (observed_at, trigram) GiST walk over the newest 30 days answers small pages; (1, …): one
+    # day holds too few matches, the GIN windows answer; (100_000,): the walk covers every finding. Both
+    # areas observe on the same days, so every page boundary falls inside a tie on observed_at (ordered by id).
+    monkeypatch.setattr(svc, "TEXT_WINDOWS_DAYS", windows)
+    with session_scope(get_settings()) as s:
+        # Caption and answer on one row: "quarry no" is in their concatenation (the index's expression) but
+        # in neither column, so it must match nothing.
+        s.execute(update(Finding).where(Finding.answer == "no").values(caption="then a quarry"))
+    everything = q(limit=None)
+    for word in ("quarry", "burn scar", "QUARRY ROAD", "analysis 1", "quarry no", "absent", "y_%"):
+        expected = [r["id"] for r in everything
+                    if word.lower() in (r["caption"] or "").lower() or word.lower() in (r["answer"] or "").lower()]
+        for limit in (1, 2, 3, 10, 100):
+            got = q(text=word, limit=limit)
+            assert [r["id"] for r in got] == expected[:limit], (word, limit)
+            assert all(set(r) == set(everything[0]) for r in got)
+        assert len(q(text=word, limit=None)) == len(expected)
+    # Known counts over both areas: "quarry" in 2 × 14 summaries, 2 × 8 answers and the 2 × 32 "no" rows.
+    assert len(q(text="quarry", limit=None)) == 108
+    assert q(text="quarry no") == []

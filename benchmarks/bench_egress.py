@@ -11,20 +11,25 @@ server on loopback (``devtools.localstac.CogServer``):
    the difference of the first two.
 2. **large reads under load** — 4 threads reading 2,000 × 2,000 px windows of a synthetic 6,000 ×
    6,000 px uint16 COG (what one analysis block reads) while the main thread does numpy and Python work,
-   as a worker does: through the proxy (token per read) vs no proxy — what the proxy as a whole costs.
+   as a worker does: through the proxy (token per read) vs no proxy — what the proxy as a whole costs —
+   and through the proxy of the ``--baseline`` revision (its ``eo/egress.py`` loaded from git, same
+   process, same reads): before/after in one run.
 
-Prints ms per read for each arm and ends with ``egress_token_ms_per_read: X`` (token per read − token
-reused, small reads). Timings on a shared machine are noisy: compare arms of one run (``--runs``).
-Run: ``.venv/bin/python benchmarks/bench_egress.py [--runs 3]``.
+Prints ms per read for each arm, ``egress_token_ms_per_read`` (token per read − token reused, small
+reads) and ends with ``egress_proxy_over_direct_large: X`` (proxy / no proxy, large reads). Timings on a
+shared machine are noisy: compare arms of one run (``--runs``).
+Run: ``.venv/bin/python benchmarks/bench_egress.py [--runs 3] [--baseline REV]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,17 +46,33 @@ CATALOGUE = CatalogueSettings(name="bench", url="http://127.0.0.1/", allowed_sch
                               allowed_hosts=["127.0.0.1"], allow_private_hosts=True)
 SIDE = 6000
 WINDOW = 2000
+ROOT = Path(__file__).resolve().parents[1]
+# main when issue 13's read-side work started: the proxy with socketserver's backlog of 5.
+BASELINE_REV = "4e3669f"
+
+
+def baseline_egress(rev: str) -> types.ModuleType:
+    """``eo/egress.py`` as of ``rev``, loaded as its own module (its own proxy, started on first use)."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:eo/egress.py"], capture_output=True, check=True,
+                            text=True).stdout
+    module = types.ModuleType(f"egress_{rev}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, f"{rev}:eo/egress.py", "exec"), module.__dict__)
+    return module
 
 
 class Arm:
     """Switches the proxy behaviour for the duration of a ``with`` block."""
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, baseline: types.ModuleType | None = None):
         self.mode = mode
+        self.baseline = baseline
 
     def __enter__(self):
         self.saved = (egress.uses_proxy, egress.EgressGuard.open_read, egress.EgressGuard.close_read)
-        if self.mode == "no proxy":
+        if self.mode.startswith("baseline"):
+            cog.egress = self.baseline
+        elif self.mode == "no proxy":
             cog.egress.uses_proxy = lambda url: False
         elif self.mode == "token reused":
             tokens: dict[str, str] = {}
@@ -67,6 +88,7 @@ class Arm:
         return self
 
     def __exit__(self, *exc):
+        cog.egress = egress
         egress.uses_proxy, egress.EgressGuard.open_read, egress.EgressGuard.close_read = self.saved
 
 
@@ -124,9 +146,11 @@ def large_reads(url: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--baseline", default=BASELINE_REV)
     args = parser.parse_args()
+    baseline = baseline_egress(args.baseline)
     small: dict[str, list[float]] = {"token per read": [], "token reused": [], "no proxy": []}
-    large: dict[str, list[float]] = {"token per read": [], "no proxy": []}
+    large: dict[str, list[float]] = {f"baseline {args.baseline}": [], "token per read": [], "no proxy": []}
     with tempfile.TemporaryDirectory(prefix="unirs-bench-egress-") as tmp:
         build_large(Path(tmp) / "large.tif")
         with localstac.CogServer(localstac.SAMPLE_DATA_DIR) as sample, localstac.CogServer(Path(tmp)) as big:
@@ -136,7 +160,7 @@ def main() -> None:
                     with Arm(mode):
                         small[mode].append(small_reads(sample.url))
                 for mode in large:
-                    with Arm(mode):
+                    with Arm(mode, baseline):
                         large[mode].append(large_reads(f"{big.url}/large.tif"))
     print("small reads (sample COGs, 1 x 1 km), ms per read_aoi, median of runs:")
     for mode, values in small.items():
@@ -144,10 +168,13 @@ def main() -> None:
     print(f"large reads ({WINDOW} x {WINDOW} px windows, 4 threads, main thread busy), ms per read:")
     for label, values in large.items():
         print(f"  {label:<16} {statistics.median(values) * 1000:8.1f} ms")
-    proxy = statistics.median(large["token per read"]) / statistics.median(large["no proxy"])
-    print(f"proxy / no proxy, large reads: {proxy:.2f}x")
+    direct = statistics.median(large["no proxy"])
+    before = statistics.median(large[f"baseline {args.baseline}"])
+    proxy = statistics.median(large["token per read"]) / direct
+    print(f"proxy / no proxy, large reads: baseline {args.baseline} {before / direct:.2f}x, this code {proxy:.2f}x")
     token = (statistics.median(small["token per read"]) - statistics.median(small["token reused"])) * 1000
     print(f"egress_token_ms_per_read: {token:.2f}")
+    print(f"egress_proxy_over_direct_large: {proxy:.2f}")
 
 
 if __name__ == "__main__":

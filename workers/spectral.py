@@ -37,6 +37,7 @@ Per-chip change score = mapped changed pixels / valid pixels of the chip (0..1).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,6 +223,11 @@ class SpectralAccumulator:
         self.border: list[Fragment] = []
         self.dropped = 0
         self._order = 0
+        # The fewest pixels of a kept region: the same test as ``pixels * ha_per_px < min_ha`` in finish().
+        ha_per_px = grid.pixel_area_m2 / 10_000.0
+        self.min_pixels = max(0, math.floor(min_mapping_unit_ha / ha_per_px) - 1)
+        while self.min_pixels * ha_per_px < min_mapping_unit_ha:
+            self.min_pixels += 1
 
     def add(self, block: BlockPair) -> None:
         t = self.t
@@ -272,16 +278,11 @@ class SpectralAccumulator:
             bare = valid & (idx_b["ndvi"] >= t.vegetated_ndvi) & (idx_a["ndvi"] < t.bare_ndvi)
         edges = (rows.start > 0, rows.stop < self.grid.height, cols.start > 0, cols.stop < self.grid.width)
         found = block_fragments(class_map, d_ndvi, bare, chip_local, chip_ids, sector, block.grid.transform, edges,
-                                self._order, before=idx_b)
-        self._order += len(found)
-        ha_per_px = self.grid.pixel_area_m2 / 10_000.0
-        for fragment in found:
-            if fragment.border:
-                self.border.append(fragment)
-            elif fragment.pixels * ha_per_px < self.min_ha:
-                self.dropped += 1
-            else:
-                self.whole.append(fragment)
+                                self._order, before=idx_b, min_pixels=self.min_pixels)
+        self._order += found.count
+        self.dropped += found.dropped
+        for fragment in found.fragments:
+            (self.border if fragment.border else self.whole).append(fragment)
 
     def finish(self, facts: PairFacts) -> SpectralResult:
         grid, t = self.grid, self.t

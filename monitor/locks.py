@@ -148,3 +148,16 @@ def cycle_lock(database_url: str, name: str = CYCLE_LOCK) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+@contextmanager
+def try_cycle_lock(database_url: str, name: str) -> Iterator[bool]:
+    """Like :func:`cycle_lock` but never waits: yields True while holding ``name``, False when another
+    process holds it (or the database cannot be reached) — for jobs that should skip, not queue up."""
+    lock = AdvisoryLock(name, database_url, purpose=name.rsplit(":", 1)[-1])
+    got = lock.try_acquire()
+    try:
+        yield got
+    finally:
+        if got:
+            lock.release()

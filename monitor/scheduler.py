@@ -41,7 +41,15 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 
 from core.config import Settings
 from monitor.dispatch import dispatch_once
-from monitor.locks import LEADER_LOCK, PAIR_LOCK, AdvisoryLock, cycle_lock, wait_for_leadership
+from monitor.locks import (
+    CYCLE_LOCK,
+    LEADER_LOCK,
+    PAIR_LOCK,
+    AdvisoryLock,
+    cycle_lock,
+    try_cycle_lock,
+    wait_for_leadership,
+)
 from monitor.reports import run_deliveries
 
 logger = logging.getLogger(__name__)
@@ -108,8 +116,22 @@ def pair_pending(settings: Settings, *, observe_in_workers: bool = False) -> Non
 
 def pair_and_dispatch(settings: Settings) -> dict[str, Any]:
     """The scheduler's ``dispatch`` job: pair what the workers observed since the last run (lost observation
-    tasks are sent again), then dispatch the analyses."""
-    pair_pending(settings, observe_in_workers=True)
+    tasks are sent again), then dispatch the analyses.
+
+    Pairing is skipped, never waited for, while a poll holds the poll-cycle lock (an acquisition whose first
+    page is stored but not its other granules must not be observed yet: its mosaic would be incomplete and
+    the late-granule re-open compares against the compute time) or another pairing run holds the pairing
+    lock (a backfill can hold it for hours). Analyses are dispatched and leases reclaimed in any case."""
+    from monitor.pairing import process_pending
+
+    try:
+        with try_cycle_lock(settings.database_url, CYCLE_LOCK) as poll_idle:
+            if poll_idle:
+                with try_cycle_lock(settings.database_url, PAIR_LOCK) as pairing_idle:
+                    if pairing_idle:
+                        process_pending(settings, send_observations=_observation_sender(settings, True))
+    except Exception as exc:
+        logger.warning("pairing in the dispatch job failed (%s: %s); dispatching anyway", type(exc).__name__, exc)
     return dispatch_once(settings)
 
 

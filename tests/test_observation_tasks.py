@@ -118,3 +118,23 @@ def test_a_task_lost_with_a_killed_worker_is_sent_again_and_done(db, worker_sett
     expected = {q: outcomes_for(worker_settings, q, areas)[0] for q in acquisitions}
     for (area_id, acquisition_id), row in done.items():
         assert row["covered_fraction"] == expected[acquisition_id][area_id].covered
+
+
+@pytest.mark.parametrize("held", ["poll-cycle", "pairing"])
+def test_the_dispatch_job_skips_pairing_while_a_poll_or_pairing_run_holds_its_lock(db, worker_settings, cog_server,
+                                                                                  held):
+    """Observing an acquisition mid-poll would read an incomplete mosaic; waiting would stall dispatch."""
+    from monitor.locks import CYCLE_LOCK, PAIR_LOCK, AdvisoryLock
+    from monitor.scheduler import pair_and_dispatch
+
+    _setup(worker_settings, cog_server)
+    lock = AdvisoryLock(CYCLE_LOCK if held == "poll-cycle" else PAIR_LOCK, worker_settings.database_url)
+    assert lock.try_acquire()
+    try:
+        result = pair_and_dispatch(worker_settings)  # returns: neither waited for the lock nor raised
+        assert isinstance(result, dict)
+        assert {r["dispatched_at"] for r in _rows().values()} == {None}
+    finally:
+        lock.release()
+    pair_and_dispatch(worker_settings)
+    assert None not in {r["dispatched_at"] for r in _rows().values()}  # sent once the lock is free

@@ -228,8 +228,10 @@ def _text_search(session: Session, flt: FindingFilter) -> Sequence[Any]:
         lower = newest - timedelta(days=windows[0])
         near = replace(flt, since=lower if flt.since is None or flt.since < lower else flt.since)
         rows = session.execute(build_statement(near, nearest=limit)).mappings().all()
-        if len(rows) >= limit or near.since == flt.since:  # full, or the window was the whole query
+        if len(rows) >= limit:
             return rows
+        if near.since == flt.since:  # the window was the whole query, but the walk may have rejected candidates
+            return session.execute(build_statement(flt)).mappings().all()
         windows = windows[1:]  # the GIN windows start wider: this one held fewer than `limit`
     else:
         rows = session.execute(build_statement(flt, scan_newest=SCAN_ROWS_PER_RESULT * limit)).mappings().all()

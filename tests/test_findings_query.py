@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
@@ -261,6 +261,12 @@ def test_text_search_without_area_gives_the_newest_matches(many, monkeypatch, wi
         # in neither column, so it must match nothing.
         s.execute(update(Finding).where(Finding.answer == "no").values(caption="then a quarry"))
     everything = q(limit=None)
+    # One older real "quarry no" behind the newest concatenation-only candidates (the --since case below).
+    since = max(r["observed_at"] for r in everything) - timedelta(days=10)
+    older = [r for r in everything if r["observed_at"] >= since and r["answer"] != "no"][-1]
+    with session_scope(get_settings()) as s:
+        s.execute(update(Finding).where(Finding.id == older["id"]).values(caption="a quarry now visible"))
+    everything = q(limit=None)
     for word in ("quarry", "burn scar", "QUARRY ROAD", "analysis 1", "quarry no", "absent", "y_%"):
         expected = [r["id"] for r in everything
                     if word.lower() in (r["caption"] or "").lower() or word.lower() in (r["answer"] or "").lower()]
@@ -269,6 +275,12 @@ def test_text_search_without_area_gives_the_newest_matches(many, monkeypatch, wi
             assert [r["id"] for r in got] == expected[:limit], (word, limit)
             assert all(set(r) == set(everything[0]) for r in got)
         assert len(q(text=word, limit=None)) == len(expected)
-    # Known counts over both areas: "quarry" in 2 × 14 summaries, 2 × 8 answers and the 2 × 32 "no" rows.
-    assert len(q(text="quarry", limit=None)) == 108
-    assert q(text="quarry no") == []
+        # --since inside the first window: that window is the whole query; a short walk (candidates matching
+        # the concatenation only, "quarry no") must not end the search early.
+        recent = [r["id"] for r in everything if r["observed_at"] >= since and r["id"] in set(expected)]
+        for limit in (1, 3, 100):
+            assert [r["id"] for r in q(text=word, since=since, limit=limit)] == recent[:limit], (word, limit)
+    # Known counts over both areas: "quarry" in 2 × 14 summaries, 2 × 8 answers, the 2 × 32 "no" rows and the
+    # one rewritten older caption.
+    assert len(q(text="quarry", limit=None)) == 109
+    assert [r["id"] for r in q(text="quarry no")] == [older["id"]]

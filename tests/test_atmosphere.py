@@ -10,14 +10,10 @@ acquisition order by the real pipeline. The two dates are the false alerts of th
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import select
 
-from core.config import get_settings
-from core.db import session_scope
 from core.models import Finding
-from tests.fixtures_workers import insert_analysis, insert_area, insert_observation, insert_sample_scenes, truncate
-from tests.test_screen import ALL_DATES, all_dates  # noqa: F401  (the module-scoped COG server fixture)
-from workers.pipeline import run_analysis
+from tests.fixtures_workers import insert_area, insert_observation, insert_sample_scenes, truncate
+from tests.test_screen import ALL_DATES, all_dates, analyse_pairs  # noqa: F401  (all_dates: the module-scoped COG server)
 
 PAIRS = [("2016-05-07", "2016-05-27"),  # first year: cloud margins inside a cloud shadow, SCL clear
          ("2017-04-12", "2017-06-06"),  # the 2017 road and patches on their first leaf-on date
@@ -40,16 +36,8 @@ def screened(database_url, worker_settings, all_dates):  # noqa: F811
     for day in sorted(set(clear) | {a for _, a in PAIRS}):
         if day <= PAIRS[-1][1]:
             insert_observation(area_id, scenes.ids[day])
-    out = {}
-    for before, after in PAIRS:
-        analysis_id = insert_analysis(area_id, scenes.ids[after], scenes.ids[before])
-        assert run_analysis(analysis_id, "test-inprocess", worker_settings) == "done"
-        with session_scope(get_settings()) as s:
-            rows = s.execute(select(Finding).where(Finding.analysis_id == analysis_id, Finding.kind == "region")
-                             .order_by(Finding.ordinal)).scalars().all()
-            s.expunge_all()
-        out[after] = [r for r in rows if r.change_class in LOSS]
-    return out
+    return {after: [r for r in rows if r.change_class in LOSS]
+            for after, rows in analyse_pairs(worker_settings, area_id, scenes.ids, PAIRS).items()}
 
 
 def alerting(rows: list[Finding]) -> list[Finding]:

@@ -62,9 +62,14 @@ def screened(database_url, worker_settings, all_dates):
     for day in clear:
         if day <= last:
             insert_observation(area_id, scenes.ids[day])
+    return analyse_pairs(worker_settings, area_id, scenes.ids, PAIRS)
+
+
+def analyse_pairs(worker_settings, area_id: int, scene_ids: dict[str, int], pairs) -> dict[str, list[Finding]]:
+    """Each (before, after) pair analysed in order by the real pipeline: after date → its region findings."""
     out = {}
-    for before, after in PAIRS:
-        analysis_id = insert_analysis(area_id, scenes.ids[after], scenes.ids[before])
+    for before, after in pairs:
+        analysis_id = insert_analysis(area_id, scene_ids[after], scene_ids[before])
         assert run_analysis(analysis_id, "test-inprocess", worker_settings) == "done"
         with session_scope(get_settings()) as s:
             rows = s.execute(select(Finding).where(Finding.analysis_id == analysis_id, Finding.kind == "region")

@@ -25,7 +25,9 @@ Scores (area-based, 10 m pixels of the cube's grid inside the area; Olofsson et 
   counts only alerts dated like the reference (from 30 days before the pixel's loss on), so a false alert
   over pixels that are cut years later detects nothing;
 - false alerts: alerts (≥ the minimum area) of which less than half the alerted area is reference loss;
-- redundancy: hectares emailed summed over alerts / hectares of their union (1.0 = each hectare once).
+- redundancy: hectares emailed summed over alerts / hectares of their union (1.0 = each hectare once);
+- ``pa_events_0.2ha`` (``_dated``): producer's accuracy over the reference loss events of at least 0.2 ha only
+  (8-connected patches of reference pixels; RADD's convention, Reiche et al. 2021), beside the all-events PA.
 
 Goal (issue 15): UA ≥ 0.95, PA ≥ 0.90, 0 false alerts, redundancy ≤ 1.2.
 
@@ -35,9 +37,9 @@ emailed, never detected) — where producer's accuracy is lost.
 
 Figures of ``after`` (the default rule), was -> now:
 
-    change                                              UA     PA (dated)     false  redundancy
-    screen, atmospheric = not bare (model only)         0.592  0.758 (0.745)  2      1.022
-    + haze and cloud-edge tests (workers/atmosphere.py) 0.876  0.746 (0.745)  0      1.0
+    change                                              UA     PA (dated)     PA ≥ 0.2 ha  false  redundancy
+    screen, atmospheric = not bare (model only)         0.592  0.758 (0.745)  -            2      1.022
+    + haze and cloud-edge tests (workers/atmosphere.py) 0.876  0.746 (0.745)  0.865        0      1.0
 
 (the 2016-05-27 false alert, cloud margins in the first year, covered 0.12 ha of pixels cut in 2017-2020:
 counted by the undated PA, not by the dated one.)
@@ -65,6 +67,7 @@ import numpy as np
 import rasterio
 from geoalchemy2.shape import to_shape
 from rasterio.features import geometry_mask
+from scipy import ndimage
 from rasterio.warp import transform_geom
 from shapely.geometry import MultiPolygon, mapping, shape
 from sqlalchemy import select
@@ -91,6 +94,7 @@ LOSS = ("vegetation_loss", "new_built_up_or_bare")
 # The reference dates a loss to the first clear date it was seen on; one revisit gap earlier is still the
 # same clearing (the service may have looked at a date the interpreter's list skipped).
 EARLY_DAYS = 30
+MIN_EVENT_HA = 0.2
 VERBOSE = "-v" in sys.argv or "--verbose" in sys.argv
 
 
@@ -188,6 +192,20 @@ def _emailed(s, analysis_id: int) -> Alert:
                  sum(f.hectares for f in alerting))
 
 
+def _dump(path: Path, s, area_id: int, alerts: dict[str, list[Alert]]) -> None:
+    rows = s.execute(select(Finding).where(Finding.area_id == area_id, Finding.kind == "region")
+                     .order_by(Finding.observed_at, Finding.id)).scalars().all()
+    path.write_text(json.dumps({
+        "area": mapping(to_shape(s.get(Area, area_id).geom)),
+        "findings": [{"id": f.id, "analysis_id": f.analysis_id, "before": f"{f.before_observed_at:%Y-%m-%d}",
+                      "after": f"{f.observed_at:%Y-%m-%d}", "class": f.change_class, "hectares": f.hectares,
+                      "state": f.alert_state, "first": f.first_finding_id, "verdict": f.screen_verdict,
+                      "screen": f.statistics.get("screen"), "geom": mapping(to_shape(f.geom))} for f in rows],
+        "alerts": {rule: [{"date": str(a.date), "hectares": a.hectares, "geoms": [mapping(g) for g in a.geoms]}
+                          for a in listed] for rule, listed in alerts.items()},
+    }, default=str))
+
+
 def score(alerts: list[Alert], ref: np.ndarray, transform, crs, area_mask: np.ndarray) -> dict[str, float]:
     shape_ = ref.shape
     ref_day = ref.astype(np.int64)
@@ -212,6 +230,11 @@ def score(alerts: list[Alert], ref: np.ndarray, transform, crs, area_mask: np.nd
         union |= px
         correct |= ok
     n_union = int(union.sum())
+    # RADD's convention (Reiche et al. 2021): producer's accuracy over loss events of at least 0.2 ha, an event
+    # being a patch of 8-connected reference pixels; smaller patches are below what any alert may report.
+    labels, _ = ndimage.label(reference, structure=np.ones((3, 3), bool))
+    sizes = np.bincount(labels.ravel())
+    events = reference & (sizes[labels] >= round(MIN_EVENT_HA / 0.01))
     return {
         "alerts": len([a for a in alerts if a.geoms]),
         "alerted_ha": round(n_union * 0.01, 2),
@@ -219,6 +242,8 @@ def score(alerts: list[Alert], ref: np.ndarray, transform, crs, area_mask: np.nd
         "users_accuracy": round(float(correct.sum()) / n_union, 3) if n_union else float("nan"),
         "producers_accuracy": round(float((union & reference).sum()) / max(int(reference.sum()), 1), 3),
         "producers_accuracy_dated": round(float(correct.sum()) / max(int(reference.sum()), 1), 3),
+        "pa_events_0.2ha": round(float((union & events).sum()) / max(int(events.sum()), 1), 3),
+        "pa_events_0.2ha_dated": round(float((correct & events).sum()) / max(int(events.sum()), 1), 3),
         "false_alerts": false_alerts,
         "redundancy": round(emailed_px / n_union, 3) if n_union else float("nan"),
         "reference_ha": round(float(reference.sum()) * 0.01, 2),
@@ -264,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every analysis's regions ≥ 0.2 ha")
+    parser.add_argument("--dump", type=Path, help="write every region finding and each rule's alerts (JSON) here, "
+                                                  "to re-score offline")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -286,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
                 findings = [(to_shape(f.geom), f.observed_at, f.alert_state) for f in s.execute(
                     select(Finding).where(Finding.area_id == area_id, Finding.kind == "region",
                                           Finding.change_class.in_(LOSS))).scalars()]
+                if args.dump:
+                    _dump(args.dump, s, area_id, alerts)
         with rasterio.open(REFERENCE) as src:
             ref, transform, crs = src.read(1), src.transform, src.crs
         area_mask = geometry_mask([transform_geom("EPSG:4326", crs, mapping(area_geom))], out_shape=ref.shape,
@@ -307,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(results))
     for rule in results:
-        for key in ("users_accuracy", "producers_accuracy", "false_alerts", "redundancy"):
+        for key in ("users_accuracy", "producers_accuracy", "pa_events_0.2ha", "false_alerts", "redundancy"):
             print(f"{key}_{rule}: {results[rule][key]}")
 
 

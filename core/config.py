@@ -92,6 +92,9 @@ class AnalysisSettings(BaseModel):
     # When the broker holds fewer messages than published `queued` rows (lost with a broker restart), rows
     # queued longer than this are re-sent at the next dispatch pass (without broker access: 2 × lease).
     queued_resend_seconds: float = 10.0
+    # An observation whose computation was started this many times without storing an outcome (the task
+    # raised, or its worker died) is settled `failed` and pairing moves on (core/observations.py).
+    observation_max_attempts: int = Field(3, ge=1)
     pixel_size_m: float = 10.0
     chip_size_m: float = 3840.0
     min_valid_fraction: float = 0.3

@@ -287,6 +287,9 @@ class Observation(Base):
     computed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # When its acquisition's ``unirs.observe`` task was last sent (core/observations.py; revision 0014).
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Computations started since the last stored outcome, and when the last one started (revision 0016).
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
     scene: Mapped[Scene | None] = relationship(lazy="joined")

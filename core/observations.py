@@ -8,8 +8,9 @@ dispatches, :mod:`monitor.pairing` settles) and whoever computes the fractions (
 ::
 
     pending, not computed ──save──▶ pending + fractions ──settle_clear (pairing)──▶ clear
-                           └─save─▶ cloudy | partial | failed
-    failed, computed > FAILED_RETRY_AFTER ago, created < FAILED_GIVE_UP_AFTER ago ──save──▶ (as above)
+                           ├─save─▶ cloudy | partial | failed
+                           └─give_up (max attempts started, none stored an outcome)─▶ failed, final
+    failed by save, computed > FAILED_RETRY_AFTER ago, created < FAILED_GIVE_UP_AFTER ago ──save──▶ (as above)
 
 - A row is **due** while it waits for fractions (``pending`` with ``computed_at`` NULL, or a ``failed`` one whose
   retry is due). :func:`save` writes only rows that are still due, so a task run twice (a re-delivered message,
@@ -19,11 +20,18 @@ dispatches, :mod:`monitor.pairing` settles) and whoever computes the fractions (
   ``dispatched_at`` on its due rows in the transaction that publishes the message. A due row whose stamp is
   older than ``resend_seconds`` (or older than its last failed computation) is sent again — that is how a
   task lost with a killed worker or an emptied broker comes back: the durable state is the row, not the queue.
+- **Attempts**: whoever computes a row first calls :func:`begin` (``attempts`` + 1, ``started_at``), and
+  :func:`note_error` when the computation raised. A row that had ``max_attempts`` attempts and no outcome — the
+  task raised each time, or its worker died — is given up (:func:`give_up`, by the dispatcher once the last
+  attempt is stale, or by :func:`begin` when asked to start once more): ``failed`` with the one-line reason, a
+  WARNING naming the acquisition, and pairing moves on (a failed observation is not clear). :func:`save`
+  resets the count. A given-up row is not retried (it would fail again, and may kill a worker each time).
 - All times are the database's ``now()``.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -41,13 +49,17 @@ FAILED_GIVE_UP_AFTER = timedelta(days=3)
 #: A dispatched acquisition whose rows are still due this long after is sent again (lost message, dead worker).
 RESEND_SECONDS = 600.0
 
+logger = logging.getLogger(__name__)
+
 _S = ObservationStatus
 _RETRY = int(FAILED_RETRY_AFTER.total_seconds())
 _GIVE_UP = int(FAILED_GIVE_UP_AFTER.total_seconds())
-#: SQL condition (table alias ``o``): the row waits for fractions.
+#: SQL condition (table alias ``o``): the row waits for fractions. A given-up row (attempts left over, none
+#: started after it was settled) is not retried.
 DUE = (f"((o.status = '{_S.PENDING.value}' AND o.computed_at IS NULL) OR "
        f"(o.status = '{_S.FAILED.value}' AND o.computed_at < now() - make_interval(secs => {_RETRY}) "
-       f"AND o.created_at > now() - make_interval(secs => {_GIVE_UP})))")
+       f"AND o.created_at > now() - make_interval(secs => {_GIVE_UP}) "
+       f"AND (o.attempts = 0 OR o.started_at > o.computed_at)))")
 _NOT_IN_FLIGHT = ("(o.dispatched_at IS NULL OR o.dispatched_at < now() - make_interval(secs => :resend) "
                   "OR o.dispatched_at < o.computed_at)")
 
@@ -121,10 +133,89 @@ def mark_sent(session: Session, acquisition_id: int, resend_seconds: float = RES
     return result.rowcount
 
 
+def begin(session: Session, acquisition_id: int, max_attempts: int, area_ids: list[int] | None = None) -> list[int]:
+    """Start an attempt at the acquisition's due rows (of ``area_ids`` when given): rows that already had
+    ``max_attempts`` attempts without an outcome are given up, the others get ``attempts`` + 1 and ``started_at``
+    now (their ``reason`` cleared for :func:`note_error`). Returns the area ids to compute, ascending."""
+    give_up(session, max_attempts, acquisition_id=acquisition_id, area_ids=area_ids)
+    only = "" if area_ids is None else "AND o.area_id = ANY(:areas)"
+    rows = session.execute(text(f"""
+        UPDATE observations o SET attempts = o.attempts + 1, started_at = now(), reason = NULL FROM areas a
+         WHERE a.id = o.area_id AND a.status = 'active' AND o.acquisition_id = :q AND {DUE} {only}
+        RETURNING o.area_id"""),  # noqa: S608
+        {"q": acquisition_id, **({} if area_ids is None else {"areas": area_ids})})
+    return sorted(r.area_id for r in rows)
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message``, first line only, at most ``limit`` characters (what an observation reason holds)."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    line = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+def note_error(session: Session, acquisition_id: int, area_ids: list[int], error: str) -> None:
+    """Record why the current attempt at these rows raised (one line); :func:`give_up` reports the last one."""
+    session.execute(text(f"""
+        UPDATE observations o SET reason = :why
+         WHERE o.acquisition_id = :q AND o.area_id = ANY(:areas) AND {DUE}"""),  # noqa: S608
+        {"q": acquisition_id, "areas": area_ids, "why": error})
+
+
+@dataclass(frozen=True)
+class GaveUp:
+    """One observation settled ``failed`` by :func:`give_up`."""
+
+    acquisition_id: int
+    acquisition_key: str
+    area_id: int
+    area_name: str
+    reason: str
+
+
+_LOST = "none stored a result (the worker died, or the task ran past the re-send delay)"
+
+
+def give_up(session: Session, max_attempts: int, *, resend_seconds: float | None = None,
+            acquisition_id: int | None = None, area_ids: list[int] | None = None) -> list[GaveUp]:
+    """Settle ``failed`` the due rows that had ``max_attempts`` attempts without an outcome (only those not in
+    flight when ``resend_seconds`` is given: the dispatcher's rule), reason "observation task gave up after N
+    attempts, …" with the last attempt's error; logs one WARNING per acquisition. Returns the rows settled."""
+    where = [DUE, "a.status = 'active'", "o.attempts >= :max"]
+    params: dict[str, object] = {"max": max_attempts, "lost": _LOST}
+    if resend_seconds is not None:
+        where.append(_NOT_IN_FLIGHT)
+        params["resend"] = resend_seconds
+    if acquisition_id is not None:
+        where.append("o.acquisition_id = :q")
+        params["q"] = acquisition_id
+    if area_ids is not None:
+        where.append("o.area_id = ANY(:areas)")
+        params["areas"] = area_ids
+    rows = session.execute(text(f"""
+        UPDATE observations o
+           SET status = '{_S.FAILED.value}', computed_at = now(),
+               reason = format('observation task gave up after %s attempts, %s', o.attempts,
+                               COALESCE('the last failed with ' || o.reason, :lost))
+          FROM areas a, acquisitions q
+         WHERE a.id = o.area_id AND q.id = o.acquisition_id AND {' AND '.join(where)}
+        RETURNING o.acquisition_id, q.key, o.area_id, a.name, o.reason"""),  # noqa: S608
+        params)
+    settled = sorted((GaveUp(r.acquisition_id, r.key, r.area_id, r.name, r.reason) for r in rows),
+                     key=lambda g: (g.acquisition_id, g.area_id))
+    by_acquisition: dict[int, list[GaveUp]] = {}
+    for g in settled:
+        by_acquisition.setdefault(g.acquisition_id, []).append(g)
+    for group in by_acquisition.values():
+        logger.warning("acquisition %s (id %d): observation failed for %s: %s", group[0].acquisition_key,
+                       group[0].acquisition_id, ", ".join(repr(g.area_name) for g in group), group[0].reason)
+    return settled
+
+
 _SAVE = text(f"""
     UPDATE observations o
        SET status = CAST(:st AS observation_status), covered_fraction = :cov, clear_fraction = :clr, reason = :why,
-           scene_id = COALESCE(:sid, o.scene_id), computed_at = now()
+           scene_id = COALESCE(:sid, o.scene_id), computed_at = now(), attempts = 0
      WHERE o.area_id = :a AND o.acquisition_id = :q AND {DUE}""")  # noqa: S608
 
 

@@ -192,12 +192,38 @@ def check_areas(settings: Settings) -> str:
     return f"{len(active)} active area(s), each with a recipient"
 
 
+#: Failed observations this recent are reported by ``doctor`` (older ones are history).
+FAILED_OBSERVATIONS_DAYS = 7
+
+
+def check_observations(settings: Settings) -> str:
+    """Failed observations of active areas in the last week (a warning: those acquisitions are never paired),
+    with the newest one's acquisition, area and reason."""
+    from sqlalchemy import text
+
+    from core.db import session_scope
+
+    with session_scope(settings) as session:
+        rows = session.execute(text("""
+            SELECT q.key, a.name, o.reason, count(*) OVER () AS n FROM observations o
+              JOIN areas a ON a.id = o.area_id JOIN acquisitions q ON q.id = o.acquisition_id
+             WHERE o.status = 'failed' AND a.status = 'active' AND o.computed_at > now() - make_interval(days => :d)
+             ORDER BY o.computed_at DESC, q.key, a.name LIMIT 1"""), {"d": FAILED_OBSERVATIONS_DAYS}).all()
+    if not rows:
+        return f"no failed observations in the last {FAILED_OBSERVATIONS_DAYS} days"
+    r = rows[0]
+    raise DoctorWarning(f"{r.n} failed observation(s) in the last {FAILED_OBSERVATIONS_DAYS} days (not paired); "
+                        f"newest: acquisition {r.key} over {r.name!r}: {r.reason}")
+
+
 def run_checks(settings: Settings, *, load_model: bool = False) -> list[Check]:
     database = _check("database", lambda: check_database(settings))
     checks = [
         database,
         _check("areas", lambda: check_areas(settings)) if database.ok
         else Check("areas", False, "not checked: the database is not usable"),
+        _check("observations", lambda: check_observations(settings)) if database.ok
+        else Check("observations", False, "not checked: the database is not usable"),
         _check("broker", lambda: check_broker(settings)),
     ]
     checks += [_check(f"catalogue {c.name}", lambda c=c: check_catalogue(c)) for c in settings.catalogues]
@@ -217,7 +243,7 @@ def run_checks(settings: Settings, *, load_model: bool = False) -> list[Check]:
 def doctor(settings: Settings, load_model: bool, as_json: bool) -> None:
     """Check configuration and connectivity: database + PostGIS + schema revision, broker, each STAC
     catalogue, SMTP (or the outbox directory), email links (WARN: a public URL without a shared secret), model
-    weights, and areas that alert nobody (WARN).
+    weights, areas that alert nobody (WARN) and failed observations of the last week (WARN).
     Exit status 1 if anything is wrong (FAIL)."""
     checks = run_checks(settings, load_model=load_model)
     if as_json:

@@ -39,6 +39,7 @@ class ObserveStats:
     by_status: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     granule_reads: int = 0
     dispatched: int = 0
+    gave_up: int = 0  # rows settled failed after too many attempts without an outcome
 
 
 def observe_pending(settings: Settings, *, area_ids: Iterable[int] | None = None, limit: int | None = None,
@@ -50,12 +51,22 @@ def observe_pending(settings: Settings, *, area_ids: Iterable[int] | None = None
     stats = ObserveStats()
     if progress is not None:
         progress.reset(total=sum(len(v) for v in groups.values()))
+    max_attempts = settings.analysis.observation_max_attempts
     for acquisition_id, ids in groups.items():
+        with session_scope(settings) as session:
+            started = job.begin(session, acquisition_id, max_attempts, ids)
+        stats.gave_up += len(ids) - len(started)
+        if not started:
+            continue
         try:
-            done = observe_rows(settings, acquisition_id, ids)
-        except Exception:
-            # One broken acquisition must not stop the others; its rows stay due, retried next run.
-            logger.exception("observing acquisition %d for %d areas failed; will retry", acquisition_id, len(ids))
+            done = observe_rows(settings, acquisition_id, started)
+        except Exception as exc:
+            # One broken acquisition must not stop the others; its rows stay due, retried next run (at most
+            # max_attempts times: then they are given up).
+            logger.exception("observing acquisition %d for %d areas failed; will retry", acquisition_id,
+                             len(started))
+            with session_scope(settings) as session:
+                job.note_error(session, acquisition_id, started, job.one_line(exc))
             continue
         stats.computed += done.computed
         stats.granule_reads += done.granule_reads
@@ -77,9 +88,13 @@ def dispatch_observations(settings: Settings, *, send: Sender | None = None,
                           resend_seconds: float = job.RESEND_SECONDS) -> ObserveStats:
     """One message per acquisition with due rows not in flight (never sent, or sent more than
     ``resend_seconds`` ago: a lost message or a killed worker). Each acquisition is stamped and published in
-    its own transaction, the publish before the commit: a broker that is down leaves the rows as they were."""
+    its own transaction, the publish before the commit: a broker that is down leaves the rows as they were.
+    Rows not in flight that already had ``analysis.observation_max_attempts`` attempts are given up instead."""
     send = send or celery_sender(settings)
     stats = ObserveStats()
+    with session_scope(settings) as session:
+        stats.gave_up = len(job.give_up(session, settings.analysis.observation_max_attempts,
+                                        resend_seconds=resend_seconds))
     with session_scope(settings) as session:
         groups = job.due_acquisitions(session, unsent_only=True, resend_seconds=resend_seconds)
     for acquisition_id in groups:

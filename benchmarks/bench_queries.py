@@ -8,6 +8,9 @@ Per size: a throw-away database migrated with the real Alembic revisions up to t
 - the upgrade to head (its time is printed: what the revision costs on a table of that size);
 - arm ``after``: this checkout's ``monitor.findings`` on the upgraded schema.
 
+With ``--before-on-head`` (the default while the baseline already has the revision's index) the upgrade
+comes first and both arms run on the head schema: the comparison is of query code alone.
+
 Query kinds (through ``query_findings`` / ``iter_findings`` + ``write_geojson``, the code the CLI runs):
 area + 90 days, bbox + 180 days, text, area + text, and the GeoJSON export of one whole area (every
 finding of it, streamed; written to memory). Each kind runs ``--repeat`` parameter sets; **cold** is the
@@ -54,10 +57,12 @@ from devtools import dbadmin
 from monitor import findings as current_findings
 from monitor.findings import FindingFilter
 
-# main before the (observed_at, trigram) GiST text search (b3fdd02 was main before issue 13's query work;
-# 0009 the revision of its (area, trigram) GIN indexes: --baseline b3fdd02 --after-revision 0009 re-runs it).
-BASELINE_REV = "4e3669f"
-AFTER_REVISION = "0015"  # the (observed_at, trigram) GiST index
+# main at the start of the second round of issue 13 (it has the (observed_at, trigram) GiST index of 0015,
+# so both arms run on the head schema). Earlier rounds: --baseline 4e3669f --no-before-on-head (before the
+# GiST walk, schema 0014); --baseline b3fdd02 --after-revision 0009 --no-before-on-head (before the
+# (area, trigram) GIN indexes).
+BASELINE_REV = "7ca2d33"
+AFTER_REVISION = "0015"  # the (observed_at, trigram) GiST index, built CONCURRENTLY
 ADMIN_URL = os.environ.get("UNIRS_BENCH_ADMIN_URL", "postgresql://unirs:unirs@127.0.0.1:5432/postgres")
 AREAS = 200
 FINDINGS_PER_ANALYSIS = 20
@@ -287,8 +292,13 @@ def main() -> None:
     parser.add_argument("--baseline", default=BASELINE_REV)
     parser.add_argument("--after-revision", default=AFTER_REVISION,
                         help="the before arm runs on the schema of the revision before this one")
+    parser.add_argument("--before-on-head", action=argparse.BooleanOptionalAction, default=True,
+                        help="upgrade to head before the before arm (both arms on one schema)")
     parser.add_argument("--explain", action="store_true", help="print EXPLAIN ANALYZE of one query per kind")
     parser.add_argument("--keep", action="store_true", help="keep the databases (their URLs are printed)")
+    parser.add_argument("--reuse", metavar="URL",
+                        help="a database kept by --keep (already at head): both arms on it, no load or upgrade "
+                             "(for iterating; its cold figures are only as cold as the buffers left them)")
     args = parser.parse_args()
     sizes = [int(v) for v in args.sizes.split(",")]
     if 5 * args.repeat * 2 > AREAS:
@@ -301,6 +311,16 @@ def main() -> None:
     worst = {}
     with tempfile.TemporaryDirectory(prefix="unirs-bench-queries-") as tmp:
         arms_code = {"before": baseline_module(args.baseline, Path(tmp)), "after": current_findings}
+        if args.reuse:
+            sa_url = dbadmin.sqlalchemy_url(args.reuse)
+            with psycopg.connect(args.reuse) as conn:
+                size = conn.execute("SELECT count(*) FROM findings").fetchone()[0]
+            print(f"database {dbadmin.dbname(args.reuse)}: {size:,} findings, reused", flush=True)
+            pool = random.Random(size).sample(range(1, AREAS + 1), AREAS)
+            results = {arm: measure(sa_url, args.reuse, code, pool, args.repeat, args.explain)
+                       for arm, code in arms_code.items()}
+            worst[size] = report(size, results)
+            sizes = []
         for size in sizes:
             url = dbadmin.create_scratch_database(ADMIN_URL, "queries_bench")
             sa_url = dbadmin.sqlalchemy_url(url)
@@ -311,13 +331,17 @@ def main() -> None:
                 load(url, size)
                 print(f"loaded in {time.perf_counter() - t:.1f} s", flush=True)
                 pool = random.Random(size).sample(range(1, AREAS + 1), AREAS)  # every area once, in random order
-                results = {"before": measure(sa_url, url, arms_code["before"], pool, args.repeat, args.explain)}
+                results = {}
+                if not args.before_on_head:
+                    results["before"] = measure(sa_url, url, arms_code["before"], pool, args.repeat, args.explain)
                 t = time.perf_counter()
                 migrate.upgrade(sa_url)
                 with psycopg.connect(url, autocommit=True) as conn:
                     conn.execute("ANALYZE findings")
                 print(f"upgrade {before_revision} -> head (revision {args.after_revision}) on {size:,} findings: "
                       f"{time.perf_counter() - t:.1f} s", flush=True)
+                if args.before_on_head:
+                    results["before"] = measure(sa_url, url, arms_code["before"], pool, args.repeat, args.explain)
                 results["after"] = measure(sa_url, url, arms_code["after"], pool, args.repeat, args.explain)
                 worst[size] = report(size, results)
             finally:

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import IO, Any
 
 from shapely.geometry import shape
-from sqlalchemy import func, literal_column, or_, select, union
+from sqlalchemy import func, literal_column, or_, select, union, union_all
 from sqlalchemy.orm import Session
 
 from core.models import Analysis, Area, Finding, FindingImage, Scene
@@ -93,16 +93,18 @@ def _row_filters(stmt, flt: FindingFilter):
     return stmt
 
 
-def build_statement(flt: FindingFilter, *, scan_newest: int | None = None, match_cap: int | None = None,
+def build_statement(flt: FindingFilter, *, area_first: tuple[int, int] | None = None,
                     nearest: int | None = None):
     """The SELECT for ``flt``, newest first.
 
-    A text filter is applied one of three ways (see :func:`query_findings` for when each is used):
-    ``scan_newest=N`` runs ILIKE on the N newest findings only; ``nearest=N`` walks the (observed_at,
-    trigram) GiST index newest first and keeps the first N matches (plus every match at the N-th's
-    observed_at, so ties are ordered by id as everywhere); otherwise the matches come from the trigram
-    GIN indexes in a MATERIALIZED CTE and are ordered afterwards. ``match_cap=N`` keeps at most N
-    matches in that CTE and adds a column ``matches`` (how many it kept: N means "maybe more").
+    A text filter is applied one of three ways (see :func:`_text_search` for when each is used):
+    ``area_first=(N, CAP)`` (an area's first step, one statement) runs ILIKE on the area's N newest
+    findings and, only when fewer than ``flt.limit`` of them match, takes the area's matches from the
+    (area, trigram) GIN indexes instead, at most CAP + 1 of them; it adds the columns ``scanned`` (matches
+    among the N newest) and ``matches`` (GIN matches kept: CAP + 1 means "maybe more"; 0 when not run).
+    ``nearest=N`` walks the (observed_at, trigram) GiST index newest first and keeps the first N matches
+    (plus every match at the N-th's observed_at, so ties are ordered by id as everywhere); otherwise the
+    matches come from the trigram GIN indexes in a MATERIALIZED CTE and are ordered afterwards.
     """
     stmt = (
         select(
@@ -145,20 +147,32 @@ def build_statement(flt: FindingFilter, *, scan_newest: int | None = None, match
             matched = union(select(knn.c.id), ties).cte("text_matches")
             stmt = stmt.join(matched, matched.c.id == Finding.id).where(
                 or_(Finding.caption.ilike(pattern, escape="\\"), Finding.answer.ilike(pattern, escape="\\")))
-        elif scan_newest is not None:
-            newest = _time_bounds(select(Finding.id, Finding.caption, Finding.answer), flt, area=True)
-            newest = newest.order_by(Finding.observed_at.desc(), Finding.id.desc()).limit(scan_newest)
+        elif area_first is not None:
+            scan_rows, cap = area_first
+            # The row filters go into both CTEs: "N newest" and "every match" are then of the rows the
+            # query can return, so a full scan step or a GIN step under the cap is the whole answer.
+            newest = _row_filters(_time_bounds(select(Finding.id, Finding.caption, Finding.answer), flt,
+                                               area=True), flt)
+            newest = newest.order_by(Finding.observed_at.desc(), Finding.id.desc()).limit(scan_rows)
             newest = newest.cte("newest").prefix_with("MATERIALIZED")
-            stmt = stmt.join(newest, newest.c.id == Finding.id).where(matches_text(newest))
+            scanned = select(newest.c.id).where(matches_text(newest)).cte("scanned").prefix_with("MATERIALIZED")
+            n_scanned = select(func.count()).select_from(scanned).scalar_subquery()
+            findings = Finding.__table__
+            # ``n_scanned < limit`` has no column in it: a one-time filter, so the GIN lookup is not run at
+            # all when the scan found enough.
+            indexed = _row_filters(_time_bounds(select(findings.c.id).where(matches_text(findings)), flt,
+                                                area=True), flt).where(n_scanned < flt.limit)
+            indexed = indexed.limit(cap + 1).cte("indexed").prefix_with("MATERIALIZED")
+            n_indexed = select(func.count()).select_from(indexed).scalar_subquery()
+            matched = union_all(select(scanned.c.id).where(n_scanned >= flt.limit), select(indexed.c.id))
+            matched = matched.cte("text_matches")
+            stmt = stmt.join(matched, matched.c.id == Finding.id).add_columns(
+                n_scanned.label("scanned"), n_indexed.label("matches"))
         else:
             findings = Finding.__table__
             text_matches = _time_bounds(select(findings.c.id).where(matches_text(findings)), flt, area=True)
-            if match_cap is not None:
-                text_matches = text_matches.limit(match_cap)
             text_matches = text_matches.cte("text_matches").prefix_with("MATERIALIZED")
             stmt = stmt.join(text_matches, text_matches.c.id == Finding.id)
-            if match_cap is not None:
-                stmt = stmt.add_columns(func.count().over().label("matches"))
     stmt = stmt.order_by(Finding.observed_at.desc(), Finding.id.desc())
     if flt.limit is not None:
         if flt.limit < 1:
@@ -205,10 +219,10 @@ def iter_findings(session: Session, flt: FindingFilter, *, batch: int | None = N
 # 1. without an area: the (observed_at, trigram) GiST index walked newest first over the newest
 #    TEXT_WINDOWS_DAYS[0] days (revision 0015) — a word with `limit` matches in that window costs a few
 #    hundred index entries per match found, and the window bounds the walk for a rare one;
-#    within an area: ILIKE on the area's newest SCAN_ROWS_PER_RESULT × limit findings (a common word has
-#    `limit` matches among them; the GiST walk would read every area's rows);
-# 1½. within one area: every match at once from the (area, trigram) GIN indexes (revision 0009) when the
-#    area has at most AREA_MATCHES_PER_RESULT × limit of them;
+#    within an area, in one statement: ILIKE on the area's newest SCAN_ROWS_PER_RESULT × limit findings
+#    (a common word has `limit` matches among them; the GiST walk would read every area's rows), and only
+#    when that finds fewer, every match at once from the (area, trigram) GIN indexes (revision 0009), which
+#    answers when the area has at most AREA_MATCHES_PER_RESULT × limit of them;
 # 2. otherwise the trigram GIN indexes find the matches in widening windows back from the newest finding,
 #    so a moderately common word never means fetching all of its matches to keep the newest hundred.
 # Whenever a step returns `limit` rows, every row newer than its boundary was considered: they are the
@@ -234,13 +248,12 @@ def _text_search(session: Session, flt: FindingFilter) -> Sequence[Any]:
             return session.execute(build_statement(flt)).mappings().all()
         windows = windows[1:]  # the GIN windows start wider: this one held fewer than `limit`
     else:
-        rows = session.execute(build_statement(flt, scan_newest=SCAN_ROWS_PER_RESULT * limit)).mappings().all()
-        if len(rows) >= limit:
-            return rows
         cap = AREA_MATCHES_PER_RESULT * limit
-        rows = session.execute(build_statement(flt, match_cap=cap + 1)).mappings().all()
-        if not rows or rows[0]["matches"] <= cap:  # every match of the area was ordered: the newest are these
-            return [{k: v for k, v in row.items() if k != "matches"} for row in rows]
+        rows = session.execute(build_statement(flt, area_first=(SCAN_ROWS_PER_RESULT * limit, cap))).mappings().all()
+        # The scan found `limit` matches among the newest rows, or the GIN step held every match (under its
+        # cap; none at all when no row came back): these are the newest matches.
+        if not rows or rows[0]["scanned"] >= limit or rows[0]["matches"] <= cap:
+            return [{k: v for k, v in row.items() if k not in ("scanned", "matches")} for row in rows]
         newest = session.scalar(_time_bounds(select(func.max(Finding.observed_at)), replace(flt, since=None)))
         if newest is None:
             return []

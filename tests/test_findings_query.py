@@ -236,8 +236,19 @@ def test_area_text_search_gives_the_newest_matches_whichever_step_answers(many, 
                 got = q(area=area, text=word, limit=limit)
                 assert [r["id"] for r in got] == expected[:limit], (area, word, limit)
                 assert all(set(r) == set(everything[0]) for r in got)  # no helper column leaks out
+        # A row filter with the text: the newest rows scanned and the GIN matches are of that kind only, so
+        # a page of answers is not cut short by the newer summaries that match.
+        for kind in ("answer", "summary"):
+            expected = [r["id"] for r in everything if r["kind"] == kind and "quarry" in
+                        ((r["caption"] or "") + "\n" + (r["answer"] or "")).lower()]
+            for limit in (1, 3, 10, 100):
+                got = q(area=area, text="quarry", kind=kind, limit=limit)
+                assert [r["id"] for r in got] == expected[:limit], (area, kind, limit)
     # Known counts: "quarry" in 14 captions (k = 0, 3, …, 39) and 8 answers (k = 0, 5, …, 35) of each area.
     assert len(q(area="Danube delta", text="quarry", limit=None)) == 22
+    assert len(q(area="Danube delta", text="quarry", kind="answer", limit=3)) == 3
+    assert [r["id"] for r in q(area="Danube delta", text="quarry", kind="answer", limit=100)] == [
+        r["id"] for r in q(area="Danube delta", kind="answer", limit=None) if r["answer"] == "a quarry road"]
 
 
 def test_geojson_export_copies_the_geometry_text_through(data):

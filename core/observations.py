@@ -17,8 +17,9 @@ dispatches, :mod:`monitor.pairing` settles) and whoever computes the fractions (
   a re-send racing a slow worker) writes once: the second run finds nothing due, and a row pairing already
   settled is never reset to ``pending``.
 - **Dispatch** is per acquisition (the message carries the acquisition id only): :func:`mark_sent` stamps
-  ``dispatched_at`` on its due rows in the transaction that publishes the message. A due row whose stamp is
-  older than ``resend_seconds`` (or older than its last failed computation) is sent again — that is how a
+  ``dispatched_at`` on its due rows in the transaction that publishes the message. A due row whose stamp — or
+  the start of its last attempt (``started_at``), when later — is older than ``resend_seconds`` (or older than
+  its last failed computation) is sent again — that is how a
   task lost with a killed worker or an emptied broker comes back: the durable state is the row, not the queue.
 - **Attempts**: whoever computes a row first calls :func:`begin` (``attempts`` + 1, ``started_at``), and
   :func:`note_error` when the computation raised. A row that had ``max_attempts`` attempts and no outcome — the
@@ -60,7 +61,10 @@ DUE = (f"((o.status = '{_S.PENDING.value}' AND o.computed_at IS NULL) OR "
        f"(o.status = '{_S.FAILED.value}' AND o.computed_at < now() - make_interval(secs => {_RETRY}) "
        f"AND o.created_at > now() - make_interval(secs => {_GIVE_UP}) "
        f"AND (o.attempts = 0 OR o.started_at > o.computed_at)))")
-_NOT_IN_FLIGHT = ("(o.dispatched_at IS NULL OR o.dispatched_at < now() - make_interval(secs => :resend) "
+#: Timed from the later of the dispatch and the start of the last attempt: a message that waited 15 min in a
+#: busy cpu queue and started 1 min ago is running, not lost (GREATEST ignores a NULL started_at).
+_NOT_IN_FLIGHT = ("(o.dispatched_at IS NULL "
+                  "OR GREATEST(o.dispatched_at, o.started_at) < now() - make_interval(secs => :resend) "
                   "OR o.dispatched_at < o.computed_at)")
 
 
@@ -103,7 +107,7 @@ def due_areas(session: Session, acquisition_id: int, area_ids: list[int] | None 
 def due_acquisitions(session: Session, *, area_ids: list[int] | None = None, unsent_only: bool = False,
                      resend_seconds: float = RESEND_SECONDS, limit: int | None = None) -> dict[int, list[int]]:
     """Acquisition id → area ids with due observations, oldest acquisition first (``unsent_only``: only rows
-    not in flight, i.e. never dispatched or dispatched more than ``resend_seconds`` ago)."""
+    not in flight, i.e. never dispatched, or dispatched and last started more than ``resend_seconds`` ago)."""
     params: dict[str, object] = {"resend": resend_seconds}
     where = [DUE, "a.status = 'active'"]
     if unsent_only:

@@ -128,3 +128,21 @@ def test_attempts_lost_with_their_worker_give_up_with_the_lost_reason(db, worker
         session.execute(text("UPDATE observations SET computed_at = computed_at - interval '2 hours', "
                              "started_at = started_at - interval '2 hours' WHERE acquisition_id = :q"), {"q": q})
         assert job.due_areas(session, q) == []
+
+
+def test_the_resend_delay_runs_from_the_start_of_a_task_that_waited_in_the_queue(db, worker_settings, cog_server):
+    """A backlog in the cpu queue: queued 15 min ago and started 1 min ago is running, not lost (not re-sent);
+    queued 15 min ago and never started, or started 11 min ago, is re-sent."""
+    _, acquisitions = _setup(worker_settings, cog_server)
+    running, waiting, stale = acquisitions
+    stamps = {running: ("15 minutes", "1 minute"), waiting: ("15 minutes", None), stale: ("15 minutes", "11 minutes")}
+    with session_scope(worker_settings) as session:
+        for q, (queued, started) in stamps.items():
+            session.execute(text(
+                "UPDATE observations SET dispatched_at = now() - CAST(:queued AS interval), attempts = :n, "
+                "started_at = now() - CAST(:started AS interval) WHERE acquisition_id = :q"),
+                {"q": q, "queued": queued, "started": started, "n": 0 if started is None else 1})
+    sent: list[int] = []
+    stats = dispatch_observations(worker_settings, send=lambda q, _queue: sent.append(q))
+    assert sorted(sent) == sorted([waiting, stale])
+    assert stats.dispatched == 2

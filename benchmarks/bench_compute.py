@@ -66,7 +66,10 @@ def child(args: argparse.Namespace) -> None:
         spectral, thumbs = SpectralAccumulator(grid, survey, min_ha), Thumbs.for_grid(grid)
         for block in blocks:
             spectral.add(block)
-            thumbs.add(block, render.rgb_of(block.before), render.rgb_of(block.after))
+            if hasattr(thumbs, "add_block"):  # decimated before stacking
+                thumbs.add_block(block)
+            else:
+                thumbs.add(block, render.rgb_of(block.before), render.rgb_of(block.after))
         result = spectral.finish(PairFacts(grid=grid, survey=survey, valid_fraction=valid_fraction, notes=[],
                                            acquired=acquired))
         best = min(best, time.perf_counter() - started)

@@ -17,6 +17,8 @@ child's own high-water mark, ``VmHWM`` of /proc/self/status — not ``ru_maxrss`
   2015-08-31 → 2020-08-29): raster prep (HTTP window reads of mask + 4 bands of both scenes, warp to the
   UTM 10 m grid, harmonisation, buffered SCL mask), spectral analysis (indices, classes, regions,
   EPSG:4326, chip scores, caption) and the three PNG thumbnails. An arm that fails says why.
+  ``req``: HTTP requests the COG server answered for the pair; ``CPU`` (1,000 km² line): the child's
+  user + system seconds, all threads (steadier than wall time on a shared machine).
 - ``read_amplification``: bytes the COG server sent / the true minimum (the header bytes before the
   first tile plus the internal tiles holding the source pixel of at least one grid pixel centre),
   averaged over ``--placements`` random 5 × 5 km areas, each read from the same-zone tile and from the
@@ -160,6 +162,7 @@ def child(args: argparse.Namespace) -> None:
     geom = area_geometry(args.km2, args.zone, offset)
     before, after = scene_refs(args.url, catalogue, args.zone)
     rss_before = peak_rss_mb()
+    cpu_before = os.times()
     started = time.perf_counter()
     out: dict = {}
     try:
@@ -182,6 +185,10 @@ def child(args: argparse.Namespace) -> None:
     except Exception as exc:  # the figure is "it failed, and why"
         out.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:160]}")
     out["seconds"] = time.perf_counter() - started
+    cpu = os.times()
+    # CPU of this process, all threads (the COG server's is not in it): steadier than wall time when the
+    # machine is shared.
+    out["cpu_seconds"] = cpu.user - cpu_before.user + cpu.system - cpu_before.system
     out["peak_rss_mb"] = peak_rss_mb()
     out["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the old, inherited figure
     out["rss_at_start_mb"] = rss_before
@@ -204,8 +211,12 @@ def reset(url: str) -> None:
     urllib.request.urlopen(urllib.request.Request(f"{url}/_stats/reset", method="POST"), timeout=10).read()
 
 
+def stats(url: str) -> dict:
+    return json.loads(urllib.request.urlopen(f"{url}/_stats", timeout=10).read())
+
+
 def sent(url: str) -> int:
-    return int(json.loads(urllib.request.urlopen(f"{url}/_stats", timeout=10).read())["bytes_sent"])
+    return int(stats(url)["bytes_sent"])
 
 
 def minimum_bytes(cog_dir: Path, zone: str, km2: float, offset) -> int:
@@ -289,17 +300,24 @@ def main() -> None:
         results: dict[str, dict[float, list[dict]]] = {arm: {} for arm in arms}
         with localstac.CogServer(root) as server:
             url = f"{server.url}/cogs"
-            print(f"{'km2':>7} | {'baseline s':>10} {'MB':>6} | {'current s':>10} {'MB':>6} | ratio s | note")
+            print(f"{'km2':>7} | {'baseline s':>10} {'MB':>6} {'req':>5} | {'current s':>10} {'MB':>6} {'req':>5} | "
+                  "ratio s | note")
             for km2 in sizes:
                 for arm, code in arms.items():
-                    results[arm][km2] = [run_child(code, url, km2, ZONES[0]) for _ in range(args.runs)]
+                    runs = []
+                    for _ in range(args.runs):
+                        reset(server.url)
+                        runs.append(run_child(code, url, km2, ZONES[0]))
+                        runs[-1]["requests"] = int(stats(server.url)["requests"])
+                    results[arm][km2] = runs
                 b, c = results["baseline"][km2], results["current"][km2]
                 bs, cs = statistics.median(r["seconds"] for r in b), statistics.median(r["seconds"] for r in c)
                 note = "; ".join(f"{arm}: {r[0]['error']}" for arm, r in (("baseline", b), ("current", c))
                                  if not r[0]["ok"])
                 ratio = f"{bs / cs:6.1f}x" if b[0]["ok"] and c[0]["ok"] and cs > 0 else "   n/a"
-                print(f"{km2:7g} | {bs:10.2f} {max(r['peak_rss_mb'] for r in b):6.0f} | {cs:10.2f} "
-                      f"{max(r['peak_rss_mb'] for r in c):6.0f} | {ratio} | {note or 'both ok'}"
+                print(f"{km2:7g} | {bs:10.2f} {max(r['peak_rss_mb'] for r in b):6.0f} {b[0]['requests']:5d} | "
+                      f"{cs:10.2f} {max(r['peak_rss_mb'] for r in c):6.0f} {c[0]['requests']:5d} | {ratio} | "
+                      f"{note or 'both ok'}"
                       + (f" (changed_ha {c[0]['changed_ha']:.1f} / {b[0].get('changed_ha', float('nan')):.1f}, "
                          f"grid {c[0]['grid'][0]} x {c[0]['grid'][1]})" if c[0]["ok"] else ""), flush=True)
 
@@ -320,12 +338,15 @@ def main() -> None:
                 print(f"  {zone} offset ({offset[0]:6.0f}, {offset[1]:6.0f}): minimum {minimum} B; " + ", ".join(row),
                       flush=True)
     for arm in arms:
-        print(f"read_amplification_mean_{arm}: {statistics.mean(amplification[arm]):.3f}")
+        if amplification[arm]:
+            print(f"read_amplification_mean_{arm}: {statistics.mean(amplification[arm]):.3f}")
     thousand = 1000.0 if 1000.0 in sizes else sizes[-1]
     for arm in arms:
         r = results[arm][thousand][0]
-        print(f"pair_{thousand:g}km2_{arm}: {statistics.median(x['seconds'] for x in results[arm][thousand]):.2f} s, "
-              f"{r['peak_rss_mb']:.0f} MB peak{'' if r['ok'] else ' (failed: ' + r['error'] + ')'}")
+        print(f"pair_{thousand:g}km2_{arm}: {statistics.median(x['seconds'] for x in results[arm][thousand]):.2f} s "
+              f"(CPU {statistics.median(x.get('cpu_seconds', 0.0) for x in results[arm][thousand]):.2f} s), "
+              f"{r['peak_rss_mb']:.0f} MB peak, {r['requests']} HTTP requests"
+              f"{'' if r['ok'] else ' (failed: ' + r['error'] + ')'}")
     for arm in arms:  # what the bench reported before it read VmHWM: the parent's peak, inherited over execve
         print(f"ru_maxrss_{thousand:g}km2_{arm} (inherited, not the child's own): "
               f"{results[arm][thousand][0].get('ru_maxrss_mb', float('nan')):.0f} MB")

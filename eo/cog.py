@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
+from rasterio.env import get_gdal_config, set_gdal_config
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import RasterioError
 from rasterio.features import geometry_mask
@@ -42,6 +44,11 @@ logger = logging.getLogger(__name__)
 # resolution, which is a programming or configuration mistake, not something to fetch. The workers read
 # large areas block by block (workers/raster.py), so no read of theirs comes near it.
 MAX_PIXELS = 64_000_000
+# GDAL's raster block cache (decoded tiles, process-wide; its default is 5 % of RAM, 1.2 GB on a 24 GB
+# worker). A CogSession keeps datasets open, so their cached tiles would stay resident up to that default
+# whatever the area's size; 128 MB holds the tiles a block's halo shares with the blocks read before it
+# (bench_pipeline 1,000 km2 block reads: 458 -> 280 requests, 86.6 -> 65.4 MB; 64 MB: 307, 71.6 MB).
+BLOCK_CACHE_BYTES = 128 * 1024 * 1024
 
 
 class CogReadError(RuntimeError):
@@ -116,6 +123,7 @@ def read_aoi(
     aoi_mask: bool = True,
     use_overviews: bool = False,
     tolerance: float | None = None,
+    session: CogSession | None = None,
 ) -> AoiRaster:
     """Read the window of ``href`` covering ``geom_4326`` (EPSG:4326) on the requested grid (``geom_4326``
     may be None when ``bounds`` are given and ``aoi_mask`` is False).
@@ -132,10 +140,14 @@ def read_aoi(
     warp's approximation error in source pixels (GDAL's default 0.125 when None; a tiny value = exact transformer,
     so a pixel's value does not depend on the window it is read in — shared mask reads need that).
 
+    ``session``: read through a :class:`CogSession`'s open dataset (one open per file and analysis, not one
+    per read); the same policy check, proxy and errors.
+
     Pixels outside the file are ``nodata``. Raises :class:`eo.security.HrefRefused` for hrefs that
     must not be opened and :class:`CogReadError` for unreadable or corrupt files.
     """
-    with open_checked(href, catalogue) as opener:
+    checked = session.opener(href, catalogue) if session is not None else open_checked(href, catalogue)
+    with checked as opener:
         with opener() as src:
             level = overview_level(src, dst_crs, resolution) if use_overviews else None
             if level is None:
@@ -165,14 +177,104 @@ def open_checked(href: str, catalogue: CatalogueSettings) -> Iterator[Callable[.
     except CogReadError:
         raise
     except (RasterioError, OSError, ValueError) as exc:
-        refused = proxy.refusals(token) if proxy and token else []
-        if refused:  # a redirect hop outside the policy: say so, not "HTTP error 403"
-            raise HrefRefused(f"href {href!r} redirected outside the policy: {refused[0].reason}") from exc
-        # RasterioIOError (not found, not a TIFF), CPLE_* (corrupt tiles), HTTP errors surfaced by GDAL.
-        raise CogReadError(href, str(exc) or exc.__class__.__name__) from exc
+        raise _read_error(href, exc, proxy, token) from exc
     finally:
         if proxy and token:
             proxy.close_read(token)
+
+
+def _read_error(href: str, exc: Exception, proxy: egress.EgressGuard | None, token: str | None) -> Exception:
+    refused = proxy.refusals(token) if proxy and token else []
+    if refused:  # a redirect hop outside the policy: say so, not "HTTP error 403"
+        return HrefRefused(f"href {href!r} redirected outside the policy: {refused[0].reason}")
+    # RasterioIOError (not found, not a TIFF), CPLE_* (corrupt tiles), HTTP errors surfaced by GDAL.
+    return CogReadError(href, str(exc) or exc.__class__.__name__)
+
+
+def _cap_block_cache() -> None:
+    """Lower GDAL's block cache to :data:`BLOCK_CACHE_BYTES` (never raise one configured lower)."""
+    current = get_gdal_config("GDAL_CACHEMAX")
+    if current is None or int(current) > BLOCK_CACHE_BYTES:
+        set_gdal_config("GDAL_CACHEMAX", BLOCK_CACHE_BYTES)
+
+
+class _OpenFile:
+    """One checked href of a :class:`CogSession`: its proxy token and its open datasets by overview level."""
+
+    def __init__(self, href: str, catalogue: CatalogueSettings):
+        self.href, self.catalogue = href, catalogue
+        self.url = check_href(href, catalogue)
+        self.proxy = egress.guard() if egress.uses_proxy(self.url) else None
+        self.token = self.proxy.open_read(catalogue) if self.proxy else None
+        self.options = self.proxy.gdal_options(self.token) if self.proxy and self.token else {}
+        self.lock = threading.Lock()  # a GDAL dataset is read by one thread at a time
+        self.datasets: dict[int | None, Any] = {}
+
+    def dataset(self, level: int | None) -> Any:
+        if level not in self.datasets:
+            self.datasets[level] = rasterio.open(self.url, overview_level=level)
+        return self.datasets[level]
+
+    def close(self) -> None:
+        for dataset in self.datasets.values():
+            dataset.close()
+        self.datasets.clear()
+        if self.proxy and self.token:
+            self.proxy.close_read(self.token)
+            self.token = None
+
+
+class CogSession:
+    """COGs opened once and read many times (``with CogSession() as cogs: read_aoi(..., session=cogs)``).
+
+    A block-by-block analysis reads every asset once per block; through a session each file is checked
+    against the policy and opened once, and every read goes through its open dataset (header and IFDs
+    parsed once; GDAL's block cache of that dataset serves the tiles a block's halo shares with the block
+    read before it, which a fresh open would fetch and decompress again). Each read still runs in the
+    read's own GDAL environment with the file's proxy credentials (:mod:`eo.egress`: every connection,
+    redirects included, passes the policy proxy), which live until the session closes. Thread-safe: reads
+    of one file are serialised, different files are read in parallel.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._files: dict[tuple[str, int], _OpenFile] = {}
+        _cap_block_cache()
+
+    def __enter__(self) -> CogSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            files, self._files = list(self._files.values()), {}
+        for entry in files:
+            with entry.lock:
+                entry.close()
+
+    @contextmanager
+    def opener(self, href: str, catalogue: CatalogueSettings) -> Iterator[Callable[..., Any]]:
+        """:func:`open_checked` through this session's open dataset of ``href`` (held for the block)."""
+        key = (href, id(catalogue))
+        with self._lock:
+            entry = self._files.get(key)
+            if entry is None or entry.catalogue is not catalogue:
+                entry = self._files[key] = _OpenFile(href, catalogue)
+        with entry.lock:
+            try:
+                with gdal_env(catalogue.timeout_seconds, **entry.options):
+                    yield lambda overview_level=None: nullcontext(entry.dataset(overview_level))
+            except CogReadError:
+                raise
+            except (RasterioError, OSError, ValueError) as exc:
+                error = _read_error(href, exc, entry.proxy, entry.token)
+                entry.close()  # a dataset that failed a read is not trusted for the next one
+                with self._lock:
+                    if self._files.get(key) is entry:
+                        del self._files[key]
+                raise error from exc
 
 
 def overview_level(src: Any, dst_crs: Any, resolution: Any) -> int | None:

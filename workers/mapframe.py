@@ -63,13 +63,24 @@ def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=FONT_PX)
 
 
+def map_size(height: int, width: int) -> tuple[int, int]:
+    """(W, H) px of the map part for a ``height`` × ``width`` thumbnail (upscaled to :data:`MAP_SIDE`)."""
+    if max(width, height) >= MAP_SIDE:
+        return width, height
+    scale = MAP_SIDE / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def _upscaled(rgb8: np.ndarray) -> Image.Image:
     image = Image.fromarray(rgb8)
-    width, height = image.size
-    if max(width, height) >= MAP_SIDE:
-        return image
-    scale = MAP_SIDE / max(width, height)
-    return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.NEAREST)
+    size = map_size(*rgb8.shape[:2])
+    return image if size == image.size else image.resize(size, Image.Resampling.NEAREST)
+
+
+def outline_for(aoi: np.ndarray) -> np.ndarray:
+    """(H, W) bool at the map's size: the area outline :func:`frame` draws for area mask ``aoi`` — computed
+    once when several frames share the area (before, after, overlay: a 5 × 5 min filter each otherwise)."""
+    return _outline(aoi, map_size(*aoi.shape))
 
 
 def _outline(aoi: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -86,17 +97,23 @@ def _north_arrow(draw: ImageDraw.ImageDraw, right: int, top: int, font) -> None:
     draw.text((cx - 30, top + 8), "N", fill=TEXT, font=font, anchor="mm")
 
 
-def frame(rgb8: np.ndarray, *, aoi: np.ndarray, pixel_m: float, legend: list[LegendEntry]) -> Image.Image:
+def frame(rgb8: np.ndarray, *, aoi: np.ndarray, pixel_m: float, legend: list[LegendEntry],
+          outline: np.ndarray | None = None) -> Image.Image:
     """The email image of one (H, W, 3) uint8 thumbnail on a grid of ``pixel_m`` m pixels with area mask
     ``aoi`` (H, W): map upscaled to at least :data:`MAP_SIDE` px on its longer side, outline on it, and below it the
-    scale bar, north arrow and legend (``legend``: the area outline comes first, then what is given)."""
+    scale bar, north arrow and legend (``legend``: the area outline comes first, then what is given).
+    ``outline``: :func:`outline_for` of ``aoi``, when the caller frames several images of one area."""
     if rgb8.shape[:2] != aoi.shape:
         raise ValueError(f"thumbnail {rgb8.shape[:2]} and area mask {aoi.shape} differ in shape")
     map_image = _upscaled(rgb8)
     width, height = map_image.size
     pixels = np.array(map_image)
     if aoi.any():
-        pixels[_outline(aoi, (width, height))] = OUTLINE
+        if outline is None:
+            outline = _outline(aoi, (width, height))
+        elif outline.shape != (height, width):
+            raise ValueError(f"outline {outline.shape} is not the map's size {(height, width)}")
+        pixels[outline] = OUTLINE
     canvas = Image.new("RGB", (width, height + FOOTER_PX), (255, 255, 255))
     canvas.paste(Image.fromarray(pixels), (0, 0))
     draw = ImageDraw.Draw(canvas)

@@ -258,8 +258,9 @@ def thumbnails(pair: PreparedPair, result: spectral.SpectralResult) -> dict[str,
     tinted = render.overlay(img_a, codes, thumbs.aoi)
     legend = [mapframe.LegendEntry(render.CLASS_COLOURS[code], label(name))
               for name, code in spectral.CLASS_CODES.items() if (codes == code).any()]
-    pixel_m = thumbs.grid.pixel_size
-    return {role: render.encode_png(mapframe.frame(rgb8, aoi=thumbs.aoi, pixel_m=pixel_m, legend=entries))
+    pixel_m, outline = thumbs.grid.pixel_size, mapframe.outline_for(thumbs.aoi)
+    return {role: render.encode_png(mapframe.frame(rgb8, aoi=thumbs.aoi, pixel_m=pixel_m, legend=entries,
+                                                   outline=outline))
             for role, rgb8, entries in (("before", img_b, []), ("after", img_a, []), ("overlay", tinted, legend))}
 
 

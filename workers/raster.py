@@ -44,7 +44,7 @@ from shapely.geometry.base import BaseGeometry
 
 from core.config import AnalysisSettings, CatalogueSettings
 from eo import radiometry
-from eo.cog import read_aoi, utm_crs_for
+from eo.cog import CogSession, read_aoi, utm_crs_for
 from eo.masks import MASK_BANDS, QA_FILL, clear_mask, haze_mask
 
 logger = logging.getLogger(__name__)
@@ -240,20 +240,22 @@ def harmonisation_rule(scene: SceneRef, band: str) -> tuple[float, float, str]:
     return rule.scale, rule.offset, rule.description
 
 
-def read_band(scene: SceneRef, band: str, grid: Grid, *, use_overviews: bool = False) -> np.ma.MaskedArray:
+def read_band(scene: SceneRef, band: str, grid: Grid, *, use_overviews: bool = False,
+              session: CogSession | None = None) -> np.ma.MaskedArray:
     """DNs of ``band`` on ``grid`` (nearest), no-data masked: the acquisition's mosaic — the first granule,
     its no-data filled from the other granules that have the band, in order. A granule whose reflectance
     rule differs (another catalogue's copy, another offset convention) is brought to the first granule's DN
     convention through reflectance, so one rule reads the whole array. ``use_overviews``: from the coarsest
-    internal overview still at least as fine as the grid (coarse grids: thumbnails, cloud screens)."""
-    out = _read_granule(scene, band, grid, use_overviews)
+    internal overview still at least as fine as the grid (coarse grids: thumbnails, cloud screens).
+    ``session``: through its open datasets (:class:`eo.cog.CogSession`; block-by-block readers)."""
+    out = _read_granule(scene, band, grid, use_overviews, session)
     rule = rule_of(scene, band) if band not in MASK_BANDS else None
     for other in scene.others:
         if not np.ma.getmaskarray(out).any():
             break
         if band not in other.assets:
             continue
-        part = _read_granule(other, band, grid, use_overviews)
+        part = _read_granule(other, band, grid, use_overviews, session)
         fill = np.ma.getmaskarray(out) & ~np.ma.getmaskarray(part)
         if not fill.any():
             continue
@@ -268,11 +270,12 @@ def read_band(scene: SceneRef, band: str, grid: Grid, *, use_overviews: bool = F
     return out
 
 
-def _read_granule(scene: SceneRef, band: str, grid: Grid, use_overviews: bool) -> np.ma.MaskedArray:
+def _read_granule(scene: SceneRef, band: str, grid: Grid, use_overviews: bool,
+                  session: CogSession | None = None) -> np.ma.MaskedArray:
     entry = scene.assets[band]
     raster = read_aoi(entry["href"], None, catalogue=scene.catalogue, dst_crs=grid.crs, resolution=grid.pixel_size,
                       bounds=grid.bounds, resampling=Resampling.nearest, indexes=1, aoi_mask=False,
-                      use_overviews=use_overviews)
+                      use_overviews=use_overviews, session=session)
     array = raster.array[0]
     if array.shape != (grid.height, grid.width):  # read_aoi honours bounds; a mismatch is a bug, say so
         raise RuntimeError(f"{band} of {scene.item_id}: read {array.shape}, grid is {(grid.height, grid.width)}")
@@ -345,13 +348,15 @@ class BlockPair:
 
 
 def read_block_masks(grid: Grid, block: Block, before: SceneRef, after: SceneRef, buffer_px: int,
-                     pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+                     pool: ThreadPoolExecutor, session: CogSession | None = None,
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
     """(AOI, clear before, clear after) over the block — clear masks on the halo'd window — and the counts
-    of AOI pixels clear in each and in both (unbuffered by haze)."""
+    of AOI pixels clear in each and in both (unbuffered by haze). ``session``: see :func:`read_band`."""
     read_grid = grid.window(*block.read_window(grid))
     inner = block.inner(grid)
     bands = (mask_band(before), mask_band(after))
-    values = list(pool.map(lambda sb: read_band(sb[0], sb[1], read_grid), ((before, bands[0]), (after, bands[1]))))
+    values = list(pool.map(lambda sb: read_band(sb[0], sb[1], read_grid, session=session),
+                           ((before, bands[0]), (after, bands[1]))))
     clear_b = _clear_mask(bands[0], values[0], buffer_px)
     clear_a = _clear_mask(bands[1], values[1], buffer_px)
     aoi = grid.window(block.rows, block.cols).aoi()
@@ -363,14 +368,16 @@ def read_block_masks(grid: Grid, block: Block, before: SceneRef, after: SceneRef
 
 def read_block(grid: Grid, block: Block, before: SceneRef, after: SceneRef, bands: list[str],
                settings: AnalysisSettings, pool: ThreadPoolExecutor,
-               masks: tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]) -> BlockPair:
+               masks: tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]],
+               session: CogSession | None = None) -> BlockPair:
     """Reflectance of ``bands`` for both scenes over the block, the haze test on what the cloud masks
-    missed, and the valid mask. ``masks`` is :func:`read_block_masks`' answer for this block."""
+    missed, and the valid mask. ``masks`` is :func:`read_block_masks`' answer for this block; ``session``:
+    see :func:`read_band`."""
     aoi, clear_b, clear_a, counts = masks
     read_grid = grid.window(*block.read_window(grid))
     inner = block.inner(grid)
     jobs = [(s, b) for s in (before, after) for b in bands]
-    dns = list(pool.map(lambda sb: read_band(sb[0], sb[1], read_grid), jobs))
+    dns = list(pool.map(lambda sb: read_band(sb[0], sb[1], read_grid, session=session), jobs))
     counts = dict(counts)
     # The metadata's rule against the clear red DNs (cloud-masked, before the haze test), counted here and
     # judged over the whole area by the caller (eo.radiometry.check_pixel_counts).

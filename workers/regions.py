@@ -91,7 +91,8 @@ def block_fragments(class_map: np.ndarray, d_ndvi: np.ndarray, bare: np.ndarray,
     """
     labels = np.zeros(class_map.shape, dtype=np.int32)
     codes: list[int] = []
-    present = np.flatnonzero(np.bincount(class_map.ravel(), minlength=256)[1:]) + 1
+    # Counted over the changed pixels only (a few % of a block), not the whole class map.
+    present = np.flatnonzero(np.bincount(class_map[class_map > 0], minlength=256)[1:]) + 1
     for code in present.tolist():
         lab, k = ndimage.label(class_map == code, structure=EIGHT, output=np.int32)
         if k:
@@ -101,21 +102,23 @@ def block_fragments(class_map: np.ndarray, d_ndvi: np.ndarray, bare: np.ndarray,
     n = len(codes)
     if not n:
         return BlockFragments([], 0, 0)
-    h, w = class_map.shape
-    pixels = np.bincount(labels.ravel(), minlength=n + 1)
+    inside = labels > 0
+    lab = labels[inside]
+    pixels = np.bincount(lab, minlength=n + 1)
+    # A component reaches an inside edge when one of its pixels lies in that edge's row or column.
     top_i, bottom_i, left_i, right_i = inside_edges
     border = np.zeros(n + 1, dtype=bool)
-    for k, (rs, cs) in enumerate(ndimage.find_objects(labels), start=1):
-        border[k] = ((top_i and rs.start == 0) or (bottom_i and rs.stop == h) or (left_i and cs.start == 0)
-                     or (right_i and cs.stop == w))
+    for reaches, line in ((top_i, labels[0, :]), (bottom_i, labels[-1, :]), (left_i, labels[:, 0]),
+                          (right_i, labels[:, -1])):
+        if reaches:
+            border[line] = True
+    border[0] = False
     keep = border | (pixels >= min_pixels)
     keep[0] = False
     dropped = int(n - keep[1:].sum())
     if dropped == n:
         return BlockFragments([], dropped, n)
 
-    inside = labels > 0
-    lab = labels[inside]
     d = d_ndvi[inside]
     finite = np.isfinite(d)
     d_sum = np.bincount(lab[finite], weights=d[finite].astype(np.float64), minlength=n + 1)

@@ -17,8 +17,9 @@
 
 The next block is read while one is analysed. Peak memory is two blocks of both scenes (peak RSS 0.64 GB
 on bench_pipeline's 1,000 km² pair at the default 1536 px, 0.55 GB one block at a time) plus the thumbnail
-canvas and the regions; reading is the same tiles a single window read would fetch (GDAL's /vsicurl/ block cache
-serves tiles shared by neighbouring blocks).
+canvas, the regions and GDAL's block cache (capped at :data:`eo.cog.BLOCK_CACHE_BYTES`). Every asset is
+opened once for the pair (:class:`eo.cog.CogSession`), so the tiles a block's halo shares with the blocks
+read before it come from that cache instead of being fetched and decoded again.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from shapely.geometry.base import BaseGeometry
 
 from core.config import AnalysisSettings
 from eo import radiometry
+from eo.cog import CogSession
 from eo.masks import clear_mask
 from workers import render
 from workers.raster import (
@@ -89,15 +91,34 @@ class Thumbs:
                    np.zeros(shape, bool), np.zeros(shape, bool))
 
     def add(self, block, rgb_before: np.ndarray, rgb_after: np.ndarray) -> None:
+        """Every ``factor``-th pixel of the block's (3, h, w) true colour of both scenes."""
+        r_off, c_off = self._offsets(block)
+        f = self.factor
+        self._put(block, rgb_before[:, r_off::f, c_off::f], rgb_after[:, r_off::f, c_off::f])
+
+    def add_block(self, block) -> None:
+        """:meth:`add` with the block's own reflectance, decimated before the bands are stacked (no
+        full-block true-colour copy: 2 × 28 MB per 1536 px block)."""
+        (r_off, c_off), f = self._offsets(block), self.factor
+
+        def picked(refl: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {b: refl[b][r_off::f, c_off::f] for b in ("red", "green", "blue") if b in refl}
+
+        self._put(block, render.rgb_of(picked(block.before)), render.rgb_of(picked(block.after)))
+
+    def _offsets(self, block) -> tuple[int, int]:
+        return (-block.block.rows.start) % self.factor, (-block.block.cols.start) % self.factor
+
+    def _put(self, block, small_before: np.ndarray, small_after: np.ndarray) -> None:
         f = self.factor
         rows, cols = block.block.rows, block.block.cols
-        r_off, c_off = (-rows.start) % f, (-cols.start) % f
-        tr, tc = slice((rows.start + r_off) // f, None), slice((cols.start + c_off) // f, None)
+        r_off, c_off = self._offsets(block)
         picked_valid = block.valid[r_off::f, c_off::f]
         h, w = picked_valid.shape
-        tr, tc = slice(tr.start, tr.start + h), slice(tc.start, tc.start + w)
-        self.before[:, tr, tc] = rgb_before[:, r_off::f, c_off::f]
-        self.after[:, tr, tc] = rgb_after[:, r_off::f, c_off::f]
+        tr = slice((rows.start + r_off) // f, (rows.start + r_off) // f + h)
+        tc = slice((cols.start + c_off) // f, (cols.start + c_off) // f + w)
+        self.before[:, tr, tc] = small_before
+        self.after[:, tr, tc] = small_after
         self.valid[tr, tc] = picked_valid
         self.aoi[tr, tc] = block.aoi[r_off::f, c_off::f]
 
@@ -133,19 +154,27 @@ def analyse_pair(geom_4326: BaseGeometry, before: SceneRef, after: SceneRef, set
     grid = common_grid(geom_4326, settings.pixel_size_m)
     bands, notes = pair_bands(before, after)
     plan = survey(grid, settings.chip_size_m, block_px=block_px, halo=settings.cloud_buffer_px)
+    # Every asset opened once for the whole pair (not once per block): see eo.cog.CogSession.
+    with CogSession() as cogs:
+        return _analyse(grid, plan, bands, notes, before, after, settings, cogs, on_block)
+
+
+def _analyse(grid: Grid, plan: Survey, bands: list[str], notes: list[str], before: SceneRef, after: SceneRef,
+             settings: AnalysisSettings, cogs: CogSession,
+             on_block: Callable[[BlockPair], None] | None) -> tuple[PreparedPair, SpectralResult]:
     aoi_pixels = max(plan.aoi_pixels, 1)
     if len(plan.blocks) > 1:
-        _coarse_screen(grid, before, after, settings)
+        _coarse_screen(grid, before, after, settings, cogs)
     thumbs = Thumbs.for_grid(grid)
     spectral = SpectralAccumulator(grid, plan, settings.min_mapping_unit_ha)
     totals: dict[str, int] = {}
 
     def read(block, pool: ThreadPoolExecutor) -> BlockPair:
         # Blocks without AOI pixels are read too: the thumbnails show the area in its surroundings.
-        masks = read_block_masks(grid, block, before, after, settings.cloud_buffer_px, pool)
+        masks = read_block_masks(grid, block, before, after, settings.cloud_buffer_px, pool, cogs)
         if len(plan.blocks) == 1:  # one read: the exact screen before any reflectance is fetched
             _screen(masks[3], aoi_pixels, settings)
-        return read_block(grid, block, before, after, bands, settings, pool, masks)
+        return read_block(grid, block, before, after, bands, settings, pool, masks, cogs)
 
     # The next block is read while this one is analysed (one block ahead: reading waits on the COG server,
     # the analysis on the CPU; two blocks in memory at most).
@@ -163,7 +192,7 @@ def analyse_pair(geom_4326: BaseGeometry, before: SceneRef, after: SceneRef, set
             spectral.add(pair_block)
             if on_block is not None:
                 on_block(pair_block)
-            thumbs.add(pair_block, render.rgb_of(pair_block.before), render.rgb_of(pair_block.after))
+            thumbs.add_block(pair_block)
             del pair_block
     _screen(totals, aoi_pixels, settings)
     # The metadata's rule against the clear red pixels of the whole area (raises RadiometryMismatch).
@@ -205,7 +234,8 @@ def _screen(counts: dict[str, int], aoi_pixels: int, settings: AnalysisSettings)
                                          counts.get("clear_after", 0) / aoi_pixels, settings))
 
 
-def _coarse_screen(grid: Grid, before: SceneRef, after: SceneRef, settings: AnalysisSettings) -> None:
+def _coarse_screen(grid: Grid, before: SceneRef, after: SceneRef, settings: AnalysisSettings,
+                   cogs: CogSession | None = None) -> None:
     """Skip a large pair that is clearly too cloudy, from the cloud masks' overviews (≤ 1024 px a side)."""
     factor = max(1, math.ceil(max(grid.width, grid.height) / render.MAX_SIDE))
     small = grid.decimated(factor)
@@ -216,7 +246,7 @@ def _coarse_screen(grid: Grid, before: SceneRef, after: SceneRef, settings: Anal
     clear = []
     for scene in (before, after):
         band = mask_band(scene)
-        values = read_band(scene, band, small, use_overviews=True)
+        values = read_band(scene, band, small, use_overviews=True, session=cogs)
         clear.append(clear_mask(band, values.data, buffer_px) & ~np.ma.getmaskarray(values) & aoi)
     n = int(aoi.sum())
     both = float((clear[0] & clear[1]).sum()) / n

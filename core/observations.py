@@ -1,15 +1,17 @@
 """The observation job: every ``observations.status`` transition, the task name and the dispatch rule.
 
 This is the only module that changes an observation row after the poll created it (``pending``, one per
-active area × acquisition a granule of which touches it). The control plane (:mod:`monitor.observations`
-dispatches, :mod:`monitor.pairing` settles) and whoever computes the fractions (a ``cpu`` worker's
-``unirs.observe`` task, or the scheduler's process itself: :mod:`eo.observe_rows`) call the functions below.
+active area × acquisition a granule of which touches it), the poll's re-open of a ``partial`` one included.
+The control plane (:mod:`monitor.observations` dispatches, :mod:`monitor.pairing` settles) and whoever
+computes the fractions (a ``cpu`` worker's ``unirs.observe`` task, or the scheduler's process itself:
+:mod:`eo.observe_rows`) call the functions below.
 
 ::
 
     pending, not computed ──save──▶ pending + fractions ──settle_clear (pairing)──▶ clear
                            ├─save─▶ cloudy | partial | failed
                            └─give_up (max attempts started, none stored an outcome)─▶ failed, final
+    partial, a granule of its acquisition first seen after it was computed ──reopen_late_partial (poll)──▶ pending
     failed by save, computed > FAILED_RETRY_AFTER ago, created < FAILED_GIVE_UP_AFTER ago ──save──▶ (as above)
 
 - A row is **due** while it waits for fractions (``pending`` with ``computed_at`` NULL, or a ``failed`` one whose
@@ -233,6 +235,24 @@ def save(session: Session, acquisition_id: int, outcomes: dict[int, Outcome]) ->
              "cov": o.covered, "clr": o.clear, "why": o.reason, "sid": o.scene_id}
             for area_id, o in outcomes.items()]
     session.connection().execute(_SAVE, rows)
+
+
+_REOPEN = text(f"""
+    UPDATE observations o
+       SET status = '{_S.PENDING.value}', computed_at = NULL, dispatched_at = NULL, started_at = NULL, attempts = 0
+     WHERE o.status = '{_S.PARTIAL.value}' AND o.area_id = ANY(:areas) AND EXISTS (
+           SELECT 1 FROM scenes s JOIN areas a ON a.id = o.area_id
+            WHERE s.id = ANY(:scenes) AND a.status = 'active' AND s.acquisition_id = o.acquisition_id
+              AND ST_Intersects(a.geom, s.footprint) AND s.first_seen_at > o.computed_at)""")  # noqa: S608
+
+
+def reopen_late_partial(session: Session, area_ids: list[int], scene_ids: list[int]) -> int:
+    """The poll's re-open: ``partial`` rows of ``area_ids`` whose acquisition got a granule among ``scene_ids``
+    touching the area after the row was computed are due again (``pending``, not computed), their dispatch
+    stamp and attempts cleared so the next dispatch pass sends them at once. Returns how many rows."""
+    if not area_ids or not scene_ids:
+        return 0
+    return session.execute(_REOPEN, {"areas": area_ids, "scenes": scene_ids}).rowcount
 
 
 _SETTLE = text(f"""

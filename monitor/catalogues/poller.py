@@ -27,11 +27,12 @@ from typing import Any
 
 from geoalchemy2.shape import to_shape
 from psycopg.errors import DeadlockDetected, SerializationFailure
-from sqlalchemy import any_, func, literal, select, update
+from sqlalchemy import any_, func, literal, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from core import observations as observation_job
 from core.config import CatalogueSettings, Settings
 from core.db import session_scope
 from core.models import Area, AreaStatus, PollState, Scene
@@ -307,7 +308,8 @@ def create_observations(session: Session, area_ids: list[int], scene_ids: list[i
     formed from the areas that want the searched collection); the footprint test here is exact, the
     search geometry was only a superset. The scene's own collection is not compared: the stored best
     version of a granule may come from another collection (Earth Search C1 for a v1 search). A ``partial``
-    observation is computed again when a granule of its acquisition arrives after it was computed.
+    observation is computed again when a granule of its acquisition arrives after it was computed
+    (:func:`core.observations.reopen_late_partial`).
     """
     if not area_ids or not scene_ids:
         return 0
@@ -330,15 +332,7 @@ def create_observations(session: Session, area_ids: list[int], scene_ids: list[i
         .returning(Observation.area_id)
     )
     created = len(session.execute(stmt).all())
-    late = (
-        select(Area.id).join(Scene, func.ST_Intersects(Area.geom, Scene.footprint))
-        .where(*touching, Scene.acquisition_id == Observation.acquisition_id, Area.id == Observation.area_id,
-               Scene.first_seen_at > Observation.computed_at)
-        .exists()
-    )
-    session.execute(update(Observation).where(Observation.status == ObservationStatus.PARTIAL,
-                                              Observation.area_id.in_(area_ids), late)
-                    .values(status=ObservationStatus.PENDING, computed_at=None))
+    observation_job.reopen_late_partial(session, list(area_ids), list(scene_ids))
     return created
 
 

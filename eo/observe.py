@@ -33,7 +33,7 @@ import shapely
 from affine import Affine
 from pyproj import Transformer
 from rasterio.crs import CRS
-from rasterio.enums import Resampling
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.features import geometry_mask, rasterize
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
@@ -274,10 +274,14 @@ def _footprints_4326(windows: list[_Window]) -> np.ndarray:
 
 def _aligned(src: Any, w: _Window) -> tuple[int, int] | None:
     """(column, row) offset of the window in ``src`` when the lattice is ``src``'s own pixel grid (same CRS and
-    pixel size, pixel edges on each other): then a plain window read gives exactly what nearest warping gives."""
+    pixel size, pixel edges on each other): then a plain window read gives exactly what nearest warping gives —
+    only when the file has no mask but its no-data value, which the warper would apply too (as
+    :func:`eo.cog._aligned_window`)."""
     t = src.transform
     if src.crs != w.crs or t.b != 0 or t.d != 0 or not math.isclose(t.a, w.size, rel_tol=1e-9) \
             or not math.isclose(-t.e, w.size, rel_tol=1e-9):
+        return None
+    if any(set(flags) - {MaskFlags.all_valid, MaskFlags.nodata} for flags in src.mask_flag_enums):
         return None
     col = (w.box[0] * w.size - t.c) / w.size
     row = (t.f + w.box[1] * w.size) / w.size

@@ -253,12 +253,27 @@ def test_area_text_search_gives_the_newest_matches_whichever_step_answers(many, 
 
 def test_geojson_export_copies_the_geometry_text_through(data):
     with session_scope(get_settings()) as s:
+        # Text that looks like the members spliced in must stay text.
+        s.execute(update(Finding).where(Finding.kind == "summary", Finding.caption.like("Clear-cut%"))
+                  .values(caption='Clear-cut: "statistics": null, "geometry": null'))
+    with session_scope(get_settings()) as s:
         flt = svc.FindingFilter(area="Apuseni forest", limit=None)
+        copied_rows = list(svc.iter_findings(s, flt, geometry_text=True))
+        assert {type(r["statistics"]) for r in copied_rows} == {str}  # PostgreSQL's JSON text, not parsed
         parsed, copied = io.StringIO(), io.StringIO()
         n = svc.write_geojson(svc.iter_findings(s, flt), parsed, default=str)
-        assert svc.write_geojson(svc.iter_findings(s, flt, geometry_text=True), copied, default=str) == n
+        assert svc.write_geojson(iter(copied_rows), copied, default=str) == n
     assert n == 6 and json.loads(copied.getvalue()) == json.loads(parsed.getvalue())
-    assert sum(feat["geometry"] is not None for feat in json.loads(copied.getvalue())["features"]) == 3
+    features = json.loads(copied.getvalue())["features"]
+    assert sum(feat["geometry"] is not None for feat in features) == 3
+    with psycopg.connect(data.replace("+psycopg", "")) as conn:
+        stored = [r[0] for r in conn.execute(
+            "SELECT statistics FROM findings f JOIN areas a ON a.id = f.area_id WHERE a.name = 'Apuseni forest' "
+            "ORDER BY observed_at DESC, f.id DESC").fetchall()]
+    assert [feat["properties"]["statistics"] for feat in features] == stored
+    assert {"road_px": 812} in stored and {"dndvi": -0.3} in stored
+    assert [feat["properties"]["caption"] for feat in features if feat["properties"]["kind"] == "summary"] == [
+        'Clear-cut: "statistics": null, "geometry": null', "A new forest ROAD appears"]
 
 
 @pytest.mark.parametrize("windows", [(30, 180, 1080), (1, 1080), (100_000,)])

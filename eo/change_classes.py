@@ -28,7 +28,7 @@ CLASS_LABELS = {
     "vegetation_loss": "vegetation loss",
     "vegetation_gain": "vegetation gain",
 }
-#: Classes that alert unless the area says otherwise (core/models.py repeats this as the column default).
+#: Classes that alert unless the area says otherwise (core/models/base.py repeats this as the column default).
 LOSS_CLASSES = ("new_built_up_or_bare", "vegetation_loss")
 DEFAULT_ALERT_CLASSES = LOSS_CLASSES
 #: Headline groups: the loss classes add up to one "Forest loss" figure (what a forest-watch reader

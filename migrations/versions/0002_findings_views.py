@@ -22,7 +22,7 @@ down_revision: str | None = '0001'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# The view's geometry expression and the index expression (and core/models.py) must stay identical:
+# The view's geometry expression and the index expression (and core/models/analysis.py) must stay identical:
 # the planner uses the index only for exactly the indexed expression.
 
 V_FINDINGS = """

@@ -149,22 +149,31 @@ def create_pending(session: Session, *, idempotency_key: str, area_id: int, afte
     ).scalar_one_or_none()
 
 
-def create_pending_many(session: Session, rows: list[dict[str, Any]], *, analyser: AnalyserSpec,
-                        chunk: int = 1000) -> list[int]:
+def create_pending_many(session: Session, rows: list[dict[str, Any]], *, analyser: AnalyserSpec) -> list[int]:
     """:func:`create_pending` for many rows in a few statements (pairing settles whole acquisitions).
 
     Each row: ``idempotency_key``, ``area_id``, ``after_scene_id``, ``before_scene_id``, ``question_set``,
     ``pairing_policy``, ``pair_reason``. Returns the ids of the rows actually inserted (duplicates skipped)."""
-    created: list[int] = []
-    for start in range(0, len(rows), chunk):
-        values = [{**row, "analyser": analyser.requested().id, "status": AnalysisStatus.PENDING, "attempts": 0,
-                   "stats": {}} for row in rows[start:start + chunk]]
-        created.extend(session.execute(
-            insert(Analysis).values(values)
-            .on_conflict_do_nothing(index_elements=[Analysis.idempotency_key])
-            .returning(Analysis.id)
-        ).scalars())
-    return created
+    if not rows:
+        return []
+    # The rows as parallel arrays unnested by one INSERT … SELECT: a 1,000-row VALUES clause per chunk cost
+    # more to build and parse than the insert itself (pairing 10,000 areas: 17 of 23 s).
+    columns = {name: [row[name] for row in rows] for name in _MANY_COLUMNS}
+    return list(session.connection().execute(
+        _INSERT_MANY, {**columns, "analyser": analyser.requested().id}).scalars())
+
+
+_MANY_COLUMNS = ("idempotency_key", "area_id", "after_scene_id", "before_scene_id", "question_set",
+                 "pairing_policy", "pair_reason")
+_INSERT_MANY = text(f"""
+    INSERT INTO analyses (idempotency_key, area_id, after_scene_id, before_scene_id, analyser, question_set,
+                          pairing_policy, pair_reason, status, attempts, stats)
+    SELECT k, a, af, bf, :analyser, qs, pp, pr, '{AnalysisStatus.PENDING.value}', 0, '{{}}'::jsonb
+      FROM unnest(CAST(:idempotency_key AS text[]), CAST(:area_id AS bigint[]), CAST(:after_scene_id AS bigint[]),
+                  CAST(:before_scene_id AS bigint[]), CAST(:question_set AS text[]), CAST(:pairing_policy AS text[]),
+                  CAST(:pair_reason AS text[])) AS r(k, a, af, bf, qs, pp, pr)
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING id""")  # noqa: S608 — only an enum value is interpolated
 
 
 _S = AnalysisStatus

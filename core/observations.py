@@ -255,12 +255,15 @@ def reopen_late_partial(session: Session, area_ids: list[int], scene_ids: list[i
     return session.execute(_REOPEN, {"areas": area_ids, "scenes": scene_ids}).rowcount
 
 
+# One UPDATE over the unnested (area, reason) arrays: a statement per row cost 1.5 s for 22,000 rows.
 _SETTLE = text(f"""
-    UPDATE observations SET status = '{_S.CLEAR.value}', reason = :why
-     WHERE area_id = :a AND acquisition_id = :q AND status = '{_S.PENDING.value}' AND computed_at IS NOT NULL""")  # noqa: S608
+    UPDATE observations o SET status = '{_S.CLEAR.value}', reason = r.why
+      FROM unnest(CAST(:a AS bigint[]), CAST(:why AS text[])) AS r(area_id, why)
+     WHERE o.area_id = r.area_id AND o.acquisition_id = :q AND o.status = '{_S.PENDING.value}'
+       AND o.computed_at IS NOT NULL""")  # noqa: S608
 
 
 def settle_clear(session: Session, acquisition_id: int, reasons: dict[int, str]) -> None:
     """Pairing's outcome for computed clear rows (area id → why this before acquisition, or why none)."""
     if reasons:
-        session.connection().execute(_SETTLE, [{"a": a, "q": acquisition_id, "why": why} for a, why in reasons.items()])
+        session.connection().execute(_SETTLE, {"a": list(reasons), "q": acquisition_id, "why": list(reasons.values())})

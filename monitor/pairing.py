@@ -32,14 +32,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, true
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import select, text
 
 from core import jobs
 from core import observations as observation_job
 from core.config import Settings
 from core.db import session_scope
-from core.models import Acquisition, Area, AreaStatus, Observation, ObservationStatus, PairingPolicy, Scene
+from core.models import Acquisition, AreaStatus, ObservationStatus, PairingPolicy
 from eo.questions import question_set_id
 from monitor.catalogues.identity import constellation
 from monitor.observations import Sender, dispatch_observations, observe_pending
@@ -132,36 +131,29 @@ def process_pending(settings: Settings, *, area_ids: Iterable[int] | None = None
     for status in ("cloudy", "partial", "failed"):
         setattr(stats, status, observed.by_status.get(status, 0))
     stats.observations = stats.cloudy + stats.partial + stats.failed
-    earlier = aliased(Observation)
-    earlier_acq = aliased(Acquisition)
-    waiting_on_earlier = (
-        select(earlier.area_id)
-        .join(earlier_acq, earlier_acq.id == earlier.acquisition_id)
-        .where(earlier.area_id == Observation.area_id, earlier.status == ObservationStatus.PENDING,
-               earlier.computed_at.is_(None), earlier_acq.sensed_at < Acquisition.sensed_at)
-        .exists()
-    )
-    query = (
-        select(Observation.acquisition_id, Observation.area_id)
-        .join(Area, Area.id == Observation.area_id)
-        .join(Acquisition, Acquisition.id == Observation.acquisition_id)
-        .where(Area.status == AreaStatus.ACTIVE, Observation.status == ObservationStatus.PENDING,
-               Observation.computed_at.is_not(None), ~waiting_on_earlier)
-        .order_by(Acquisition.sensed_at, Acquisition.id, Observation.area_id)
-    )
-    if area_ids is not None:
-        query = query.where(Observation.area_id.in_(area_ids))
     groups: dict[int, list[int]] = {}
     with session_scope(settings) as session:
-        for row in session.execute(query):
+        rows = session.execute(_READY.bindparams(areas=area_ids) if area_ids is not None else _READY_ALL)
+        for row in rows:
             groups.setdefault(row.acquisition_id, []).append(row.area_id)
     analyser = jobs.requested_analyser(settings).requested()
-    for acquisition_id, ids in groups.items():
+    for batch in _batches(groups):
         try:
-            pair_acquisition(settings, acquisition_id, ids, analyser, stats)
+            pair_acquisitions(settings, batch, analyser, stats)
         except Exception:
-            # One broken acquisition must not stop the others; its rows stay pending, retried next run.
-            logger.exception("pairing acquisition %d for %d areas failed; will retry", acquisition_id, len(ids))
+            if len(batch) == 1:
+                # One broken acquisition must not stop the others; its rows stay pending, retried next run.
+                (acquisition_id, ids), = batch.items()
+                logger.exception("pairing acquisition %d for %d areas failed; will retry", acquisition_id, len(ids))
+                continue
+            # Find the broken acquisition: the others of the batch are settled one by one.
+            logger.warning("pairing a batch of %d acquisitions failed; pairing them one by one", len(batch))
+            for acquisition_id, ids in batch.items():
+                try:
+                    pair_acquisitions(settings, {acquisition_id: ids}, analyser, stats)
+                except Exception:
+                    logger.exception("pairing acquisition %d for %d areas failed; will retry", acquisition_id,
+                                     len(ids))
     if groups or observed.computed:
         logger.info("pairing: %d observations (%d clear, %d cloudy, %d partial, %d failed), %d analyses created, "
                     "%d clear acquisitions without an earlier clear one, %d granule mask reads", stats.observations,
@@ -170,84 +162,138 @@ def process_pending(settings: Settings, *, area_ids: Iterable[int] | None = None
     return stats
 
 
-def _afters(session: Session, acquisition_id: int, area_ids: list[int]) -> dict[int, _After]:
-    tiles = (
-        select(func.array_agg(func.distinct(Scene.tile)))
-        .where(Scene.acquisition_id == acquisition_id, Scene.tile.is_not(None),
-               func.ST_Intersects(Scene.footprint, Area.geom))
-        .correlate(Area).scalar_subquery()
-    )
-    rows = session.execute(
-        select(Area.id, Area.name, Area.pairing_policy, Area.questions, Area.min_clear_fraction,
-               Area.min_covered_fraction, Observation.scene_id, Observation.clear_fraction, tiles.label("tiles"))
-        .join(Observation, and_(Observation.area_id == Area.id, Observation.acquisition_id == acquisition_id))
-        .where(Area.id.in_(area_ids), Observation.status == ObservationStatus.PENDING,
-               Observation.clear_fraction.is_not(None))
-    )
-    return {r.id: _After(r.id, r.name, PairingPolicy(r.pairing_policy).value, tuple(r.questions or ()),
-                         float(r.min_clear_fraction), float(r.min_covered_fraction), r.scene_id,
-                         float(r.clear_fraction), tuple(sorted(r.tiles or ()))) for r in rows}
+# Computed clear rows whose earlier acquisitions of the area are all computed, oldest acquisition first. The
+# earliest uncomputed acquisition per area is aggregated once (a correlated NOT EXISTS per row, planned on the
+# row estimates of a table a poll has just filled, took 19 s for 22,000 rows).
+_READY_SQL = f"""
+    WITH waiting AS (
+        SELECT e.area_id, min(eq.sensed_at) AS first_sensed
+          FROM observations e JOIN acquisitions eq ON eq.id = e.acquisition_id
+         WHERE e.status = '{ObservationStatus.PENDING.value}' AND e.computed_at IS NULL
+         GROUP BY e.area_id)
+    SELECT o.acquisition_id, o.area_id
+      FROM observations o
+      JOIN areas a ON a.id = o.area_id
+      JOIN acquisitions q ON q.id = o.acquisition_id
+      LEFT JOIN waiting w ON w.area_id = o.area_id
+     WHERE a.status = '{AreaStatus.ACTIVE.value}' AND o.status = '{ObservationStatus.PENDING.value}'
+       AND o.computed_at IS NOT NULL AND (w.first_sensed IS NULL OR w.first_sensed >= q.sensed_at) {{only}}
+     ORDER BY q.sensed_at, q.id, o.area_id"""  # noqa: S608 — only enum values are interpolated
+_READY_ALL = text(_READY_SQL.format(only=""))
+_READY = text(_READY_SQL.format(only="AND o.area_id = ANY(:areas)"))
+# Observations paired in one transaction (whole acquisitions; a batch that fails is retried one by one).
+BATCH_ROWS = 5000
 
 
-def _candidates(session: Session, after: _Acq, area_ids: list[int]) -> dict[int, list[_Candidate]]:
-    """Earlier observed-clear-enough acquisitions per area (same constellation, same orbit when known),
-    newest first. Only rows with fractions: a poll offers every acquisition touching an area, and the oldest
-    are observed first, so an earlier acquisition of the area has its row by now."""
-    orbit_ok = (
-        true() if after.relative_orbit is None
-        else or_(Acquisition.relative_orbit.is_(None), Acquisition.relative_orbit == after.relative_orbit)
-    )
-    ranked = (
-        select(Observation.area_id, Acquisition.id, Acquisition.key, Acquisition.sensed_at, Observation.scene_id,
-               Observation.clear_fraction, Observation.covered_fraction,
-               func.row_number().over(partition_by=Observation.area_id,
-                                      order_by=(Acquisition.sensed_at.desc(), Acquisition.id.desc())).label("n"))
-        .join(Acquisition, Acquisition.id == Observation.acquisition_id)
-        .where(Observation.area_id.in_(area_ids),
-               Observation.status.in_([ObservationStatus.CLEAR, ObservationStatus.PENDING]),
-               Observation.computed_at.is_not(None), Observation.clear_fraction.is_not(None),
-               Observation.scene_id.is_not(None),
-               Acquisition.platform.like(f"{constellation(after.platform)}%"), orbit_ok,
-               Acquisition.sensed_at < after.sensed_at, Acquisition.id != after.id)
-        .subquery()
-    )
-    out: dict[int, list[_Candidate]] = {a: [] for a in area_ids}
-    for r in session.execute(select(ranked).where(ranked.c.n <= MAX_CANDIDATES)
-                             .order_by(ranked.c.area_id, ranked.c.n)):
-        out[r.area_id].append(_Candidate(r.id, r.key, r.sensed_at, r.scene_id, float(r.clear_fraction),
-                                         r.covered_fraction))
-    return out
+def _batches(groups: dict[int, list[int]]) -> Iterable[dict[int, list[int]]]:
+    batch: dict[int, list[int]] = {}
+    rows = 0
+    for acquisition_id, ids in groups.items():
+        batch[acquisition_id] = ids
+        rows += len(ids)
+        if rows >= BATCH_ROWS:
+            yield batch
+            batch, rows = {}, 0
+    if batch:
+        yield batch
+
+
+# The (acquisition, area) pairs asked for, as two parallel arrays.
+_WANTED = "SELECT * FROM unnest(CAST(:acqs AS bigint[]), CAST(:areas AS bigint[])) AS w(acquisition_id, area_id)"
+
+_AFTERS = text(f"""
+    WITH wanted AS ({_WANTED})
+    SELECT o.acquisition_id, a.id, a.name, a.pairing_policy::text AS policy, a.questions, a.min_clear_fraction,
+           a.min_covered_fraction, o.scene_id, o.clear_fraction,
+           (SELECT array_agg(DISTINCT s.tile) FROM scenes s
+             WHERE s.acquisition_id = o.acquisition_id AND s.tile IS NOT NULL
+               AND ST_Intersects(s.footprint, a.geom)) AS tiles
+      FROM wanted w
+      JOIN observations o ON o.acquisition_id = w.acquisition_id AND o.area_id = w.area_id
+      JOIN areas a ON a.id = o.area_id
+     WHERE o.status = '{ObservationStatus.PENDING.value}' AND o.clear_fraction IS NOT NULL
+     ORDER BY o.acquisition_id, a.id""")  # noqa: S608 — only enum values are interpolated
+
+# Earlier observed-clear-enough acquisitions per (after acquisition, area): same constellation (the after's
+# platform LIKE pattern), same orbit when known, newest first, at most MAX_CANDIDATES each.
+_CANDIDATES = text(f"""
+    WITH wanted AS ({_WANTED}),
+    after AS (
+        SELECT w.acquisition_id, w.area_id, q.sensed_at, q.relative_orbit, p.pattern
+          FROM wanted w JOIN acquisitions q ON q.id = w.acquisition_id
+          JOIN unnest(CAST(:pacqs AS bigint[]), CAST(:patterns AS text[])) AS p(acquisition_id, pattern)
+            ON p.acquisition_id = w.acquisition_id),
+    ranked AS (
+        SELECT af.acquisition_id AS after_id, o.area_id, c.id, c.key, c.sensed_at, o.scene_id, o.clear_fraction,
+               o.covered_fraction,
+               row_number() OVER (PARTITION BY af.acquisition_id, o.area_id
+                                  ORDER BY c.sensed_at DESC, c.id DESC) AS n
+          FROM after af
+          JOIN observations o ON o.area_id = af.area_id
+          JOIN acquisitions c ON c.id = o.acquisition_id
+         WHERE o.status IN ('{ObservationStatus.CLEAR.value}', '{ObservationStatus.PENDING.value}')
+           AND o.computed_at IS NOT NULL AND o.clear_fraction IS NOT NULL AND o.scene_id IS NOT NULL
+           AND c.platform LIKE af.pattern
+           AND (af.relative_orbit IS NULL OR c.relative_orbit IS NULL OR c.relative_orbit = af.relative_orbit)
+           AND c.sensed_at < af.sensed_at AND c.id <> af.acquisition_id)
+    SELECT * FROM ranked WHERE n <= :limit ORDER BY after_id, area_id, n""")  # noqa: S608
+
+
+def pair_acquisitions(settings: Settings, groups: dict[int, list[int]], analyser: jobs.AnalyserSpec,
+                      stats: PairingStats) -> None:
+    """Settle the clear observations of several acquisitions (acquisition id → area ids) in one transaction:
+    before acquisition, analysis row. The same choice per (acquisition, area) as one at a time: candidates are
+    computed rows, whatever this run settles."""
+    acqs = [q for q, ids in groups.items() for _ in ids]
+    areas = [a for ids in groups.values() for a in ids]
+    with session_scope(settings) as session:
+        info = {r.id: _Acq(r.id, r.key, r.platform, r.sensed_at, r.relative_orbit) for r in session.execute(
+            select(Acquisition.id, Acquisition.key, Acquisition.platform, Acquisition.sensed_at,
+                   Acquisition.relative_orbit).where(Acquisition.id.in_(list(groups))))}
+        afters: dict[int, dict[int, _After]] = {q: {} for q in groups}
+        for r in session.execute(_AFTERS, {"acqs": acqs, "areas": areas}):
+            afters[r.acquisition_id][r.id] = _After(
+                r.id, r.name, PairingPolicy(r.policy).value, tuple(r.questions or ()), float(r.min_clear_fraction),
+                float(r.min_covered_fraction), r.scene_id, float(r.clear_fraction), tuple(sorted(r.tiles or ())))
+        acqs = [q for q, by_area in afters.items() for _ in by_area]
+        areas = [a for by_area in afters.values() for a in by_area]
+        candidates: dict[tuple[int, int], list[_Candidate]] = {}
+        for r in session.execute(_CANDIDATES, {
+                "acqs": acqs, "areas": areas, "pacqs": list(info),
+                "patterns": [f"{constellation(a.platform)}%" for a in info.values()], "limit": MAX_CANDIDATES}):
+            candidates.setdefault((r.after_id, r.area_id), []).append(
+                _Candidate(r.id, r.key, r.sensed_at, r.scene_id, float(r.clear_fraction), r.covered_fraction))
+        analyses: list[dict[str, Any]] = []
+        settled: dict[int, dict[int, str]] = {}
+        for acquisition_id, by_area in afters.items():
+            after = info[acquisition_id]
+            settled[acquisition_id] = reasons = {}
+            for area_id, area in by_area.items():
+                before, reason = choose_before(area, after, candidates.get((acquisition_id, area_id), []))
+                reasons[area_id] = reason
+                stats.observations += 1
+                stats.clear += 1
+                if before is None:
+                    stats.no_before += 1
+                    continue
+                question_set = question_set_id(area.questions)
+                analyses.append({
+                    "idempotency_key": idempotency_key(area_id, after.key, before.key, analyser.id, question_set,
+                                                       area.policy),
+                    "area_id": area_id, "after_scene_id": area.scene_id, "before_scene_id": before.scene_id,
+                    "question_set": question_set, "pairing_policy": area.policy, "pair_reason": reason,
+                })
+        created = jobs.create_pending_many(session, analyses, analyser=analyser)
+        for acquisition_id, reasons in settled.items():
+            observation_job.settle_clear(session, acquisition_id, reasons)
+    stats.analyses_created += len(created)
+    stats.analysis_ids.extend(created)
 
 
 def pair_acquisition(settings: Settings, acquisition_id: int, area_ids: list[int], analyser: jobs.AnalyserSpec,
                      stats: PairingStats) -> None:
     """Settle the clear observations of one acquisition over ``area_ids``: before acquisition, analysis row."""
-    with session_scope(settings) as session:
-        acq = session.get(Acquisition, acquisition_id)
-        after = _Acq(acq.id, acq.key, acq.platform, acq.sensed_at, acq.relative_orbit)
-        afters = _afters(session, acquisition_id, area_ids)
-        candidates = _candidates(session, after, list(afters))
-        analyses: list[dict[str, Any]] = []
-        settled: dict[int, str] = {}
-        for area_id, area in afters.items():
-            before, reason = choose_before(area, after, candidates[area_id])
-            settled[area_id] = reason
-            stats.observations += 1
-            stats.clear += 1
-            if before is None:
-                stats.no_before += 1
-                continue
-            question_set = question_set_id(area.questions)
-            analyses.append({
-                "idempotency_key": idempotency_key(area_id, after.key, before.key, analyser.id, question_set,
-                                                   area.policy),
-                "area_id": area_id, "after_scene_id": area.scene_id, "before_scene_id": before.scene_id,
-                "question_set": question_set, "pairing_policy": area.policy, "pair_reason": reason,
-            })
-        created = jobs.create_pending_many(session, analyses, analyser=analyser)
-        observation_job.settle_clear(session, acquisition_id, settled)
-    stats.analyses_created += len(created)
-    stats.analysis_ids.extend(created)
+    pair_acquisitions(settings, {acquisition_id: area_ids}, analyser, stats)
 
 
 def choose_before(area: _After, after: _Acq, candidates: list[_Candidate]) -> tuple[_Candidate | None, str]:

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from shapely.affinity import translate
-from sqlalchemy import select, update
+from sqlalchemy import func, select, text, update
 
 from core.config import AnalysisSettings, ModelSettings, Settings, get_settings
 from core.db import session_scope
 from core.jobs import requested_analyser
-from core.models import Acquisition, Analysis, Observation
+from core.models import Acquisition, Analysis, Observation, Scene
 from eo.masks import clear_fraction
 from eo.questions import question_set_id, templates_version
 from monitor.catalogues import poll_all
@@ -227,3 +227,34 @@ def test_failed_observation_is_retried_and_still_gets_its_own_analysis(
     # 08-04 was a new acquisition too: its own analysis (against 07-30) is not lost.
     assert observations(area)["2020-08-04"][0] == "clear"
     assert pairs(area)["2020-08-04"][0] == "2020-07-30"
+
+
+def test_one_acquisition_that_cannot_be_paired_does_not_hold_back_the_others_of_its_batch(
+        stac_api, make_settings, add_area, sample_footprint):
+    cfg = make_settings(stac_api.url, ["sentinel-2-l2a"], lookback_days=3000)
+    area = add_area("forest latest", inner_aoi(sample_footprint), max_cloud_cover=100.0)
+    assert poll_all(cfg, now=NOW).ok
+    with session_scope(cfg) as session:
+        refused = session.execute(select(Scene.id).where(func.date(Scene.acquired_at) == datetime(2020, 8, 29).date())
+                                  ).scalar_one()
+        # A real database failure for that acquisition's analysis (not a mock): its insert raises.
+        session.execute(text(f"""
+            CREATE FUNCTION refuse_analysis() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN IF NEW.after_scene_id = {refused} THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$;
+            CREATE TRIGGER refuse_analysis BEFORE INSERT ON analyses FOR EACH ROW EXECUTE FUNCTION refuse_analysis();
+        """))
+    first = process_pending(cfg)
+    paired = pairs(area)
+    # Every clear acquisition but the refused one is settled (one batch held them all; it was retried one by one).
+    assert set(paired) == {"2016-08-15", "2017-07-06", "2017-07-11", "2018-08-25", "2019-06-16", "2019-07-01",
+                           "2019-08-20", "2020-07-30", "2020-08-04"}
+    assert first.analyses_created == 9
+    status, clear, reason = observations(area)["2020-08-29"]
+    assert (status, reason) == ("pending", None) and clear is not None
+    assert observations(area)["2020-08-04"][0] == "clear"
+    with session_scope(cfg) as session:
+        session.execute(text("DROP TRIGGER refuse_analysis ON analyses; DROP FUNCTION refuse_analysis()"))
+    again = process_pending(cfg)
+    assert again.analyses_created == 1
+    assert pairs(area)["2020-08-29"][0] == "2020-08-04"
+    assert observations(area)["2020-08-29"][0] == "clear"

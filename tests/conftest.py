@@ -15,7 +15,7 @@ from core.db import reset_engines
 from devtools import dbadmin
 
 pytest_plugins = ["tests.fixtures_stac", "tests.fixtures_ingest", "tests.fixtures_workers", "tests.fixtures_web",
-                  "tests.fixtures_reports"]
+                  "tests.fixtures_reports", "tests.fixtures_mail"]
 
 ADMIN_URL = os.environ.get("UNIRS_TEST_ADMIN_URL", "postgresql://unirs:unirs@127.0.0.1:5432/postgres")
 

@@ -18,8 +18,8 @@ from core.db import session_scope
 from monitor.cli import cli
 from monitor.metrics import exposition
 from monitor.reports import run_deliveries
+from tests.fixtures_mail import REPO, deliveries, parts_of
 from tests.fixtures_reports import insert_worker_world
-from tests.test_reports import REPO, configure, deliveries, parts_of, smtp  # noqa: F401 — fixtures
 
 CRASH = ("import os, sys\nfrom datetime import datetime\nfrom core.config import get_settings\n"
          "from monitor.reports import ledger, runner\n"
@@ -37,7 +37,7 @@ def metric(name: str, kind: str) -> float:
     return float(line.removeprefix(prefix))
 
 
-def test_an_unknown_outcome_is_listed_counted_named_in_the_digest_and_requeued(db, smtp, worker_output):  # noqa: F811
+def test_an_unknown_outcome_is_listed_counted_named_in_the_digest_and_requeued(db, smtp, worker_output):
     now = datetime.now(UTC)
     with session_scope(get_settings()) as s:
         insert_worker_world(s, worker_output, name="Daily forest", frequency="daily", recipients=["ana@example.org"],

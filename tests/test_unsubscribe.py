@@ -18,7 +18,7 @@ from core.db import session_scope
 from core.models import Area
 from monitor.reports import links, run_deliveries
 from tests import factories as f
-from tests.test_reports import free_port, parts_of, start_smtp
+from tests.fixtures_mail import free_port, parts_of, start_smtp
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

@@ -10,11 +10,11 @@ from email import policy
 from aiosmtpd.controller import Controller
 
 from devtools import localstac
-from tests.test_reports import Recorder
+from tests.fixtures_mail import Recorder
 
 
 class FaultyRecorder(Recorder):
-    """:class:`tests.test_reports.Recorder` plus per-recipient DATA replies, each used once in turn
+    """:class:`tests.fixtures_mail.Recorder` plus per-recipient DATA replies, each used once in turn
     (``data_replies["a@example.org"] = ["451 …"]``)."""
 
     def __init__(self) -> None:

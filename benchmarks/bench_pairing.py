@@ -366,8 +366,12 @@ def cycle_with_workers(settings: Settings, cogs: localstac.CogServer, count: int
         analyses = 0
         observed_at = None
         t0 = time.monotonic()
+        passes, in_passes, longest = 0, 0.0, 0.0
         while True:
+            t1 = time.monotonic()
             analyses += process_pending(settings, send_observations=send).analyses_created
+            took = time.monotonic() - t1
+            passes, in_passes, longest = passes + 1, in_passes + took, max(longest, took)
             uncomputed, pending = pending_observations(settings)
             if observed_at is None and not uncomputed:
                 observed_at = time.monotonic() - t0
@@ -391,7 +395,8 @@ def cycle_with_workers(settings: Settings, cogs: localstac.CogServer, count: int
         busy += sum(float(m[1]) for m in re.finditer(r"unirs\.observe\[[^]]+\] succeeded in ([0-9.]+)s", content))
     shutil.rmtree(workdir, ignore_errors=True)
     print(f"  workers: every observation computed {observed_at:.1f} s after the first dispatch, the last pairing "
-          f"{seconds:.1f} s; tasks ran {busy:.1f} worker-seconds in all")
+          f"{seconds:.1f} s; tasks ran {busy:.1f} worker-seconds in all; {passes} dispatch + pairing passes here took "
+          f"{in_passes:.1f} s (longest {longest:.1f} s)")
     return {"observations": sum(by_status.values()), "clear": by_status.get("clear", 0), "analyses": analyses,
             "seconds": seconds, "requests": requests, "reads": int(reads), "opens": int(opens)}
 

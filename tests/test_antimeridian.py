@@ -176,14 +176,16 @@ def test_geojson_of_an_antimeridian_area_is_split_at_180_per_rfc_7946():
     feature = to_feature(area.geometry, {"name": "fiji"}, feature_id=7)
     geometry = feature["geometry"]
     assert geometry["type"] == "MultiPolygon" and len(geometry["coordinates"]) == 2
+    sides = []
     for polygon in geometry["coordinates"]:
         ring = polygon[0]
         lons = [lon for lon, _ in ring]
         # Each part lies on one side and touches 180 / -180 exactly; no edge jumps across the world.
         assert all(abs(b - a) < 180 for a, b in itertools.pairwise(lons))
-        assert max(lons) == 180.0 or min(lons) == -180.0
+        sides.append(("east", max(lons)) if min(lons) >= 0 else ("west", min(lons), max(lons) <= 0))
         assert all(-180 <= lon <= 180 for lon in lons)
         assert shapely.is_ccw(shapely.LinearRing(ring))  # RFC 7946 §3.1.6: exterior rings counter-clockwise
+    assert sorted(sides) == [("east", 180.0), ("west", -180.0, True)]  # one part each side, both at the line
     assert shape(geometry).area == pytest.approx(area.geometry.area, rel=1e-6)
     assert json.loads(json.dumps(rfc7946_geometry(area.geometry)))["type"] == "MultiPolygon"
 

@@ -118,7 +118,7 @@ def test_gdal_oapif_driver_reads_the_regions(served_app, alice):
         pyogrio.set_gdal_config_options({"GDAL_HTTP_AUTH": None, "GDAL_HTTP_BEARER": None})
     classes = dict(zip(meta["fields"], fields, strict=True))["change_class"]
     assert sorted(classes) == ["new_built_up_or_bare"] * 2 + ["vegetation_loss"] * 2
-    assert len(geometry) == 4 and meta["crs"] in ("EPSG:4326", "OGC:CRS84")
+    assert len(geometry) == 4 and meta["crs"] == "EPSG:4326"
     with session_scope(served_app.database_url) as session:
         regions = session.scalars(select(Finding.id).where(Finding.id.in_(mine), Finding.kind == "region")).all()
     # GDAL keeps the server's integer feature ids as its FIDs.

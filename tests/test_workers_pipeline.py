@@ -197,7 +197,10 @@ def test_corrupt_cog_fails_readably_while_others_complete(batch):
     assert row["status"] == "failed"
     assert row["attempts"] == 1  # a corrupt file is not retried
     assert "unreadable or corrupt COG" in row["last_error"] and "red.tif" in row["last_error"]
-    assert "Decoding error" in row["last_error"] or "TIFFReadEncodedTile" in row["last_error"]
+    # GDAL's own words for the broken tile, the failing call and the codec's complaint, both kept.
+    assert row["last_error"].endswith("(red.tif, band 1: IReadBlock failed at X offset 1, Y offset 0: "
+                                      "TIFFReadEncodedTile() failed.; TIFFReadEncodedTile() failed.; "
+                                      "ZIPDecode:Decoding error at scanline 32)")
     assert batch["rows"][batch["ids"]["change"]]["status"] == "done"
     assert findings_of(batch["ids"]["corrupt"]) == []
 

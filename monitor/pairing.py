@@ -265,16 +265,15 @@ def pair_acquisitions(settings: Settings, groups: dict[int, list[int]], analyser
                 _Candidate(r.id, r.key, r.sensed_at, r.scene_id, float(r.clear_fraction), r.covered_fraction))
         analyses: list[dict[str, Any]] = []
         settled: dict[int, dict[int, str]] = {}
+        no_before = 0  # counted into ``stats`` once committed (a failed batch is paired again one by one)
         for acquisition_id, by_area in afters.items():
             after = info[acquisition_id]
             settled[acquisition_id] = reasons = {}
             for area_id, area in by_area.items():
                 before, reason = choose_before(area, after, candidates.get((acquisition_id, area_id), []))
                 reasons[area_id] = reason
-                stats.observations += 1
-                stats.clear += 1
                 if before is None:
-                    stats.no_before += 1
+                    no_before += 1
                     continue
                 question_set = question_set_id(area.questions)
                 analyses.append({
@@ -286,6 +285,10 @@ def pair_acquisitions(settings: Settings, groups: dict[int, list[int]], analyser
         created = jobs.create_pending_many(session, analyses, analyser=analyser)
         for acquisition_id, reasons in settled.items():
             observation_job.settle_clear(session, acquisition_id, reasons)
+    paired = sum(len(reasons) for reasons in settled.values())
+    stats.observations += paired
+    stats.clear += paired
+    stats.no_before += no_before
     stats.analyses_created += len(created)
     stats.analysis_ids.extend(created)
 

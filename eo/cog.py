@@ -45,10 +45,12 @@ logger = logging.getLogger(__name__)
 # large areas block by block (workers/raster.py), so no read of theirs comes near it.
 MAX_PIXELS = 64_000_000
 # GDAL's raster block cache (decoded tiles, process-wide; its default is 5 % of RAM, 1.2 GB on a 24 GB
-# worker). A CogSession keeps datasets open, so their cached tiles would stay resident up to that default
-# whatever the area's size; 128 MB holds the tiles a block's halo shares with the blocks read before it
-# (bench_pipeline 1,000 km2 block reads: 458 -> 280 requests, 86.6 -> 65.4 MB; 64 MB: 307, 71.6 MB).
-BLOCK_CACHE_BYTES = 128 * 1024 * 1024
+# worker). A CogSession keeps datasets open, so their cached tiles stay resident up to the cap whatever the
+# area's size. Measured on bench_pipeline's pairs (requests, MB from the server, peak RSS; per-read opens
+# were 484, 86.7 MB, 0.67 GB at 1,000 km2 and 3400, 818 MB, 0.85 GB at 10,000 km2): 128 MB — 266, 65.4 MB
+# at 1,000 km2 but 1.10 GB peak at 10,000 km2; 64 MB — 0.97 GB; 32 MB — 3485, 791 MB, 0.90 GB at
+# 10,000 km2 and ~380, 81.6 MB at 1,000 km2. The 1 GB goal for the largest areas decides: 32 MB.
+BLOCK_CACHE_BYTES = 32 * 1024 * 1024
 
 
 class CogReadError(RuntimeError):
@@ -373,9 +375,11 @@ def _read_window(src: Any, origin: Window, width: int, height: int, indexes: int
                  fill: float) -> np.ndarray:
     """(bands, height, width) from ``origin`` (col_off/row_off on the file's grid); outside the file ``fill``."""
     bands = [indexes] if isinstance(indexes, int) else list(indexes) if indexes is not None else list(src.indexes)
-    array = np.full((len(bands), height, width), fill, dtype=src.dtypes[bands[0] - 1])
     c0, r0 = max(0, origin.col_off), max(0, origin.row_off)
     c1, r1 = min(src.width, origin.col_off + width), min(src.height, origin.row_off + height)
+    if (c1 - c0, r1 - r0) == (width, height):  # inside the file: GDAL's array as it is, no fill and copy
+        return src.read(bands, window=Window(c0, r0, width, height))
+    array = np.full((len(bands), height, width), fill, dtype=src.dtypes[bands[0] - 1])
     if c1 > c0 and r1 > r0:
         part = src.read(bands, window=Window(c0, r0, c1 - c0, r1 - r0))
         array[:, r0 - origin.row_off:r1 - origin.row_off, c0 - origin.col_off:c1 - origin.col_off] = part

@@ -12,9 +12,10 @@ found; the figures of main before the screen are in the closing note of issue 15
 - ``before``: main before issue 15 — an alert when all changed hectares (every class) reach 0.5 ha; its
   loss part (vegetation loss, new built-up/bare) is what it tells about loss; no confirmation, no link.
 - ``after``: the default of a new area now — loss classes only, ≥ 0.2 ha, alert on the first (probable)
-  detection, re-detections linked and not alerted (``monitor/reports/immediate.py``), regions the
-  time-series screen judges seasonal or atmospheric never alerted, loss regions the screen finds on its
-  own alerted like the others (``workers/screen.py``).
+  detection, re-detections linked and not alerted (``monitor/reports/immediate.py``) but the part by
+  which they grew, when it adds up to the minimum mapping unit, alerted once (``workers/confirmation.py``),
+  regions the time-series screen judges seasonal or atmospheric never alerted, loss regions the screen
+  finds on its own alerted like the others (``workers/screen.py``).
 - ``after_confirmed``: the same area with ``--alert-on confirmed`` (emailed when the next clear
   acquisition confirms).
 
@@ -40,6 +41,7 @@ Figures of ``after`` (the default rule), was -> now:
     change                                              UA     PA (dated)     PA ≥ 0.2 ha  false  redundancy
     screen, atmospheric = not bare (model only)         0.592  0.758 (0.745)  -            2      1.022
     + haze and cloud-edge tests (workers/atmosphere.py) 0.876  0.746 (0.745)  0.865        0      1.0
+    + grown part of a re-detection alerted (confirmation) 0.879  0.776 (0.775)  0.898        0      1.0
 
     tried, not on main: loss = dNDVI rule and non-forest  0.766  0.744 (0.741)  -            1      1.011
       after (NDVI ≤ halfway between the scene's canopy

@@ -20,6 +20,7 @@ from core.config import get_settings
 from core.db import session_scope
 from core.models import Finding
 from devtools import localstac
+from monitor.reports.context import load_analysis_report
 from tests.fixtures_workers import (
     ROOT,
     insert_analysis,
@@ -36,7 +37,9 @@ PAIRS = [("2015-08-31", "2016-03-18"),  # autumn → leaf-off spring: the whole 
          ("2017-10-04", "2017-10-19"),  # a whole-scene autumn darkening two weeks apart
          ("2018-05-02", "2018-05-22"),  # a new clearing in the west of the forest (bright bare patch)
          ("2018-07-21", "2018-08-15"),  # haze and a cloud with colour fringes that SCL calls clear
-         ("2019-04-07", "2019-06-16")]  # leaf-off → leaf-on: the 2019 patch cuts, NDVI up everywhere
+         ("2019-04-07", "2019-06-16"),  # leaf-off → leaf-on: the 2019 patch cuts, NDVI up everywhere
+         ("2020-04-16", "2020-05-11"),  # the same for the 2020 south patches ...
+         ("2020-05-11", "2020-05-16")]  # ... seen again five days later, their edges now bare too
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +157,44 @@ def test_cuts_on_a_leaf_off_to_leaf_on_pair_are_found_by_the_model(screened):
         sc = r.statistics["screen"]
         assert (r.screen_verdict, r.alert_state) == ("departure", "probable")
         assert sc["expected_ndvi"] > 0.85 and sc["after_ndvi"] < 0.6
+
+
+def _reference_share(geoms) -> float:
+    """Share of the pixels under ``geoms`` (EPSG:4326) that benchmarks/reference dates as forest loss."""
+    import rasterio
+    from rasterio.features import geometry_mask
+    from rasterio.warp import transform_geom
+    from shapely.geometry import mapping
+
+    with rasterio.open(ROOT / "benchmarks" / "reference" / "forest_loss_reference.tif") as src:
+        ref, transform, crs = src.read(1), src.transform, src.crs
+    px = geometry_mask([transform_geom("EPSG:4326", crs, mapping(g)) for g in geoms], out_shape=ref.shape,
+                       transform=transform, invert=True)
+    return float((ref[px] > 1).sum()) / max(int(px.sum()), 1)
+
+
+def test_a_redetection_that_grew_alerts_its_new_part_only(screened):
+    with session_scope(get_settings()) as s:
+        first = [to_shape(s.get(Finding, f.id).geom) for f in screened["2020-05-11"]
+                 if f.change_class == "vegetation_loss" and f.alert_state == "probable"]
+        again = {f.id: to_shape(s.get(Finding, f.id).geom) for f in screened["2020-05-16"]}
+        report = load_analysis_report(s, screened["2020-05-16"][0].analysis_id, "https://www.openstreetmap.org",
+                                      with_images=False)
+    linked = [f for f in screened["2020-05-16"] if f.alert_state == "redetected"]
+    grown = [f for f in screened["2020-05-16"] if "grown_from_hectares" in f.statistics["screen"]]
+    # The 2020 patches found on 2020-05-11 are found again, a pixel or two wider along their edges: the part
+    # seen before links to its first finding, the new edges (0.31 ha over the pair) are first detections.
+    assert len(linked) >= 5 and len(grown) >= 5
+    assert all((f.change_class, f.alert_state, f.first_finding_id) == ("vegetation_loss", "probable", None)
+               for f in grown)
+    assert sum(f.hectares for f in grown) == pytest.approx(0.31, abs=0.02)
+    old = first[0].union(first[1]) if len(first) > 1 else first[0]
+    for g in first[2:]:
+        old = old.union(g)
+    for f in grown:  # outside what was alerted on 2020-05-11 (reprojection slivers aside) ...
+        assert again[f.id].intersection(old).area < 0.05 * again[f.id].area
+    # ... and mostly loss in the reference (the rest: edge pixels the reference's NDVI ≤ 0.6 outline leaves out)
+    assert _reference_share([again[f.id] for f in grown]) == pytest.approx(0.82, abs=0.03)
+    # The alert counts the new hectares only; the linked ones are never emailed again.
+    assert report.alert_hectares == pytest.approx(sum(f.hectares for f in grown))
+    assert report.alert_states["redetected"] == pytest.approx(sum(f.hectares for f in linked))

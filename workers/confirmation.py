@@ -13,6 +13,10 @@ a first detection is *probable*, a repeat on the next clear observation *confirm
   same headline group (loss / gain / water, :data:`eo.change_classes.HEADLINE_GROUPS`) and not seasonal: then it is
   ``redetected`` and links to that change's first finding (``first_finding_id``). A seasonal baseline
   or a long gap between clear dates sees old cuts again; linking is what keeps each hectare emailed once.
+- … but re-detections that grew (:func:`split_grown`): their parts outside those earlier regions, when they
+  add up to at least the minimum mapping unit over the pair, become regions of their own, ``probable``
+  like any first detection (a cut that widened, patch edges the first look missed), and only the rest
+  links. So the new hectares are alerted once and the old ones not again.
 - when an analysis runs on a later acquisition, every earlier ``probable`` region of the area is looked
   at in that acquisition's pixels: if at least :data:`SEEN_SHARE` of its pixels are clear there, it is
   ``confirmed`` when at least :data:`CONFIRM_SHARE` of those still show the class against the region's
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -36,6 +40,7 @@ from affine import Affine
 from geoalchemy2.shape import to_shape
 from rasterio.features import geometry_mask
 from rasterio.warp import transform_geom
+from shapely import make_valid
 from shapely.geometry import mapping, shape
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
@@ -46,6 +51,7 @@ from core.models import Finding
 from eo.change_classes import HEADLINE_GROUPS
 from workers import spectral
 from workers.raster import BlockPair, SceneRef
+from workers.regions import Region, shape_measures, to_4326
 
 logger = logging.getLogger(__name__)
 
@@ -181,17 +187,86 @@ def new_states(regions: list[spectral.Region], earlier: list[EarlierRegion],
         if screened_out and screened_out[k]:
             out.append(NewState(screened_out[k], None, {}))
             continue
-        geom = region.geom_4326
+        geom = make_valid(region.geom_4326)
         candidates = [e for e in by_group.get(group(region.change_class), []) if e.geom.intersects(geom)]
         if candidates and geom.area > 0:
-            covered = unary_union([e.geom for e in candidates]).intersection(geom).area / geom.area
+            old = make_valid(unary_union([make_valid(e.geom) for e in candidates]))
+            covered = old.intersection(geom).area / geom.area
             if covered >= REDETECTED_SHARE:
-                best = max(candidates, key=lambda e: e.geom.intersection(geom).area)
+                best = max(candidates, key=lambda e: make_valid(e.geom).intersection(geom).area)
                 out.append(NewState(REDETECTED, best.root, {"overlap_share": round(covered, 3),
                                                             "first_observed_at": _first_date(best, earlier)}))
                 continue
         out.append(NewState(PROBABLE, None, {}))
     return out
+
+
+def split_grown(regions: list[Region], verdicts: list[Any], earlier: list[EarlierRegion],
+                settled: list[Settlement], crs: Any, pixel_size: float, min_ha: float
+                ) -> tuple[list[Region], list[Any]]:
+    """``regions`` (and their screen ``verdicts``, same order) with the would-be re-detections that grew
+    split in two: the part inside the earlier, not dismissed regions of its group (it stays a re-detection)
+    and, right after it, the part outside them (a new region, so :func:`new_states` makes it probable; the
+    area's alert minimum then applies to the analysis as to any other). Only when the grown parts of the
+    analysis add up to at least ``min_ha``: a cut widens by a pixel or two along its edges, so growth is
+    judged over the pair, not per patch. Regions the screen calls seasonal or atmospheric are kept whole.
+    ``crs``/``pixel_size``: the regions' grid (``geom_utm``, m). A grown part's ``mean_dndvi`` and
+    ``before_means`` are the whole region's (its pixels are not re-read)."""
+    dismissed = {st.finding_id for st in settled if st.state == DISMISSED}
+    by_group: dict[str, list[EarlierRegion]] = {}
+    for e in earlier:
+        if e.finding_id not in dismissed:
+            by_group.setdefault(group(e.change_class), []).append(e)
+    grown: dict[int, BaseGeometry] = {}
+    for k, (region, verdict) in enumerate(zip(regions, verdicts, strict=True)):
+        if getattr(verdict, "verdict", None) in (SEASONAL, ATMOSPHERIC) or region.geom_4326.area <= 0:
+            continue
+        candidates = [e for e in by_group.get(group(region.change_class), []) if e.geom.intersects(region.geom_4326)]
+        if not candidates:
+            continue
+        # Outlines vectorised from pixels touch at corners; repaired so that overlay operations cannot fail.
+        old = make_valid(unary_union([make_valid(e.geom) for e in candidates]))
+        if old.intersection(make_valid(region.geom_4326)).area / region.geom_4326.area < REDETECTED_SHARE:
+            continue  # a first detection already (new_states makes it probable)
+        old_utm = make_valid(shape(transform_geom("EPSG:4326", crs, mapping(old))))
+        outside = make_valid(region.geom_utm).difference(old_utm)
+        # Both outlines follow the same pixel grid: what is not at least half a pixel is a reprojection sliver.
+        parts = [g for g in _polygons(outside) if g.area >= 0.5 * pixel_size * pixel_size]
+        if parts:
+            grown[k] = unary_union(parts)
+    if sum(g.area for g in grown.values()) / 10_000.0 < min_ha:
+        return list(regions), list(verdicts)
+    out_r: list[Region] = []
+    out_v: list[Any] = []
+    for k, (region, verdict) in enumerate(zip(regions, verdicts, strict=True)):
+        if k not in grown:
+            out_r.append(region)
+            out_v.append(verdict)
+            continue
+        kept = unary_union(_polygons(make_valid(region.geom_utm).difference(grown[k])))
+        out_r += [_part(region, kept, make_valid(to_4326([kept], crs)[0]), pixel_size),
+                  _part(region, grown[k], make_valid(to_4326([grown[k]], crs)[0]), pixel_size)]
+        out_v += [verdict, replace(verdict, statistics={**verdict.statistics,
+                                                        "grown_from_hectares": round(region.hectares, 2)})]
+    return out_r, out_v
+
+
+def _polygons(geom: BaseGeometry) -> list[BaseGeometry]:
+    """The polygons of ``geom`` (collections flattened; the lines and points an overlay may leave dropped)."""
+    if geom.geom_type == "Polygon":
+        return [geom]
+    return [p for g in getattr(geom, "geoms", []) for p in _polygons(g)]
+
+
+def _part(region: Region, geom_utm: BaseGeometry, geom_4326: BaseGeometry, pixel_size: float) -> Region:
+    elongation, width = shape_measures(geom_utm, pixel_size)
+    return Region(
+        change_class=region.change_class, geom_utm=geom_utm, geom_4326=geom_4326,
+        pixels=round(geom_utm.area / (pixel_size * pixel_size)), hectares=geom_utm.area / 10_000.0,
+        mean_dndvi=region.mean_dndvi,
+        linear=bool(elongation >= spectral.THRESHOLDS.linear_elongation
+                    and width <= spectral.THRESHOLDS.linear_max_width_m),
+        elongation=round(elongation, 2), before_means=dict(region.before_means))
 
 
 def _first_date(region: EarlierRegion, earlier: list[EarlierRegion]) -> str:

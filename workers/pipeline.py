@@ -204,6 +204,8 @@ def _analyse(ctx: AnalysisContext, claim: leases.Claim, heartbeat: leases.Heartb
         result.notes.append(f"the time-series screen found {len(screened.found)} loss region(s) "
                             f"({sum(r.hectares for r in screened.found):.2f} ha) the pair's dNDVI missed")
     verdicts = screened.verdicts + screened.found_verdicts
+    result.regions, verdicts = confirmation.split_grown(result.regions, verdicts, earlier, settled, pair.grid.crs,
+                                                        pair.grid.pixel_size, settings.analysis.min_mapping_unit_ha)
     states = confirmation.new_states(result.regions, earlier, settled,
                                      [v.verdict if v.verdict in screen.NOT_CHANGE else None for v in verdicts])
     timings["prepare_and_spectral"] = time.monotonic() - started

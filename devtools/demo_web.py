@@ -88,17 +88,21 @@ def stop_previous(var_dir: Path) -> int | None:
 
 
 def _running(pid: int) -> bool:
-    """Alive and not a zombie; reaps it when it is this process's own child (the tests start it)."""
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
+    """Alive and not a zombie; reaps it when it is this process's own child (the tests start it).
+
+    The state is read before reaping: reaping first and reading after leaves a child that exits in
+    between as an unreaped zombie (its /proc entry stays until this process exits)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
+        state = "gone"
+    if state in ("Z", "X", "gone"):
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
         return False
-    return state != "Z"
+    return True
 
 
 def _demo_account(app_url: str) -> tuple[str, int | None, int | None]:

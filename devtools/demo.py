@@ -162,6 +162,7 @@ class DateOutcome:
     changed_hectares: float | None
     seconds_to_settle: float
     seconds_to_email: float | None  # publish → alert accepted (None: no alert for this date)
+    headline: str = ""  # the alert's subject figure ("Forest loss 0.25 ha"): what alerts, not all change
 
     def describe(self) -> str:
         text = f"{self.observation} ({(self.clear_fraction or 0) * 100:.0f}% clear)"
@@ -173,7 +174,8 @@ class DateOutcome:
         elif self.last_error:
             text += f": {self.last_error}"
         if self.seconds_to_email is not None:
-            text += f"; alert emailed {self.seconds_to_email:.1f}s after publication"
+            alert = f"alert {self.headline!r}" if self.headline else "alert"
+            text += f"; {alert} emailed {self.seconds_to_email:.1f}s after publication"
         return f"{text}\n        pair: {self.pair_reason}" if self.pair_reason else text
 
 
@@ -205,7 +207,24 @@ def _outcome(app_url: str, item: dict, published_at: datetime, settled_s: float)
     obs, clear, reason, ana, pair_reason, err, nfind, hectares, sent_at = row
     to_email = (sent_at - published_at).total_seconds() if sent_at else None
     return DateOutcome(item["id"], date, obs, clear, reason, ana, pair_reason, err, nfind, hectares, settled_s,
-                       to_email)
+                       to_email, _headline(app_url, item["id"]) if sent_at else "")
+
+
+def _headline(app_url: str, item_id: str) -> str:
+    """The emailed alert's headline, built by the report code itself (so the demo's line and the subject
+    cannot disagree): "1.55 ha changed" counts gain too, the alert counts only what the area alerts on."""
+    from sqlalchemy import or_, select
+
+    from core.db import session_scope
+    from core.models import Analysis, Scene
+    from monitor.reports.context import load_analysis_report
+
+    with session_scope(app_url) as session:
+        analysis_id = session.scalar(select(Analysis.id).join(Scene, Scene.id == Analysis.after_scene_id)
+                                     .where(or_(Scene.item_id == item_id, Scene.item["id"].astext == item_id)).order_by(Analysis.id.desc()).limit(1))
+        if analysis_id is None:
+            return ""
+        return load_analysis_report(session, analysis_id, "http://127.0.0.1", with_images=False).headline
 
 
 def run_demo(base_url: str, *, var_dir: Path = VAR, dates: list[str] | None = None,

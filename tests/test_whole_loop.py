@@ -75,6 +75,8 @@ def test_whole_loop_publish_to_email(demo_result, record_property):
     msg = email.message_from_bytes(emails[0].read_bytes(), policy=policy.default)
     assert msg["To"] == RECIPIENT
     assert AREA_NAME in msg["Subject"] and "ha" in msg["Subject"]
+    # the demo's line names the alert by the subject's own figure (loss only), not the changed total
+    assert cut.headline.startswith("Forest loss ") and msg["Subject"].startswith(f"{cut.headline} — ")
     parts = list(msg.walk())
     assert sum(p.get_content_type() == "image/png" for p in parts) == 3  # before, after, overlay
     assert any(p.get_filename() and p.get_filename().endswith(".geojson") for p in parts)

@@ -43,6 +43,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -139,12 +140,132 @@ def scene_refs(base_url: str, catalogue, zone: str):
     return refs[0], refs[1]
 
 
+class CogServer:
+    """The COGs over HTTP on 127.0.0.1 for the pairs, with the counters ``localstac.CogServer`` has
+    (``GET /_stats``: requests, bytes_sent; ``POST /_stats/reset``), answering single Range requests
+    with ``sendfile``, one thread per connection.
+
+    Why not ``localstac.CogServer`` (Starlette ``StaticFiles``, one Python process): it spent 0.71 s of CPU
+    per 1,000 km² pair copying 82 MB through Python (this one: ~0.25 s), on the same 2 cores as the pair
+    it serves — a cost an object store never puts on the worker's machine. ``--server localstac`` runs
+    the old one. Multi-range requests (GDAL does not send them with GDAL_HTTP_MULTIRANGE's default) get
+    416, so one would show as a failed read rather than as a whole file sent.
+    """
+
+    def __init__(self, root: Path):
+        import http.server
+        import socketserver
+        import threading
+
+        self.root = root.resolve()
+        self.lock = threading.Lock()
+        self.requests = self.bytes_sent = 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.path == "/_stats":
+                    with server.lock:
+                        self._json({"requests": server.requests, "bytes_sent": server.bytes_sent})
+                    return
+                self._file(body=True)
+
+            def do_HEAD(self) -> None:
+                self._file(body=False)
+
+            def do_POST(self) -> None:
+                if self.path != "/_stats/reset":
+                    self.send_error(405)
+                    return
+                with server.lock:
+                    server.requests = server.bytes_sent = 0
+                self._json({"reset": True})
+
+            def _json(self, obj: dict) -> None:
+                body = json.dumps(obj).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _file(self, body: bool) -> None:
+                sent = 0
+                try:
+                    path = (server.root / urllib.parse.unquote(self.path.split("?")[0]).lstrip("/")).resolve()
+                    if server.root not in path.parents or not path.is_file():
+                        self.send_error(404)
+                        return
+                    size = path.stat().st_size
+                    start, end, ranged = 0, size - 1, self.headers.get("Range")
+                    if ranged:
+                        first, _, last = ranged.removeprefix("bytes=").partition("-")
+                        if "," in ranged or not first.isdigit() or int(first) >= size:
+                            self.send_error(416)
+                            return
+                        start, end = int(first), min(int(last) if last.isdigit() else size - 1, size - 1)
+                    self.send_response(206 if ranged else 200)
+                    if ranged:
+                        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+                    self.send_header("Content-Type", "image/tiff")
+                    self.send_header("Accept-Ranges", "bytes")
+                    self.send_header("Content-Length", str(end - start + 1))
+                    self.end_headers()
+                    if body:
+                        self.wfile.flush()
+                        with open(path, "rb") as f:
+                            sent = self.connection.sendfile(f, start, end - start + 1)
+                finally:
+                    with server.lock:
+                        server.requests += 1
+                        server.bytes_sent += sent
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+            request_queue_size = 512  # GDAL opens many connections at once (see eo/egress.py)
+
+        self._httpd = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="bench-cogs", daemon=True)
+
+    def __enter__(self) -> CogServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
 def peak_rss_mb() -> float:
     """This process's own peak resident set (MB): VmHWM belongs to the address space, which execve replaces."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the best there is
+
+
+def answer_digest(result, images: dict) -> str:
+    """sha256 (16 hex) of what the pair answers: every region (class, pixels, EPSG:4326 geometry, statistics),
+    the metrics, chip scores, caption and the three PNGs' bytes — equal digests, identical answers."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for r in result.regions:
+        h.update(r.geom_4326.wkb)
+        h.update(repr((r.change_class, r.pixels, r.hectares, r.mean_dndvi, r.linear, r.elongation,
+                       sorted(getattr(r, "before_means", {}).items()))).encode())
+    h.update(repr(sorted(result.metrics.items())).encode())
+    h.update(repr([(c.index, c.score, c.changed_pixels, c.valid_pixels) for c in result.chip_scores]).encode())
+    h.update(result.caption.encode())
+    for role in sorted(images):
+        h.update(role.encode() + images[role].data)
+    return h.hexdigest()[:16]
 
 
 def child(args: argparse.Namespace) -> None:
@@ -161,27 +282,28 @@ def child(args: argparse.Namespace) -> None:
     offset = tuple(float(v) for v in args.offset.split(","))
     geom = area_geometry(args.km2, args.zone, offset)
     before, after = scene_refs(args.url, catalogue, args.zone)
+    # Imported before the clock starts: a worker process imports once, not per pair (0.2-0.3 s here).
+    from workers import spectral
+    from workers.pipeline import thumbnails
+    try:
+        from workers.tiling import analyse_pair
+    except ImportError:  # a baseline before tiling: one whole-area read
+        analyse_pair = None
+        from workers.raster import prepare_pair
     rss_before = peak_rss_mb()
     cpu_before = os.times()
     started = time.perf_counter()
     out: dict = {}
     try:
-        try:
-            from workers.tiling import analyse_pair
-        except ImportError:
-            analyse_pair = None
-        from workers.pipeline import thumbnails
         if analyse_pair is not None:
             pair, result = analyse_pair(geom, before, after, settings)
-        else:  # the baseline: one whole-area read
-            from workers import spectral
-            from workers.raster import prepare_pair
-
+        else:
             pair = prepare_pair(geom, before, after, settings)
             result = spectral.analyse(pair, settings.min_mapping_unit_ha)
-        thumbnails(pair, result)
+        images = thumbnails(pair, result)
         out.update(ok=True, changed_ha=result.metrics["changed_ha"], regions=len(result.regions),
-                   grid=[pair.grid.width, pair.grid.height], grid_crs=pair.grid.crs.to_string())
+                   grid=[pair.grid.width, pair.grid.height], grid_crs=pair.grid.crs.to_string(),
+                   answer=answer_digest(result, images))
     except Exception as exc:  # the figure is "it failed, and why"
         out.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:160]}")
     out["seconds"] = time.perf_counter() - started
@@ -274,6 +396,8 @@ def main() -> None:
     parser.add_argument("--placements", type=int, default=6)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--baseline", default=BASELINE_REV)
+    parser.add_argument("--server", choices=("sendfile", "localstac"), default="sendfile",
+                        help="the COG server: this file's sendfile one, or devtools.localstac's Starlette one")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--code", default=str(ROOT), help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -298,18 +422,27 @@ def main() -> None:
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         arms = {"baseline": export(args.baseline, root / "baseline"), "current": ROOT}
         results: dict[str, dict[float, list[dict]]] = {arm: {} for arm in arms}
-        with localstac.CogServer(root) as server:
+        serving = CogServer(root) if args.server == "sendfile" else localstac.CogServer(root)
+        with serving as server:
             url = f"{server.url}/cogs"
+            print(f"load average at start: {os.getloadavg()[0]:.2f} (2-core machine shared with other work)")
             print(f"{'km2':>7} | {'baseline s':>10} {'MB':>6} {'req':>5} | {'current s':>10} {'MB':>6} {'req':>5} | "
                   "ratio s | note")
             for km2 in sizes:
-                for arm, code in arms.items():
-                    runs = []
-                    for _ in range(args.runs):
+                for arm in arms:
+                    results[arm][km2] = []
+                for _ in range(args.runs):
+                    for arm, code in arms.items():  # arms alternate, so load changes hit both alike
                         reset(server.url)
-                        runs.append(run_child(code, url, km2, ZONES[0]))
-                        runs[-1]["requests"] = int(stats(server.url)["requests"])
-                    results[arm][km2] = runs
+                        own = os.times()
+                        run = run_child(code, url, km2, ZONES[0])
+                        done = os.times()
+                        run["requests"] = int(stats(server.url)["requests"])
+                        # The sendfile server runs in this process, which does nothing else meanwhile.
+                        run["server_cpu"] = (done.user - own.user + done.system - own.system
+                                             if args.server == "sendfile" else float("nan"))
+                        run["load"] = os.getloadavg()[0]
+                        results[arm][km2].append(run)
                 b, c = results["baseline"][km2], results["current"][km2]
                 bs, cs = statistics.median(r["seconds"] for r in b), statistics.median(r["seconds"] for r in c)
                 note = "; ".join(f"{arm}: {r[0]['error']}" for arm, r in (("baseline", b), ("current", c))
@@ -319,7 +452,12 @@ def main() -> None:
                       f"{cs:10.2f} {max(r['peak_rss_mb'] for r in c):6.0f} {c[0]['requests']:5d} | {ratio} | "
                       f"{note or 'both ok'}"
                       + (f" (changed_ha {c[0]['changed_ha']:.1f} / {b[0].get('changed_ha', float('nan')):.1f}, "
-                         f"grid {c[0]['grid'][0]} x {c[0]['grid'][1]})" if c[0]["ok"] else ""), flush=True)
+                         f"grid {c[0]['grid'][0]} x {c[0]['grid'][1]}; answers "
+                         f"{'identical' if c[0].get('answer') == b[0].get('answer') else 'DIFFER'}; CPU "
+                         f"{statistics.median(r['cpu_seconds'] for r in b):.2f} / "
+                         f"{statistics.median(r['cpu_seconds'] for r in c):.2f} s, server CPU "
+                         f"{statistics.median(r['server_cpu'] for r in b + c):.2f} s, load "
+                         f"{statistics.mean(r['load'] for r in b + c):.1f})" if c[0]["ok"] else ""), flush=True)
 
             rng = random.Random(13)
             amplification = {arm: [] for arm in arms}

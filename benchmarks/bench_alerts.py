@@ -42,6 +42,8 @@ Figures of ``after`` (the default rule), was -> now:
     screen, atmospheric = not bare (model only)         0.592  0.758 (0.745)  -            2      1.022
     + haze and cloud-edge tests (workers/atmosphere.py) 0.876  0.746 (0.745)  0.865        0      1.0
     + grown part of a re-detection alerted (confirmation) 0.879  0.776 (0.775)  0.898        0      1.0
+    main of 2026-12-03 (make_valid before overlays)       0.853  0.781 (0.780)  0.905        1      1.0
+    reference on the cube's common geometry (METHOD.md)   0.789  0.758 (0.757)  0.888        0      1.0
 
     tried, not on main: loss = dNDVI rule and non-forest  0.766  0.744 (0.741)  -            1      1.011
       after (NDVI ≤ halfway between the scene's canopy
@@ -52,24 +54,19 @@ counted by the undated PA, not by the dated one. The non-forest rule cut the 201
 (0.32 -> 0.26 ha) but also split the 2018-08-15 haze region into a darker core that no longer looked hazy
 enough: a 1.42 ha false alert.)
 
-What is left of UA (1.06 ha alerted outside the reference, ``-v`` prints it per alert as rims / further):
+The cube's two platforms are not co-registered: Sentinel-2B dates lie a median 0.65 row (6.5 m) south of
+the dates' common geometry, Sentinel-2A dates 0.25 row north (phase correlation of NIR over every pair of
+clear leaf-on dates, ``benchmarks/reference/build_reference.py``; the mission's requirement is ≤ 0.3 px).
+The reference is drawn on the common geometry (its 2017 delineation date, 2017-06-06, a 2B date 1.05 rows
+off, moved one row north); the service compares dates as imaged, so an alert drawn on a 2B date lies up to
+a row south of the ground, and a 2A date after a 2B date (2017-06-06 -> 06-21, 1.4 rows apart; 2020-05-11
+-> 05-16, 0.85) sees a patch's rim move by a pixel. The earlier reading, "2020-05-16 lies one row off the
+rest of 2020", is that offset seen from 2020-05-11 (2B): 2020-05-16 itself is 0.45 row from the common
+geometry and the 2020 event was left where it was delineated.
 
-- 0.80 ha within 10 m of a reference patch, 0.55 ha of it on 2020-05-11. Of the four alerts, three are
-  drawn by the screen's model alone (``found_by``: 2017-06-06, 2019-06-16, 2020-05-11: after NDVI ≤ 0.6
-  already); only 2018-05-22 comes from the pair's dNDVI. Two causes, neither a too-wide loss rule: (1) the
-  reference's 2020 patches are delineated on 2020-05-16, and that acquisition lies one row (10 m) off the
-  rest of 2020 (its red band correlates with 2020-05-11's at 0.91 as is, 0.989 one row shifted; 2020-05-11
-  and 2020-06-30 agree at 0.90 unshifted): the 2020-05-11 alert moved one row north would have 189
-  reference pixels instead of 164 and 51 outside instead of 79. (2) The analysis grid: the cube's
-  EPSG:3035 pixels are read onto the area's UTM grid (8.5° apart here) by nearest neighbour and the regions
-  rasterised back — the reference itself drawn that way scores UA 0.985 / PA 0.985 (printed as
-  ``grid_ceiling``), 15 px of jitter along patch edges.
-- 0.26 ha further: 0.14 ha is one stand at rows 6-10, cols 66-70 (north-east) that leafs out late every
-  spring (NDVI 0.55 against the scene's 0.84 on 2016-04-27, 0.68 / 0.84 on 2018-04-27, 0.52 / 0.80 on
-  2020-05-11, full canopy 0.86-0.89 each summer): brown, red-looking crowns before leaf-out that the
-  screen's model, which fits one smooth season per pixel, calls loss on a green-up date (``workers/screen.py``,
-  loss found by the model alone); the other 0.12 ha are single pixels 15-30 m from the 2020 patches (the
-  row offset above) and 2 px beside the 2018 clearing.
+The analysis grid: the cube's EPSG:3035 pixels are read onto the area's UTM grid (8.5° apart here) by
+nearest neighbour and the regions rasterised back — the reference itself drawn that way scores UA 0.985 /
+PA 0.985 (printed as ``grid_ceiling``), 15 px of jitter along patch edges.
 
 Run: ``.venv/bin/python benchmarks/bench_alerts.py`` (builds ``build/sentinel2-romania-all`` with
 ``scripts/build-sample-data --all-dates`` when it is missing; ~3 min).

@@ -39,11 +39,12 @@ BARE_NDVI = 0.6  # ... and is bare (soil, slash, road) on its delineation date
 SCALE = 4  # chip pixels per cube pixel
 
 
-def load(data: Path) -> tuple[list[date], np.ndarray, dict]:
-    """All dates, NDVI stack (T, H, W; NaN where SCL is not clear) and the grid profile."""
+def load(data: Path) -> tuple[list[date], np.ndarray, np.ndarray, list[str], dict]:
+    """All dates, NDVI and NIR reflectance stacks (T, H, W; NaN where SCL is not clear), each date's platform
+    and the grid profile."""
     items = sorted((json.loads(p.read_text()) for p in (data / "items").glob("*.json")),
                    key=lambda it: it["properties"]["datetime"])
-    dates, stack, profile = [], [], None
+    dates, stack, nirs, platforms, profile = [], [], [], [], None
     for it in items:
         day = date.fromisoformat(it["properties"]["datetime"][:10])
         bands = {}
@@ -57,8 +58,61 @@ def load(data: Path) -> tuple[list[date], np.ndarray, dict]:
         with np.errstate(invalid="ignore", divide="ignore"):
             ndvi = (nir - red) / (nir + red)
         stack.append(np.where(clear, np.ma.filled(ndvi, np.nan), np.nan))
+        nirs.append(np.where(clear, np.ma.filled(nir, np.nan), np.nan))
         dates.append(day)
-    return dates, np.stack(stack), profile
+        platforms.append(it["properties"].get("platform", ""))
+    return dates, np.stack(stack), np.stack(nirs), platforms, profile
+
+
+def coregistration(dates: list[date], nir: np.ndarray) -> dict[date, tuple[float, float]]:
+    """Each clear date's misregistration against the cube's common geometry, (row, col) in pixels (+ = the
+    image's features lie south / east of where the other dates put them).
+
+    Every pair of leaf-on dates at least 98 % clear is phase-correlated on NIR reflectance (scikit-image's
+    ``phase_cross_correlation``, 1/20 pixel upsampling; NIR shows the canopy's texture, roads and clearings
+    alike in every leaf-on look); a date's position is the median, over the other dates, of their position
+    plus the pair's shift, iterated, the median of all positions being 0 (the common geometry). Other dates
+    at least 98 % clear are placed by the median over the leaf-on network."""
+    from skimage.registration import phase_cross_correlation
+
+    def filled(img: np.ndarray) -> np.ndarray:
+        return np.where(np.isfinite(img), img, np.nanmedian(img)) - np.nanmean(img)
+
+    clear = np.isfinite(nir).mean(axis=(1, 2))
+    leaf_on = [k for k, d in enumerate(dates) if clear[k] >= 0.98 and LEAF_ON[0] <= d.timetuple().tm_yday <= LEAF_ON[1]]
+    n = len(leaf_on)
+    pair = np.zeros((n, n, 2))  # pair[i, j]: the shift that registers date j onto date i (= pos_i - pos_j)
+    for i in range(n):
+        for j in range(i + 1, n):
+            pair[i, j] = phase_cross_correlation(filled(nir[leaf_on[i]]), filled(nir[leaf_on[j]]), upsample_factor=20,
+                                                 normalization=None)[0]
+            pair[j, i] = -pair[i, j]
+    pos = np.zeros((n, 2))
+    for _ in range(10):
+        pos = np.array([np.median([pos[i] - pair[i, j] for i in range(n) if i != j], axis=0) for j in range(n)])
+        pos -= np.median(pos, axis=0)
+    out = {dates[k]: (float(pos[j, 0]), float(pos[j, 1])) for j, k in enumerate(leaf_on)}
+    for k, d in enumerate(dates):
+        if d in out or clear[k] < 0.98:
+            continue
+        est = [pos[i] - phase_cross_correlation(filled(nir[a]), filled(nir[k]), upsample_factor=20,
+                                                normalization=None)[0] for i, a in enumerate(leaf_on)]
+        row, col = np.median(est, axis=0)
+        out[d] = (float(row), float(col))
+    return out
+
+
+def aligned(ndvi: np.ndarray, offset: tuple[float, float]) -> np.ndarray:
+    """``ndvi`` (H, W, NaN = not clear) moved onto the common geometry by its measured ``offset`` (rows, cols)
+    rounded to whole pixels (NaN where the shift leaves the image). Whole pixels: the cube's pixels were
+    resampled by nearest neighbour, so an image is off by whole pixels of its own, and interpolating a
+    fraction would blur every patch edge across the delineation threshold."""
+    rows, cols = round(offset[0]), round(offset[1])
+    out = np.full(ndvi.shape, np.nan, dtype=ndvi.dtype)
+    h, w = ndvi.shape
+    out[max(0, -rows):h - max(0, rows), max(0, -cols):w - max(0, cols)] = \
+        ndvi[max(0, rows):h - max(0, -rows), max(0, cols):w - max(0, -cols)]
+    return out
 
 
 def not_forest(dates: list[date], ndvi: np.ndarray) -> np.ndarray:
@@ -75,8 +129,15 @@ def not_forest(dates: list[date], ndvi: np.ndarray) -> np.ndarray:
     return out
 
 
-def reference(dates: list[date], ndvi: np.ndarray, events: list[dict]) -> tuple[np.ndarray, dict[str, float]]:
+def reference(dates: list[date], ndvi: np.ndarray, events: list[dict], offsets: dict[date, tuple[float, float]]
+              ) -> tuple[np.ndarray, dict[str, float]]:
+    """The reference raster and its hectares per event. The delineation and pre images are moved onto the
+    cube's common geometry by their measured ``offsets`` (:func:`coregistration`) before the thresholds."""
     index = {d.isoformat(): k for k, d in enumerate(dates)}
+
+    def look(day: str) -> np.ndarray:
+        return aligned(ndvi[index[day]], offsets.get(date.fromisoformat(day), (0.0, 0.0)))
+
     out = np.zeros(ndvi.shape[1:], dtype=np.uint16)
     per_event: dict[str, float] = {}
     for event in events:
@@ -84,8 +145,8 @@ def reference(dates: list[date], ndvi: np.ndarray, events: list[dict]) -> tuple[
         window = np.zeros(out.shape, bool)
         window[r0:r1, c0:c1] = True
         with np.errstate(invalid="ignore"):
-            lost = (window & (ndvi[index[event["delineate"]]] <= BARE_NDVI)
-                    & (ndvi[index[event["pre"]]] >= PRE_FOREST_NDVI) & (out == 0))
+            lost = (window & (look(event["delineate"]) <= BARE_NDVI)
+                    & (look(event["pre"]) >= PRE_FOREST_NDVI) & (out == 0))
         # Each pixel gets the first of the event's "seen" dates on which it is clear (the delineation date last).
         day = np.full(out.shape, (date.fromisoformat(event["delineate"]) - EPOCH).days, dtype=np.uint16)
         for seen in reversed(event["visible"]):
@@ -129,15 +190,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="all-dates sample (scripts/build-sample-data)")
     parser.add_argument("--chips", type=Path, help="also render each event's chips into this directory")
+    parser.add_argument("--as-imaged", action="store_true", help="delineate on the images as they are (no "
+                        "co-registration to the common geometry; the reference before it)")
+    parser.add_argument("--out", type=Path, default=HERE, help="directory of the .tif and .json (default: here)")
     args = parser.parse_args(argv)
     events = json.loads((HERE / "visual_interpretation.json").read_text())["events"]
-    dates, ndvi, profile = load(args.data)
-    ref, per_event = reference(dates, ndvi, events)
+    dates, ndvi, nir, platforms, profile = load(args.data)
+    offsets = {} if args.as_imaged else coregistration(dates, nir)
+    ref, per_event = reference(dates, ndvi, events, offsets)
     ref[not_forest(dates, ndvi)] = 1
     profile.update(dtype="uint16", count=1, nodata=None, compress="deflate", driver="GTiff")
     for key in ("blockxsize", "blockysize", "tiled", "interleave"):
         profile.pop(key, None)
-    with rasterio.open(HERE / "forest_loss_reference.tif", "w", **profile) as dst:
+    with rasterio.open(args.out / "forest_loss_reference.tif", "w", **profile) as dst:
         dst.write(ref, 1)
     by_date: dict[str, float] = {}
     for value, count in zip(*np.unique(ref[ref > 1], return_counts=True), strict=True):
@@ -145,7 +210,17 @@ def main(argv: list[str] | None = None) -> None:
     summary = {"dates": len(dates), "forest_px": int((ref != 1).sum()), "not_forest_px": int((ref == 1).sum()),
                "loss_ha_by_event_delineated": per_event, "loss_ha_by_first_seen_date": by_date,
                "loss_ha": round(float((ref > 1).sum()) * 0.01, 2)}
-    (HERE / "reference_dates.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if offsets:
+        used = sorted({e[k] for e in events for k in ("pre", "delineate")})
+        summary["offsets_px_of_delineation_and_pre_dates"] = {
+            d: [round(v, 2) for v in offsets[date.fromisoformat(d)]] for d in used}
+        by_platform: dict[str, list] = {}
+        for d, p in zip(dates, platforms, strict=True):
+            if d in offsets and LEAF_ON[0] <= d.timetuple().tm_yday <= LEAF_ON[1]:
+                by_platform.setdefault(p, []).append(offsets[d])
+        summary["offsets_px_median_by_platform_leaf_on"] = {
+            p: [len(v)] + [round(float(x), 2) for x in np.median(v, axis=0)] for p, v in sorted(by_platform.items())}
+    (args.out / "reference_dates.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
     if args.chips:
         render_chips(args.data, args.chips, events, ref)

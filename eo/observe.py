@@ -5,8 +5,9 @@ served by different catalogues). Every area has a fixed **lattice**: the UTM zon
 pixels (SCL's native size; doubled until the area's box holds at most :data:`MAX_MASK_PIXELS`, so very
 large areas are read from the mask's overviews) counted from the zone's origin. Areas of one lattice are
 binned into clusters of :data:`CLUSTER_M`; each granule's cloud-mask asset (SCL / QA_PIXEL) is read
-**once per cluster** it touches, over the cluster's window (:func:`eo.cog.read_aoi`: a WarpedVRT per
-granule, exact transformer, overview-aware); the granules are merged first-come (the order given, best
+**once per cluster** it touches, over the cluster's window (the file opened once for all its windows; a
+plain window read on the file's own grid, else a WarpedVRT of the window, exact transformer; overview-aware);
+the granules are merged first-come (the order given, best
 first); then every area's fractions are counted in memory (``rasterio.features.rasterize`` of layers of
 non-overlapping areas as label images, ``np.bincount``). An area read alone (``shared=False``) lands on the
 same lattice pixels, so shared and per-area reads give exactly the same numbers — the shared read only
@@ -36,7 +37,6 @@ from rasterio.crs import CRS
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.features import geometry_mask, rasterize
 from rasterio.vrt import WarpedVRT
-from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 from shapely.geometry.base import BaseGeometry
 
@@ -350,35 +350,18 @@ def _clipped_read(dataset: Any, col: int, row: int, height: int, width: int, fil
     return out
 
 
-def _read_window(src: Any, w: _Window, fill: float, vrts: dict[tuple[str, float], Any]) -> np.ndarray:
+def _read_window(src: Any, w: _Window, fill: float) -> np.ndarray:
     height, width = w.shape
     offset = _aligned(src, w)
     if offset is not None:  # pixels outside the file are ``fill``, as a warp leaves them
         return _clipped_read(src, offset[0], offset[1], height, width, fill)
-    # One warped view of the whole lattice per granule, read window by window: with an exact transformer each
-    # pixel's value does not depend on the window (or the view) it is read through.
-    key = (w.crs.to_string(), w.size)
-    vrt = vrts.get(key)
-    if vrt is None:
-        vrt = vrts[key] = _lattice_vrt(src, w.crs, w.size, fill)
-    col0, row0 = vrt.lattice_origin
-    return _clipped_read(vrt, w.box[0] - col0, w.box[1] - row0, height, width, fill)
-
-
-class _LatticeVRT(WarpedVRT):
-    lattice_origin: tuple[int, int]
-
-
-def _lattice_vrt(src: Any, crs: CRS, size: float, fill: float) -> Any:
-    """A warped view of ``src`` on the lattice (``crs``, ``size``) over the file's extent (plus a margin)."""
-    left, bottom, right, top = transform_bounds(src.crs, crs, *src.bounds, densify_pts=21)
-    col0, row0 = math.floor(left / size) - 2, math.floor(-top / size) - 2
-    col1, row1 = math.ceil(right / size) + 2, math.ceil(-bottom / size) + 2
-    vrt = _LatticeVRT(src, crs=crs, transform=Affine(size, 0.0, col0 * size, 0.0, -size, -row0 * size),
-                      width=col1 - col0, height=row1 - row0, resampling=Resampling.nearest, nodata=fill,
-                      tolerance=EXACT_TOLERANCE)
-    vrt.lattice_origin = (col0, row0)
-    return vrt
+    # A warped view of exactly this window: with an exact transformer each pixel's value does not depend on the
+    # window (or the view) it is read through. One view of the whole lattice per granule, read window by
+    # window, warped whole 512 x 128 blocks of it for every small window: 0.2 s a window, 40 % of an
+    # acquisition's task where two UTM zones meet (a view of the window costs ~7 ms).
+    with WarpedVRT(src, crs=w.crs, transform=w.transform, width=width, height=height,
+                   resampling=Resampling.nearest, nodata=fill, tolerance=EXACT_TOLERANCE) as vrt:
+        return vrt.read(1)
 
 
 def _read_granule(granule: GranuleMask, band: str, windows: list[_Window]) -> tuple[list[np.ndarray], float | None]:
@@ -393,22 +376,12 @@ def _read_granule(granule: GranuleMask, band: str, windows: list[_Window]) -> tu
             levels = {key: overview_level(src, key[0], key[1]) for key in {(w.crs, w.size) for w in windows}}
             for i, w in enumerate(windows):
                 by_level[levels[(w.crs, w.size)]].append(i)
-            vrts: dict[tuple[str, float], Any] = {}
-            try:
-                for i in by_level.pop(None, []):
-                    out[i] = _read_window(src, windows[i], fill, vrts)
-            finally:
-                for vrt in vrts.values():
-                    vrt.close()
+            for i in by_level.pop(None, []):
+                out[i] = _read_window(src, windows[i], fill)
         for level, idx in sorted(by_level.items()):
             with opener(level) as src:
-                vrts = {}
-                try:
-                    for i in idx:
-                        out[i] = _read_window(src, windows[i], fill, vrts)
-                finally:
-                    for vrt in vrts.values():
-                        vrt.close()
+                for i in idx:
+                    out[i] = _read_window(src, windows[i], fill)
     return out, entry.get("nodata", fill)  # type: ignore[return-value]
 
 

@@ -4,11 +4,17 @@ a file with only a no-data value keeps the plain window read, and both paths agr
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import rasterio
 from affine import Affine
+from pyproj import Transformer
 from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
 
 from eo import observe
 
@@ -42,18 +48,12 @@ def _window(col: int, row: int, width: int, height: int) -> observe._Window:
 def _both(path, w, monkeypatch):
     with rasterio.open(path) as src:
         fill = src.nodata if src.nodata is not None else 0
-        vrts: dict = {}
-        fast = observe._read_window(src, w, fill, vrts)
+        fast = observe._read_window(src, w, fill)
         aligned = observe._aligned(src, w)
-        for vrt in vrts.values():
-            vrt.close()
     with monkeypatch.context() as m:
         m.setattr(observe, "_aligned", lambda *_: None)
         with rasterio.open(path) as src:
-            vrts = {}
-            warped = observe._read_window(src, w, fill, vrts)
-            for vrt in vrts.values():
-                vrt.close()
+            warped = observe._read_window(src, w, fill)
     return fast, warped, aligned
 
 
@@ -82,3 +82,48 @@ def test_a_file_with_a_nodata_value_keeps_the_plain_window_read_and_the_same_pix
     inside = data[r0:row + height, c0:col + width]
     np.testing.assert_array_equal(fast[r0 - row:r0 - row + inside.shape[0], c0 - col:c0 - col + inside.shape[1]],
                                   inside)
+
+
+def _lattice_view_read(src, w: observe._Window, fill) -> np.ndarray:
+    """The reference: one exact warped view of the file's whole extent on the window's lattice (plus a margin),
+    the window cut out of it (what eo.observe read before it warped each window on its own)."""
+    left, bottom, right, top = transform_bounds(src.crs, w.crs, *src.bounds, densify_pts=21)
+    col0, row0 = math.floor(left / w.size) - 2, math.floor(-top / w.size) - 2
+    col1, row1 = math.ceil(right / w.size) + 2, math.ceil(-bottom / w.size) + 2
+    with WarpedVRT(src, crs=w.crs, transform=Affine(w.size, 0, col0 * w.size, 0, -w.size, -row0 * w.size),
+                   width=col1 - col0, height=row1 - row0, resampling=Resampling.nearest, nodata=fill,
+                   tolerance=observe.EXACT_TOLERANCE) as vrt:
+        height, width = w.shape
+        return observe._clipped_read(vrt, w.box[0] - col0, w.box[1] - row0, height, width, fill)
+
+
+def _nearest_by_pyproj(data: np.ndarray, w: observe._Window) -> np.ndarray:
+    """Each lattice pixel's centre taken to the file's CRS by pyproj, the file's pixel under it (0 off the file)."""
+    height, width = w.shape
+    cols, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    x, y = w.transform @ (cols, rows)
+    sx, sy = Transformer.from_crs(w.crs, "EPSG:32634", always_xy=True).transform(x, y)
+    c, r = np.floor((sx - ORIGIN[0]) / SIZE).astype(int), np.floor((ORIGIN[1] - sy) / SIZE).astype(int)
+    inside = (c >= 0) & (c < data.shape[1]) & (r >= 0) & (r < data.shape[0])
+    out = np.zeros((height, width), dtype=data.dtype)
+    out[inside] = data[r[inside], c[inside]]
+    return out
+
+
+# Windows on the neighbouring zone's lattice (EPSG:32635, 20 m) over the file's west edge, its middle, its
+# south-east corner and beyond it: each warped on its own equals the same cells of the whole-file view, and the
+# file's pixel under each cell centre.
+@pytest.mark.parametrize("offset", [(-30, 10, 120, 90), (150, 120, 60, 40), (380, 280, 70, 50), (600, 500, 20, 20)])
+def test_a_window_on_another_zone_warped_alone_equals_the_whole_file_view(tmp_path, offset):
+    path = tmp_path / "scl_nodata.tif"
+    data = _write_scl(path, nodata=0, mask=False)
+    crs = CRS.from_epsg(32635)
+    with rasterio.open(path) as src:
+        left, _, _, top = transform_bounds(src.crs, crs, *src.bounds)
+        dc, dr, width, height = offset
+        c0, r0 = math.floor(left / SIZE) + dc, math.floor(-top / SIZE) + dr
+        w = observe._Window(crs, SIZE, (c0, r0, c0 + width, r0 + height), [])
+        assert observe._aligned(src, w) is None
+        alone, reference = observe._read_window(src, w, 0), _lattice_view_read(src, w, 0)
+    np.testing.assert_array_equal(alone, reference)
+    np.testing.assert_array_equal(alone, _nearest_by_pyproj(data, w))

@@ -153,6 +153,41 @@ def test_area_across_two_utm_zones_is_covered_clear_and_analysed_on_one_grid(cog
     assert len(_emails(settings)) == 1
 
 
+def test_the_screen_history_reads_every_granule_of_an_acquisition(cogs, stac_api, db, add_area, tmp_path,
+                                                                  sample_data_dir):
+    """The time-series screen's history is read as mosaics like the pair: the straddling area's earlier
+    acquisition has a zone-34 and a zone-35 granule, and its clear looks cover the whole area (the first
+    granule alone, what the history read before, covers about half of it)."""
+    from workers import screen
+    from workers.pipeline import clear_history, load_context
+    from workers.raster import common_grid
+
+    collection = StacCollection(stac_api, localstac.read_sample_collection(sample_data_dir))
+    try:
+        _publish(collection, [
+            _item(cogs, f"{side}-{when}", shape_name="es-v1", tile=tile, when=when, epsg=epsg, bounds=bounds)
+            for when in ("before", "after")
+            for side, tile, epsg, bounds in (("west", "34TGQ", 32634, WEST), ("east", "35TKL", 32635, EAST))])
+        catalogue = loopback_catalogue(stac_api.url, [collection.id]).model_copy(
+            update={"profiles": {collection.id: "earth-search-v1/sentinel-2-l2a"}})
+        settings = _settings(db, tmp_path, [catalogue])
+        add_area("zone edge", STRADDLE, collections=[collection.id])
+        (done,) = _loop(settings)
+        ctx = load_context(done["id"], settings)
+        with session_scope(settings) as session:
+            history = clear_history(session, ctx, settings)
+        granules = [(h.scene_id, *(o.scene_id for o in h.others)) for h in history]
+        assert granules == [(ctx.before.scene_id, *(o.scene_id for o in ctx.before.others))]
+        assert len(granules[0]) == 2
+        # A 20 m grid: nothing the analysis itself cached on its 10 m grid is reused.
+        grid = common_grid(STRADDLE, 20.0)
+        ndvi = screen.clear_looks(history[0], grid, settings.analysis.cloud_buffer_px)[0][grid.aoi()]
+    finally:
+        collection.delete()
+    assert np.isfinite(ndvi).mean() == 1.0
+    assert np.nanmax(np.abs(ndvi - NDVI_BEFORE)) < 1e-4
+
+
 def test_area_in_the_overlap_of_two_tiles_gets_one_analysis_and_one_alert_per_datatake(cogs, stac_api, db, add_area,
                                                                                        tmp_path, sample_data_dir):
     collection = StacCollection(stac_api, localstac.read_sample_collection(sample_data_dir))

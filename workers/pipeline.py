@@ -267,8 +267,9 @@ def thumbnails(pair: PreparedPair, result: spectral.SpectralResult) -> dict[str,
 
 
 def clear_history(session: Any, ctx: AnalysisContext, settings: Settings) -> list[SceneRef]:
-    """The area's clear scenes of the last :data:`workers.screen.HISTORY_DAYS` before the after scene (newest
-    :data:`workers.screen.MAX_HISTORY`): the time-series screen's history."""
+    """The area's clear acquisitions of the last :data:`workers.screen.HISTORY_DAYS` before the after scene
+    (newest :data:`workers.screen.MAX_HISTORY`), each as its mosaic over the area (:func:`acquisition_ref`),
+    like the pair: the time-series screen's history."""
     since = ctx.after.acquired_at - timedelta(days=screen.HISTORY_DAYS)
     scenes = session.execute(
         select(Scene)
@@ -277,7 +278,10 @@ def clear_history(session: Any, ctx: AnalysisContext, settings: Settings) -> lis
                Scene.acquired_at < ctx.after.acquired_at, Scene.acquired_at >= since)
         .order_by(Scene.acquired_at.desc()).limit(screen.MAX_HISTORY)
     ).scalars().all()
-    return [_scene_ref(session, s, settings) for s in scenes]
+    # The observation names the first granule that imaged the area; across a tile or zone edge the rest of
+    # the area is in the acquisition's other granules (read alone, it left that part without history).
+    area_geom = from_shape(ctx.area_geom, srid=4326)
+    return [acquisition_ref(session, s, area_geom, settings) for s in scenes]
 
 
 def sequence_frames(ctx: AnalysisContext, pair: PreparedPair, settings: Settings) -> tuple[list[np.ndarray], list[str]]:

@@ -122,10 +122,13 @@ _CACHE = _Cache(CACHE_BYTES)
 
 
 def clear_looks(scene: SceneRef, grid: Grid, buffer_px: int) -> np.ndarray:
-    """(2, H, W) float32 of ``scene`` on ``grid``: NDVI and red − blue reflectance (NaN without a blue band),
-    NaN where the cloud mask (buffered) or the haze test says not clear or where there is no data."""
-    key = (scene.scene_id, scene.item_id, grid.crs.to_string(), tuple(grid.transform)[:6], grid.width,
-           grid.height, buffer_px)
+    """(2, H, W) float32 of ``scene`` — its acquisition's mosaic: the first granule, no-data filled from
+    ``scene.others`` (:func:`workers.raster.read_band`) — on ``grid``: NDVI and red − blue reflectance (NaN
+    without a blue band), NaN where the cloud mask (buffered) or the haze test says not clear or where no
+    granule has data."""
+    # The granules are part of the key: a granule of the acquisition published late changes the mosaic.
+    key = (scene.scene_id, scene.item_id, tuple(o.scene_id for o in scene.others), grid.crs.to_string(),
+           tuple(grid.transform)[:6], grid.width, grid.height, buffer_px)
     cached = _CACHE.get(key)
     if cached is not None:
         return cached

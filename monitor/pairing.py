@@ -69,6 +69,7 @@ class PairingStats:
     cloudy: int = 0
     partial: int = 0
     failed: int = 0
+    gave_up: int = 0  # of the failed: given up this pass (too many attempts, or sends no worker started)
     analyses_created: int = 0
     no_before: int = 0
     granule_reads: int = 0
@@ -130,6 +131,8 @@ def process_pending(settings: Settings, *, area_ids: Iterable[int] | None = None
     stats = PairingStats(granule_reads=observed.granule_reads, dispatched=observed.dispatched)
     for status in ("cloudy", "partial", "failed"):
         setattr(stats, status, observed.by_status.get(status, 0))
+    stats.gave_up = observed.gave_up
+    stats.failed += stats.gave_up
     stats.observations = stats.cloudy + stats.partial + stats.failed
     groups: dict[int, list[int]] = {}
     with session_scope(settings) as session:
@@ -154,11 +157,12 @@ def process_pending(settings: Settings, *, area_ids: Iterable[int] | None = None
                 except Exception:
                     logger.exception("pairing acquisition %d for %d areas failed; will retry", acquisition_id,
                                      len(ids))
-    if groups or observed.computed:
-        logger.info("pairing: %d observations (%d clear, %d cloudy, %d partial, %d failed), %d analyses created, "
+    if groups or observed.computed or observed.gave_up:
+        logger.info("pairing: %d observations (%d clear, %d cloudy, %d partial, %d failed%s), %d analyses created, "
                     "%d clear acquisitions without an earlier clear one, %d granule mask reads", stats.observations,
-                    stats.clear, stats.cloudy, stats.partial, stats.failed, stats.analyses_created, stats.no_before,
-                    stats.granule_reads)
+                    stats.clear, stats.cloudy, stats.partial, stats.failed,
+                    f" of which {stats.gave_up} given up" if stats.gave_up else "", stats.analyses_created,
+                    stats.no_before, stats.granule_reads)
     return stats
 
 

@@ -146,3 +146,19 @@ def test_the_resend_delay_runs_from_the_start_of_a_task_that_waited_in_the_queue
     stats = dispatch_observations(worker_settings, send=lambda q, _queue: sent.append(q))
     assert sorted(sent) == sorted([waiting, stale])
     assert stats.dispatched == 2
+
+
+def test_the_pairing_line_names_the_rows_given_up_in_its_pass(db, worker_settings, cog_server, caplog):
+    """A pass whose only outcome is rows given up still logs its one INFO line, and says how many."""
+    areas, acquisitions = _setup(worker_settings, cog_server)
+    with session_scope(worker_settings) as session:
+        for _ in range(3):  # three starts of the first acquisition, none stored anything (workers died)
+            assert job.begin(session, acquisitions[0], 3) == areas
+    with caplog.at_level(logging.INFO, logger="monitor.pairing"):
+        # limit: only the first acquisition's rows are taken up by this pass
+        stats = process_pending(worker_settings, limit=len(areas))
+    assert (stats.gave_up, stats.failed, stats.observations) == (len(areas),) * 3
+    n = len(areas)
+    assert [r.getMessage() for r in caplog.records if r.name == "monitor.pairing"] == [
+        f"pairing: {n} observations (0 clear, 0 cloudy, 0 partial, {n} failed of which {n} given up), 0 analyses "
+        "created, 0 clear acquisitions without an earlier clear one, 0 granule mask reads"]

@@ -10,7 +10,8 @@ computes the fractions (a ``cpu`` worker's ``unirs.observe`` task, or the schedu
 
     pending, not computed ──save──▶ pending + fractions ──settle_clear (pairing)──▶ clear
                            ├─save─▶ cloudy | partial | failed
-                           └─give_up (max attempts started, none stored an outcome)─▶ failed, final
+                           └─give_up (max attempts started without an outcome, or max sends
+                                      none of which a worker started)─▶ failed, final
     partial, a granule of its acquisition first seen after it was computed ──reopen_late_partial (poll)──▶ pending
     failed by save, computed > FAILED_RETRY_AFTER ago, created < FAILED_GIVE_UP_AFTER ago ──save──▶ (as above)
 
@@ -29,6 +30,10 @@ computes the fractions (a ``cpu`` worker's ``unirs.observe`` task, or the schedu
   attempt is stale, or by :func:`begin` when asked to start once more): ``failed`` with the one-line reason, a
   WARNING naming the acquisition, and pairing moves on (a failed observation is not clear). :func:`save`
   resets the count. A given-up row is not retried (it would fail again, and may kill a worker each time).
+- **Sends**: :func:`mark_sent` counts ``dispatches`` (reset by :func:`begin`, :func:`save` and the re-open):
+  attempts count only starts, so a message lost before any worker took it, or sent to a queue nobody
+  consumes, would be re-sent every ``resend_seconds`` without end. The dispatcher gives up a row sent
+  ``analysis.max_unstarted_sends`` times without a start once the last send is stale, the same way.
 - All times are the database's ``now()``.
 """
 
@@ -58,11 +63,12 @@ _S = ObservationStatus
 _RETRY = int(FAILED_RETRY_AFTER.total_seconds())
 _GIVE_UP = int(FAILED_GIVE_UP_AFTER.total_seconds())
 #: SQL condition (table alias ``o``): the row waits for fractions. A given-up row (attempts left over, none
-#: started after it was settled) is not retried.
+#: started after it was settled; or sends left over, none after it was settled) is not retried.
 DUE = (f"((o.status = '{_S.PENDING.value}' AND o.computed_at IS NULL) OR "
        f"(o.status = '{_S.FAILED.value}' AND o.computed_at < now() - make_interval(secs => {_RETRY}) "
        f"AND o.created_at > now() - make_interval(secs => {_GIVE_UP}) "
-       f"AND (o.attempts = 0 OR o.started_at > o.computed_at)))")
+       f"AND (o.attempts = 0 OR o.started_at > o.computed_at) "
+       f"AND (o.dispatches = 0 OR o.dispatched_at > o.computed_at)))")
 #: Timed from the later of the dispatch and the start of the last attempt: a message that waited 15 min in a
 #: busy cpu queue and started 1 min ago is running, not lost (GREATEST ignores a NULL started_at).
 _NOT_IN_FLIGHT = ("(o.dispatched_at IS NULL "
@@ -133,7 +139,7 @@ def mark_sent(session: Session, acquisition_id: int, resend_seconds: float = RES
     """Stamp ``dispatched_at`` on the acquisition's due rows not in flight; returns how many (0: nothing to send).
     Call it in the transaction that publishes the message, before the commit."""
     result = session.execute(text(f"""
-        UPDATE observations o SET dispatched_at = now() FROM areas a
+        UPDATE observations o SET dispatched_at = now(), dispatches = o.dispatches + 1 FROM areas a
          WHERE a.id = o.area_id AND a.status = 'active' AND o.acquisition_id = :q AND {DUE} AND {_NOT_IN_FLIGHT}"""),  # noqa: S608
         {"q": acquisition_id, "resend": resend_seconds})
     return result.rowcount
@@ -146,7 +152,8 @@ def begin(session: Session, acquisition_id: int, max_attempts: int, area_ids: li
     give_up(session, max_attempts, acquisition_id=acquisition_id, area_ids=area_ids)
     only = "" if area_ids is None else "AND o.area_id = ANY(:areas)"
     rows = session.execute(text(f"""
-        UPDATE observations o SET attempts = o.attempts + 1, started_at = now(), reason = NULL FROM areas a
+        UPDATE observations o SET attempts = o.attempts + 1, started_at = now(), reason = NULL, dispatches = 0
+          FROM areas a
          WHERE a.id = o.area_id AND a.status = 'active' AND o.acquisition_id = :q AND {DUE} {only}
         RETURNING o.area_id"""),  # noqa: S608
         {"q": acquisition_id, **({} if area_ids is None else {"areas": area_ids})})
@@ -180,15 +187,25 @@ class GaveUp:
 
 
 _LOST = "none stored a result (the worker died, or the task ran past the re-send delay)"
+_UNSTARTED = f"(no worker consuming the '{QUEUE.value}' queue, or its messages were lost)"
+#: SQL condition (alias ``o``): a failed row given up because its task was never started (what doctor counts).
+NEVER_STARTED = "(o.status = 'failed' AND o.reason LIKE 'observation task sent % times, never started%')"
 
 
 def give_up(session: Session, max_attempts: int, *, resend_seconds: float | None = None,
-            acquisition_id: int | None = None, area_ids: list[int] | None = None) -> list[GaveUp]:
-    """Settle ``failed`` the due rows that had ``max_attempts`` attempts without an outcome (only those not in
-    flight when ``resend_seconds`` is given: the dispatcher's rule), reason "observation task gave up after N
-    attempts, …" with the last attempt's error; logs one WARNING per acquisition. Returns the rows settled."""
-    where = [DUE, "a.status = 'active'", "o.attempts >= :max"]
-    params: dict[str, object] = {"max": max_attempts, "lost": _LOST}
+            max_sends: int | None = None, acquisition_id: int | None = None,
+            area_ids: list[int] | None = None) -> list[GaveUp]:
+    """Settle ``failed`` the due rows that had ``max_attempts`` attempts without an outcome, reason "observation
+    task gave up after N attempts, …" with the last attempt's error; with ``resend_seconds`` (the dispatcher's
+    rule) only rows not in flight, and — ``max_sends`` given — also those sent ``max_sends`` times since their
+    last start with none started, reason "observation task sent N times, never started by a worker …". Logs
+    one WARNING per acquisition. Returns the rows settled."""
+    exhausted = "o.attempts >= :max"
+    params: dict[str, object] = {"max": max_attempts, "lost": _LOST, "unstarted": _UNSTARTED}
+    if max_sends is not None:
+        exhausted = "(o.attempts >= :max OR o.dispatches >= :sends)"
+        params["sends"] = max_sends
+    where = [DUE, "a.status = 'active'", exhausted]
     if resend_seconds is not None:
         where.append(_NOT_IN_FLIGHT)
         params["resend"] = resend_seconds
@@ -201,8 +218,11 @@ def give_up(session: Session, max_attempts: int, *, resend_seconds: float | None
     rows = session.execute(text(f"""
         UPDATE observations o
            SET status = '{_S.FAILED.value}', computed_at = now(),
-               reason = format('observation task gave up after %s attempts, %s', o.attempts,
+               reason = CASE WHEN o.attempts >= :max
+                   THEN format('observation task gave up after %s attempts, %s', o.attempts,
                                COALESCE('the last failed with ' || o.reason, :lost))
+                   ELSE format('observation task sent %s times, never started by a worker %s', o.dispatches,
+                               CAST(:unstarted AS text)) END
           FROM areas a, acquisitions q
          WHERE a.id = o.area_id AND q.id = o.acquisition_id AND {' AND '.join(where)}
         RETURNING o.acquisition_id, q.key, o.area_id, a.name, o.reason"""),  # noqa: S608
@@ -221,7 +241,7 @@ def give_up(session: Session, max_attempts: int, *, resend_seconds: float | None
 _SAVE = text(f"""
     UPDATE observations o
        SET status = CAST(:st AS observation_status), covered_fraction = :cov, clear_fraction = :clr, reason = :why,
-           scene_id = COALESCE(:sid, o.scene_id), computed_at = now(), attempts = 0
+           scene_id = COALESCE(:sid, o.scene_id), computed_at = now(), attempts = 0, dispatches = 0
      WHERE o.area_id = :a AND o.acquisition_id = :q AND {DUE}""")  # noqa: S608
 
 
@@ -239,7 +259,8 @@ def save(session: Session, acquisition_id: int, outcomes: dict[int, Outcome]) ->
 
 _REOPEN = text(f"""
     UPDATE observations o
-       SET status = '{_S.PENDING.value}', computed_at = NULL, dispatched_at = NULL, started_at = NULL, attempts = 0
+       SET status = '{_S.PENDING.value}', computed_at = NULL, dispatched_at = NULL, started_at = NULL, attempts = 0,
+           dispatches = 0
      WHERE o.status = '{_S.PARTIAL.value}' AND o.area_id = ANY(:areas) AND EXISTS (
            SELECT 1 FROM scenes s JOIN areas a ON a.id = o.area_id
             WHERE s.id = ANY(:scenes) AND a.status = 'active' AND s.acquisition_id = o.acquisition_id

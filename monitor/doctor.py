@@ -198,22 +198,27 @@ FAILED_OBSERVATIONS_DAYS = 7
 
 def check_observations(settings: Settings) -> str:
     """Failed observations of active areas in the last week (a warning: those acquisitions are never paired),
-    with the newest one's acquisition, area and reason."""
+    how many of them were given up because no worker ever started their task, and the newest one's
+    acquisition, area and reason."""
     from sqlalchemy import text
 
     from core.db import session_scope
+    from core.observations import NEVER_STARTED
 
     with session_scope(settings) as session:
-        rows = session.execute(text("""
-            SELECT q.key, a.name, o.reason, count(*) OVER () AS n FROM observations o
+        rows = session.execute(text(f"""
+            SELECT q.key, a.name, o.reason, count(*) OVER () AS n,
+                   count(*) FILTER (WHERE {NEVER_STARTED}) OVER () AS unstarted FROM observations o
               JOIN areas a ON a.id = o.area_id JOIN acquisitions q ON q.id = o.acquisition_id
              WHERE o.status = 'failed' AND a.status = 'active' AND o.computed_at > now() - make_interval(days => :d)
-             ORDER BY o.computed_at DESC, q.key, a.name LIMIT 1"""), {"d": FAILED_OBSERVATIONS_DAYS}).all()
+             ORDER BY o.computed_at DESC, q.key, a.name LIMIT 1"""),  # noqa: S608 — a constant condition
+            {"d": FAILED_OBSERVATIONS_DAYS}).all()
     if not rows:
         return f"no failed observations in the last {FAILED_OBSERVATIONS_DAYS} days"
     r = rows[0]
-    raise DoctorWarning(f"{r.n} failed observation(s) in the last {FAILED_OBSERVATIONS_DAYS} days (not paired); "
-                        f"newest: acquisition {r.key} over {r.name!r}: {r.reason}")
+    unstarted = f", {r.unstarted} of them never started by a worker" if r.unstarted else ""
+    raise DoctorWarning(f"{r.n} failed observation(s) in the last {FAILED_OBSERVATIONS_DAYS} days (not paired"
+                        f"{unstarted}); newest: acquisition {r.key} over {r.name!r}: {r.reason}")
 
 
 def run_checks(settings: Settings, *, load_model: bool = False) -> list[Check]:

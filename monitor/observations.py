@@ -89,12 +89,14 @@ def dispatch_observations(settings: Settings, *, send: Sender | None = None,
     """One message per acquisition with due rows not in flight (never sent, or sent more than
     ``resend_seconds`` ago: a lost message or a killed worker). Each acquisition is stamped and published in
     its own transaction, the publish before the commit: a broker that is down leaves the rows as they were.
-    Rows not in flight that already had ``analysis.observation_max_attempts`` attempts are given up instead."""
+    Rows not in flight that already had ``analysis.observation_max_attempts`` attempts, or were sent
+    ``analysis.max_unstarted_sends`` times without a worker starting one, are given up instead."""
     send = send or celery_sender(settings)
     stats = ObserveStats()
     with session_scope(settings) as session:
         stats.gave_up = len(job.give_up(session, settings.analysis.observation_max_attempts,
-                                        resend_seconds=resend_seconds))
+                                        resend_seconds=resend_seconds,
+                                        max_sends=settings.analysis.max_unstarted_sends))
     with session_scope(settings) as session:
         groups = job.due_acquisitions(session, unsent_only=True, resend_seconds=resend_seconds)
     for acquisition_id in groups:

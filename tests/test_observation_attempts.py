@@ -148,6 +148,62 @@ def test_the_resend_delay_runs_from_the_start_of_a_task_that_waited_in_the_queue
     assert stats.dispatched == 2
 
 
+def test_a_task_no_worker_ever_starts_is_given_up_after_max_sends(db, worker_settings, cog_server, caplog):
+    """Sent with no worker consuming the queue (or every message lost): ``attempts`` never moves, so only the
+    send count can end it. After ``analysis.max_unstarted_sends`` sends the rows fail with the count in the
+    reason; the pairing line says so, ``doctor`` counts them, nothing is sent again. A row a worker started
+    counts its sends afresh."""
+    areas, acquisitions = _setup(worker_settings, cog_server)
+    started, *lost = acquisitions
+    max_sends = worker_settings.analysis.max_unstarted_sends
+    assert max_sends == 6
+    sent: list[int] = []
+
+    def send(acquisition_id: int, _queue: str) -> None:
+        sent.append(acquisition_id)
+
+    for n in range(1, max_sends + 1):
+        # resend 0: each pass re-sends what is still due at once (the 10 min delay, shortened).
+        assert dispatch_observations(worker_settings, send=send, resend_seconds=0).dispatched == 3
+        if n == max_sends - 1:  # a worker starts the first acquisition: its count begins again
+            with session_scope(worker_settings) as session:
+                assert job.begin(session, started, worker_settings.analysis.observation_max_attempts) == areas
+    assert {q: sent.count(q) for q in acquisitions} == {q: max_sends for q in acquisitions}
+
+    with session_scope(worker_settings) as session:  # the re-send delay (10 min) passes
+        session.execute(text("UPDATE observations SET dispatched_at = dispatched_at - interval '11 minutes', "
+                             "started_at = started_at - interval '11 minutes'"))
+    with caplog.at_level(logging.INFO):
+        gave_up = process_pending(worker_settings, send_observations=send)
+    assert (gave_up.gave_up, gave_up.failed, gave_up.dispatched) == (2 * len(areas), 2 * len(areas), 1)
+    assert {q: sent.count(q) for q in lost} == {q: max_sends for q in lost}  # never one more
+    assert sent.count(started) == max_sends + 1  # sent once since it was started: not given up
+    reason = ("observation task sent 6 times, never started by a worker (no worker consuming the 'cpu' queue, "
+              "or its messages were lost)")
+    rows = _rows()
+    assert {(rows[(a, q)]["status"], rows[(a, q)]["reason"]) for a in areas for q in lost} == {("failed", reason)}
+    assert {rows[(a, started)]["status"] for a in areas} == {"pending"}
+    pairing = [r.getMessage() for r in caplog.records if r.name == "monitor.pairing"]
+    assert pairing == [f"pairing: {2 * len(areas)} observations (0 clear, 0 cloudy, 0 partial, {2 * len(areas)} "
+                       f"failed of which {2 * len(areas)} given up), 0 analyses created, 0 clear acquisitions "
+                       "without an earlier clear one, 0 granule mask reads"]
+
+    with pytest.raises(DoctorWarning) as warned:
+        check_observations(worker_settings)
+    assert str(warned.value).startswith(f"{2 * len(areas)} failed observation(s) in the last 7 days (not paired, "
+                                        f"{2 * len(areas)} of them never started by a worker); newest: ")
+    assert str(warned.value).endswith(f": {reason}")
+
+    # Final: not due again (not even after the failed-retry delay), never sent again.
+    dispatch_observations(worker_settings, send=send, resend_seconds=0)
+    with session_scope(worker_settings) as session:
+        session.execute(text("UPDATE observations SET computed_at = computed_at - interval '2 hours', "
+                             "dispatched_at = dispatched_at - interval '2 hours' WHERE acquisition_id = ANY(:q)"),
+                        {"q": lost})
+        assert [job.due_areas(session, q) for q in lost] == [[], []]
+    assert {q: sent.count(q) for q in lost} == {q: max_sends for q in lost}
+
+
 def test_the_pairing_line_names_the_rows_given_up_in_its_pass(db, worker_settings, cog_server, caplog):
     """A pass whose only outcome is rows given up still logs its one INFO line, and says how many."""
     areas, acquisitions = _setup(worker_settings, cog_server)

@@ -349,3 +349,37 @@ def test_radiometry_check_counted_in_blocks_agrees_with_one_check():
     with pytest.raises(RadiometryMismatch):  # the sums decide, as one check over the whole area does
         check_pixel_counts("S2", offset_in, sum(h[0] for h in halves), sum(h[1] for h in halves), 900)
     assert check_pixel_counts("S2", offset_in, 5, 100, 900) is None
+
+
+def _age_queued(analysis_id: int, seconds: int) -> None:
+    with session_scope(get_settings()) as session:
+        session.execute(text("UPDATE analyses SET queued_at = now() - make_interval(secs => :s) WHERE id = :id"),
+                        {"id": analysis_id, "s": seconds})
+
+
+def test_a_message_no_worker_ever_claims_is_given_up_after_max_sends(rows):
+    """Attempts count claims only: a row whose messages are all lost before a worker takes one was re-sent
+    every 2 × lease without end. After ``analysis.max_unstarted_sends`` sends it fails with the count; a claim
+    starts the count again."""
+    settings = _settings(max_unstarted_sends=3)
+    lost = insert_analysis(rows["area"], rows["after"], rows["before"])
+    claimed = insert_analysis(rows["area"], rows["after"], None)
+    broker = FakeBroker()  # holds what was sent; no worker ever takes it
+    for n in range(1, 4):
+        summary = dispatch_once(settings, send=broker)
+        assert summary["failed"] == 0 and summary["queued" if n == 1 else "resent"] == 2
+        if n == 2:  # a worker takes the second row's message, then gives it back (no message left)
+            claim = leases.claim(claimed, "w", settings)
+            assert leases.release(claim, "HTTP 503", settings) == "queued"
+        _age_queued(lost, 61)  # older than 2 × lease (30 s): the backstop re-sends it
+        _age_queued(claimed, 61)
+    summary = dispatch_once(settings, send=broker)
+    assert (summary["failed"], summary["resent"]) == (1, 1)
+    assert broker.sent.count((lost, "cpu")) == 3 and broker.sent.count((claimed, "cpu")) == 4
+    after = analysis_rows([lost, claimed])
+    assert after[lost]["status"] == "failed"
+    assert after[lost]["last_error"] == ("sent 3 times, never started by a worker (no worker consuming its queue, "
+                                         "or its messages were lost)")
+    assert after[claimed]["status"] == "queued"
+    _age_queued(lost, 3600)
+    assert dispatch_once(settings, send=broker)["failed"] == 0 and broker.sent.count((lost, "cpu")) == 3

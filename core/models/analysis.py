@@ -58,6 +58,8 @@ class Observation(Base):
     # Computations started since the last stored outcome, and when the last one started (revision 0016).
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Sends of its acquisition's task since a worker last started it (revision 0017).
+    dispatches: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
     scene: Mapped[Scene | None] = relationship(lazy="joined")
@@ -84,6 +86,8 @@ class Analysis(Base):
         _enum(AnalysisStatus, "analysis_status"), default=AnalysisStatus.PENDING
     )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Messages published since the last claim (core/jobs.py; revision 0017).
+    dispatches: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     worker: Mapped[str | None] = mapped_column(Text)

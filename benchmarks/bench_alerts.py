@@ -44,6 +44,7 @@ Figures of ``after`` (the default rule), was -> now:
     + grown part of a re-detection alerted (confirmation) 0.879  0.776 (0.775)  0.898        0      1.0
     main of 2026-12-03 (make_valid before overlays)       0.853  0.781 (0.780)  0.905        1      1.0
     reference on the cube's common geometry (METHOD.md)   0.789  0.758 (0.757)  0.888        0      1.0
+    + a late-leafing stand is seasonal (own_spring_lag)   0.803  0.758 (0.757)  0.888        0      1.0
 
     tried, not on main: loss = dNDVI rule and non-forest  0.766  0.744 (0.741)  -            1      1.011
       after (NDVI ≤ halfway between the scene's canopy

@@ -12,7 +12,9 @@ area's clear history (the ``clear`` observations the service already records) be
    model's prediction for its day of year, minus the median residual of the window's vegetated pixels
    (a scene-wide offset is haze or illumination, not a change on the ground), *departs* when it is beyond
    ``max(SENSITIVITY × pixel RMSE, MIN_DEPARTURE)`` in the direction of the region's class
-   (nrt's CCDC rule: 3 × RMSE).
+   (nrt's CCDC rule: 3 × RMSE). A loss departure on a green-up date by a pixel that lagged the forest as
+   much at the same time of an earlier year and then leafed out (:func:`own_spring_lag`: a late-leafing
+   stand) is seasonal.
 2. **Scene-normalised fallback** (history too short — a new area, the first year of a mission): the
    pixel's dNDVI minus the median dNDVI of the window's vegetated pixels must still pass the classifier's
    threshold (:attr:`workers.spectral.Thresholds.ndvi_drop` / ``ndvi_rise``): leaf-off lowers the whole
@@ -83,6 +85,11 @@ VEGETATED = 0.3  # NDVI: pixels whose median residual / dNDVI is the scene-wide 
 BARE_REDNESS = 0.03  # red − blue reflectance: bare soil, slash and roads are red; haze, thin cloud, shadow flat
 EXPECTED_FOREST = 0.7  # NDVI the model expects where it looks for loss the pair missed (full canopy)
 FOUND_MAX_NDVI = 0.6  # ... and what is left there: bare or barely vegetated
+LAG_WINDOW_DAYS = 15  # day-of-year distance of an earlier spring's look at the same stage of leaf-out
+LAG_SHARE = 0.5  # of today's lag behind the scene that an earlier spring must have shown (see own_spring_lag)
+MIN_LAG = 0.1  # NDVI below the scene: clearly behind the forest round it, then and now
+GREEN_UP_GAP = 0.05  # NDVI the forest (window median) is below its summer canopy (90th percentile of dates)
+LAG_RECOVERY_DAYS = 45  # ... and full canopy (EXPECTED_FOREST) again within this many days: leafed out late
 NOT_CHANGE = (SEASONAL, ATMOSPHERIC)  # verdicts that keep a region from alerting
 NDVI_CLASSES = {"vegetation_loss": -1, "new_built_up_or_bare": -1, "vegetation_gain": +1}
 
@@ -191,6 +198,51 @@ def harmonic_fit(stack: np.ndarray, dates: list[datetime], targets: list[datetim
     return preds, rmse, looks
 
 
+def own_spring_lag(stack: np.ndarray, dates: list[datetime], after_at: datetime, ndvi_a: np.ndarray,
+                   aoi: np.ndarray) -> np.ndarray:
+    """bool (H, W): pixels that lag the forest round them today as they did at the same time of an earlier
+    year, and leafed out fully soon after then — a stand that leafs out late (another species, a frost
+    hollow, a north slope), not a cut. Two smooth harmonics a year cannot follow a green-up a week or two
+    later than the forest's, so on a green-up date such a stand departs from the model every spring.
+
+    ``stack``/``dates``: the history (T, H, W NDVI, NaN = no look). A look's *level* is the median NDVI of
+    the window's vegetated pixels, its *lag* a pixel's NDVI minus that level. Only on a green-up date —
+    today's level at least :data:`GREEN_UP_GAP` below the summer canopy (90th percentile of the history's
+    levels) — a pixel qualifies when it lags by at least :data:`MIN_LAG` today and in one look of an earlier
+    year (≥ 300 days back), itself a green-up look within :data:`LAG_WINDOW_DAYS` of today's day of year,
+    it lagged by at least :data:`MIN_LAG` and :data:`LAG_SHARE` of today's lag (leaf-out dates move by a week
+    or two between years, and the lag with them), and read full canopy (:data:`EXPECTED_FOREST`) within
+    :data:`LAG_RECOVERY_DAYS` after that look — a cleared patch stays bare for the season."""
+    def scene(ndvi: np.ndarray) -> float:
+        veg = aoi & np.isfinite(ndvi) & (ndvi >= VEGETATED)
+        return float(np.median(ndvi[veg])) if veg.sum() >= 10 else np.nan
+
+    levels = [scene(look) for look in stack]
+    canopy = np.nanpercentile(levels, 90) if np.isfinite(levels).any() else np.nan
+    level_now = scene(ndvi_a)
+    out = np.zeros(ndvi_a.shape, bool)
+    # Only on green-up dates (the forest round it still below its summer canopy): in full leaf a pixel
+    # behind the forest is a pixel without its canopy, whatever it did in spring.
+    if not level_now <= canopy - GREEN_UP_GAP:
+        return out
+    now = ndvi_a - level_now
+    doy = after_at.timetuple().tm_yday
+    for k, day in enumerate(dates):
+        gap = abs(day.timetuple().tm_yday - doy)
+        if (after_at - day).days < 300 or min(gap, 365 - gap) > LAG_WINDOW_DAYS or \
+                not levels[k] <= canopy - GREEN_UP_GAP:
+            continue
+        later = [j for j, d in enumerate(dates) if 0 < (d - day).days <= LAG_RECOVERY_DAYS]
+        if not later:
+            continue
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # all-NaN pixels: no look in the recovery window
+            recovered = np.nanmax(stack[later], axis=0) >= EXPECTED_FOREST
+            then = stack[k] - levels[k]
+            out |= (now <= -MIN_LAG) & (then <= -MIN_LAG) & (then <= LAG_SHARE * now) & recovered
+    return out
+
+
 def _history_stack(past: list[SceneRef], window: Grid, buffer_px: int) -> tuple[np.ndarray | None, list[SceneRef]]:
     """(T, H, W) NDVI of the history scenes that could be read, and those scenes."""
     looks, looked = [], []
@@ -241,6 +293,7 @@ def screen(regions: list[Region], grid: Grid, before: SceneRef, after: SceneRef,
     vegetated = aoi & np.isfinite(d_ndvi) & (ndvi_b >= VEGETATED)
     scene_d = float(np.median(d_ndvi[vegetated])) if vegetated.any() else 0.0
     pred_a = pred_b = rmse = None
+    late_leafing = np.zeros(aoi.shape, bool)
     offset = 0.0
     if use_model:
         (pred_a, pred_b), rmse, _ = harmonic_fit(stack, [s.acquired_at for s in past],
@@ -248,6 +301,7 @@ def screen(regions: list[Region], grid: Grid, before: SceneRef, after: SceneRef,
         res = ndvi_a - pred_a
         ok = aoi & np.isfinite(res) & (pred_a >= VEGETATED)
         offset = float(np.median(res[ok])) if ok.any() else 0.0
+        late_leafing = own_spring_lag(stack, [s.acquired_at for s in past], after.acquired_at, ndvi_a, aoi)
         common.update(method="nrt CCDC harmonic (order 2, RIRLS), 3 × RMSE", scene_offset=round(offset, 3))
     else:
         why = ("window too large for the model" if not small else
@@ -275,6 +329,8 @@ def screen(regions: list[Region], grid: Grid, before: SceneRef, after: SceneRef,
         if pred_a is not None:
             modelled = inside & np.isfinite(pred_a) & np.isfinite(rmse)
             model_departs = sign * (ndvi_a - pred_a - offset) >= limit
+            if sign < 0:  # a stand that leafs out late every spring is the season, not a loss
+                model_departs &= ~late_leafing
             # Pixels the model cannot judge (too few looks of their own) keep the fallback's answer.
             departs = np.where(modelled, model_departs, departs)
             if modelled.any():
@@ -309,7 +365,8 @@ def screen(regions: list[Region], grid: Grid, before: SceneRef, after: SceneRef,
     if pred_a is not None and not any(v.verdict == ATMOSPHERIC for v in out):
         with np.errstate(invalid="ignore"):
             lost = (aoi & np.isfinite(ndvi_a) & np.isfinite(pred_a) & (pred_a >= EXPECTED_FOREST)
-                    & (ndvi_a - pred_a - offset <= -limit) & (ndvi_a <= FOUND_MAX_NDVI) & looks_bare)
+                    & (ndvi_a - pred_a - offset <= -limit) & (ndvi_a <= FOUND_MAX_NDVI) & looks_bare
+                    & ~late_leafing)
         taken = [r.geom_utm for r, v in zip(regions, out, strict=True)
                  if v.verdict == DEPARTURE and NDVI_CLASSES.get(r.change_class) == -1]
         if taken:

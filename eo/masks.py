@@ -13,6 +13,8 @@ anything is compared.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # SCL classes counted as clear: vegetation, not vegetated, water, unclassified. Dark areas (2) are left
@@ -37,28 +39,42 @@ QA_NOT_CLEAR = QA_FILL | QA_CLOUDY | QA_SNOW
 
 
 def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Binary dilation of ``mask`` by a disk of ``radius`` pixels (shifted ORs; no scipy needed).
+    """Binary dilation of ``mask`` by a disk of ``radius`` pixels (pixels within ``radius`` of a set pixel,
+    Euclidean, centre to centre; numpy only).
 
-    Cost is one OR per offset in the disk (29 for radius 3), each over the whole array: cheap next to
-    reading the pixels.
+    The disk is taken row by row: a row ``dy`` from the centre reaches ``w(dy) = floor(sqrt(r² − dy²))``
+    columns either side. So the mask is first dilated along rows once per distinct half-width (each wider
+    one grown from the narrower), then the row-dilated masks are ORed in at their row offsets: 12 array
+    ORs for radius 3 instead of the 28 of one shifted OR per disk offset, and the same pixels.
     """
     if radius <= 0 or not mask.any():
         return mask.copy()
     height, width = mask.shape
-    out = mask.copy()
-    for dy in range(-radius, radius + 1):
-        for dx in range(-radius, radius + 1):
-            if (dy == 0 and dx == 0) or dy * dy + dx * dx > radius * radius:
-                continue
-            # out[y, x] |= mask[y - dy, x - dx] for every in-bounds pixel.
-            ys, yd = _shift(dy, height)
-            xs, xd = _shift(dx, width)
-            out[yd, xd] |= mask[ys, xs]
+    halves = [math.isqrt(radius * radius - dy * dy) for dy in range(radius + 1)]
+    rows: dict[int, np.ndarray] = {0: mask}
+    grown, reach = mask, 0
+    for w in sorted(set(halves)):
+        if w == 0:
+            continue
+        grown = grown.copy()
+        for dx in range(reach + 1, w + 1):  # grown = source ORed with its shifts up to ±w
+            for d in (dx, -dx):
+                xs, xd = _shift(d, width)
+                grown[:, xd] |= mask[:, xs]
+        rows[w], reach = grown, w
+    out = rows[halves[0]].copy()
+    for dy in range(1, radius + 1):
+        band = rows[halves[dy]]
+        for d in (dy, -dy):
+            ys, yd = _shift(d, height)
+            out[yd] |= band[ys]
     return out
 
 
 def _shift(d: int, n: int) -> tuple[slice, slice]:
-    """(source, destination) slices of a shift by ``d`` along an axis of length ``n``."""
+    """(source, destination) slices of a shift by ``d`` along an axis of length ``n`` (empty when |d| ≥ n)."""
+    if abs(d) >= n:
+        return slice(0, 0), slice(0, 0)
     if d >= 0:
         return slice(0, n - d), slice(d, n)
     return slice(-d, n), slice(0, n + d)
@@ -101,8 +117,11 @@ HOT_INTERCEPT = 0.08
 
 def haze_mask(blue: np.ndarray, red: np.ndarray, buffer_px: int) -> np.ndarray:
     """True where a pixel looks like haze or cloud (HOT > 0), buffered like SCL clouds. NaN never flags."""
-    hot = blue - HOT_SLOPE * red - HOT_INTERCEPT
-    return dilate(np.nan_to_num(hot, nan=-1.0) > 0, buffer_px)
+    # blue − 0.5·red − 0.08 in the same order and dtype, without the temporaries; NaN > 0 is False.
+    hot = np.multiply(red, HOT_SLOPE)
+    np.subtract(blue, hot, out=hot)
+    hot -= HOT_INTERCEPT
+    return dilate(hot > 0, buffer_px)
 
 
 #: Mask asset keys (logical band names) with a clear-pixel rule, in order of preference.

@@ -175,8 +175,12 @@ def reflectance_rule(processing_baseline: str | None, asset: Mapping[str, Any]) 
 
 def to_reflectance(dn: np.ma.MaskedArray, rule: ReflectanceRule) -> np.ndarray:
     """float32 reflectance of ``dn`` (any shape); masked (no-data) pixels become NaN."""
-    out = dn.data.astype(np.float32) * np.float32(rule.scale) + np.float32(rule.offset)
-    out[np.ma.getmaskarray(dn)] = np.nan
+    # In place on the one float32 copy (the same operations in the same order: the same values).
+    out = dn.data.astype(np.float32)
+    out *= np.float32(rule.scale)
+    out += np.float32(rule.offset)
+    if np.ma.is_masked(dn):
+        np.copyto(out, np.float32(np.nan), where=np.ma.getmaskarray(dn))
     return out
 
 

@@ -105,8 +105,9 @@ class SpectralResult:
 
 def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = (a - b) / (a + b)
-    out[~np.isfinite(out)] = np.nan
+        out = np.subtract(a, b)
+        np.divide(out, np.add(a, b), out=out)
+    np.copyto(out, np.float32(np.nan) if out.dtype == np.float32 else np.nan, where=~np.isfinite(out))
     return out
 
 
@@ -223,6 +224,7 @@ class SpectralAccumulator:
         self.border: list[Fragment] = []
         self.dropped = 0
         self._order = 0
+        self._floor = 0  # whole fragments of at most this many pixels cannot be kept (_keep_best_whole)
         # The fewest pixels of a kept region: the same test as ``pixels * ha_per_px < min_ha`` in finish().
         ha_per_px = grid.pixel_area_m2 / 10_000.0
         self.min_pixels = max(0, math.floor(min_mapping_unit_ha / ha_per_px) - 1)
@@ -235,19 +237,21 @@ class SpectralAccumulator:
         valid = block.valid
         class_map, masks = classify(idx_b, idx_a, valid, t)
         d_ndvi = idx_a["ndvi"] - idx_b["ndvi"]
+        per_class = np.bincount(class_map.ravel(), minlength=len(CLASS_ORDER) + 1)  # one pass, not one per class
         for name in CLASS_ORDER:
             if masks[name] is None:
                 self.available[name] = False
             else:
-                self.class_pixels[name] += int((class_map == CLASS_CODES[name]).sum())
-        self.changed_all += int((class_map > 0).sum())
+                self.class_pixels[name] += int(per_class[CLASS_CODES[name]])
+        changed = int(per_class[1:].sum())
+        self.changed_all += changed
         self.valid += int(valid.sum())
         for key in ("ndvi", "ndwi", "ndbi"):
             before, after = idx_b[key], idx_a[key]
             if before is None or after is None:
                 self.index_available[key] = False
                 continue
-            diff = (after - before)[valid]
+            diff = (d_ndvi if key == "ndvi" else after - before)[valid]
             diff = diff[np.isfinite(diff)]
             self.d_sum[key] += float(diff.sum(dtype=np.float64))
             self.d_count[key] += int(diff.size)
@@ -258,17 +262,16 @@ class SpectralAccumulator:
             self.ndvi_count[label] += int(values.size)
 
         rows, cols = block.block.rows, block.block.cols
-        chip_local = np.full(valid.shape, -1, dtype=np.int64)
+        chip_local = np.full(valid.shape, -1, dtype=np.int32)
         chip_ids = []
         for chip in self.survey.chips:
             if rows.start <= chip.row < rows.stop and cols.start <= chip.col < cols.stop:
                 r, c = chip.row - rows.start, chip.col - cols.start
                 chip_local[r:r + chip.height, c:c + chip.width] = len(chip_ids)
                 chip_ids.append(chip.index)
-        if chip_ids:
-            counts = np.bincount(chip_local[valid & (chip_local >= 0)], minlength=len(chip_ids))
-            self.chip_valid[chip_ids] += counts[:len(chip_ids)]
-        if not (class_map > 0).any():
+                # Valid pixels per chip: a count over the chip's window (cheaper than a bincount of the block).
+                self.chip_valid[chip.index] += int(np.count_nonzero(valid[r:r + chip.height, c:c + chip.width]))
+        if not changed:
             return
         (r0, r1), (c0, c1) = self.survey.rows, self.survey.cols
         sector_r = np.clip(((np.arange(rows.start, rows.stop) - r0) * 3) // max(r1 - r0, 1), 0, 2)
@@ -278,11 +281,28 @@ class SpectralAccumulator:
             bare = valid & (idx_b["ndvi"] >= t.vegetated_ndvi) & (idx_a["ndvi"] < t.bare_ndvi)
         edges = (rows.start > 0, rows.stop < self.grid.height, cols.start > 0, cols.stop < self.grid.width)
         found = block_fragments(class_map, d_ndvi, bare, chip_local, chip_ids, sector, block.grid.transform, edges,
-                                self._order, before=idx_b, min_pixels=self.min_pixels)
+                                self._order, before=idx_b, min_pixels=max(self.min_pixels, self._floor + 1))
         self._order += found.count
         self.dropped += found.dropped
         for fragment in found.fragments:
             (self.border if fragment.border else self.whole).append(fragment)
+        self._keep_best_whole()
+
+    def _keep_best_whole(self) -> None:
+        """Keep only the :data:`MAX_REGIONS` best whole fragments (most pixels, then first found).
+
+        A whole fragment is final, so one ranked below that many others can never be among the regions
+        :meth:`finish` keeps: it is counted as dropped now (as finish would count it over the cap) and its
+        geometry freed, and any later whole fragment no larger than the last one kept (which ranks after it:
+        found later) is not even vectorised (``self._floor``). Same regions and dropped count as keeping
+        all; on a pair with thousands of regions, most of the vectorisation is skipped.
+        """
+        if len(self.whole) <= MAX_REGIONS:
+            return
+        self.whole.sort(key=lambda f: (-f.pixels, f.order))
+        self.dropped += len(self.whole) - MAX_REGIONS
+        del self.whole[MAX_REGIONS:]
+        self._floor = self.whole[-1].pixels
 
     def finish(self, facts: PairFacts) -> SpectralResult:
         grid, t = self.grid, self.t

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -57,7 +57,9 @@ warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module="rast
 REQUIRED_BANDS = ("red", "nir")
 OPTIONAL_BANDS = ("blue", "green", "swir16")
 # Parallel band reads: GDAL releases the GIL while it waits on HTTP, and each read is a few requests.
-READ_THREADS = 4
+# Enough for every read of a block at once (the masks and up to five bands of both scenes): on a shared
+# 2-core machine the reads wait on the server far more than they compute.
+READ_THREADS = 12
 # Block side (pixels, rounded to whole chips): 1536 px = 15.4 km at 10 m, 2.4 M pixels; both scenes' bands
 # and the indices of one block stay within a few hundred MB whatever the area's size.
 BLOCK_PX = 1536
@@ -366,18 +368,27 @@ def read_block_masks(grid: Grid, block: Block, before: SceneRef, after: SceneRef
     return aoi, clear_b, clear_a, counts
 
 
+def start_band_reads(grid: Grid, block: Block, before: SceneRef, after: SceneRef, bands: list[str],
+                     pool: ThreadPoolExecutor, session: CogSession | None = None) -> list[Future]:
+    """The DN reads of ``bands`` of both scenes over the block's halo'd window, submitted to ``pool``
+    (before's bands, then after's): :func:`read_block`'s ``dns``, started while the masks are read."""
+    read_grid = grid.window(*block.read_window(grid))
+    return [pool.submit(read_band, s, b, read_grid, session=session) for s in (before, after) for b in bands]
+
+
 def read_block(grid: Grid, block: Block, before: SceneRef, after: SceneRef, bands: list[str],
                settings: AnalysisSettings, pool: ThreadPoolExecutor,
                masks: tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]],
-               session: CogSession | None = None) -> BlockPair:
+               session: CogSession | None = None, dns: list[Future] | None = None) -> BlockPair:
     """Reflectance of ``bands`` for both scenes over the block, the haze test on what the cloud masks
     missed, and the valid mask. ``masks`` is :func:`read_block_masks`' answer for this block; ``session``:
-    see :func:`read_band`."""
+    see :func:`read_band`; ``dns``: :func:`start_band_reads` of this block, when already started."""
     aoi, clear_b, clear_a, counts = masks
-    read_grid = grid.window(*block.read_window(grid))
     inner = block.inner(grid)
     jobs = [(s, b) for s in (before, after) for b in bands]
-    dns = list(pool.map(lambda sb: read_band(sb[0], sb[1], read_grid, session=session), jobs))
+    if dns is None:
+        dns = start_band_reads(grid, block, before, after, bands, pool, session)
+    dns = [f.result() for f in dns]
     counts = dict(counts)
     # The metadata's rule against the clear red DNs (cloud-masked, before the haze test), counted here and
     # judged over the whole area by the caller (eo.radiometry.check_pixel_counts).

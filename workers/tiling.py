@@ -60,6 +60,7 @@ from workers.raster import (
     read_block_masks,
     read_rgb,
     rule_of,
+    start_band_reads,
     survey,
 )
 from workers.spectral import CLASS_CODES, PairFacts, SpectralAccumulator, SpectralResult
@@ -171,10 +172,13 @@ def _analyse(grid: Grid, plan: Survey, bands: list[str], notes: list[str], befor
 
     def read(block, pool: ThreadPoolExecutor) -> BlockPair:
         # Blocks without AOI pixels are read too: the thumbnails show the area in its surroundings.
+        # One block: the exact screen decides before any reflectance is fetched. Several: the coarse screen
+        # has decided, so the bands are fetched while the masks are.
+        dns = start_band_reads(grid, block, before, after, bands, pool, cogs) if len(plan.blocks) > 1 else None
         masks = read_block_masks(grid, block, before, after, settings.cloud_buffer_px, pool, cogs)
-        if len(plan.blocks) == 1:  # one read: the exact screen before any reflectance is fetched
+        if dns is None:
             _screen(masks[3], aoi_pixels, settings)
-        return read_block(grid, block, before, after, bands, settings, pool, masks, cogs)
+        return read_block(grid, block, before, after, bands, settings, pool, masks, cogs, dns)
 
     # The next block is read while this one is analysed (one block ahead: reading waits on the COG server,
     # the analysis on the CPU; two blocks in memory at most).

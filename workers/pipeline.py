@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -261,9 +262,15 @@ def thumbnails(pair: PreparedPair, result: spectral.SpectralResult) -> dict[str,
     legend = [mapframe.LegendEntry(render.CLASS_COLOURS[code], label(name))
               for name, code in spectral.CLASS_CODES.items() if (codes == code).any()]
     pixel_m, outline = thumbs.grid.pixel_size, mapframe.outline_for(thumbs.aoi)
-    return {role: render.encode_png(mapframe.frame(rgb8, aoi=thumbs.aoi, pixel_m=pixel_m, legend=entries,
-                                                   outline=outline))
-            for role, rgb8, entries in (("before", img_b, []), ("after", img_a, []), ("overlay", tinted, legend))}
+
+    def framed(job: tuple[str, np.ndarray, list]) -> tuple[str, render.Png]:
+        role, rgb8, entries = job
+        return role, render.encode_png(mapframe.frame(rgb8, aoi=thumbs.aoi, pixel_m=pixel_m, legend=entries,
+                                                      outline=outline))
+
+    # The three encodes at once: Pillow's zlib encoder releases the GIL (same bytes, one image per thread).
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="png") as pool:
+        return dict(pool.map(framed, (("before", img_b, []), ("after", img_a, []), ("overlay", tinted, legend))))
 
 
 def clear_history(session: Any, ctx: AnalysisContext, settings: Settings) -> list[SceneRef]:

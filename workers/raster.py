@@ -33,13 +33,14 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
+import shapely
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.features import geometry_mask
 from rasterio.warp import transform_geom
-from shapely.geometry import mapping, shape
+from shapely.geometry import box, mapping, shape
 from shapely.geometry.base import BaseGeometry
 
 from core.config import AnalysisSettings, CatalogueSettings
@@ -117,7 +118,16 @@ class Grid:
                     self.geom, self.all_touched)
 
     def aoi(self) -> np.ndarray:
-        """bool (H, W): pixel centre inside the area polygon (or touching it, for sub-pixel areas)."""
+        """bool (H, W): pixel centre inside the area polygon (or touching it, for sub-pixel areas).
+
+        A window wholly inside the area's interior is all True and one that does not touch it all False,
+        without rasterising (most blocks of a large area; 6.5 ms per 1536 px block otherwise)."""
+        left, bottom, right, top = self.bounds
+        window = box(left, bottom, right, top)
+        if shapely.contains_properly(self.geom, window):
+            return np.ones((self.height, self.width), dtype=bool)
+        if not shapely.intersects(self.geom, window):
+            return np.zeros((self.height, self.width), dtype=bool)
         return geometry_mask([mapping(self.geom)], out_shape=(self.height, self.width), transform=self.transform,
                              invert=True, all_touched=self.all_touched)
 

@@ -15,9 +15,10 @@
    merged across block edges, and the thumbnails, video frames and model chips come from the canvas or
    from small window reads — never from a full-area array.
 
-The next block is read while one is analysed. Peak memory is two blocks of both scenes (peak RSS 0.64 GB
-on bench_pipeline's 1,000 km² pair at the default 1536 px, 0.55 GB one block at a time) plus the thumbnail
-canvas, the regions and GDAL's block cache (capped at :data:`eo.cog.BLOCK_CACHE_BYTES`). Every asset is
+The next block is read while one is analysed (all its band reads at once). Peak memory is two blocks of
+both scenes plus the thumbnail canvas, the regions (at most :data:`workers.spectral.MAX_REGIONS` whole ones
+held) and GDAL's block cache (capped at :data:`eo.cog.BLOCK_CACHE_BYTES`): peak RSS 0.73 GB on
+bench_pipeline's 1,000 km² pair at the default 1536 px, 0.88 GB at 10,000 km². Every asset is
 opened once for the pair (:class:`eo.cog.CogSession`), so the tiles a block's halo shares with the blocks
 read before it come from that cache instead of being fetched and decoded again.
 """

@@ -136,6 +136,8 @@ def process_pending(settings: Settings, *, area_ids: Iterable[int] | None = None
     stats.observations = stats.cloudy + stats.partial + stats.failed
     groups: dict[int, list[int]] = {}
     with session_scope(settings) as session:
+        refresh_statistics(session)
+    with session_scope(settings) as session:
         rows = session.execute(_READY.bindparams(areas=area_ids) if area_ids is not None else _READY_ALL)
         for row in rows:
             groups.setdefault(row.acquisition_id, []).append(row.area_id)
@@ -164,6 +166,33 @@ def process_pending(settings: Settings, *, area_ids: Iterable[int] | None = None
                     f" of which {stats.gave_up} given up" if stats.gave_up else "", stats.analyses_created,
                     stats.no_before, stats.granule_reads)
     return stats
+
+
+# Tables whose row estimates the pairing queries' plans hang on, and when their statistics are refreshed here:
+# never analysed, or more rows changed since the last ANALYZE than this share of the table (plus a floor).
+# A poll adds thousands of rows and the workers then fill them in, faster than autovacuum re-analyses (at
+# best every minute, later on a busy machine): planned on a never-analysed observations table, the candidates
+# query probed the primary key once per (area, earlier acquisition) pair and one pass took 135 s for 5,500
+# rows (bench_pairing's Europe cycle; 0.3 s analysed).
+STATISTICS_TABLES = ("observations", "acquisitions")
+STALE_SHARE = 0.2
+STALE_ROWS = 1000
+_STALE = text("""
+    SELECT c.relname FROM pg_class c JOIN pg_stat_user_tables t ON t.relid = c.oid
+     WHERE c.relname = ANY(:tables) AND t.schemaname = current_schema()
+       AND (c.reltuples < 0 OR t.n_mod_since_analyze > :share * c.reltuples + :floor)
+     ORDER BY c.relname""")
+
+
+def refresh_statistics(session: Any) -> list[str]:
+    """ANALYZE the tables of :data:`STATISTICS_TABLES` whose statistics are missing or stale; returns their names.
+    ANALYZE samples a fixed number of rows (~30,000), so it costs about the same at any table size."""
+    stale = [r.relname for r in session.execute(_STALE, {"tables": list(STATISTICS_TABLES), "share": STALE_SHARE,
+                                                          "floor": STALE_ROWS})]
+    for name in stale:
+        if name in STATISTICS_TABLES:  # a known name, never text from outside
+            session.execute(text(f"ANALYZE {name}"))
+    return stale
 
 
 # Computed clear rows whose earlier acquisitions of the area are all computed, oldest acquisition first. The

@@ -261,3 +261,52 @@ def test_one_acquisition_that_cannot_be_paired_does_not_hold_back_the_others_of_
     assert again.analyses_created == 1
     assert pairs(area)["2020-08-29"][0] == "2020-08-04"
     assert observations(area)["2020-08-29"][0] == "clear"
+
+
+def _reltuples() -> dict[str, float]:
+    with session_scope(get_settings()) as session:
+        return dict(session.execute(text("SELECT relname, reltuples FROM pg_class WHERE relname IN "
+                                         "('observations', 'acquisitions')")).all())
+
+
+def test_pairing_analyses_the_observation_tables_when_their_statistics_are_missing_or_stale(db):
+    """A poll adds thousands of observation rows and the workers fill them in faster than autovacuum analyses
+    them; pairing's plans need the row counts: it ANALYZEs a table never analysed or changed by more than
+    STALE_SHARE of its rows (plus STALE_ROWS) since, and leaves one that is not."""
+    from geoalchemy2.shape import from_shape
+    from shapely.geometry import MultiPolygon, box
+
+    from core.models import Area
+    from monitor.pairing import STALE_ROWS, STALE_SHARE, refresh_statistics
+
+    with session_scope(get_settings()) as session:
+        session.execute(text("TRUNCATE observations, acquisitions, areas RESTART IDENTITY CASCADE"))
+    assert _reltuples() == {"observations": -1.0, "acquisitions": -1.0}  # TRUNCATE forgets the statistics
+    with session_scope(get_settings()) as session:
+        session.add_all(Area(name=f"a{i}", geom=from_shape(MultiPolygon([box(i, 0, i + 0.01, 0.01)]), srid=4326),
+                             area_km2=1.0, collections=["c"], max_cloud_cover=80.0, min_clear_fraction=0.5,
+                             recipients=[], questions=[], properties={}) for i in range(50))
+        session.add_all(Acquisition(key=f"sentinel-2b|{k}", platform="sentinel-2b",
+                                    sensed_at=NOW - timedelta(days=5 * k)) for k in range(40))
+    _changed("INSERT INTO observations (area_id, acquisition_id, status) "
+             "SELECT a.id, q.id, 'pending' FROM areas a CROSS JOIN acquisitions q")
+    with session_scope(get_settings()) as session:
+        assert refresh_statistics(session) == ["acquisitions", "observations"]
+    assert _reltuples() == {"observations": 2000.0, "acquisitions": 40.0}
+    # Changed rows up to the threshold (0.2 * 2000 + 1000 = 1400) leave the statistics alone; beyond, ANALYZE.
+    assert STALE_SHARE * 2000 + STALE_ROWS == 1400
+    _changed("UPDATE observations SET computed_at = now() WHERE area_id <= 25")  # 1,000 rows
+    with session_scope(get_settings()) as session:
+        assert refresh_statistics(session) == []
+    _changed("UPDATE observations SET computed_at = now() WHERE area_id > 37")  # 500 more
+    with session_scope(get_settings()) as session:
+        assert refresh_statistics(session) == ["observations"]
+    with session_scope(get_settings()) as session:
+        assert refresh_statistics(session) == []
+
+
+def _changed(sql: str) -> None:
+    """Run ``sql`` and have its row counts reach the statistics views when it commits (they are sent lazily)."""
+    with session_scope(get_settings()) as session:
+        session.execute(text(sql))
+        session.execute(text("SELECT pg_stat_force_next_flush()"))

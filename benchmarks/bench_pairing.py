@@ -17,7 +17,10 @@ cycle for 10,000 areas spread over Europe, on loopback (local STAC API, COGs ove
    redis-server), and pairs what they computed, in a loop, until no observation is left pending (the last
    observation/analysis row written). Baseline arm, same run: ``--baseline-rev``'s (main before the workers
    took the observations) in-process ``process_pending`` on a copy of the polled database; both arms must
-   settle the same observations and create the same analyses.
+   settle the same observations and create the same analyses. ``--compare-rev REV``: first the same cycle with
+   REV's workers and pairing loop (a process each, REV's packages on the path) on another copy of the polled
+   database, then this code's; the md5 of every observation and analysis must agree between the two, and
+   ``workers_speedup`` gives the ratio with the load average.
 
 Run: ``.venv/bin/python benchmarks/bench_pairing.py [--areas 10000] [--per-area-sample 1000] [--workers 2]``.
 The last line is ``shared_speedup: <per-area seconds / shared seconds>``; the Europe part ends with
@@ -33,9 +36,7 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 import numpy as np
 import rasterio
 from affine import Affine
+from bench_pairing_workers import cycle_with_workers, export_code, outcome_digest
 from bench_polling import EUROPE, generate_areas  # one area generator for both benchmarks
 from geoalchemy2.shape import from_shape
 from rasterio.warp import transform_geom
@@ -159,7 +161,7 @@ def write_sparse_scl(path: Path, epsg: int, bounds: tuple[float, float, float, f
 
 
 def europe(cogs_root: Path, n: int, rng: random.Random, nprng: np.random.Generator, workers: int = 2,
-           baseline_rev: str | None = BASELINE_REV) -> None:
+           baseline_rev: str | None = BASELINE_REV, compare_rev: str | None = None) -> None:
     """Part 2: one poll + pairing cycle over Europe: observations by ``workers`` Celery worker processes, and
     (``baseline_rev``) the same pairing by that revision's in-process code on a copy of the polled database."""
     app_url = dbadmin.create_scratch_database(ADMIN_URL, "unirs_bench_pairing")
@@ -255,12 +257,43 @@ def europe(cogs_root: Path, n: int, rng: random.Random, nprng: np.random.Generat
         reset_engines()  # the baseline's copy is made from this database: no connection may stay open
         time.sleep(1)
         copy_url = clone_database(app_url) if baseline_rev else None
+        compare_url = clone_database(app_url, "compare") if compare_rev else None
         print(f"{'arm':<34}{'observations':>13}{'clear':>7}{'window reads':>13}{'files opened':>13}"
               f"{'COG requests':>13}{'analyses':>9}{'seconds':>9}")
-        after = cycle_with_workers(settings, cogs, workers)
-        print(f"{f'after: {workers} cpu worker processes':<34}{after['observations']:>13}{after['clear']:>7}"
-              f"{after['reads']:>13}{after['opens']:>13}{after['requests']:>13}{after['analyses']:>9}"
-              f"{after['seconds']:>9.1f}")
+        arms: list[tuple[str, Settings, Path]] = [(f"after: {workers} cpu worker processes", settings, REPO)]
+        code_dir = None
+        if compare_url is not None:
+            code_dir = Path(tempfile.mkdtemp(prefix="bench-pairing-code-"))
+            export_code(compare_rev, code_dir)
+            compare = settings.model_copy(update={"database_url": dbadmin.sqlalchemy_url(compare_url)})
+            arms.insert(0, (f"workers at {compare_rev}", compare, code_dir))  # the old code first: no warm-up gift
+        results = {}
+        try:
+            for label, arm_settings, code in arms:
+                results[label] = cycle_with_workers(arm_settings, cogs, workers, code)
+                r = results[label]
+                r["digest"] = outcome_digest(arm_settings)
+                print(f"{label:<34}{r['observations']:>13}{r['clear']:>7}{r['reads']:>13}{r['opens']:>13}"
+                      f"{r['requests']:>13}{r['analyses']:>9}{r['seconds']:>9.1f}")
+                print(f"  md5 of observations {r['digest'][0]}, of analyses {r['digest'][1]}")
+        finally:
+            if compare_url is not None:
+                from core.db import reset_engines
+
+                reset_engines()
+                dbadmin.drop_database(compare_url)
+            if code_dir is not None:
+                shutil.rmtree(code_dir, ignore_errors=True)
+        after = results[arms[-1][0]]
+        if compare_url is not None:
+            old = results[arms[0][0]]
+            if old["digest"] != after["digest"]:
+                raise SystemExit(f"workers at {compare_rev} and this code settled different observations or "
+                                 "created different analyses")
+            print(f"workers_speedup: {old['seconds'] / after['seconds']:.2f} (observations and pairing, workers at "
+                  f"{compare_rev} {old['seconds']:.1f} s -> this code {after['seconds']:.1f} s, same run and data; "
+                  f"full cycle {poll_seconds + old['seconds']:.1f} -> {poll_seconds + after['seconds']:.1f} s; "
+                  f"load average {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f} {os.getloadavg()[2]:.1f})")
         if copy_url is not None:
             try:
                 before = baseline_cycle(copy_url, catalogue, cogs, baseline_rev)
@@ -285,141 +318,18 @@ def europe(cogs_root: Path, n: int, rng: random.Random, nprng: np.random.Generat
         dbadmin.drop_database(stac_dsn)
 
 
-def clone_database(dsn: str) -> str:
+def clone_database(dsn: str, suffix: str = "copy") -> str:
     """A copy of the database (``CREATE DATABASE … TEMPLATE``; nobody may be connected to it)."""
     import psycopg
 
     source = dbadmin.dbname(dsn)
-    name = f"{source}_copy"
+    name = f"{source}_{suffix}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
         # Idle pooled connections of this process (this scratch database is ours alone) would block the copy.
         conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
                      "AND pid <> pg_backend_pid()", [source])
         conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{source}"')
     return dbadmin.with_dbname(dsn, name)
-
-
-class PrivateBroker:
-    """A redis-server of our own on a free loopback port: the shared broker's ``cpu`` queue has other consumers."""
-
-    def __init__(self, workdir: Path):
-        self.port = localstac.free_port()
-        self.proc = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        import redis
-
-        for _ in range(200):
-            try:
-                if redis.Redis.from_url(self.url, socket_timeout=1).ping():
-                    return
-            except redis.RedisError:
-                time.sleep(0.1)
-        raise SystemExit("redis-server did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
-def start_workers(count: int, settings: Settings, workdir: Path) -> list[subprocess.Popen]:
-    """``count`` Celery worker programs (one pool process each) on the ``cpu`` queue; returns once all are ready."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIRS_")}
-    env.update({"UNIRS_DATABASE_URL": settings.database_url, "UNIRS_BROKER_URL": settings.broker_url,
-                "UNIRS_CATALOGUES": json.dumps([c.model_dump(mode="json") for c in settings.catalogues]),
-                "UNIRS_LOG_LEVEL": "INFO", "PYTHONPATH": str(REPO)})
-    procs, logs = [], []
-    for k in range(count):
-        log = workdir / f"worker-{k}.log"
-        logs.append(log)
-        with open(log, "ab") as out:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--queues", "cpu",
-                 "--concurrency", "1", "--loglevel", "INFO", "-n", f"bench-{k}-{os.getpid()}@%h", "--without-gossip",
-                 "--without-mingle", "--without-heartbeat"],
-                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True))
-    deadline = time.monotonic() + 300
-    while not all(" ready." in log.read_text(errors="replace") for log in logs if log.exists()) or \
-            not all(log.exists() for log in logs):
-        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-            raise SystemExit(f"workers did not start; see {workdir}")
-        time.sleep(0.2)
-    return procs
-
-
-def cycle_with_workers(settings: Settings, cogs: localstac.CogServer, count: int) -> dict[str, float]:
-    """Observations by ``count`` real worker processes, pairing here in a loop, as the scheduler's jobs do;
-    timed from the first dispatch until no observation is left pending (the last row written)."""
-    from monitor.observations import celery_sender
-    from monitor.pairing import process_pending
-
-    workdir = Path(tempfile.mkdtemp(prefix="bench-pairing-workers-"))
-    broker = PrivateBroker(workdir)
-    settings = settings.model_copy(update={"broker_url": broker.url})
-    procs: list[subprocess.Popen] = []
-    try:
-        procs = start_workers(count, settings, workdir)
-        send = celery_sender(settings)
-        cogs.reset_stats()
-        analyses = 0
-        observed_at = None
-        t0 = time.monotonic()
-        passes, in_passes, longest = 0, 0.0, 0.0
-        while True:
-            t1 = time.monotonic()
-            analyses += process_pending(settings, send_observations=send).analyses_created
-            took = time.monotonic() - t1
-            passes, in_passes, longest = passes + 1, in_passes + took, max(longest, took)
-            uncomputed, pending = pending_observations(settings)
-            if observed_at is None and not uncomputed:
-                observed_at = time.monotonic() - t0
-            if not pending:
-                break
-            time.sleep(0.25)
-        seconds = time.monotonic() - t0
-        requests = cogs.stats()["requests"]
-        by_status = observation_counts(settings)
-    finally:
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            proc.wait(60)
-        broker.stop()
-    reads = opens = busy = 0.0
-    for log in workdir.glob("worker-*.log"):
-        content = log.read_text(errors="replace")
-        for m in re.finditer(r"(\d+) granule windows read from (\d+) files", content):
-            reads, opens = reads + int(m[1]), opens + int(m[2])
-        busy += sum(float(m[1]) for m in re.finditer(r"unirs\.observe\[[^]]+\] succeeded in ([0-9.]+)s", content))
-    shutil.rmtree(workdir, ignore_errors=True)
-    print(f"  workers: every observation computed {observed_at:.1f} s after the first dispatch, the last pairing "
-          f"{seconds:.1f} s; tasks ran {busy:.1f} worker-seconds in all; {passes} dispatch + pairing passes here took "
-          f"{in_passes:.1f} s (longest {longest:.1f} s)")
-    return {"observations": sum(by_status.values()), "clear": by_status.get("clear", 0), "analyses": analyses,
-            "seconds": seconds, "requests": requests, "reads": int(reads), "opens": int(opens)}
-
-
-def pending_observations(settings: Settings) -> tuple[int, int]:
-    """(rows without fractions yet, rows still pending)."""
-    from sqlalchemy import text
-
-    from core.db import session_scope
-
-    with session_scope(settings) as session:
-        row = session.execute(text("SELECT count(*) FILTER (WHERE computed_at IS NULL), count(*) FROM observations "
-                                   "WHERE status = 'pending'")).one()
-    return int(row[0]), int(row[1])
-
-
-def observation_counts(settings: Settings) -> dict[str, int]:
-    from sqlalchemy import text
-
-    from core.db import session_scope
-
-    with session_scope(settings) as session:
-        return dict(session.execute(text("SELECT status::text, count(*) FROM observations GROUP BY 1")).all())
 
 
 BASELINE_SCRIPT = """
@@ -459,6 +369,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="Celery worker processes of the Europe cycle")
     parser.add_argument("--baseline-rev", default=BASELINE_REV,
                         help="git revision whose in-process pairing is the Europe baseline ('' = none)")
+    parser.add_argument("--compare-rev", default="",
+                        help="git revision whose worker code runs the same Europe cycle first, on a copy of the "
+                             "polled database (the before arm of a worker-side change; '' = none)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rng, nprng = random.Random(args.seed), np.random.default_rng(args.seed)
@@ -470,7 +383,7 @@ def main() -> int:
             with localstac.CogServer(root) as cogs:
                 shared_seconds, alone_seconds = one_scene(cogs, root, args.areas, args.per_area_sample, rng)
         if not args.skip_europe:
-            europe(root, args.areas, rng, nprng, args.workers, args.baseline_rev or None)
+            europe(root, args.areas, rng, nprng, args.workers, args.baseline_rev or None, args.compare_rev or None)
     if not args.skip_one_scene:
         print(f"shared_speedup: {alone_seconds / shared_seconds:.1f} (goal >= 15)")
     return 0

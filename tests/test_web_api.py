@@ -135,6 +135,10 @@ def test_observations_analyses_and_images(web_client, alice, web_db):
     png = web_client.get(detail["images"]["after"], headers=alice.auth())
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    # Stored without bounds (as before revision 0018): nothing to place on a map.
+    assert detail["placed_images"] == {}
+    fid = detail["images"]["after"].split("/")[3]
+    assert web_client.get(f"/api/findings/{fid}/placed/after.png", headers=alice.auth()).status_code == 404
     csv = web_client.get("/api/findings?format=csv", headers=alice.auth())
     assert csv.text.splitlines()[0].startswith("id,analysis_id,area,kind")
     assert len(csv.text.splitlines()) == 6

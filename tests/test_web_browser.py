@@ -66,6 +66,37 @@ def sample_world(web_db, worker_settings, cog_server, send_task, start_worker):
     return {"area_id": area_id, "analysis_id": analyses[0], "alice": alice}
 
 
+def _outline_on_the_boundary(png: bytes, bounds: list[list[float]], area_geom) -> None:
+    """The yellow outline pixels of a placed chip (RGBA, Web Mercator over ``bounds``) lie on the boundary of
+    ``area_geom`` (lon/lat), measured in metres on the area's UTM zone."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from pyproj import Transformer
+
+    from workers.mapframe import OUTLINE
+
+    rgba = np.asarray(Image.open(io.BytesIO(png)).convert("RGBA"))
+    rows, cols = np.nonzero((rgba[..., :3] == OUTLINE).all(axis=-1) & (rgba[..., 3] == 255))
+    assert rows.size > 100, "the chip must show the area outline"
+    (south, west), (north, east) = bounds
+    to_merc = Transformer.from_crs(4326, 3857, always_xy=True)
+    (x0, x1), (y0, y1) = to_merc.transform([west, east], [north, south])
+    h, w = rgba.shape[:2]
+    xs, ys = x0 + (cols + 0.5) * (x1 - x0) / w, y0 + (rows + 0.5) * (y1 - y0) / h
+    zone = 32600 + int((area_geom.centroid.x + 180) // 6) + 1
+    merc_to_utm = Transformer.from_crs(3857, zone, always_xy=True)
+    ux, uy = merc_to_utm.transform(xs, ys)
+    from shapely import distance, points, transform
+
+    boundary = transform(area_geom, Transformer.from_crs(4326, zone, always_xy=True).transform,
+                         interleaved=False).boundary
+    far = float(np.max(distance(boundary, points(ux, uy))))
+    warped_px = (x1 - x0) / w
+    assert far <= 10.0 + warped_px, f"outline pixels up to {far:.1f} m off the area's boundary"
+
+
 @pytest.fixture
 def browser():
     with playwright_api.sync_playwright() as p:
@@ -254,6 +285,29 @@ def test_a_person_logs_in_draws_an_area_and_compares_before_after(served_app, sa
     page.fill("#swipe-range", "80")
     assert page.locator("#swipe").get_attribute("data-split") == "80.0"
     shot(page, "6-analysis-overlay-80")
+
+    # The before/after chips lie on the map where they were imaged: the warped PNGs span exactly the bounds
+    # the page was given (Leaflet's own projection of them), and the area outline the worker drew into the
+    # chips falls on the area's boundary (within one 10 m thumbnail pixel plus one warped pixel: 10.9 m of
+    # 13.0 here; the unwarped chip stretched over the lat/lon box of its UTM corners is 18.3 m off).
+    page.wait_for_function("(imgs => imgs.length === 2 && imgs.every(i => i.complete && i.naturalWidth > 0))"
+                           "([...document.querySelectorAll('#map img.placed-before, #map img.placed-after')])")
+    placed = page.evaluate("JSON.parse(document.getElementById('page-data').textContent).placed")
+    assert sorted(placed) == ["after", "before"]
+    for role in ("before", "after"):
+        (south, west), (north, east) = placed[role]["bounds"]
+        drawn = page.locator(f"#map img.placed-{role}").bounding_box()
+        corners = page.evaluate("([s, w, n, e]) => { const m = document.getElementById('map').getBoundingClientRect();"
+                                " const p = window.unirs.map.latLngToContainerPoint([n, w]);"
+                                " const q = window.unirs.map.latLngToContainerPoint([s, e]);"
+                                " return [m.x + p.x, m.y + p.y, m.x + q.x, m.y + q.y]; }", [south, west, north, east])
+        assert [drawn["x"], drawn["y"], drawn["x"] + drawn["width"], drawn["y"] + drawn["height"]] == pytest.approx(
+            corners, abs=1.0)
+    assert page.locator("#map img.placed-before").evaluate("n => n.style.clipPath") == "inset(0px 20% 0px 0px)"
+    with session_scope(served_app.database_url) as session:
+        area_geom = to_shape(session.get(Area, area_id).geom)
+    _outline_on_the_boundary(page.request.get(url + placed["before"]["url"]).body(), placed["before"]["bounds"],
+                             area_geom)
 
     with session_scope(served_app.database_url) as session:
         regions = session.execute(select(Finding.change_class).where(

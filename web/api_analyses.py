@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from core.models import Analysis, Area, Finding, FindingImage
 from monitor import findings as fq
 from monitor.reports.context import load_analysis_report
+from web import placement
 from web.deps import DB, Principal, owned, owned_analysis, owned_area, owned_finding, principal
 
 router = APIRouter(prefix="/api", tags=["analyses and findings"])
@@ -63,8 +64,13 @@ def analysis(analysis_id: int, who: Principal = Depends(principal), session: Ses
     out = {k: v for k, v in dataclasses.asdict(report).items() if k not in {"images", "map_url"}}
     out["analysis"] = analysis_row(an)
     fid = image_finding(session, an.id)
-    roles = session.scalars(select(FindingImage.role).where(FindingImage.finding_id == fid)) if fid else []
-    out["images"] = {role: f"/api/findings/{fid}/images/{role}.png" for role in roles}
+    images = session.execute(select(FindingImage.role, FindingImage.width, FindingImage.bounds)
+                             .where(FindingImage.finding_id == fid)).all() if fid else []
+    out["images"] = {i.role: f"/api/findings/{fid}/images/{i.role}.png" for i in images}
+    # Images stored with their bounds (revision 0018) can be placed on a map: the warped PNG and its extent.
+    out["placed_images"] = {i.role: {"url": f"/api/findings/{fid}/placed/{i.role}.png",
+                                     "bounds": placement.latlng_bounds(i.bounds, i.width)}
+                            for i in images if i.bounds}
     return jsonable_encoder(out)
 
 
@@ -97,6 +103,20 @@ def finding(finding_id: int, who: Principal = Depends(principal), session: Sessi
     """One finding in full, with its analysis and the sizes of its thumbnails."""
     row = owned_finding(session, who, finding_id)
     return jsonable_encoder(fq.get_finding(session, row.id))
+
+
+@router.get("/findings/{finding_id}/placed/{role}.png", response_class=Response,
+            responses={200: {"content": {"image/png": {}}}})
+def placed_image(finding_id: int, role: str, who: Principal = Depends(principal),
+                 session: Session = DB) -> Response:
+    """The thumbnail's map part reprojected to Web Mercator (RGBA PNG), to lie exactly on a web map over the
+    ``placed_images`` bounds of its analysis; 404 for an image stored without bounds."""
+    row = owned_finding(session, who, finding_id)
+    image = session.scalar(select(FindingImage).where(FindingImage.finding_id == row.id, FindingImage.role == role))
+    if image is None or not image.bounds:
+        raise HTTPException(404, f"finding {finding_id} has no placeable {role!r} image")
+    return Response(placement.placed_png(image.data, image.bounds), media_type="image/png",
+                    headers={"Cache-Control": "private, max-age=86400"})
 
 
 @router.get("/findings/{finding_id}/images/{role}.png", response_class=Response,

@@ -109,7 +109,9 @@ def analysis_page(request: Request, analysis_id: int, who: Principal = Depends(p
     area = api_areas.get_area(report["area_id"], who=who, session=session)
     return render(request, "analysis.html", {
         "r": report, "area": area, "ha": format_hectares, "label": label,
-        "map_data": {"area": area, "regions": report["regions_geojson"]["features"], "classes": list(CLASS_ORDER)},
+        "map_data": {"area": area, "regions": report["regions_geojson"]["features"], "classes": list(CLASS_ORDER),
+                     "placed": {role: report["placed_images"][role] for role in ("before", "after")
+                                if role in report["placed_images"]}},
     })
 
 

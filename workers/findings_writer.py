@@ -119,7 +119,7 @@ def write_done(claim: leases.Claim, settings: Settings, *, area_id: int, observe
             )
             for role, png in row.images.items():
                 finding.images.append(FindingImage(role=role, mime_type="image/png", width=png.width,
-                                                   height=png.height, data=png.data))
+                                                   height=png.height, data=png.data, bounds=png.bounds))
                 images += 1
             session.add(finding)
         for settled in settlements or []:

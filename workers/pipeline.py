@@ -270,7 +270,12 @@ def thumbnails(pair: PreparedPair, result: spectral.SpectralResult) -> dict[str,
 
     # The three encodes at once: Pillow's zlib encoder releases the GIL (same bytes, one image per thread).
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="png") as pool:
-        return dict(pool.map(framed, (("before", img_b, []), ("after", img_a, []), ("overlay", tinted, legend))))
+        images = dict(pool.map(framed, (("before", img_b, []), ("after", img_a, []), ("overlay", tinted, legend))))
+    # The map part (above the legend strip) covers the thumbnail grid: stored so the page can place it.
+    for png in images.values():
+        png.bounds = {"crs": thumbs.grid.crs.to_string(), "bbox": list(thumbs.grid.bounds),
+                      "map_height_px": png.height - mapframe.FOOTER_PX}
+    return images
 
 
 def clear_history(session: Any, ctx: AnalysisContext, settings: Settings) -> list[SceneRef]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -32,6 +33,8 @@ class Png:
     data: bytes
     width: int
     height: int
+    # Where the map part lies (finding_images.bounds): {"crs", "bbox", "map_height_px"}; None: not a map.
+    bounds: dict[str, Any] | None = None
 
 
 def stretch_range(*rgbs: np.ndarray, valid: np.ndarray | None = None) -> tuple[float, float]:

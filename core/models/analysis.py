@@ -186,6 +186,8 @@ class FindingImage(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+    # {"crs", "bbox": [minx, miny, maxx, maxy], "map_height_px"}: the PNG's top rows cover bbox (revision 0018).
+    bounds: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 
     finding: Mapped[Finding] = relationship(back_populates="images")
 

@@ -239,7 +239,7 @@
   }
 
   // --- /analyses/{id}: the swipe and the regions -------------------------------------------------------
-  function setupSwipe() {
+  function setupSwipe(onSplit) {
     const swipe = document.getElementById("swipe");
     if (!swipe) return;
     const range = document.getElementById("swipe-range");
@@ -252,6 +252,7 @@
       handle.style.left = `${p}%`;
       swipe.dataset.split = p.toFixed(1);
       range.value = String(Math.round(p));
+      if (onSplit) onSplit(p);
     }
     function fromPointer(event) {
       const box = swipe.getBoundingClientRect();
@@ -279,9 +280,20 @@
   }
 
   function analysisPage() {
-    setupSwipe();
     const data = pageData();
     const map = makeMap("map");
+    // The before/after chips on the map where they lie (warped to Web Mercator by the server, so the
+    // overlay's rectangle is exact), under the vectors; the swipe shows the before left of its split.
+    const placed = data.placed || {};
+    let beforeChip = null;
+    if (placed.before && placed.after) {
+      L.imageOverlay(placed.after.url, placed.after.bounds, { className: "placed-after" }).addTo(map);
+      beforeChip = L.imageOverlay(placed.before.url, placed.before.bounds, { className: "placed-before" }).addTo(map);
+    }
+    window.unirs.map = map; // the page's map, for whoever scripts the page (the browser test places by it)
+    setupSwipe((p) => {
+      if (beforeChip && beforeChip.getElement()) beforeChip.getElement().style.clipPath = `inset(0 ${100 - p}% 0 0)`;
+    });
     const outline = L.geoJSON(data.area, { style: { color: "#2563eb", weight: 2, fill: false } }).addTo(map);
     const regions = L.geoJSON({ type: "FeatureCollection", features: data.regions }, {
       style: (f) => ({ color: CLASS_COLOURS[f.properties.change_class] || "#6b7280", weight: 2, fillOpacity: 0.45 }),

@@ -95,11 +95,11 @@ class AnalysisSettings(BaseModel):
     # An observation whose computation was started this many times without storing an outcome (the task
     # raised, or its worker died) is settled `failed` and pairing moves on (core/observations.py).
     observation_max_attempts: int = Field(3, ge=1)
-    # A task (observation or analysis) published this many times in a row without any worker starting it —
-    # messages lost before a worker took them, or a queue nobody consumes — is settled `failed` with the count
-    # in the reason, no longer re-sent without end (observations: every 10 min, 6 sends ≈ 1 h; analyses: every
-    # 2 × lease once the broker has lost it). `doctor` reports them.
-    max_unstarted_sends: int = Field(6, ge=1)
+    # A task (observation or analysis) published again and again without any worker starting it — messages
+    # lost before a worker took them, or a queue nobody consumes — is re-sent after a delay that doubles with
+    # each such send (observations: 10 min, 20, 40 …; analyses: 2 × lease, 4 ×, …) up to this cap, never
+    # failed for it: the work waits for a worker instead of being lost. `doctor` reports them.
+    resend_backoff_max_seconds: float = Field(6 * 3600.0, gt=0)
     pixel_size_m: float = 10.0
     chip_size_m: float = 3840.0
     min_valid_fraction: float = 0.3

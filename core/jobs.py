@@ -11,7 +11,6 @@ finishes) call the functions below; they never spell a status in SQL themselves.
                                       ├─requeue_lost────┤ lease expired (worker lost), attempts < max
                                       │                 │          (fail_lost at max_attempts)
                                       └─release─────────┘ transient error, attempts < max
-    queued, published max_unstarted_sends times since the last claim, none claimed ──fail_unstarted──▶ failed
 
 - **claim** is one atomic ``UPDATE … RETURNING``: a row is taken only if it is queued/pending, or running with
   an expired lease, and has attempts left; two deliveries of one message cannot both run it, and a finished
@@ -20,7 +19,8 @@ finishes) call the functions below; they never spell a status in SQL themselves.
   lease was taken over writes nothing (:class:`LeaseLost`).
 - **sends**: every publish counts ``dispatches`` (the claim resets it): attempts count only claims, so a
   message lost before any worker took it would be re-sent (2 × lease backstop, or each pass while the broker
-  holds fewer messages) without end; after ``analysis.max_unstarted_sends`` sends the row fails instead.
+  holds fewer messages) without end; each send no worker claimed doubles the delay before the next, up to
+  ``analysis.resend_backoff_max_seconds`` — the row waits for a worker, it is not failed for the lack of one.
 - All times are the database's ``now()``: worker and dispatcher clocks never disagree.
 
 Identity: an :class:`AnalyserSpec` says what an analysis *asks for* (spectral statistics, optionally the UniRS
@@ -205,30 +205,21 @@ _REQUEUE_LOST = text(f"""
  RETURNING id, analyser, last_error
 """)  # noqa: S608
 
+def _backoff(delay: str) -> str:
+    """SQL: ``delay`` doubled for each send after the first that no worker claimed (``dispatches``, reset by the
+    claim), at most ``:backoff_max`` seconds; the exponent is capped so the power stays a small float."""
+    return f"LEAST({delay} * power(2, LEAST(GREATEST(dispatches - 1, 0), 30)), :backoff_max)"
+
+
 # A `queued` row with `worker` NULL was published by the dispatcher (pending → queued, lost → re-queued,
 # or re-sent); one the worker gave back (release) keeps that worker's name and has no message.
 _RESEND_QUEUED = text(f"""
     UPDATE analyses SET queued_at = now(), worker = NULL, dispatches = dispatches + 1
      WHERE id = (SELECT id FROM analyses
-                  WHERE status = '{_S.QUEUED.value}' AND queued_at < now() - make_interval(secs => :stale_seconds)
-                    AND dispatches < :max_sends
+                  WHERE status = '{_S.QUEUED.value}'
+                    AND queued_at < now() - make_interval(secs => {_backoff(':stale_seconds')})
                   ORDER BY queued_at LIMIT 1 FOR UPDATE SKIP LOCKED)
  RETURNING id, analyser
-""")  # noqa: S608
-
-# Published (worker NULL) and sent max_sends times since the last claim, none of which a worker took: the
-# messages are lost as fast as they are sent, or no worker consumes the queue. Failed once the last send is as
-# stale as the backstop's re-send delay, instead of being re-sent without end.
-_FAIL_UNSTARTED = text(f"""
-    UPDATE analyses
-       SET status = '{_S.FAILED.value}', finished_at = now(),
-           last_error = 'sent ' || dispatches || ' times, never started by a worker (no worker consuming its '
-                        || 'queue, or its messages were lost)'
-     WHERE id IN (SELECT id FROM analyses
-                   WHERE status = '{_S.QUEUED.value}' AND worker IS NULL AND dispatches >= :max_sends
-                     AND queued_at < now() - make_interval(secs => :stale_seconds)
-                   ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED)
- RETURNING id, analyser, last_error
 """)  # noqa: S608
 
 _SENT_QUEUED = text(f"""
@@ -240,8 +231,7 @@ _RESEND_SENT = text(f"""
     UPDATE analyses SET queued_at = now(), dispatches = dispatches + 1
      WHERE id = (SELECT id FROM analyses
                   WHERE status = '{_S.QUEUED.value}' AND worker IS NULL AND analyser = ANY(:analysers)
-                    AND dispatches < :max_sends
-                    AND queued_at < now() - make_interval(secs => :min_age) AND queued_at < :before
+                    AND queued_at < now() - make_interval(secs => {_backoff(':min_age')}) AND queued_at < :before
                   ORDER BY queued_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)
  RETURNING id, analyser
 """)  # noqa: S608
@@ -275,19 +265,12 @@ def requeue_lost(session: Session, settings: Settings) -> Moved | None:
     return Moved(row.id, queue_for(row.analyser), row.last_error) if row else None
 
 
-def fail_unstarted(session: Session, settings: Settings, stale_seconds: float, *, limit: int) -> list[Moved]:
-    """Published ``queued`` rows sent ``analysis.max_unstarted_sends`` times since their last claim, the last
-    send more than ``stale_seconds`` ago → ``failed`` ("sent N times, never started by a worker …")."""
-    rows = session.execute(_FAIL_UNSTARTED, {"max_sends": settings.analysis.max_unstarted_sends,
-                                             "stale_seconds": stale_seconds, "limit": limit}).all()
-    return [Moved(r.id, queue_for(r.analyser), r.last_error) for r in rows]
-
-
-def touch_stale_queued(session: Session, stale_seconds: float, max_sends: int) -> Moved | None:
-    """One row ``queued`` for longer than ``stale_seconds`` (message lost with the broker, or given back
-    after a transient error) and sent fewer than ``max_sends`` times since its last claim: its ``queued_at``
+def touch_stale_queued(session: Session, stale_seconds: float, backoff_max: float) -> Moved | None:
+    """One row ``queued`` for longer than ``stale_seconds`` — doubled per send no worker claimed, at most
+    ``backoff_max`` — (message lost with the broker, or given back after a transient error): its ``queued_at``
     is renewed and it is to be re-sent (``dispatches`` + 1). Status unchanged."""
-    row = session.execute(_RESEND_QUEUED, {"stale_seconds": stale_seconds, "max_sends": max_sends}).one_or_none()
+    row = session.execute(_RESEND_QUEUED, {"stale_seconds": stale_seconds,
+                                           "backoff_max": backoff_max}).one_or_none()
     return Moved(row.id, queue_for(row.analyser)) if row else None
 
 
@@ -302,13 +285,14 @@ def sent_queued_counts(session: Session) -> dict[Queue, tuple[int, list[str]]]:
 
 
 def resend_sent_queued(session: Session, analysers: list[str], min_age_seconds: float,
-                       before: Any, max_sends: int) -> Moved | None:
+                       before: Any, backoff_max: float) -> Moved | None:
     """One published ``queued`` row of these analysers, older than ``min_age_seconds`` and queued before
     ``before`` (the start of this dispatch pass, so a row is re-sent once per pass): its ``queued_at`` is
     renewed and it is to be re-sent. Used when the broker holds fewer messages than such rows (lost with
-    a broker restart) and sent fewer than ``max_sends`` times since its last claim. Status unchanged."""
+    a broker restart; ``min_age_seconds`` doubled per send no worker claimed, at most ``backoff_max``). Status
+    unchanged."""
     row = session.execute(_RESEND_SENT, {"analysers": analysers, "min_age": min_age_seconds,
-                                         "before": before, "max_sends": max_sends}).one_or_none()
+                                         "before": before, "backoff_max": backoff_max}).one_or_none()
     return Moved(row.id, queue_for(row.analyser)) if row else None
 
 

@@ -10,8 +10,7 @@ computes the fractions (a ``cpu`` worker's ``unirs.observe`` task, or the schedu
 
     pending, not computed ──save──▶ pending + fractions ──settle_clear (pairing)──▶ clear
                            ├─save─▶ cloudy | partial | failed
-                           └─give_up (max attempts started without an outcome, or max sends
-                                      none of which a worker started)─▶ failed, final
+                           └─give_up (max attempts started, none stored an outcome)─▶ failed, final
     partial, a granule of its acquisition first seen after it was computed ──reopen_late_partial (poll)──▶ pending
     failed by save, computed > FAILED_RETRY_AFTER ago, created < FAILED_GIVE_UP_AFTER ago ──save──▶ (as above)
 
@@ -32,8 +31,10 @@ computes the fractions (a ``cpu`` worker's ``unirs.observe`` task, or the schedu
   resets the count. A given-up row is not retried (it would fail again, and may kill a worker each time).
 - **Sends**: :func:`mark_sent` counts ``dispatches`` (reset by :func:`begin`, :func:`save` and the re-open):
   attempts count only starts, so a message lost before any worker took it, or sent to a queue nobody
-  consumes, would be re-sent every ``resend_seconds`` without end. The dispatcher gives up a row sent
-  ``analysis.max_unstarted_sends`` times without a start once the last send is stale, the same way.
+  consumes, would be re-sent every ``resend_seconds`` without end. Each send without a start doubles the
+  delay before the next (10 min, 20, 40 … up to ``backoff_max``, ``analysis.resend_backoff_max_seconds``):
+  the broker is not flooded while no worker runs, and the work is not lost — it is not failed for it, and
+  runs when a worker comes back. ``doctor`` counts rows sent :data:`UNSTARTED_WARN_SENDS` times unstarted.
 - All times are the database's ``now()``.
 """
 
@@ -63,16 +64,23 @@ _S = ObservationStatus
 _RETRY = int(FAILED_RETRY_AFTER.total_seconds())
 _GIVE_UP = int(FAILED_GIVE_UP_AFTER.total_seconds())
 #: SQL condition (table alias ``o``): the row waits for fractions. A given-up row (attempts left over, none
-#: started after it was settled; or sends left over, none after it was settled) is not retried.
+#: started after it was settled) is not retried.
 DUE = (f"((o.status = '{_S.PENDING.value}' AND o.computed_at IS NULL) OR "
        f"(o.status = '{_S.FAILED.value}' AND o.computed_at < now() - make_interval(secs => {_RETRY}) "
        f"AND o.created_at > now() - make_interval(secs => {_GIVE_UP}) "
-       f"AND (o.attempts = 0 OR o.started_at > o.computed_at) "
-       f"AND (o.dispatches = 0 OR o.dispatched_at > o.computed_at)))")
+       f"AND (o.attempts = 0 OR o.started_at > o.computed_at)))")
+#: Sends without a start after which ``doctor`` says no worker seems to take the queue's messages.
+UNSTARTED_WARN_SENDS = 3
+#: Default cap of the re-send back-off (``analysis.resend_backoff_max_seconds``).
+RESEND_BACKOFF_MAX_SECONDS = 6 * 3600.0
+#: SQL: the re-send delay of a row, ``:resend`` doubled for each send after the first that no worker started
+#: (``dispatches`` is 0 again once one starts), at most ``:backoff_max``. The exponent is capped so the
+#: power stays a small float.
+RESEND_DELAY = "LEAST(:resend * power(2, LEAST(GREATEST(o.dispatches - 1, 0), 30)), :backoff_max)"
 #: Timed from the later of the dispatch and the start of the last attempt: a message that waited 15 min in a
 #: busy cpu queue and started 1 min ago is running, not lost (GREATEST ignores a NULL started_at).
 _NOT_IN_FLIGHT = ("(o.dispatched_at IS NULL "
-                  "OR GREATEST(o.dispatched_at, o.started_at) < now() - make_interval(secs => :resend) "
+                  f"OR GREATEST(o.dispatched_at, o.started_at) < now() - make_interval(secs => {RESEND_DELAY}) "
                   "OR o.dispatched_at < o.computed_at)")
 
 
@@ -113,10 +121,12 @@ def due_areas(session: Session, acquisition_id: int, area_ids: list[int] | None 
 
 
 def due_acquisitions(session: Session, *, area_ids: list[int] | None = None, unsent_only: bool = False,
-                     resend_seconds: float = RESEND_SECONDS, limit: int | None = None) -> dict[int, list[int]]:
+                     resend_seconds: float = RESEND_SECONDS, backoff_max: float = RESEND_BACKOFF_MAX_SECONDS,
+                     limit: int | None = None) -> dict[int, list[int]]:
     """Acquisition id → area ids with due observations, oldest acquisition first (``unsent_only``: only rows
-    not in flight, i.e. never dispatched, or dispatched and last started more than ``resend_seconds`` ago)."""
-    params: dict[str, object] = {"resend": resend_seconds}
+    not in flight, i.e. never dispatched, or dispatched and last started longer ago than the re-send delay:
+    ``resend_seconds``, doubled per send no worker started, at most ``backoff_max``)."""
+    params: dict[str, object] = {"resend": resend_seconds, "backoff_max": backoff_max}
     where = [DUE, "a.status = 'active'"]
     if unsent_only:
         where.append(_NOT_IN_FLIGHT)
@@ -135,13 +145,15 @@ def due_acquisitions(session: Session, *, area_ids: list[int] | None = None, uns
     return groups
 
 
-def mark_sent(session: Session, acquisition_id: int, resend_seconds: float = RESEND_SECONDS) -> int:
-    """Stamp ``dispatched_at`` on the acquisition's due rows not in flight; returns how many (0: nothing to send).
-    Call it in the transaction that publishes the message, before the commit."""
+def mark_sent(session: Session, acquisition_id: int, resend_seconds: float = RESEND_SECONDS,
+              backoff_max: float = RESEND_BACKOFF_MAX_SECONDS) -> int:
+    """Stamp ``dispatched_at`` on the acquisition's due rows not in flight (as :func:`due_acquisitions`) and
+    count the send; returns how many (0: nothing to send). Call it in the transaction that publishes the
+    message, before the commit."""
     result = session.execute(text(f"""
         UPDATE observations o SET dispatched_at = now(), dispatches = o.dispatches + 1 FROM areas a
          WHERE a.id = o.area_id AND a.status = 'active' AND o.acquisition_id = :q AND {DUE} AND {_NOT_IN_FLIGHT}"""),  # noqa: S608
-        {"q": acquisition_id, "resend": resend_seconds})
+        {"q": acquisition_id, "resend": resend_seconds, "backoff_max": backoff_max})
     return result.rowcount
 
 
@@ -187,28 +199,21 @@ class GaveUp:
 
 
 _LOST = "none stored a result (the worker died, or the task ran past the re-send delay)"
-_UNSTARTED = f"(no worker consuming the '{QUEUE.value}' queue, or its messages were lost)"
-#: SQL condition (alias ``o``): a failed row given up because its task was never started (what doctor counts).
-NEVER_STARTED = "(o.status = 'failed' AND o.reason LIKE 'observation task sent % times, never started%')"
 
 
 def give_up(session: Session, max_attempts: int, *, resend_seconds: float | None = None,
-            max_sends: int | None = None, acquisition_id: int | None = None,
+            backoff_max: float = RESEND_BACKOFF_MAX_SECONDS, acquisition_id: int | None = None,
             area_ids: list[int] | None = None) -> list[GaveUp]:
-    """Settle ``failed`` the due rows that had ``max_attempts`` attempts without an outcome, reason "observation
-    task gave up after N attempts, …" with the last attempt's error; with ``resend_seconds`` (the dispatcher's
-    rule) only rows not in flight, and — ``max_sends`` given — also those sent ``max_sends`` times since their
-    last start with none started, reason "observation task sent N times, never started by a worker …". Logs
-    one WARNING per acquisition. Returns the rows settled."""
-    exhausted = "o.attempts >= :max"
-    params: dict[str, object] = {"max": max_attempts, "lost": _LOST, "unstarted": _UNSTARTED}
-    if max_sends is not None:
-        exhausted = "(o.attempts >= :max OR o.dispatches >= :sends)"
-        params["sends"] = max_sends
-    where = [DUE, "a.status = 'active'", exhausted]
+    """Settle ``failed`` the due rows that had ``max_attempts`` attempts without an outcome (only those not in
+    flight when ``resend_seconds`` is given: the dispatcher's rule), reason "observation task gave up after N
+    attempts, …" with the last attempt's error; logs one WARNING per acquisition. Returns the rows settled.
+    Rows sent but never started are not given up (no worker ran them: the work waits, see Sends)."""
+    where = [DUE, "a.status = 'active'", "o.attempts >= :max"]
+    params: dict[str, object] = {"max": max_attempts, "lost": _LOST}
     if resend_seconds is not None:
         where.append(_NOT_IN_FLIGHT)
         params["resend"] = resend_seconds
+        params["backoff_max"] = backoff_max
     if acquisition_id is not None:
         where.append("o.acquisition_id = :q")
         params["q"] = acquisition_id
@@ -218,11 +223,8 @@ def give_up(session: Session, max_attempts: int, *, resend_seconds: float | None
     rows = session.execute(text(f"""
         UPDATE observations o
            SET status = '{_S.FAILED.value}', computed_at = now(),
-               reason = CASE WHEN o.attempts >= :max
-                   THEN format('observation task gave up after %s attempts, %s', o.attempts,
+               reason = format('observation task gave up after %s attempts, %s', o.attempts,
                                COALESCE('the last failed with ' || o.reason, :lost))
-                   ELSE format('observation task sent %s times, never started by a worker %s', o.dispatches,
-                               CAST(:unstarted AS text)) END
           FROM areas a, acquisitions q
          WHERE a.id = o.area_id AND q.id = o.acquisition_id AND {' AND '.join(where)}
         RETURNING o.acquisition_id, q.key, o.area_id, a.name, o.reason"""),  # noqa: S608

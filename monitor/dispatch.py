@@ -3,8 +3,7 @@
 Called every ``analysis.dispatch_interval_seconds`` by the scheduler (``dispatch_once()``). Each call:
 
 1. **Lost, out of attempts** — ``running`` with an expired lease and ``attempts >= max_attempts`` →
-   ``failed`` with the reason ("worker lost 3 times; last worker …"); likewise published ``queued`` rows
-   whose ``analysis.max_unstarted_sends`` sends no worker ever claimed.
+   ``failed`` with the reason ("worker lost 3 times; last worker …").
 2. **Lost, attempts left** — ``running`` with an expired lease → ``queued`` again and re-sent. A worker
    that dies (kill -9, OOM, machine gone) stops heartbeating; its lease runs out; this is where the work
    comes back. (The worker's own message may also be re-delivered by the broker; whichever arrives first
@@ -16,9 +15,9 @@ Called every ``analysis.dispatch_interval_seconds`` by the scheduler (``dispatch
    not yet claimed looks missing too: at worst one duplicate, which costs one no-op claim.
 4. **Queued too long** — ``queued`` for more than :data:`QUEUED_RESEND_FACTOR` × lease without being
    claimed → re-sent. The backstop when the broker cannot be asked, and the back-off of rows a worker
-   gave back after a transient error (it leaves them ``queued`` without a message). A row already sent
-   ``analysis.max_unstarted_sends`` times since its last claim is not re-sent by 3. or 4.: once as stale
-   it is ``failed`` in step 1 ("sent N times, never started by a worker").
+   gave back after a transient error (it leaves them ``queued`` without a message). Each send of 3. or 4.
+   that no worker claimed doubles the delay before the next (up to ``analysis.resend_backoff_max_seconds``):
+   a queue nobody consumes is not flooded, and the row runs when a worker comes back.
 5. **Pending** — ``pending`` (new rows from monitor.pairing) → ``queued`` and sent.
 
 Queue: :func:`core.jobs.queue_for` (``gpu`` when the analysis asks for UniRS, else ``cpu``). Messages carry
@@ -104,10 +103,9 @@ def dispatch_once(settings: Settings, *, send: Sender | None = None,
     summary: dict[str, Any] = {"failed": 0, "requeued": 0, "lost": 0, "resent": 0, "queued": 0, "errors": []}
 
     stale_seconds = QUEUED_RESEND_FACTOR * settings.analysis.lease_seconds
-    max_sends = settings.analysis.max_unstarted_sends
+    backoff_max = settings.analysis.resend_backoff_max_seconds
     with session_scope(settings) as session:
         failed = jobs.fail_lost(session, settings, limit=limit)
-        failed += jobs.fail_unstarted(session, settings, stale_seconds, limit=limit)
     for moved in failed:
         logger.error("analysis %s failed: %s", moved.id, moved.reason)
     summary["failed"] = len(failed)
@@ -118,8 +116,8 @@ def dispatch_once(settings: Settings, *, send: Sender | None = None,
         ("requeued", lambda session: jobs.requeue_lost(session, settings), limit)]
     for _queue, (missing, analysers) in _missing_messages(settings, depth).items():
         steps.append(("lost", lambda session, a=analysers: jobs.resend_sent_queued(
-            session, a, settings.analysis.queued_resend_seconds, pass_started, max_sends), min(missing, limit)))
-    steps += [("resent", lambda session: jobs.touch_stale_queued(session, stale_seconds, max_sends), limit),
+            session, a, settings.analysis.queued_resend_seconds, pass_started, backoff_max), min(missing, limit)))
+    steps += [("resent", lambda session: jobs.touch_stale_queued(session, stale_seconds, backoff_max), limit),
               ("queued", jobs.queue_next_pending, limit)]
     for key, transition, budget in steps:
         for _ in range(budget):

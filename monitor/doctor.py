@@ -197,28 +197,34 @@ FAILED_OBSERVATIONS_DAYS = 7
 
 
 def check_observations(settings: Settings) -> str:
-    """Failed observations of active areas in the last week (a warning: those acquisitions are never paired),
-    how many of them were given up because no worker ever started their task, and the newest one's
-    acquisition, area and reason."""
+    """Observations waiting on a worker that never takes their task (sent
+    :data:`core.observations.UNSTARTED_WARN_SENDS` times or more, none started: is a ``cpu`` worker running?),
+    then failed observations of active areas in the last week (a warning: those acquisitions are never
+    paired) with the newest one's acquisition, area and reason."""
     from sqlalchemy import text
 
     from core.db import session_scope
-    from core.observations import NEVER_STARTED
+    from core.observations import QUEUE, UNSTARTED_WARN_SENDS
 
     with session_scope(settings) as session:
-        rows = session.execute(text(f"""
-            SELECT q.key, a.name, o.reason, count(*) OVER () AS n,
-                   count(*) FILTER (WHERE {NEVER_STARTED}) OVER () AS unstarted FROM observations o
+        unstarted = session.execute(text("""
+            SELECT count(*) AS n, max(o.dispatches) AS sends FROM observations o JOIN areas a ON a.id = o.area_id
+             WHERE o.status = 'pending' AND o.computed_at IS NULL AND a.status = 'active'
+               AND o.dispatches >= :warn"""), {"warn": UNSTARTED_WARN_SENDS}).one()
+        rows = session.execute(text("""
+            SELECT q.key, a.name, o.reason, count(*) OVER () AS n FROM observations o
               JOIN areas a ON a.id = o.area_id JOIN acquisitions q ON q.id = o.acquisition_id
              WHERE o.status = 'failed' AND a.status = 'active' AND o.computed_at > now() - make_interval(days => :d)
-             ORDER BY o.computed_at DESC, q.key, a.name LIMIT 1"""),  # noqa: S608 — a constant condition
-            {"d": FAILED_OBSERVATIONS_DAYS}).all()
+             ORDER BY o.computed_at DESC, q.key, a.name LIMIT 1"""), {"d": FAILED_OBSERVATIONS_DAYS}).all()
+    if unstarted.n:
+        raise DoctorWarning(f"{unstarted.n} observation(s) sent up to {unstarted.sends} times, never started by a "
+                            f"worker: is a worker consuming the '{QUEUE.value}' queue? (re-sent with a doubling "
+                            "delay; nothing is lost)")
     if not rows:
         return f"no failed observations in the last {FAILED_OBSERVATIONS_DAYS} days"
     r = rows[0]
-    unstarted = f", {r.unstarted} of them never started by a worker" if r.unstarted else ""
-    raise DoctorWarning(f"{r.n} failed observation(s) in the last {FAILED_OBSERVATIONS_DAYS} days (not paired"
-                        f"{unstarted}); newest: acquisition {r.key} over {r.name!r}: {r.reason}")
+    raise DoctorWarning(f"{r.n} failed observation(s) in the last {FAILED_OBSERVATIONS_DAYS} days (not paired); "
+                        f"newest: acquisition {r.key} over {r.name!r}: {r.reason}")
 
 
 def run_checks(settings: Settings, *, load_model: bool = False) -> list[Check]:

@@ -89,20 +89,21 @@ def dispatch_observations(settings: Settings, *, send: Sender | None = None,
     """One message per acquisition with due rows not in flight (never sent, or sent more than
     ``resend_seconds`` ago: a lost message or a killed worker). Each acquisition is stamped and published in
     its own transaction, the publish before the commit: a broker that is down leaves the rows as they were.
-    Rows not in flight that already had ``analysis.observation_max_attempts`` attempts, or were sent
-    ``analysis.max_unstarted_sends`` times without a worker starting one, are given up instead."""
+    Rows not in flight that already had ``analysis.observation_max_attempts`` attempts are given up instead;
+    rows sent but never started are re-sent with a doubling delay (``analysis.resend_backoff_max_seconds``)."""
     send = send or celery_sender(settings)
     stats = ObserveStats()
+    backoff_max = settings.analysis.resend_backoff_max_seconds
     with session_scope(settings) as session:
         stats.gave_up = len(job.give_up(session, settings.analysis.observation_max_attempts,
-                                        resend_seconds=resend_seconds,
-                                        max_sends=settings.analysis.max_unstarted_sends))
+                                        resend_seconds=resend_seconds, backoff_max=backoff_max))
     with session_scope(settings) as session:
-        groups = job.due_acquisitions(session, unsent_only=True, resend_seconds=resend_seconds)
+        groups = job.due_acquisitions(session, unsent_only=True, resend_seconds=resend_seconds,
+                                      backoff_max=backoff_max)
     for acquisition_id in groups:
         try:
             with session_scope(settings) as session:
-                if job.mark_sent(session, acquisition_id, resend_seconds):
+                if job.mark_sent(session, acquisition_id, resend_seconds, backoff_max):
                     send(acquisition_id, job.QUEUE.value)
                     stats.dispatched += 1
         except Exception as exc:

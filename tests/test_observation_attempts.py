@@ -148,60 +148,56 @@ def test_the_resend_delay_runs_from_the_start_of_a_task_that_waited_in_the_queue
     assert stats.dispatched == 2
 
 
-def test_a_task_no_worker_ever_starts_is_given_up_after_max_sends(db, worker_settings, cog_server, caplog):
-    """Sent with no worker consuming the queue (or every message lost): ``attempts`` never moves, so only the
-    send count can end it. After ``analysis.max_unstarted_sends`` sends the rows fail with the count in the
-    reason; the pairing line says so, ``doctor`` counts them, nothing is sent again. A row a worker started
-    counts its sends afresh."""
+def test_a_task_no_worker_ever_starts_is_resent_with_a_doubling_delay_and_never_failed(db, worker_settings,
+                                                                                      cog_server):
+    """Sent with no worker consuming the queue (or every message lost): ``attempts`` never moves. Each send that
+    no worker started doubles the delay before the next (10 min, 20, 40 …, at most
+    ``analysis.resend_backoff_max_seconds``), the rows stay due — nothing is failed for want of a worker —
+    and ``doctor`` says what is wrong. A row a worker started is re-sent after 10 min again."""
     areas, acquisitions = _setup(worker_settings, cog_server)
     started, *lost = acquisitions
-    max_sends = worker_settings.analysis.max_unstarted_sends
-    assert max_sends == 6
     sent: list[int] = []
 
-    def send(acquisition_id: int, _queue: str) -> None:
-        sent.append(acquisition_id)
+    def dispatch() -> dict[int, int]:
+        dispatch_observations(worker_settings, send=lambda q, _queue: sent.append(q))
+        return {q: sent.count(q) for q in acquisitions}
 
-    for n in range(1, max_sends + 1):
-        # resend 0: each pass re-sends what is still due at once (the 10 min delay, shortened).
-        assert dispatch_observations(worker_settings, send=send, resend_seconds=0).dispatched == 3
-        if n == max_sends - 1:  # a worker starts the first acquisition: its count begins again
-            with session_scope(worker_settings) as session:
-                assert job.begin(session, started, worker_settings.analysis.observation_max_attempts) == areas
-    assert {q: sent.count(q) for q in acquisitions} == {q: max_sends for q in acquisitions}
+    def age(minutes: int, where: str = "") -> None:
+        with session_scope(worker_settings) as session:
+            session.execute(text("UPDATE observations SET dispatched_at = dispatched_at - make_interval(mins => :m), "
+                                 f"started_at = started_at - make_interval(mins => :m) {where}"), {"m": minutes})
 
-    with session_scope(worker_settings) as session:  # the re-send delay (10 min) passes
-        session.execute(text("UPDATE observations SET dispatched_at = dispatched_at - interval '11 minutes', "
-                             "started_at = started_at - interval '11 minutes'"))
-    with caplog.at_level(logging.INFO):
-        gave_up = process_pending(worker_settings, send_observations=send)
-    assert (gave_up.gave_up, gave_up.failed, gave_up.dispatched) == (2 * len(areas), 2 * len(areas), 1)
-    assert {q: sent.count(q) for q in lost} == {q: max_sends for q in lost}  # never one more
-    assert sent.count(started) == max_sends + 1  # sent once since it was started: not given up
-    reason = ("observation task sent 6 times, never started by a worker (no worker consuming the 'cpu' queue, "
-              "or its messages were lost)")
+    assert dispatch() == {started: 1, lost[0]: 1, lost[1]: 1}
+    age(11)  # past the 10 min re-send delay
+    assert dispatch() == {started: 2, lost[0]: 2, lost[1]: 2}
+    age(11)  # the second send waits 20 min
+    assert dispatch() == {started: 2, lost[0]: 2, lost[1]: 2}
+    age(10)
+    assert dispatch() == {started: 3, lost[0]: 3, lost[1]: 3}
+    with session_scope(worker_settings) as session:  # a worker takes the first acquisition's message at last
+        assert job.begin(session, started, worker_settings.analysis.observation_max_attempts) == areas
+    age(11)  # the started one: 10 min again; the others' third send waits 40 min
+    assert dispatch() == {started: 4, lost[0]: 3, lost[1]: 3}
+    age(30)
+    assert dispatch() == {started: 5, lost[0]: 4, lost[1]: 4}
+
     rows = _rows()
-    assert {(rows[(a, q)]["status"], rows[(a, q)]["reason"]) for a in areas for q in lost} == {("failed", reason)}
-    assert {rows[(a, started)]["status"] for a in areas} == {"pending"}
-    pairing = [r.getMessage() for r in caplog.records if r.name == "monitor.pairing"]
-    assert pairing == [f"pairing: {2 * len(areas)} observations (0 clear, 0 cloudy, 0 partial, {2 * len(areas)} "
-                       f"failed of which {2 * len(areas)} given up), 0 analyses created, 0 clear acquisitions "
-                       "without an earlier clear one, 0 granule mask reads"]
-
+    assert {rows[(a, q)]["status"] for a in areas for q in acquisitions} == {"pending"}
     with pytest.raises(DoctorWarning) as warned:
         check_observations(worker_settings)
-    assert str(warned.value).startswith(f"{2 * len(areas)} failed observation(s) in the last 7 days (not paired, "
-                                        f"{2 * len(areas)} of them never started by a worker); newest: ")
-    assert str(warned.value).endswith(f": {reason}")
+    assert str(warned.value) == (f"{2 * len(areas)} observation(s) sent up to 4 times, never started by a worker: "
+                                 "is a worker consuming the 'cpu' queue? (re-sent with a doubling delay; nothing "
+                                 "is lost)")
 
-    # Final: not due again (not even after the failed-retry delay), never sent again.
-    dispatch_observations(worker_settings, send=send, resend_seconds=0)
+    # The delay stops doubling at the cap (6 h by default), however many sends went before.
+    assert worker_settings.analysis.resend_backoff_max_seconds == 6 * 3600
+    only_lost = f"WHERE acquisition_id IN ({lost[0]}, {lost[1]})"
     with session_scope(worker_settings) as session:
-        session.execute(text("UPDATE observations SET computed_at = computed_at - interval '2 hours', "
-                             "dispatched_at = dispatched_at - interval '2 hours' WHERE acquisition_id = ANY(:q)"),
-                        {"q": lost})
-        assert [job.due_areas(session, q) for q in lost] == [[], []]
-    assert {q: sent.count(q) for q in lost} == {q: max_sends for q in lost}
+        session.execute(text(f"UPDATE observations SET dispatches = 40 {only_lost}"))
+    age(359, only_lost)
+    assert dispatch() == {started: 5, lost[0]: 4, lost[1]: 4}
+    age(2, only_lost)
+    assert dispatch() == {started: 5, lost[0]: 5, lost[1]: 5}
 
 
 def test_the_pairing_line_names_the_rows_given_up_in_its_pass(db, worker_settings, cog_server, caplog):

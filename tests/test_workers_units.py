@@ -357,29 +357,39 @@ def _age_queued(analysis_id: int, seconds: int) -> None:
                         {"id": analysis_id, "s": seconds})
 
 
-def test_a_message_no_worker_ever_claims_is_given_up_after_max_sends(rows):
+def test_a_message_no_worker_ever_claims_is_resent_with_a_doubling_delay(rows):
     """Attempts count claims only: a row whose messages are all lost before a worker takes one was re-sent
-    every 2 × lease without end. After ``analysis.max_unstarted_sends`` sends it fails with the count; a claim
-    starts the count again."""
-    settings = _settings(max_unstarted_sends=3)
+    every 2 × lease without end. Each send no worker claimed doubles the delay before the next (60 s, 120,
+    240 … at most ``analysis.resend_backoff_max_seconds``); nothing fails for it; a claim starts again at
+    2 × lease."""
+    settings = _settings(resend_backoff_max_seconds=1000)
     lost = insert_analysis(rows["area"], rows["after"], rows["before"])
     claimed = insert_analysis(rows["area"], rows["after"], None)
     broker = FakeBroker()  # holds what was sent; no worker ever takes it
-    for n in range(1, 4):
-        summary = dispatch_once(settings, send=broker)
-        assert summary["failed"] == 0 and summary["queued" if n == 1 else "resent"] == 2
-        if n == 2:  # a worker takes the second row's message, then gives it back (no message left)
-            claim = leases.claim(claimed, "w", settings)
-            assert leases.release(claim, "HTTP 503", settings) == "queued"
-        _age_queued(lost, 61)  # older than 2 × lease (30 s): the backstop re-sends it
-        _age_queued(claimed, 61)
+
+    def sends() -> tuple[int, int]:
+        return broker.sent.count((lost, "cpu")), broker.sent.count((claimed, "cpu"))
+
+    assert dispatch_once(settings, send=broker)["queued"] == 2
+    _age_queued(lost, 61)  # older than 2 × lease (60 s): the backstop re-sends
+    _age_queued(claimed, 61)
+    assert dispatch_once(settings, send=broker)["resent"] == 2 and sends() == (2, 2)
+    claim = leases.claim(claimed, "w", settings)  # a worker takes the second row's message, then gives it back
+    assert leases.release(claim, "HTTP 503", settings) == "queued"
+    _age_queued(lost, 61)  # its second send waits 120 s
+    _age_queued(claimed, 61)  # claimed since: 60 s again
     summary = dispatch_once(settings, send=broker)
-    assert (summary["failed"], summary["resent"]) == (1, 1)
-    assert broker.sent.count((lost, "cpu")) == 3 and broker.sent.count((claimed, "cpu")) == 4
-    after = analysis_rows([lost, claimed])
-    assert after[lost]["status"] == "failed"
-    assert after[lost]["last_error"] == ("sent 3 times, never started by a worker (no worker consuming its queue, "
-                                         "or its messages were lost)")
-    assert after[claimed]["status"] == "queued"
-    _age_queued(lost, 3600)
-    assert dispatch_once(settings, send=broker)["failed"] == 0 and broker.sent.count((lost, "cpu")) == 3
+    assert (summary["resent"], summary["failed"], sends()) == (1, 0, (2, 3))
+    _age_queued(lost, 121)
+    assert dispatch_once(settings, send=broker)["resent"] == 1 and sends() == (3, 3)
+    _age_queued(lost, 239)  # the third waits 240 s
+    assert dispatch_once(settings, send=broker)["resent"] == 0 and sends() == (3, 3)
+    _age_queued(lost, 241)
+    assert dispatch_once(settings, send=broker)["resent"] == 1 and sends() == (4, 3)
+    with session_scope(settings) as session:  # many sends later the delay is the cap (1000 s here)
+        session.execute(text("UPDATE analyses SET dispatches = 40 WHERE id = :id"), {"id": lost})
+    _age_queued(lost, 999)
+    assert dispatch_once(settings, send=broker)["resent"] == 0
+    _age_queued(lost, 1001)
+    assert dispatch_once(settings, send=broker)["resent"] == 1 and sends() == (5, 3)
+    assert {r["status"] for r in analysis_rows([lost, claimed]).values()} == {"queued"}

@@ -1,4 +1,4 @@
-"""Messages sent again and again that no worker ever starts are given up: observations.dispatches, analyses.dispatches
+"""Messages sent again and again that no worker ever starts back off: observations.dispatches, analyses.dispatches
 
 Revision ID: 0017
 Revises: 0016
@@ -7,8 +7,8 @@ Create Date: 2026-12-03 06:40:00
 ``dispatches``: how many times the row's task was published since a worker last started it (an observation's
 ``begin``, an analysis's claim reset it). ``attempts`` counts only starts, so a message lost before any worker
 took it — or sent to a queue no worker consumes — was re-sent every 10 min (observations) or 2 × lease
-(analyses) without end. After ``analysis.max_unstarted_sends`` sends in a row without a start the row is
-settled ``failed`` with the count in its reason (core/observations.py, core/jobs.py).
+(analyses) without end. Each send without a start doubles the delay before the next, up to
+``analysis.resend_backoff_max_seconds`` (core/observations.py, core/jobs.py); doctor reports such rows.
 """
 from collections.abc import Sequence
 

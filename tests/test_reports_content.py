@@ -182,3 +182,24 @@ def test_email_renders_in_headless_chromium(db, configure, tmp_path, worker_outp
             assert shot.size == (800, 1400)
             colours = shot.convert("RGB").getcolors(maxcolors=1_000_000)
             assert colours is not None and len(colours) > 50  # text and thumbnails, not a blank page
+
+
+def test_plain_text_lists_each_class_on_its_own_line(db, configure):
+    """trim_blocks ate the newline after a class line's closing ``{% endif %}``: "- vegetation loss: 3.20 ha (1
+    region(s))  - vegetation gain: …" ran together on one line in alert.txt (and the digest's list)."""
+    from shapely.geometry import box
+
+    with session_scope(get_settings()) as s:
+        area = f.area(s, name="Two classes")
+        cat = f.catalogue(s)
+        before = f.scene(s, cat, datetime(2021, 6, 1, tzinfo=UTC))
+        after = f.scene(s, cat, datetime(2021, 7, 1, tzinfo=UTC))
+        an = f.analysis(s, area, after, before)
+        f.findings(s, an, regions=[(box(23.12, 46.52, 23.13, 46.525), "vegetation_loss", 3.2),
+                                   (box(23.15, 46.55, 23.152, 46.556), "vegetation_gain", 1.1)])
+    with session_scope(get_settings()) as s:
+        report = load_analysis_report(s, an.id, "https://maps.example.org/")
+    text = render_alert(report, "ana@example.org").text
+    listed = text.split("Changed area by class\n", 1)[1].split("\n\n", 1)[0]
+    assert listed.splitlines() == ["  - vegetation loss: 3.20 ha (1 region(s))",
+                                   "  - vegetation gain: 1.10 ha (1 region(s)), reported only"]

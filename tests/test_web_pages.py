@@ -202,3 +202,26 @@ def test_every_route_commits_before_it_answers(web_db):
     using = {k: v for k, v in using.items() if v}
     assert ("/api/areas", ("POST",)) in using and ("/", ("GET",)) in using and len(using) > 20
     assert {k: v for k, v in using.items() if set(v) != {"function"}} == {}
+
+
+def test_the_analysis_page_says_what_later_acquisitions_confirmed_or_dismissed(web_client, alice, web_db):
+    """The email is written on first detection; a later clear acquisition confirms or dismisses its regions
+    and the page's headline counts what alerts now. Without the states the page (1.10 ha) and the email
+    (4.30 ha) seemed to disagree for no reason."""
+    from sqlalchemy import update
+
+    from core.models import Finding
+
+    analysis_id, _ = owned_world(web_db, alice.id, name="Apuseni forest")
+    with session_scope(web_db) as session:
+        for cls, state in (("vegetation_loss", "dismissed"), ("new_built_up_or_bare", "confirmed")):
+            session.execute(update(Finding).where(Finding.analysis_id == analysis_id, Finding.change_class == cls)
+                            .values(alert_state=state))
+    login(web_client, alice)
+    page = web_client.get(f"/analyses/{analysis_id}").text
+    states = re.search(r'<p id="alert-states" class="hint">(.*?)</p>', page, re.S).group(1)
+    assert " ".join(states.split()) == (
+        "Its regions of the alerting classes since first detection: 1.10 ha confirmed by the next clear "
+        "acquisition; 3.20 ha dismissed: the next clear acquisition no longer showed it. The alert email counted "
+        "them as they stood when it was sent; the headline above counts what alerts now.")
+    assert re.search(r'<h1 id="headline">([^<]*)</h1>', page).group(1) == "Forest loss 1.10 ha"

@@ -31,7 +31,10 @@ def _check(name: str, fn: Callable[[], str]) -> Check:
     except DoctorWarning as warn:
         return Check(name, True, str(warn), warning=True)
     except Exception as exc:  # every failure becomes a line of the report, never a traceback
-        return Check(name, False, f"{type(exc).__name__}: {exc}".strip())
+        # The checks raise RuntimeError with a sentence of their own; a class name is noise there, but it
+        # is the useful part of anything unexpected (OperationalError, SMTPAuthenticationError …).
+        text = str(exc) if type(exc) is RuntimeError and str(exc) else f"{type(exc).__name__}: {exc}"
+        return Check(name, False, text.strip())
 
 
 def check_database(settings: Settings) -> str:

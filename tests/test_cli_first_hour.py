@@ -142,4 +142,11 @@ def test_doctor_fails_fast_on_an_unreachable_catalogue(database_url, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr == "", proc.stderr  # no retry warnings, no traceback
     line = next(x for x in proc.stdout.splitlines() if "catalogue local" in x)
-    assert line.startswith("FAIL") and line.endswith("cannot reach http://127.0.0.1:1/stac: Connection refused")
+    assert line.split() == ["FAIL", "catalogue", "local", "cannot", "reach", "http://127.0.0.1:1/stac:", "Connection",
+                            "refused"]
+
+
+def test_serve_and_worker_take_h_for_help_like_every_other_command():
+    for command, option in (("serve", "--port"), ("worker", "--queues")):
+        proc = unirs(command, "-h")
+        assert proc.returncode == 0 and option in proc.stdout, (command, proc.stderr)

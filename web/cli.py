@@ -7,7 +7,7 @@ import click
 from core.config import get_settings
 
 
-@click.command("serve")
+@click.command("serve", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--host", default=None, help="Bind address (default UNIRS_WEB__HOST, 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default UNIRS_WEB__PORT, 8080).")
 @click.option("--workers", type=int, default=1, show_default=True, help="uvicorn worker processes.")

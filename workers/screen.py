@@ -29,10 +29,11 @@ reflectance below :data:`BARE_REDNESS`: haze and thin cloud brighten flat, shado
 
 3. **Loss the pair missed.** A cut first seen on a leaf-off → leaf-on pair raises NDVI like the rest of
    the scene, so the pair's dNDVI misses it. With the model, pixels where it expects full canopy
-   (:data:`EXPECTED_FOREST`) and sees bare-looking ground at most :data:`FOUND_MAX_NDVI`, departing as in 1,
-   outside the pair's own departing loss regions, become ``vegetation_loss`` regions of their own
-   (8-connected, at least the minimum mapping unit; ``statistics.screen.found_by``). Not on a date that
-   has atmospheric regions. The verdict is stored
+   (:data:`EXPECTED_FOREST`) and sees at most :data:`FOUND_MAX_NDVI`, departing as in 1, outside the pair's
+   own departing loss regions, become ``vegetation_loss`` regions of their own (8-connected, at least the
+   minimum mapping unit, at least :data:`DEPARTURE_SHARE` of their pixels bare-looking — judged per region
+   like the atmospheric verdict, since a patch's mixed edge pixels and slash are not all red;
+   ``statistics.screen.found_by``). Not on a date that has atmospheric regions. The verdict is stored
 per region finding (``findings.screen_verdict``, revision 0010) with its figures in
 ``statistics["screen"]``; :mod:`workers.confirmation` never alerts a seasonal region nor links later
 re-detections to it.
@@ -365,14 +366,13 @@ def screen(regions: list[Region], grid: Grid, before: SceneRef, after: SceneRef,
     if pred_a is not None and not any(v.verdict == ATMOSPHERIC for v in out):
         with np.errstate(invalid="ignore"):
             lost = (aoi & np.isfinite(ndvi_a) & np.isfinite(pred_a) & (pred_a >= EXPECTED_FOREST)
-                    & (ndvi_a - pred_a - offset <= -limit) & (ndvi_a <= FOUND_MAX_NDVI) & looks_bare
-                    & ~late_leafing)
+                    & (ndvi_a - pred_a - offset <= -limit) & (ndvi_a <= FOUND_MAX_NDVI) & ~late_leafing)
         taken = [r.geom_utm for r, v in zip(regions, out, strict=True)
                  if v.verdict == DEPARTURE and NDVI_CLASSES.get(r.change_class) == -1]
         if taken:
             lost &= ~geometry_mask([mapping(g) for g in taken], out_shape=lost.shape, transform=t_win, invert=True)
-        found, found_verdicts = _found_regions(lost, window, ndvi_a, ndvi_b, pred_a, d_ndvi, min_mapping_unit_ha,
-                                               common)
+        found, found_verdicts = _found_regions(lost, looks_bare, window, ndvi_a, ndvi_b, pred_a, d_ndvi,
+                                               min_mapping_unit_ha, common)
         _atmosphere(found, found_verdicts, after, window, ndvi_a)
     logger.info("screen: %s over %d history dates (%s); %d loss regions the pair missed",
                 ", ".join(v.verdict for v in out), len(past), common.get("method"), len(found))
@@ -390,23 +390,29 @@ def _atmosphere(regions: list[Region], verdicts: list[Verdict], after: SceneRef,
             v.statistics.update(atmosphere=hit[0], **hit[1])
 
 
-def _found_regions(lost: np.ndarray, window: Grid, ndvi_a: np.ndarray, ndvi_b: np.ndarray, pred_a: np.ndarray,
-                   d_ndvi: np.ndarray, min_ha: float, common: dict[str, Any]) -> tuple[list[Region], list[Verdict]]:
-    """Connected (8-neighbour) departure-loss pixels of at least ``min_ha`` as vegetation-loss regions. Their
-    ``before_means`` NDVI is what the model expected, so confirmation compares later looks with the forest
-    that should be there (a leaf-off before date would make bare ground look unchanged)."""
+def _found_regions(lost: np.ndarray, looks_bare: np.ndarray, window: Grid, ndvi_a: np.ndarray, ndvi_b: np.ndarray,
+                   pred_a: np.ndarray, d_ndvi: np.ndarray, min_ha: float, common: dict[str, Any]
+                   ) -> tuple[list[Region], list[Verdict]]:
+    """Connected (8-neighbour) departure-loss pixels of at least ``min_ha`` of which at least
+    :data:`DEPARTURE_SHARE` look bare (``looks_bare``), as vegetation-loss regions. Their ``before_means`` NDVI
+    is what the model expected, so confirmation compares later looks with the forest that should be there (a
+    leaf-off before date would make bare ground look unchanged).
+
+    Bareness is judged per region, as for the pair's own regions (the atmospheric verdict), not per pixel: a
+    cut patch's edge pixels (part crown, part soil), its slash and its shaded side depart like its bare centre
+    but are not all red; pixel by pixel they split a small patch into pieces under the minimum mapping unit."""
     ha_per_px = window.pixel_area_m2 / 10_000.0
     labels = rasterio_label(lost)
     geoms, stats = [], []
     for geom, value in shapes(labels, mask=labels > 0, transform=window.transform, connectivity=8):
         px = labels == int(value)
         n = int(px.sum())
-        if n * ha_per_px < min_ha:
+        if n * ha_per_px < min_ha or int((px & looks_bare).sum()) < DEPARTURE_SHARE * n:
             continue
         geoms.append(shape(geom))
-        stats.append((n, px))
+        stats.append((n, px, int((px & looks_bare).sum()) / n))
     out, verdicts = [], []
-    for g, g4326, (n, px) in zip(geoms, to_4326(geoms, window.crs), stats, strict=True):
+    for g, g4326, (n, px, bare) in zip(geoms, to_4326(geoms, window.crs), stats, strict=True):
         elongation, width = shape_measures(g, window.pixel_size)
         finite = px & np.isfinite(d_ndvi)
         out.append(Region(change_class="vegetation_loss", geom_utm=g, geom_4326=g4326, pixels=n,
@@ -421,7 +427,8 @@ def _found_regions(lost: np.ndarray, window: Grid, ndvi_a: np.ndarray, ndvi_b: n
                                             "after_ndvi": round(float(np.mean(ndvi_a[px])), 3),
                                             "before_ndvi": round(float(np.nanmean(ndvi_b[px])), 3)
                                             if np.isfinite(ndvi_b[px]).any() else None,
-                                            "departure_share": 1.0, "pixels_screened": n}))
+                                            "departure_share": 1.0, "bare_looking_share": round(bare, 3),
+                                            "pixels_screened": n}))
     return out, verdicts
 
 

@@ -31,8 +31,9 @@ reflectance below :data:`BARE_REDNESS`: haze and thin cloud brighten flat, shado
    the scene, so the pair's dNDVI misses it. With the model, pixels where it expects full canopy
    (:data:`EXPECTED_FOREST`) and sees at most :data:`FOUND_MAX_NDVI`, departing as in 1, outside the pair's
    own departing loss regions, become ``vegetation_loss`` regions of their own (8-connected, at least the
-   minimum mapping unit, at least :data:`DEPARTURE_SHARE` of their pixels bare-looking — judged per region
-   like the atmospheric verdict, since a patch's mixed edge pixels and slash are not all red;
+   minimum mapping unit together with the patches within :data:`CLUSTER_GAP_M` — group-selection gaps of one
+   harvest —, at least :data:`DEPARTURE_SHARE` of their pixels bare-looking — judged per region like the
+   atmospheric verdict, since a patch's mixed edge pixels and slash are not all red;
    ``statistics.screen.found_by``). Not on a date that has atmospheric regions. The verdict is stored
 per region finding (``findings.screen_verdict``, revision 0010) with its figures in
 ``statistics["screen"]``; :mod:`workers.confirmation` never alerts a seasonal region nor links later
@@ -91,6 +92,7 @@ LAG_SHARE = 0.5  # of today's lag behind the scene that an earlier spring must h
 MIN_LAG = 0.1  # NDVI below the scene: clearly behind the forest round it, then and now
 GREEN_UP_GAP = 0.05  # NDVI the forest (window median) is below its summer canopy (90th percentile of dates)
 LAG_RECOVERY_DAYS = 45  # ... and full canopy (EXPECTED_FOREST) again within this many days: leafed out late
+CLUSTER_GAP_M = 60.0  # m of forest between found patches of one harvest (about two tree heights of a mature stand)
 NOT_CHANGE = (SEASONAL, ATMOSPHERIC)  # verdicts that keep a region from alerting
 NDVI_CLASSES = {"vegetation_loss": -1, "new_built_up_or_bare": -1, "vegetation_gain": +1}
 
@@ -393,21 +395,38 @@ def _atmosphere(regions: list[Region], verdicts: list[Verdict], after: SceneRef,
 def _found_regions(lost: np.ndarray, looks_bare: np.ndarray, window: Grid, ndvi_a: np.ndarray, ndvi_b: np.ndarray,
                    pred_a: np.ndarray, d_ndvi: np.ndarray, min_ha: float, common: dict[str, Any]
                    ) -> tuple[list[Region], list[Verdict]]:
-    """Connected (8-neighbour) departure-loss pixels of at least ``min_ha`` of which at least
-    :data:`DEPARTURE_SHARE` look bare (``looks_bare``), as vegetation-loss regions. Their ``before_means`` NDVI
+    """Connected (8-neighbour) departure-loss pixels of which at least :data:`DEPARTURE_SHARE` look bare
+    (``looks_bare``), as vegetation-loss regions, each one a patch; the minimum mapping unit ``min_ha`` applies
+    to a patch together with the other such patches within :data:`CLUSTER_GAP_M` of it. Their ``before_means`` NDVI
     is what the model expected, so confirmation compares later looks with the forest that should be there (a
     leaf-off before date would make bare ground look unchanged).
 
     Bareness is judged per region, as for the pair's own regions (the atmospheric verdict), not per pixel: a
     cut patch's edge pixels (part crown, part soil), its slash and its shaded side depart like its bare centre
-    but are not all red; pixel by pixel they split a small patch into pieces under the minimum mapping unit."""
+    but are not all red; pixel by pixel they split a small patch into pieces under the minimum mapping unit.
+    Group-selection harvesting (the bundled site's cuts, benchmarks/reference/METHOD.md) opens gaps of a few
+    hundred m² each, tens of metres apart, in one winter: the unit of change is the operation, not each gap,
+    and the model's departures (3 × RMSE, NDVI <= 0.6 where canopy is expected, bare-looking) do not fall in
+    such clusters by chance."""
+    from scipy import ndimage
+
     ha_per_px = window.pixel_area_m2 / 10_000.0
     labels = rasterio_label(lost)
+    n_px = np.bincount(labels.ravel())
+    n_bare = np.bincount(labels.ravel(), weights=(lost & looks_bare).ravel(), minlength=len(n_px))
+    bare = n_bare >= DEPARTURE_SHARE * n_px
+    bare[0] = False
+    eligible = bare[labels]
+    # Gaps of one operation: patches with at most CLUSTER_GAP_M of forest between them count together.
+    reach = max(1, round(CLUSTER_GAP_M / (2 * window.pixel_size)))
+    clusters = rasterio_label(ndimage.binary_dilation(eligible, structure=np.ones((3, 3), bool), iterations=reach))
+    clusters = np.where(eligible, clusters, 0)
+    cluster_px = np.bincount(clusters.ravel())
     geoms, stats = [], []
-    for geom, value in shapes(labels, mask=labels > 0, transform=window.transform, connectivity=8):
+    for geom, value in shapes(labels, mask=eligible, transform=window.transform, connectivity=8):
         px = labels == int(value)
         n = int(px.sum())
-        if n * ha_per_px < min_ha or int((px & looks_bare).sum()) < DEPARTURE_SHARE * n:
+        if cluster_px[clusters[px][0]] * ha_per_px < min_ha:
             continue
         geoms.append(shape(geom))
         stats.append((n, px, int((px & looks_bare).sum()) / n))

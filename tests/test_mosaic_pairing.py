@@ -126,16 +126,22 @@ def _publish(collection: StacCollection, items: list[dict]) -> None:
         collection.publish(item)
 
 
+def _straddling_granules(cogs, stac_api, collection):
+    """Publish a before and an after acquisition, each a zone-34 (west) and a zone-35 (east) granule meeting at
+    the zone edge; returns the loopback catalogue of ``collection``."""
+    _publish(collection, [
+        _item(cogs, f"{side}-{when}", shape_name="es-v1", tile=tile, when=when, epsg=epsg, bounds=bounds)
+        for when in ("before", "after")
+        for side, tile, epsg, bounds in (("west", "34TGQ", 32634, WEST), ("east", "35TKL", 32635, EAST))])
+    return loopback_catalogue(stac_api.url, [collection.id]).model_copy(
+        update={"profiles": {collection.id: "earth-search-v1/sentinel-2-l2a"}})
+
+
 def test_area_across_two_utm_zones_is_covered_clear_and_analysed_on_one_grid(cogs, stac_api, db, add_area, tmp_path,
                                                                            sample_data_dir):
     collection = StacCollection(stac_api, localstac.read_sample_collection(sample_data_dir))
     try:
-        _publish(collection, [
-            _item(cogs, f"{side}-{when}", shape_name="es-v1", tile=tile, when=when, epsg=epsg, bounds=bounds)
-            for when in ("before", "after")
-            for side, tile, epsg, bounds in (("west", "34TGQ", 32634, WEST), ("east", "35TKL", 32635, EAST))])
-        catalogue = loopback_catalogue(stac_api.url, [collection.id]).model_copy(
-            update={"profiles": {collection.id: "earth-search-v1/sentinel-2-l2a"}})
+        catalogue = _straddling_granules(cogs, stac_api, collection)
         settings = _settings(db, tmp_path, [catalogue])
         area = add_area("zone edge", STRADDLE, collections=[collection.id], recipients=["ana@example.org"])
         analyses = _loop(settings)
@@ -164,12 +170,7 @@ def test_the_screen_history_reads_every_granule_of_an_acquisition(cogs, stac_api
 
     collection = StacCollection(stac_api, localstac.read_sample_collection(sample_data_dir))
     try:
-        _publish(collection, [
-            _item(cogs, f"{side}-{when}", shape_name="es-v1", tile=tile, when=when, epsg=epsg, bounds=bounds)
-            for when in ("before", "after")
-            for side, tile, epsg, bounds in (("west", "34TGQ", 32634, WEST), ("east", "35TKL", 32635, EAST))])
-        catalogue = loopback_catalogue(stac_api.url, [collection.id]).model_copy(
-            update={"profiles": {collection.id: "earth-search-v1/sentinel-2-l2a"}})
+        catalogue = _straddling_granules(cogs, stac_api, collection)
         settings = _settings(db, tmp_path, [catalogue])
         add_area("zone edge", STRADDLE, collections=[collection.id])
         (done,) = _loop(settings)

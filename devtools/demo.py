@@ -323,7 +323,7 @@ def demo(settings: Settings, per_date_timeout: float, web_port: int, web: bool) 
         app = demo_web.start_web(result.app_url, VAR, port=web_port, cwd=REPO)
         click.echo(click.style("==> ", fg="cyan", bold=True) + f"web app running at {app.url}/ (PID {app.pid})")
         click.echo(f"  log in as {app.email} with password {app.password} (also in {VAR / demo_web.LOGINFILE})")
-        for what, link in (("the demo area", app.area_url), ("its latest analysis", app.analysis_url)):
+        for what, link in (("the demo area", app.area_url), ("its latest analysis with changed regions", app.analysis_url)):
             if link:
                 click.echo(f"  {what}: {link}")
         click.echo(f"  stop it with: kill {app.pid}    (the next scripts/demo run stops it too)")

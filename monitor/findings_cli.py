@@ -7,9 +7,11 @@ import sys
 from datetime import UTC, datetime, timedelta
 
 import click
+from sqlalchemy import select
 
 from core.config import Settings
 from core.db import session_scope
+from core.models import Area
 from monitor import findings as svc
 
 
@@ -70,6 +72,8 @@ def findings(ctx: click.Context, area, since, until, kind, bbox, min_hectares, t
             limit=None if everything else limit,
         )
         with session_scope(ctx.obj) as session:
+            if area is not None and session.scalar(select(Area.id).where(Area.name == area)) is None:
+                raise svc.QueryError(f"no watched area named {area!r} (`unirs-monitor areas list` shows them)")
             if fmt in ("geojson", "csv"):  # streamed: rows are written as the server-side cursor yields them
                 rows = svc.iter_findings(session, flt, geometry_text=fmt == "geojson")
                 if fmt == "geojson":

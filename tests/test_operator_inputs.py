@@ -186,3 +186,13 @@ def test_tables_are_rich_and_plain_in_a_pipe():
     # On a terminal: a rule under the header, bold header (ANSI), same cells.
     styled = format_table(rows, terminal=True)
     assert "\x1b[1m" in styled and "─" in styled
+
+
+def test_findings_of_an_area_that_does_not_exist_is_an_error_not_an_empty_answer(db):
+    """A misspelled --area used to print "no findings match" and exit 0, as if the area were quiet."""
+    with session_scope(get_settings()) as s:
+        f.area(s, name="forest")
+    assert run("findings", "--area", "forest").output == "no findings match\n"
+    for fmt in ("table", "geojson", "csv"):
+        result = run("findings", "--area", "forets", "--format", fmt, ok=False)
+        assert result.output == ("Error: no watched area named 'forets' (`unirs-monitor areas list` shows them)\n")

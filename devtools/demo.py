@@ -220,8 +220,9 @@ def _headline(app_url: str, item_id: str) -> str:
     from monitor.reports.context import load_analysis_report
 
     with session_scope(app_url) as session:
+        of_item = or_(Scene.item_id == item_id, Scene.item["id"].astext == item_id)
         analysis_id = session.scalar(select(Analysis.id).join(Scene, Scene.id == Analysis.after_scene_id)
-                                     .where(or_(Scene.item_id == item_id, Scene.item["id"].astext == item_id)).order_by(Analysis.id.desc()).limit(1))
+                                     .where(of_item).order_by(Analysis.id.desc()).limit(1))
         if analysis_id is None:
             return ""
         return load_analysis_report(session, analysis_id, "http://127.0.0.1", with_images=False).headline
@@ -323,7 +324,8 @@ def demo(settings: Settings, per_date_timeout: float, web_port: int, web: bool) 
         app = demo_web.start_web(result.app_url, VAR, port=web_port, cwd=REPO)
         click.echo(click.style("==> ", fg="cyan", bold=True) + f"web app running at {app.url}/ (PID {app.pid})")
         click.echo(f"  log in as {app.email} with password {app.password} (also in {VAR / demo_web.LOGINFILE})")
-        for what, link in (("the demo area", app.area_url), ("its latest analysis with changed regions", app.analysis_url)):
+        for what, link in (("the demo area", app.area_url),
+                           ("its latest analysis with changed regions", app.analysis_url)):
             if link:
                 click.echo(f"  {what}: {link}")
         click.echo(f"  stop it with: kill {app.pid}    (the next scripts/demo run stops it too)")

@@ -24,8 +24,8 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.env import get_gdal_config, set_gdal_config
 from rasterio.enums import MaskFlags, Resampling
+from rasterio.env import get_gdal_config, set_gdal_config
 from rasterio.errors import RasterioError
 from rasterio.features import geometry_mask
 from rasterio.vrt import WarpedVRT

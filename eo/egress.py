@@ -23,8 +23,8 @@ not an open relay for other local users. libcurl skips a proxy for hosts named i
 
 HTTPS stays end-to-end (``CONNECT`` is a byte tunnel); plain ``http`` requests are forwarded one per
 connection (``Connection: close`` upstream and in the answer relayed to the client; a second request on the
-client's connection ends it rather than reaching the first request's host unvetted). ``s3://`` hrefs do not use the proxy: GDAL talks to the deployment's
-configured S3 endpoint, not to a catalogue-chosen host.
+client's connection ends it rather than reaching the first request's host unvetted). ``s3://`` hrefs do not
+use the proxy: GDAL talks to the deployment's configured S3 endpoint, not to a catalogue-chosen host.
 """
 
 from __future__ import annotations

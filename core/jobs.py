@@ -207,8 +207,9 @@ _REQUEUE_LOST = text(f"""
 
 def _backoff(delay: str) -> str:
     """SQL: ``delay`` doubled for each send after the first that no worker claimed (``dispatches``, reset by the
-    claim), at most ``:backoff_max`` seconds; the exponent is capped so the power stays a small float."""
-    return f"LEAST({delay} * power(2, LEAST(GREATEST(dispatches - 1, 0), 30)), :backoff_max)"
+    claim), at most ``:backoff_max`` seconds but never below ``delay``; the exponent is capped so the power
+    stays a small float."""
+    return f"GREATEST({delay}, LEAST({delay} * power(2, LEAST(GREATEST(dispatches - 1, 0), 30)), :backoff_max))"
 
 
 # A `queued` row with `worker` NULL was published by the dispatcher (pending → queued, lost → re-queued,

@@ -230,6 +230,33 @@ def check_observations(settings: Settings) -> str:
                         f"newest: acquisition {r.key} over {r.name!r}: {r.reason}")
 
 
+def check_analyses(settings: Settings) -> str:
+    """Queued analyses whose task was published :data:`core.observations.UNSTARTED_WARN_SENDS` times or more
+    since their last claim, none claimed (a warning naming the queue: a ``gpu`` queue without a GPU worker is
+    the usual cause; they are re-sent with a doubling delay and run once a worker takes the queue)."""
+    from sqlalchemy import text
+
+    from core.db import session_scope
+    from core.jobs import queue_for
+    from core.observations import UNSTARTED_WARN_SENDS
+
+    with session_scope(settings) as session:
+        rows = session.execute(text("""
+            SELECT analyser, count(*) AS n, max(dispatches) AS sends FROM analyses
+             WHERE status = 'queued' AND dispatches >= :warn GROUP BY analyser"""),
+            {"warn": UNSTARTED_WARN_SENDS}).all()
+    if not rows:
+        return "no queued analysis waiting on a worker"
+    by_queue: dict[str, tuple[int, int]] = {}
+    for r in rows:
+        n, sends = by_queue.get(queue_for(r.analyser).value, (0, 0))
+        by_queue[queue_for(r.analyser).value] = (n + r.n, max(sends, r.sends))
+    raise DoctorWarning("; ".join(
+        f"{n} analysis(es) sent up to {sends} times, never claimed by a worker: is a worker consuming the "
+        f"'{queue}' queue? (re-sent with a doubling delay; nothing is lost)" for queue, (n, sends) in sorted(
+            by_queue.items())))
+
+
 def run_checks(settings: Settings, *, load_model: bool = False) -> list[Check]:
     database = _check("database", lambda: check_database(settings))
     checks = [
@@ -238,6 +265,8 @@ def run_checks(settings: Settings, *, load_model: bool = False) -> list[Check]:
         else Check("areas", False, "not checked: the database is not usable"),
         _check("observations", lambda: check_observations(settings)) if database.ok
         else Check("observations", False, "not checked: the database is not usable"),
+        _check("analyses", lambda: check_analyses(settings)) if database.ok
+        else Check("analyses", False, "not checked: the database is not usable"),
         _check("broker", lambda: check_broker(settings)),
     ]
     checks += [_check(f"catalogue {c.name}", lambda c=c: check_catalogue(c)) for c in settings.catalogues]

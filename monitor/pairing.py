@@ -69,7 +69,7 @@ class PairingStats:
     cloudy: int = 0
     partial: int = 0
     failed: int = 0
-    gave_up: int = 0  # of the failed: given up this pass (too many attempts, or sends no worker started)
+    gave_up: int = 0  # of the failed: given up this pass (started too many times without an outcome)
     analyses_created: int = 0
     no_before: int = 0
     granule_reads: int = 0

@@ -281,6 +281,9 @@ def test_pairing_analyses_the_observation_tables_when_their_statistics_are_missi
 
     with session_scope(get_settings()) as session:
         session.execute(text("TRUNCATE observations, acquisitions, areas RESTART IDENTITY CASCADE"))
+        # autovacuum's own ANALYZE (its threshold is below these changes) would race the one under test
+        for table in ("observations", "acquisitions"):
+            session.execute(text(f"ALTER TABLE {table} SET (autovacuum_enabled = off)"))
     assert _reltuples() == {"observations": -1.0, "acquisitions": -1.0}  # TRUNCATE forgets the statistics
     with session_scope(get_settings()) as session:
         session.add_all(Area(name=f"a{i}", geom=from_shape(MultiPolygon([box(i, 0, i + 0.01, 0.01)]), srid=4326),
@@ -303,6 +306,8 @@ def test_pairing_analyses_the_observation_tables_when_their_statistics_are_missi
         assert refresh_statistics(session) == ["observations"]
     with session_scope(get_settings()) as session:
         assert refresh_statistics(session) == []
+        for table in ("observations", "acquisitions"):
+            session.execute(text(f"ALTER TABLE {table} RESET (autovacuum_enabled)"))
 
 
 def _changed(sql: str) -> None:

@@ -222,6 +222,6 @@ def test_the_analysis_page_says_what_later_acquisitions_confirmed_or_dismissed(w
     states = re.search(r'<p id="alert-states" class="hint">(.*?)</p>', page, re.S).group(1)
     assert " ".join(states.split()) == (
         "Its regions of the alerting classes since first detection: 1.10 ha confirmed by the next clear "
-        "acquisition; 3.20 ha dismissed: the next clear acquisition no longer showed it. The alert email counted "
-        "them as they stood when it was sent; the headline above counts what alerts now.")
+        "acquisition; 3.20 ha dismissed: the next clear acquisition no longer showed it. An alert email sent on "
+        "first detection counted them as they stood then; the headline above counts what alerts now.")
     assert re.search(r'<h1 id="headline">([^<]*)</h1>', page).group(1) == "Forest loss 1.10 ha"

@@ -22,6 +22,7 @@ from eo.questions import (
     templates_for,
 )
 from monitor.dispatch import dispatch_once
+from monitor.doctor import DoctorWarning, check_analyses
 from tests.fixtures_workers import analysis_rows, insert_analysis, insert_area, insert_sample_scenes
 from workers import leases
 from workers.celery_app import app
@@ -393,3 +394,21 @@ def test_a_message_no_worker_ever_claims_is_resent_with_a_doubling_delay(rows):
     _age_queued(lost, 1001)
     assert dispatch_once(settings, send=broker)["resent"] == 1 and sends() == (5, 3)
     assert {r["status"] for r in analysis_rows([lost, claimed]).values()} == {"queued"}
+    with pytest.raises(DoctorWarning) as warned:  # the claimed one (1 send since its claim) is not counted
+        check_analyses(settings)
+    assert str(warned.value) == ("1 analysis(es) sent up to 41 times, never claimed by a worker: is a worker "
+                                 "consuming the 'cpu' queue? (re-sent with a doubling delay; nothing is lost)")
+
+
+def test_the_resend_delay_never_drops_below_its_base_when_the_cap_is_set_lower(rows):
+    """A cap under 2 × lease must not make the back-off re-send faster than the plain backstop."""
+    settings = _settings(resend_backoff_max_seconds=10)
+    lost = insert_analysis(rows["area"], rows["after"], rows["before"])
+    broker = FakeBroker()
+    assert dispatch_once(settings, send=broker)["queued"] == 1
+    for _ in range(3):
+        _age_queued(lost, 59)  # under 2 × lease (60 s): not yet, whatever the cap
+        assert dispatch_once(settings, send=broker)["resent"] == 0
+        _age_queued(lost, 61)
+        assert dispatch_once(settings, send=broker)["resent"] == 1
+    assert broker.sent.count((lost, "cpu")) == 4

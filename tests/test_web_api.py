@@ -10,7 +10,7 @@ from shapely.geometry import shape
 from sqlalchemy import select
 
 from core.db import session_scope
-from core.models import ApiToken, Area, User
+from core.models import ApiToken, Area, Finding, User
 from monitor.cli import cli
 from tests import factories
 from tests.fixtures_web import PASSWORD, make_account
@@ -101,6 +101,14 @@ def test_another_users_area_is_404_and_admins_see_all(web_client, alice, bob, we
         assert r.status_code == 404, (method, path, r.text)
         assert r.json()["detail"] == f"no area {area_id}"
     assert web_client.get(f"/api/analyses/{bob_analysis}", headers=alice.auth()).status_code == 404
+    # Bob's thumbnails, as stored and as placed on the map: his own, not found for Alice (not "no image").
+    with session_scope(web_db) as session:
+        summary = session.scalar(select(Finding.id).where(Finding.analysis_id == bob_analysis,
+                                                          Finding.kind == "summary"))
+    assert web_client.get(f"/api/findings/{summary}/images/before.png", headers=bob.auth()).status_code == 200
+    for path in (f"/api/findings/{summary}/images/before.png", f"/api/findings/{summary}/placed/before.png"):
+        r = web_client.get(path, headers=alice.auth())
+        assert (r.status_code, r.json()["detail"]) == (404, f"no finding {summary}"), path
     assert web_client.get("/api/findings", headers=alice.auth()).json()["features"] == []
     assert len(web_client.get("/api/findings", headers=bob.auth()).json()["features"]) == 5
     assert [f["id"] for f in web_client.get("/api/areas", headers=bob.auth()).json()["features"]] == [bob_area]

@@ -205,11 +205,13 @@ _REQUEUE_LOST = text(f"""
  RETURNING id, analyser, last_error
 """)  # noqa: S608
 
-def _backoff(delay: str) -> str:
-    """SQL: ``delay`` doubled for each send after the first that no worker claimed (``dispatches``, reset by the
-    claim), at most ``:backoff_max`` seconds but never below ``delay``; the exponent is capped so the power
-    stays a small float."""
-    return f"GREATEST({delay}, LEAST({delay} * power(2, LEAST(GREATEST(dispatches - 1, 0), 30)), :backoff_max))"
+def resend_backoff(delay: str, sends: str = "dispatches") -> str:
+    """SQL: the re-send delay ``delay`` doubled for each send after the first that no worker started (``sends``,
+    reset by a start or claim), at most ``:backoff_max`` seconds but never below ``delay`` (a cap set under the
+    base must not make re-sends faster); the exponent is capped so the power stays a small float. Used for
+    analyses here and observations in core/observations.py."""
+    return (f"GREATEST({delay}, LEAST({delay} * power(2, LEAST(GREATEST({sends} - 1, 0), 30)), "
+            ":backoff_max))")
 
 
 # A `queued` row with `worker` NULL was published by the dispatcher (pending → queued, lost → re-queued,
@@ -218,7 +220,7 @@ _RESEND_QUEUED = text(f"""
     UPDATE analyses SET queued_at = now(), worker = NULL, dispatches = dispatches + 1
      WHERE id = (SELECT id FROM analyses
                   WHERE status = '{_S.QUEUED.value}'
-                    AND queued_at < now() - make_interval(secs => {_backoff(':stale_seconds')})
+                    AND queued_at < now() - make_interval(secs => {resend_backoff(':stale_seconds')})
                   ORDER BY queued_at LIMIT 1 FOR UPDATE SKIP LOCKED)
  RETURNING id, analyser
 """)  # noqa: S608
@@ -232,7 +234,7 @@ _RESEND_SENT = text(f"""
     UPDATE analyses SET queued_at = now(), dispatches = dispatches + 1
      WHERE id = (SELECT id FROM analyses
                   WHERE status = '{_S.QUEUED.value}' AND worker IS NULL AND analyser = ANY(:analysers)
-                    AND queued_at < now() - make_interval(secs => {_backoff(':min_age')}) AND queued_at < :before
+                    AND queued_at < now() - make_interval(secs => {resend_backoff(':min_age')}) AND queued_at < :before
                   ORDER BY queued_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)
  RETURNING id, analyser
 """)  # noqa: S608

@@ -47,7 +47,7 @@ from datetime import timedelta
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from core.jobs import Queue
+from core.jobs import Queue, resend_backoff
 from core.models import ObservationStatus
 
 #: Celery task name of one acquisition's observations (messages carry the acquisition id only).
@@ -73,11 +73,8 @@ DUE = (f"((o.status = '{_S.PENDING.value}' AND o.computed_at IS NULL) OR "
 UNSTARTED_WARN_SENDS = 3
 #: Default cap of the re-send back-off (``analysis.resend_backoff_max_seconds``).
 RESEND_BACKOFF_MAX_SECONDS = 6 * 3600.0
-#: SQL: the re-send delay of a row, ``:resend`` doubled for each send after the first that no worker started
-#: (``dispatches`` is 0 again once one starts), at most ``:backoff_max`` but never below ``:resend`` (a cap
-#: set under the base delay must not make re-sends faster). The exponent is capped so the power stays small.
-RESEND_DELAY = ("GREATEST(:resend, LEAST(:resend * power(2, LEAST(GREATEST(o.dispatches - 1, 0), 30)), "
-                ":backoff_max))")
+#: SQL: the re-send delay of a row (``dispatches`` is 0 again once a worker starts it).
+RESEND_DELAY = resend_backoff(":resend", "o.dispatches")
 #: Timed from the later of the dispatch and the start of the last attempt: a message that waited 15 min in a
 #: busy cpu queue and started 1 min ago is running, not lost (GREATEST ignores a NULL started_at).
 _NOT_IN_FLIGHT = ("(o.dispatched_at IS NULL "

@@ -16,8 +16,9 @@ from pythonjsonlogger.json import JsonFormatter
 
 SERVICE_LEVEL = "INFO"
 COMMAND_LEVEL = "WARNING"
-# Library chatter that drowns what the service itself says.
-NOISY = ("urllib3", "rasterio", "botocore", "httpx", "pystac_client")
+# Library chatter that drowns what the service itself says. alembic.runtime.plugins logs one INFO line per
+# plugin when alembic is first imported, which the CLI does lazily, after logging is set up.
+NOISY = ("urllib3", "rasterio", "botocore", "httpx", "pystac_client", "alembic.runtime.plugins")
 
 
 def json_formatter() -> logging.Formatter:

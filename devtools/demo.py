@@ -18,12 +18,14 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from shapely.geometry import mapping, shape
 
-from core.config import Settings
-from devtools import dbadmin, localstac
+if TYPE_CHECKING:
+    from core.config import Settings
+
+# psycopg, shapely and the STAC harness are imported where used: `unirs-monitor demo -h` needs none of them.
 
 REPO = Path(__file__).resolve().parent.parent
 VAR = REPO / "var" / "demo"
@@ -70,6 +72,7 @@ def _fresh_databases(base_url: str) -> DemoEnv:
     from sqlalchemy.engine import make_url
 
     from core import migrate
+    from devtools import dbadmin, localstac
 
     base = make_url(base_url)
     app_url = base.set(database=f"{base.database}_demo")
@@ -94,6 +97,8 @@ def _purge_broker(url: str) -> None:
 
 def _area_geometry(items: list[dict]) -> dict:
     """The sample's footprint shrunk by 50 m on each side: the area lies inside every scene."""
+    from shapely.geometry import mapping, shape
+
     footprint = shape(items[0]["geometry"])
     return mapping(footprint.buffer(-0.0006))
 
@@ -231,6 +236,8 @@ def _headline(app_url: str, item_id: str) -> str:
 def run_demo(base_url: str, *, var_dir: Path = VAR, dates: list[str] | None = None,
              per_date_timeout: float = 300.0, echo=click.echo) -> DemoResult:
     """Run the loop; ``dates`` (YYYY-MM-DD) restricts the acquisitions published (the whole-loop test)."""
+    from devtools import localstac
+
     if var_dir.exists():
         shutil.rmtree(var_dir)
     (var_dir / "outbox").mkdir(parents=True)

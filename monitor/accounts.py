@@ -17,8 +17,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.models import OPERATOR_EMAIL, ApiToken, User
+from monitor.choices import TOKEN_SCOPES
 
-SCOPES = ("read", "write")
+SCOPES = TOKEN_SCOPES
 MIN_PASSWORD = 10
 _HASH = PasswordHash.recommended()
 _TOKEN = re.compile(r"^unirs_([0-9a-f]{12})_([A-Za-z0-9_-]{20,100})$")

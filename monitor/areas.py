@@ -6,7 +6,6 @@ import difflib
 import json
 import logging
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
@@ -17,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from core.models import AlertFrequency, Area, AreaStatus, PairingPolicy
 from eo.change_classes import CLASS_ORDER
+from monitor.area_options import ALERT_ON, AreaOptions
 from monitor.geometry import AreaGeometryError, ParsedArea, geodesic_area_km2, to_feature
 
 log = logging.getLogger(__name__)
@@ -24,55 +24,8 @@ log = logging.getLogger(__name__)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-# When an alert goes out: on the first detection, or once the next clear acquisition confirms it.
-ALERT_ON = ("probable", "confirmed")
-
-
 class AreaError(ValueError):
     """A request about areas that cannot be carried out; the message says why."""
-
-
-@dataclass
-class AreaOptions:
-    """Per-area settings. None = keep the current value (update) or use the default (add)."""
-
-    collections: list[str] | None = None
-    max_cloud_cover: float | None = None
-    min_clear_fraction: float | None = None
-    min_covered_fraction: float | None = None  # share of the area an acquisition must image (else "partial")
-    recipients: list[str] | None = None
-    questions: list[str] | None = None
-    alert_frequency: str | None = None
-    min_alert_hectares: float | None = None
-    pairing_policy: str | None = None
-    alert_classes: list[str] | None = None  # change class ids of eo/change_classes.py
-    alert_on: str | None = None  # probable | confirmed
-
-    # GeoJSON property names accepted on import, so `areas export` output can be added back.
-    PROPERTY_KEYS = (
-        "collections", "max_cloud_cover", "min_clear_fraction", "min_covered_fraction", "recipients", "questions",
-        "alert_frequency", "min_alert_hectares", "pairing_policy", "alert_classes", "alert_on",
-    )
-
-    # Also accepted on import: the name, free attributes, and what `areas export` writes but a new area
-    # cannot take over (its old id, status and size).
-    NAME_KEY = "name"
-    ATTRIBUTES_KEY = "attributes"
-    EXPORT_ONLY_KEYS = ("id", "status", "area_km2")
-
-    @classmethod
-    def accepted_keys(cls) -> tuple[str, ...]:
-        return (cls.NAME_KEY, *cls.PROPERTY_KEYS, cls.ATTRIBUTES_KEY)
-
-    @classmethod
-    def from_properties(cls, props: dict[str, Any]) -> AreaOptions:
-        return cls(**{k: props[k] for k in cls.PROPERTY_KEYS if props.get(k) is not None})
-
-    def merged_over(self, base: AreaOptions) -> AreaOptions:
-        """These options, with unset fields taken from ``base``."""
-        return AreaOptions(**{
-            k: getattr(self, k) if getattr(self, k) is not None else getattr(base, k) for k in self.PROPERTY_KEYS
-        })
 
 
 def split_properties(props: dict[str, Any], where: str, *, keep_unknown: bool = False) -> dict[str, Any]:

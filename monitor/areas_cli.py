@@ -7,18 +7,18 @@ import sys
 import textwrap
 from collections.abc import Callable
 from functools import wraps
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from shapely.geometry import shape
 
-from core.config import Settings
-from core.db import session_scope
-from core.models import AreaStatus
 from eo.change_classes import CLASS_ORDER
-from monitor import areas as svc
-from monitor.geometry import AreaGeometryError, parse_areas, read_source, read_stdin
-from monitor.tables import Column, render_table
+from monitor.area_options import ALERT_ON, AreaOptions
+
+if TYPE_CHECKING:
+    from core.config import Settings
+
+# The service, the database layer and shapely are imported in the commands that use them, so that
+# `areas … -h` stays fast (monitor/cli.py).
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -26,9 +26,12 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from monitor.areas import AreaError
+        from monitor.geometry import AreaGeometryError
+
         try:
             return fn(*args, **kwargs)
-        except (svc.AreaError, AreaGeometryError) as exc:
+        except (AreaError, AreaGeometryError) as exc:
             raise click.ClickException(str(exc)) from None
 
     return wrapper
@@ -56,7 +59,7 @@ def _settings_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--alert-class", "alert_classes", multiple=True, type=click.Choice(list(CLASS_ORDER)),
                      help="Change class that sends an alert (repeatable; replaces the list; default the loss "
                           "classes vegetation_loss and new_built_up_or_bare). Other classes are still reported."),
-        click.option("--alert-on", "alert_on", type=click.Choice(list(svc.ALERT_ON)),
+        click.option("--alert-on", "alert_on", type=click.Choice(list(ALERT_ON)),
                      help="Alert on the first detection of a change (probable, default) or only once the next "
                           "clear acquisition confirms it (confirmed)."),
         click.option("--policy", "pairing_policy", type=click.Choice(["latest", "seasonal"]),
@@ -67,12 +70,14 @@ def _settings_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _options(**kw: Any) -> svc.AreaOptions:
+def _options(**kw: Any) -> AreaOptions:
     """Click gives repeatable options as tuples, empty when not given; empty means "not set" here."""
-    return svc.AreaOptions(**{k: (list(v) or None) if isinstance(v, tuple) else v for k, v in kw.items()})
+    return AreaOptions(**{k: (list(v) or None) if isinstance(v, tuple) else v for k, v in kw.items()})
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
+    from monitor.tables import Column, render_table
+
     columns = [Column("id", justify="right"), Column("name", 40), Column("status"),
                Column("area_km2", justify="right"), Column("collections", 30), Column("alerts"),
                Column("recipients", 50)]
@@ -84,12 +89,14 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def _warn_if_alerting_nobody(areas: list[Any]) -> None:
+    from monitor import areas as svc
+
     for area in areas:
         if svc.alerts_nobody(area):
             click.echo(f"warning: {svc.alerts_nobody_warning(area)}", err=True)
 
 
-_KEYS_HELP = textwrap.wrap(", ".join(svc.AreaOptions.accepted_keys()), 76, initial_indent="  ", subsequent_indent="  ")
+_KEYS_HELP = textwrap.wrap(", ".join(AreaOptions.accepted_keys()), 76, initial_indent="  ", subsequent_indent="  ")
 _PROPERTIES_HELP = "\n".join([
     "\b", "Feature properties accepted (others are refused, unless --keep-unknown-properties):", *_KEYS_HELP,
 ]) + """
@@ -127,6 +134,10 @@ def add_cmd(settings: Settings, source: str, name: str | None, union: bool, fix:
       unirs-monitor areas add 'POLYGON((23.1 46.5, 23.2 46.5, 23.2 46.6, 23.1 46.6, 23.1 46.5))' --name test
       unirs-monitor areas add parcels.geojson            # one area per feature, named by properties.name
     """
+    from core.db import session_scope
+    from monitor import areas as svc
+    from monitor.geometry import parse_areas, read_source, read_stdin
+
     text = read_stdin(sys.stdin.buffer) if source == "-" else read_source(source)
     parsed = parse_areas(text, union=union, fix=fix, max_vertices=settings.max_area_vertices)
     with session_scope(settings) as session:
@@ -147,6 +158,9 @@ def add_cmd(settings: Settings, source: str, name: str | None, union: bool, fix:
 @click.pass_obj
 def list_cmd(settings: Settings, status: str | None, as_json: bool) -> None:
     """List watched areas."""
+    from core.db import session_scope
+    from monitor import areas as svc
+
     with session_scope(settings) as session:
         rows = [svc.area_properties(a) for a in svc.list_areas(session, status)]
     if as_json:
@@ -164,6 +178,11 @@ def list_cmd(settings: Settings, status: str | None, as_json: bool) -> None:
 @click.pass_obj
 def show_cmd(settings: Settings, area: str, as_json: bool) -> None:
     """Show one area (by name or id)."""
+    from shapely.geometry import shape
+
+    from core.db import session_scope
+    from monitor import areas as svc
+
     with session_scope(settings) as session:
         a = svc.get_area(session, area)
         feature = svc.area_feature(a)
@@ -187,6 +206,10 @@ def show_cmd(settings: Settings, area: str, as_json: bool) -> None:
 def update_cmd(settings: Settings, area: str, geometry_source: str | None, fix: bool, rename: str | None, as_json: bool,
                **kw: Any) -> None:
     """Change an area's geometry, name or settings (options not given are kept)."""
+    from core.db import session_scope
+    from monitor import areas as svc
+    from monitor.geometry import parse_areas, read_source
+
     geometry = None
     if geometry_source:
         parsed = parse_areas(read_source(geometry_source), union=True, fix=fix,
@@ -200,19 +223,23 @@ def update_cmd(settings: Settings, area: str, geometry_source: str | None, fix: 
     click.echo(json.dumps(props, indent=2) if as_json else f"updated area {props['id']} {props['name']!r}")
 
 
-def _status_command(name: str, status: AreaStatus, help_text: str) -> None:
+def _status_command(name: str, status: str, help_text: str) -> None:
     @areas.command(name, help=help_text)
     @click.argument("area")
     @_friendly
     @click.pass_obj
     def cmd(settings: Settings, area: str) -> None:
+        from core.db import session_scope
+        from core.models import AreaStatus
+        from monitor import areas as svc
+
         with session_scope(settings) as session:
-            a = svc.set_status(session, area, status)
-            click.echo(f"area {a.name!r} is {status.value}")
+            a = svc.set_status(session, area, AreaStatus(status))
+            click.echo(f"area {a.name!r} is {status}")
 
 
-_status_command("pause", AreaStatus.PAUSED, "Stop polling and alerting for an area (history is kept).")
-_status_command("resume", AreaStatus.ACTIVE, "Resume a paused area.")
+_status_command("pause", "paused", "Stop polling and alerting for an area (history is kept).")
+_status_command("resume", "active", "Resume a paused area.")
 
 
 @areas.command("remove")
@@ -222,6 +249,9 @@ _status_command("resume", AreaStatus.ACTIVE, "Resume a paused area.")
 @click.pass_obj
 def remove_cmd(settings: Settings, area: str, yes: bool) -> None:
     """Delete an area together with its observations, analyses and findings."""
+    from core.db import session_scope
+    from monitor import areas as svc
+
     if not yes:
         click.confirm(f"Remove area {area!r} and all its findings?", abort=True)
     with session_scope(settings) as session:
@@ -234,6 +264,9 @@ def remove_cmd(settings: Settings, area: str, yes: bool) -> None:
 @click.pass_obj
 def export_cmd(settings: Settings, output: str | None, status: str | None) -> None:
     """Write all areas as a GeoJSON FeatureCollection (can be added back with `areas add`)."""
+    from core.db import session_scope
+    from monitor import areas as svc
+
     with session_scope(settings) as session:
         fc = svc.export_feature_collection(svc.list_areas(session, status))
     text = json.dumps(fc, indent=2)

@@ -6,8 +6,7 @@ import json
 
 import click
 
-from core.db import session_scope
-from monitor.reports import ledger
+# The ledger (SQLAlchemy, the models) is imported by the commands, so `deliveries -h` stays fast.
 
 
 @click.group()
@@ -26,6 +25,9 @@ def deliveries() -> None:
 @click.option("--json", "as_json", is_flag=True, help="JSON array instead of lines.")
 def list_cmd(unknown_only: bool, limit: int, as_json: bool) -> None:
     """List failed deliveries (oldest first): id, kind, recipient, what it was about, the error."""
+    from core.db import session_scope
+    from monitor.reports import ledger
+
     with session_scope(click.get_current_context().find_root().obj) as session:
         rows = ledger.problems(session, unknown_only=unknown_only, limit=limit)
     if as_json:
@@ -43,6 +45,9 @@ def list_cmd(unknown_only: bool, limit: int, as_json: bool) -> None:
 @click.argument("delivery_id", type=int)
 def requeue_cmd(delivery_id: int) -> None:
     """Send failed delivery DELIVERY_ID again (same Message-ID, so a mail archive can deduplicate it)."""
+    from core.db import session_scope
+    from monitor.reports import ledger
+
     with session_scope(click.get_current_context().find_root().obj) as session:
         if not ledger.requeue(session, delivery_id):
             raise click.ClickException(

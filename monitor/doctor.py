@@ -7,10 +7,12 @@ import smtplib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from core.config import Settings
+if TYPE_CHECKING:  # annotations only: importing the settings module is slow, and `-h` needs none
+    from core.config import Settings
 
 
 @dataclass

@@ -21,9 +21,10 @@ from sqlalchemy import Text, cast, func, literal_column, or_, select, union, uni
 from sqlalchemy.orm import Session
 
 from core.models import Analysis, Area, Finding, FindingImage, Scene
+from monitor.choices import FINDING_KINDS
 from monitor.tables import Column, render_table
 
-KINDS = ("summary", "region", "answer", "event")
+KINDS = FINDING_KINDS
 
 
 class QueryError(ValueError):

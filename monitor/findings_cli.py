@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import click
-from sqlalchemy import select
 
-from core.config import Settings
-from core.db import session_scope
-from core.models import Area
-from monitor import findings as svc
+from monitor.choices import FINDING_KINDS
+
+if TYPE_CHECKING:
+    from core.config import Settings
+
+# monitor.findings (SQLAlchemy, the models) is imported by the commands, so `findings -h` stays fast.
 
 
 def _parse_time(value: str, option: str, end_of_day: bool) -> datetime:
@@ -40,7 +42,7 @@ def _json_default(value: object) -> str:
 @click.option("--area", help="Only findings of the watched area with this name.")
 @click.option("--since", help="Observed on or after this date (YYYY-MM-DD or ISO date-time, UTC).")
 @click.option("--until", help="Observed before the end of this date (or before this ISO date-time).")
-@click.option("--kind", type=click.Choice(svc.KINDS), help="summary, region, answer or event.")
+@click.option("--kind", type=click.Choice(FINDING_KINDS), help="summary, region, answer or event.")
 @click.option("--bbox", help="minx,miny,maxx,maxy in lon/lat: findings whose geometry intersects it.")
 @click.option("--min-hectares", type=float, help="Only findings of at least this many hectares.")
 @click.option("--text", help="Case-insensitive text in the caption or the answer.")
@@ -60,6 +62,12 @@ def findings(ctx: click.Context, area, since, until, kind, bbox, min_hectares, t
     """
     if ctx.invoked_subcommand is not None:
         return
+    from sqlalchemy import select
+
+    from core.db import session_scope
+    from core.models import Area
+    from monitor import findings as svc
+
     try:
         flt = svc.FindingFilter(
             area=area,
@@ -92,6 +100,9 @@ def findings(ctx: click.Context, area, since, until, kind, bbox, min_hectares, t
 @click.pass_obj
 def show(settings: Settings, finding_id: int) -> None:
     """Print one finding in full (statistics, analysis, scenes, thumbnails) as JSON."""
+    from core.db import session_scope
+    from monitor import findings as svc
+
     with session_scope(settings) as session:
         record = svc.get_finding(session, finding_id)
     if record is None:

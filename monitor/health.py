@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import socket
 import urllib.request
+from typing import TYPE_CHECKING
 
 import click
 
-from core.config import Settings
+if TYPE_CHECKING:  # annotations only: importing the settings module is slow, and `-h` needs none
+    from core.config import Settings
 
 TIMEOUT_SECONDS = 5.0
 

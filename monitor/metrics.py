@@ -13,14 +13,11 @@ node_exporter textfile collector) or serves them with ``--serve PORT``.
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import click
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -259,31 +256,3 @@ def serve(port: int, addr: str, settings: Settings) -> Any:
 
 def exposition(settings: Settings) -> bytes:
     return generate_latest(make_registry(settings))
-
-
-@click.command("metrics")
-@click.option("--serve", "port", type=int, default=None, metavar="PORT",
-              help="Serve /metrics on PORT until stopped instead of printing once.")
-@click.option("--addr", default=None, help="Address to bind with --serve (default: UNIRS_METRICS_ADDR, 127.0.0.1).")
-@click.pass_obj
-def metrics(settings: Settings, port: int | None, addr: str | None) -> None:
-    """Print the Prometheus metrics (read from the database) once, or serve them with --serve PORT.
-
-    The printed text suits node_exporter's textfile collector. The scheduler serves the same metrics
-    itself when UNIRS_METRICS_PORT is set.
-    """
-    if port is None:
-        click.echo(exposition(settings).decode(), nl=False)
-        return
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        server = serve(port, addr or settings.metrics_addr, settings)
-    except OSError as exc:
-        raise click.ClickException(f"cannot serve metrics on {addr or settings.metrics_addr}:{port}: {exc}") from None
-    click.echo(f"serving metrics on http://{addr or settings.metrics_addr}:{port}/metrics", err=True)
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
-    server.shutdown()

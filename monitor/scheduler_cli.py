@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import sys
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import click
 
-from core.config import Settings
+if TYPE_CHECKING:  # annotations only: importing the settings module is slow, and `-h` needs none
+    from core.config import Settings
 
 
 def _parse_when(value: str, param: str) -> datetime:

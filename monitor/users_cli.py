@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import click
-from sqlalchemy import func, select
 
-from core.db import session_scope
-from core.models import ApiToken, Area, User
-from monitor import accounts
+from monitor.choices import TOKEN_SCOPES
+
+# monitor.accounts (argon2, SQLAlchemy) is imported by the commands, so `users -h` stays fast.
 
 
 def _password(ctx_value: bool) -> str | None:
@@ -29,6 +28,9 @@ def users() -> None:
               help="Ask for a browser-login password (reads stdin when it is not a terminal).")
 def add_cmd(email: str, name: str | None, admin: bool, password: bool) -> None:
     """Create the account EMAIL."""
+    from core.db import session_scope
+    from monitor import accounts
+
     try:
         with session_scope(click.get_current_context().find_root().obj) as session:
             user = accounts.create_user(session, email, name=name, password=_password(password), admin=admin)
@@ -41,6 +43,9 @@ def add_cmd(email: str, name: str | None, admin: bool, password: bool) -> None:
 @click.argument("email")
 def passwd_cmd(email: str) -> None:
     """Set the browser-login password of EMAIL."""
+    from core.db import session_scope
+    from monitor import accounts
+
     try:
         with session_scope(click.get_current_context().find_root().obj) as session:
             user = accounts.get_user(session, email)
@@ -55,10 +60,13 @@ def passwd_cmd(email: str) -> None:
 @users.command("token")
 @click.argument("email")
 @click.option("--name", default="api", show_default=True, help="What the token is for.")
-@click.option("--scope", "scopes", multiple=True, type=click.Choice(accounts.SCOPES),
+@click.option("--scope", "scopes", multiple=True, type=click.Choice(TOKEN_SCOPES),
               help="read and/or write (repeatable; default both).")
 def token_cmd(email: str, name: str, scopes: tuple[str, ...]) -> None:
     """Issue an API token for EMAIL and print it (shown this once; only its hash is stored)."""
+    from core.db import session_scope
+    from monitor import accounts
+
     try:
         with session_scope(click.get_current_context().find_root().obj) as session:
             user = accounts.get_user(session, email)
@@ -73,6 +81,9 @@ def token_cmd(email: str, name: str, scopes: tuple[str, ...]) -> None:
 @click.argument("prefix")
 def revoke_cmd(prefix: str) -> None:
     """Revoke the token whose prefix (the part after `unirs_`) is PREFIX."""
+    from core.db import session_scope
+    from monitor import accounts
+
     with session_scope(click.get_current_context().find_root().obj) as session:
         if not accounts.revoke_token(session, prefix):
             raise click.ClickException(f"no active token with prefix {prefix!r}")
@@ -82,6 +93,11 @@ def revoke_cmd(prefix: str) -> None:
 @users.command("list")
 def list_cmd() -> None:
     """Accounts with their number of areas and active tokens."""
+    from sqlalchemy import func, select
+
+    from core.db import session_scope
+    from core.models import ApiToken, Area, User
+
     with session_scope(click.get_current_context().find_root().obj) as session:
         n_areas = select(func.count()).where(Area.owner_id == User.id).correlate(User).scalar_subquery()
         n_tokens = (select(func.count()).where(ApiToken.user_id == User.id, ApiToken.revoked_at.is_(None))

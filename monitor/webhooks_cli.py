@@ -5,12 +5,8 @@ from __future__ import annotations
 import json
 
 import click
-from sqlalchemy import select
 
-from core.db import session_scope
-from core.models import WebhookEndpoint
-from monitor import areas as area_svc
-from monitor.reports import webhooks as svc
+# The service and the database layer are imported by the commands, so `webhooks -h` stays fast.
 
 
 @click.group()
@@ -32,6 +28,10 @@ def _settings():
 @click.option("--description", default=None, help="A note for the owner (what receives it).")
 def add_cmd(area: str, url: str, description: str | None) -> None:
     """Send the alerts of AREA (name or id) to URL. Prints the endpoint id and its signing secret."""
+    from core.db import session_scope
+    from monitor import areas as area_svc
+    from monitor.reports import webhooks as svc
+
     settings = _settings()
     with session_scope(settings) as session:
         try:
@@ -48,6 +48,13 @@ def add_cmd(area: str, url: str, description: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="JSON array instead of lines.")
 def list_cmd(area: str | None, as_json: bool) -> None:
     """List webhook endpoints: id, area, enabled, URL."""
+    from sqlalchemy import select
+
+    from core.db import session_scope
+    from core.models import WebhookEndpoint
+    from monitor import areas as area_svc
+    from monitor.reports import webhooks as svc
+
     with session_scope(_settings()) as session:
         stmt = select(WebhookEndpoint).order_by(WebhookEndpoint.id)
         if area is not None:
@@ -65,6 +72,10 @@ def list_cmd(area: str | None, as_json: bool) -> None:
 
 
 def _set_enabled(webhook_id: int, enabled: bool) -> None:
+    from core.db import session_scope
+    from core.models import WebhookEndpoint
+    from monitor.reports import webhooks as svc
+
     with session_scope(_settings()) as session:
         endpoint = session.get(WebhookEndpoint, webhook_id)
         if endpoint is None:
@@ -92,6 +103,9 @@ def disable_cmd(webhook_id: int) -> None:
 @click.argument("webhook_id", type=int)
 def remove_cmd(webhook_id: int) -> None:
     """Remove endpoint WEBHOOK_ID (its queued events go with it)."""
+    from core.db import session_scope
+    from core.models import WebhookEndpoint
+
     with session_scope(_settings()) as session:
         endpoint = session.get(WebhookEndpoint, webhook_id)
         if endpoint is None:

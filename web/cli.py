@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import click
 
-from core.config import get_settings
-
 
 @click.command("serve", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--host", default=None, help="Bind address (default UNIRS_WEB__HOST, 127.0.0.1).")
@@ -15,6 +13,8 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
     """Serve the web app and HTTP API (OpenAPI docs at /api/docs). Stateless: run as many replicas as you like
     behind a proxy, with the same UNIRS_WEB__SECRET."""
     import uvicorn
+
+    from core.config import get_settings
 
     settings = get_settings()
     if not settings.web.secret and workers > 1:

@@ -171,27 +171,85 @@ def list_cmd(settings: Settings, status: str | None, as_json: bool) -> None:
         click.echo("no areas yet — add one with `unirs-monitor areas add`")
 
 
+def _bounds(geometry: dict[str, Any]) -> str:
+    """West, south, east, north in degrees; for an area split at ±180° west is the part east of 180°
+    (RFC 7946 §5.2), so the box is the small one that crosses the antimeridian, not the whole globe."""
+    from shapely.geometry import shape
+
+    from monitor.geometry import crosses_antimeridian
+
+    geom = shape(geometry)
+    west, south, east, north = geom.bounds
+    crossing = crosses_antimeridian(geom)
+    if crossing:
+        parts = list(geom.geoms)
+        west = min(p.bounds[0] for p in parts if p.centroid.x > 0)
+        east = max(p.bounds[2] for p in parts if p.centroid.x < 0)
+    note = "; crosses 180°" if crossing else ""
+    return f"{west:.5f}, {south:.5f}, {east:.5f}, {north:.5f} (west, south, east, north{note})"
+
+
+def _text(value: Any) -> str:
+    """A property value as a person reads it: lists comma-separated, numbers without float noise."""
+    if isinstance(value, list | tuple):
+        return ", ".join(map(_text, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _attribute(value: Any) -> str:
+    """An attribute of the user's own: text as it is, anything else as JSON (``[3, 4]``, ``true``)."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def show_lines(feature: dict[str, Any]) -> list[str]:
+    """``areas show`` for people: aligned ``key: value`` lines of the Feature ``areas show --json`` prints
+    (``area_km2`` in km², cloud cover in %, hectares in ha; empty lists say what they mean), then one
+    ``attributes.KEY`` line per attribute of the area, by key."""
+    p = feature["properties"]
+    alerting = p["alert_frequency"] != "off"
+    rows: list[tuple[str, str]] = [
+        ("id", str(feature["id"])),
+        ("name", p["name"]),
+        ("status", p["status"]),
+        ("area", f"{p['area_km2']:.2f} km²"),
+        ("bounds", _bounds(feature["geometry"])),
+        ("collections", _text(p["collections"])),
+        ("max_cloud_cover", f"{p['max_cloud_cover']:g} %"),
+        ("min_clear_fraction", _text(p["min_clear_fraction"])),
+        ("min_covered_fraction", _text(p["min_covered_fraction"])),
+        ("alert_frequency", p["alert_frequency"]),
+        ("recipients", _text(p["recipients"]) or ("(nobody!)" if alerting else "(none)")),
+        ("alert_classes", _text(p["alert_classes"])),
+        ("min_alert_hectares", f"{p['min_alert_hectares']:g} ha"),
+        ("alert_on", p["alert_on"]),
+        ("questions", _text(p["questions"]) or "(all templates)"),
+        ("pairing_policy", p["pairing_policy"]),
+    ]
+    attributes = p.get("attributes") or {}
+    # Sorted: JSONB keeps no key order of its own.
+    rows += [(f"attributes.{k}", _attribute(v)) for k, v in sorted(attributes.items())] or [("attributes", "(none)")]
+    width = max(len(k) for k, _ in rows) + 1
+    return [f"{k + ':':<{width}} {v}" for k, v in rows]
+
+
 @areas.command("show")
 @click.argument("area")
-@click.option("--json", "as_json", is_flag=True, help="Print as a GeoJSON Feature.")
+@click.option("--json", "as_json", is_flag=True, help="Print as an RFC 7946 GeoJSON Feature (the area's id as its id).")
 @_friendly
 @click.pass_obj
 def show_cmd(settings: Settings, area: str, as_json: bool) -> None:
-    """Show one area (by name or id)."""
-    from shapely.geometry import shape
-
+    """Show one area (by name or id): its settings as aligned lines, or a GeoJSON Feature with --json."""
     from core.db import session_scope
     from monitor import areas as svc
 
     with session_scope(settings) as session:
-        a = svc.get_area(session, area)
-        feature = svc.area_feature(a)
+        feature = svc.area_feature(svc.get_area(session, area))
     if as_json:
-        click.echo(json.dumps(feature, indent=2))
+        click.echo(json.dumps(feature, indent=2, ensure_ascii=False))
         return
-    for key, value in {"id": feature["id"], **feature["properties"]}.items():
-        click.echo(f"{key:>20}: {', '.join(map(str, value)) if isinstance(value, list) else value}")
-    click.echo(f"{'bounds':>20}: {shape(feature['geometry']).bounds}")
+    click.echo("\n".join(show_lines(feature)))
 
 
 @areas.command("update")

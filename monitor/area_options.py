@@ -40,6 +40,14 @@ class AreaOptions:
     NAME_KEY = "name"
     ATTRIBUTES_KEY = "attributes"
     EXPORT_ONLY_KEYS = ("id", "status", "area_km2")
+    # Feature ids that GIS tools write as properties (QGIS/GDAL GeoPackage exports: fid; ogr2ogr from
+    # PostGIS: ogc_fid, gid; ArcGIS/shapefiles: OBJECTID, FID): ids of the source dataset, not settings.
+    FEATURE_ID_KEYS = ("fid", "ogc_fid", "gid", "objectid")
+
+    @classmethod
+    def is_feature_id(cls, key: str) -> bool:
+        """Whether a property ``key`` is a GIS tool's feature id (compared without case; ``ID`` too)."""
+        return key.lower() in (*cls.FEATURE_ID_KEYS, "id")
 
     @classmethod
     def accepted_keys(cls) -> tuple[str, ...]:

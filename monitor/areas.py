@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from core.models import AlertFrequency, Area, AreaStatus, PairingPolicy
 from eo.change_classes import CLASS_ORDER
 from monitor.area_options import ALERT_ON, AreaOptions
-from monitor.geometry import AreaGeometryError, ParsedArea, geodesic_area_km2, to_feature
+from monitor.geometry import AreaGeometryError, ParsedArea, Problem, geodesic_area_km2, problem_report, to_feature
 
 log = logging.getLogger(__name__)
 
@@ -28,25 +28,33 @@ class AreaError(ValueError):
     """A request about areas that cannot be carried out; the message says why."""
 
 
-def split_properties(props: dict[str, Any], where: str, *, keep_unknown: bool = False) -> dict[str, Any]:
+def split_properties(props: dict[str, Any], where: str, *, keep_unknown: bool = False,
+                     name_key: str = AreaOptions.NAME_KEY) -> dict[str, Any]:
     """The free attributes of a feature (its ``attributes`` object); any other key must be an accepted one.
 
     An unknown key is refused with the accepted list (a misspelled ``recipient`` must not silently leave an
-    area that alerts nobody); with ``keep_unknown`` it is kept as an attribute instead.
+    area that alerts nobody); with ``keep_unknown`` it is kept as an attribute instead. Feature ids of GIS
+    exports (:data:`AreaOptions.FEATURE_ID_KEYS`: QGIS' ``fid``, ``ogc_fid``, ``OBJECTID``...) are not
+    refused: dropped, or kept as attributes with ``keep_unknown``; ``name_key`` (the property naming the
+    area) is a setting. A suggested key is only ever a setting (``recipent`` → ``recipients``, compared
+    without case), never ``id`` for ``fid``.
     """
     attributes = props.get(AreaOptions.ATTRIBUTES_KEY) or {}
     if not isinstance(attributes, dict):
         raise AreaError(f"{where}: 'attributes' must be an object, got {attributes!r}")
-    known = set(AreaOptions.accepted_keys()) | set(AreaOptions.EXPORT_ONLY_KEYS)
-    unknown = [k for k in props if k not in known]
+    settable = {*AreaOptions.accepted_keys(), name_key}
+    extra = [k for k in props if k not in settable and k not in AreaOptions.EXPORT_ONLY_KEYS]
+    unknown = [k for k in extra if not AreaOptions.is_feature_id(k)]
     if unknown and not keep_unknown:
-        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, n=1)) else repr(k)
-                 for k in unknown]
+        lowered = {k.lower(): k for k in settable}
+        hints = [f"{k!r} (did you mean {lowered[m[0]]!r}?)"
+                 if (m := difflib.get_close_matches(k.lower(), lowered, n=1)) else repr(k) for k in unknown]
         raise AreaError(
             f"{where}: unknown propert{'y' if len(unknown) == 1 else 'ies'} {', '.join(hints)}; accepted: "
-            f"{', '.join(AreaOptions.accepted_keys())} (--keep-unknown-properties stores others as attributes)"
+            f"{', '.join(AreaOptions.accepted_keys())} (--keep-unknown-properties stores others as attributes; "
+            "--name-property KEY names the areas from another property)"
         )
-    return {**attributes, **{k: props[k] for k in unknown}}
+    return {**attributes, **{k: props[k] for k in extra if keep_unknown}}
 
 
 def alert_targets(area: Area) -> list[str]:
@@ -211,45 +219,84 @@ def _apply(area: Area, opts: AreaOptions) -> None:
 
 
 def add_areas(session: Session, parsed: list[ParsedArea], name: str | None, opts: AreaOptions, *,
-              max_area_km2: float, keep_unknown: bool = False, owner_id: int | None = None) -> list[Area]:
+              max_area_km2: float, keep_unknown: bool = False, owner_id: int | None = None,
+              name_key: str = AreaOptions.NAME_KEY, problems: list[Problem] | None = None) -> list[Area]:
     """Create one area per parsed geometry. All or nothing: any refusal rolls back the whole batch.
     ``max_area_km2`` is the setting of the same name (larger areas are refused).
 
     Feature properties other than :meth:`AreaOptions.accepted_keys` are refused unless ``keep_unknown``
-    (see :func:`split_properties`). ``owner_id`` None = the operator account (core.models.OPERATOR_EMAIL)."""
-    if name is not None and len(parsed) > 1:
-        raise AreaError(f"--name given but the input has {len(parsed)} features; use --union, or name each feature "
-                        "with a 'name' property")
+    (see :func:`split_properties`); ``name_key`` is the property that names each area (default ``name``;
+    e.g. ``fid`` or ``NAME`` when asked for). ``owner_id`` None = the operator account
+    (core.models.OPERATOR_EMAIL).
+
+    Every feature is checked before anything is refused: the problems (with those ``parse_areas`` put in
+    ``problems``) are raised together as one AreaError, one line per problem naming the feature and the fix.
+    Options given for the whole batch (``name``, ``opts``) are checked first and refused on their own.
+    """
+    problems = [] if problems is None else problems
+    features = len(parsed) + len({number for number, _ in problems})
+    if name is not None and features > 1:
+        raise AreaError(f"--name given but the input has {features} features; use --union, or name each feature "
+                        f"with a '{name_key}' property")
+    if name is not None:
+        name = validate_name(name)
+    _validate_options(opts)
+    if opts.recipients is not None:
+        validate_recipients(list(opts.recipients))
     created = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for item in parsed:
-        attributes = split_properties(item.properties, item.source, keep_unknown=keep_unknown)
         try:
-            area_name = validate_name(name if name is not None else item.properties.get("name"))
-        except AreaError as exc:
-            raise AreaError(f"{item.source}: {exc}") from None
-        if area_name in seen or session.scalar(select(Area.id).where(Area.name == area_name)) is not None:
-            raise AreaError(f"{item.source}: an area named {area_name!r} already exists")
-        seen.add(area_name)
-        _storable(item.properties, f"{item.source}: properties")
-        area = Area(
-            name=area_name,
-            geom=from_shape(item.geometry, srid=4326),
-            area_km2=_check_size(item.geometry, item.source, max_area_km2),
-            collections=["sentinel-2-l2a"],
-            recipients=[],
-            questions=[],
-            properties=attributes,
-        )
+            area = _new_area(session, item, name, opts, seen, max_area_km2=max_area_km2, keep_unknown=keep_unknown,
+                             name_key=name_key)
+        except (AreaError, AreaGeometryError) as exc:
+            problems.append((item.number, str(exc)))
+            continue
         if owner_id is not None:
             area.owner_id = owner_id
-        _apply(area, opts.merged_over(AreaOptions.from_properties(item.properties)))
         session.add(area)
         created.append(area)
+    if problems:
+        raise AreaError(problem_report(problems))
     session.flush()
     for area in created:
         log.info("area %r added (id %d, %.2f km²)", area.name, area.id, area.area_km2)
     return created
+
+
+def _new_area(session: Session, item: ParsedArea, name: str | None, opts: AreaOptions, seen: dict[str, str], *,
+              max_area_km2: float, keep_unknown: bool, name_key: str) -> Area:
+    """The area of one feature (not yet added to the session); AreaError names the feature and the fix."""
+    attributes = split_properties(item.properties, item.source, keep_unknown=keep_unknown, name_key=name_key)
+    raw_name = name if name is not None else item.properties.get(name_key)
+    if isinstance(raw_name, int) and not isinstance(raw_name, bool) and name_key != AreaOptions.NAME_KEY:
+        raw_name = str(raw_name)  # --name-property fid: a number is a fine name when asked for
+    try:
+        area_name = validate_name(raw_name)
+    except AreaError as exc:
+        hint = "" if name_key == AreaOptions.NAME_KEY else f" (--name-property {name_key})"
+        raise AreaError(f"{item.source}: {exc}{hint}") from None
+    if area_name in seen:
+        raise AreaError(f"{item.source}: {seen[area_name]} is also named {area_name!r}; area names must be unique")
+    if session.scalar(select(Area.id).where(Area.name == area_name)) is not None:
+        raise AreaError(f"{item.source}: an area named {area_name!r} already exists (rename the feature, or "
+                        "update or remove that area)")
+    seen[area_name] = item.source
+    _storable(item.properties, f"{item.source}: properties")
+    area = Area(
+        name=area_name,
+        geom=from_shape(item.geometry, srid=4326),
+        area_km2=_check_size(item.geometry, item.source, max_area_km2),
+        collections=["sentinel-2-l2a"],
+        recipients=[],
+        questions=[],
+        properties=attributes,
+    )
+    try:
+        _apply(area, opts.merged_over(AreaOptions.from_properties(item.properties)))
+    except AreaError as exc:
+        raise AreaError(f"{item.source}: {exc}") from None
+    return area
 
 
 def get_area(session: Session, ref: str | int | Area) -> Area:

@@ -101,7 +101,10 @@ _PROPERTIES_HELP = "\n".join([
     "\b", "Feature properties accepted (others are refused, unless --keep-unknown-properties):", *_KEYS_HELP,
 ]) + """
   attributes: an object of your own fields, kept and exported as they are;
-  id, status and area_km2 (written by `areas export`) are ignored."""
+  id, status and area_km2 (written by `areas export`) are ignored; so are the
+  feature ids of GIS exports (fid, ogc_fid, gid, objectid), kept as attributes
+  with --keep-unknown-properties. A file with several bad features is reported
+  in one run, one line per problem, and nothing is added."""
 
 
 @click.group()
@@ -116,6 +119,8 @@ def areas() -> None:
 @areas.command("add", epilog=_PROPERTIES_HELP)
 @click.argument("source")
 @click.option("--name", help="Area name (required unless each feature has a 'name' property).")
+@click.option("--name-property", "name_key", default="name", show_default=True, metavar="KEY",
+              help="Name each area from this feature property instead (e.g. NAME, or fid for numbered features).")
 @click.option("--union", is_flag=True, help="Merge all features of a FeatureCollection into one area.")
 @click.option("--fix", is_flag=True, help="Repair invalid polygons (self-intersections…) instead of refusing them.")
 @click.option("--keep-unknown-properties", "keep_unknown", is_flag=True,
@@ -124,8 +129,8 @@ def areas() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the created areas as JSON.")
 @_friendly
 @click.pass_obj
-def add_cmd(settings: Settings, source: str, name: str | None, union: bool, fix: bool, keep_unknown: bool,
-            as_json: bool, **kw: Any) -> None:
+def add_cmd(settings: Settings, source: str, name: str | None, name_key: str, union: bool, fix: bool,
+            keep_unknown: bool, as_json: bool, **kw: Any) -> None:
     """Add watched area(s) from SOURCE (GeoJSON / WKT text, or a file; '-' reads stdin).
 
     \b
@@ -136,13 +141,14 @@ def add_cmd(settings: Settings, source: str, name: str | None, union: bool, fix:
     """
     from core.db import session_scope
     from monitor import areas as svc
-    from monitor.geometry import parse_areas, read_source, read_stdin
+    from monitor.geometry import Problem, parse_areas, read_source, read_stdin
 
     text = read_stdin(sys.stdin.buffer) if source == "-" else read_source(source)
-    parsed = parse_areas(text, union=union, fix=fix, max_vertices=settings.max_area_vertices)
+    problems: list[Problem] = []  # every bad feature, reported together by add_areas
+    parsed = parse_areas(text, union=union, fix=fix, max_vertices=settings.max_area_vertices, problems=problems)
     with session_scope(settings) as session:
         created = svc.add_areas(session, parsed, name, _options(**kw), max_area_km2=settings.max_area_km2,
-                                keep_unknown=keep_unknown)
+                                keep_unknown=keep_unknown, name_key=name_key, problems=problems)
         out = [svc.area_properties(a) for a in created]
         _warn_if_alerting_nobody(created)
     if as_json:

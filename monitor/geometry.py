@@ -29,6 +29,21 @@ class AreaGeometryError(ValueError):
     """The input cannot become a watched area; the message says why and where."""
 
 
+# A refused feature: (its 1-based number in the input, 0 outside a FeatureCollection; one line saying what
+# is wrong and how to fix it). parse_areas and monitor.areas.add_areas collect them so that a file with
+# several bad features is reported in one run.
+Problem = tuple[int, str]
+
+
+def problem_report(problems: list[Problem]) -> str:
+    """One message for ``problems``: the line itself when there is one, else a count and one indented line
+    per problem in feature order (a feature's geometry problem before its property problems)."""
+    lines = [line for _, line in sorted(problems, key=lambda p: p[0])]
+    if len(lines) == 1:
+        return lines[0]
+    return f"{len(lines)} problems, nothing added:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 @dataclass
 class ParsedArea:
     """One area read from the input: geometry (EPSG:4326) plus the GeoJSON properties it came with."""
@@ -36,6 +51,7 @@ class ParsedArea:
     geometry: MultiPolygon
     properties: dict[str, Any] = field(default_factory=dict)
     source: str = "input"  # e.g. "feature 3 ('north')", 1-based — used in error messages
+    number: int = 0  # the feature's 1-based number in a FeatureCollection, else 0 (orders problem reports)
 
     @property
     def area_km2(self) -> float:
@@ -85,37 +101,57 @@ def read_stdin(stream: Any) -> str:
         ) from None
 
 
-def parse_areas(text: str, *, max_vertices: int, union: bool = False, fix: bool = False) -> list[ParsedArea]:
+def parse_areas(text: str, *, max_vertices: int, union: bool = False, fix: bool = False,
+                problems: list[Problem] | None = None) -> list[ParsedArea]:
     """Parse GeoJSON (Geometry, Feature, FeatureCollection) or WKT into validated MultiPolygons.
 
     A FeatureCollection gives one area per feature, or a single area with ``union=True``.
     ``fix=True`` repairs invalid rings with ``shapely.make_valid`` instead of refusing them.
     Z and M ordinates are dropped. An input with more than ``max_vertices`` vertices in all (the
     ``max_area_vertices`` setting) is refused with its count before any validation work.
+
+    Every feature is checked: the refused ones are raised together (one AreaGeometryError, one line each,
+    :func:`problem_report`), or, when a ``problems`` list is given, appended to it and left out of the
+    result, so the caller can add the problems it finds in the properties and report all at once (with
+    ``union``, nothing is merged then). Errors of the input as a whole (not JSON, too many vertices) are
+    raised at once.
     """
     _check_text(text, "input")
     text = text.strip()
     if not text:
         raise AreaGeometryError("empty input: expected GeoJSON, WKT or a file path")
+    refused: list[Problem] = [] if problems is None else problems
+    before = len(refused)
     if text[0] in "{[":
-        raw = _parse_geojson(text)
+        raw = _parse_geojson(text, refused)
     else:
-        raw = [(_parse_wkt(text), {}, "WKT")]
-    vertices = sum(shapely.get_num_coordinates(g) for g, _, _ in raw)
+        raw = [(0, _parse_wkt(text), {}, "WKT")]
+    vertices = sum(shapely.get_num_coordinates(g) for _, g, _, _ in raw)
     if vertices > max_vertices:
         raise AreaGeometryError(
             f"input has {vertices:,} vertices, above the maximum of {max_vertices:,} (setting "
             "UNIRS_MAX_AREA_VERTICES); simplify it first (e.g. ogr2ogr -simplify or mapshaper)"
         )
 
+    parsed = []
+    for number, geom, props, src in raw:
+        try:
+            parsed.append(ParsedArea(_validated(geom, src, fix), props, src, number))
+        except AreaGeometryError as exc:
+            refused.append((number, str(exc)))
+    if problems is None and refused:
+        raise AreaGeometryError(problem_report(refused))
+    if len(refused) > before:
+        return parsed if not union else []
     if union and len(raw) > 1:
-        geoms = [_validated(g, src, fix) for g, _, src in raw]
-        merged = shapely.union_all(geoms)
+        merged = shapely.union_all([p.geometry for p in parsed])
         return [ParsedArea(_as_multipolygon(merged, "union of all features"), {}, "union of all features")]
-    return [ParsedArea(_validated(g, src, fix), props, src) for g, props, src in raw]
+    return parsed
 
 
-def _parse_geojson(text: str) -> list[tuple[BaseGeometry, dict[str, Any], str]]:
+def _parse_geojson(text: str, refused: list[Problem]) -> list[tuple[int, BaseGeometry, dict[str, Any], str]]:
+    """(feature number, geometry, properties, label) per feature; a feature that is not one (no geometry,
+    a line...) goes to ``refused`` instead."""
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -129,12 +165,17 @@ def _parse_geojson(text: str) -> list[tuple[BaseGeometry, dict[str, Any], str]]:
         features = doc.get("features")
         if not isinstance(features, list) or not features:
             raise AreaGeometryError("FeatureCollection has no features")
-        # 1-based, as people count (and as QGIS numbers features).
-        return [_feature(f, f"feature {i}") for i, f in enumerate(features, start=1)]
+        out = []
+        for number, f in enumerate(features, start=1):  # 1-based, as people count (and as QGIS numbers features)
+            try:
+                out.append((number, *_feature(f, f"feature {number}")))
+            except AreaGeometryError as exc:
+                refused.append((number, str(exc)))
+        return out
     if kind == "Feature":
-        return [_feature(doc, "feature")]
+        return [(0, *_feature(doc, "feature"))]
     if isinstance(kind, str):
-        return [(_geometry(doc, "geometry"), {}, "geometry")]
+        return [(0, _geometry(doc, "geometry"), {}, "geometry")]
     raise AreaGeometryError("GeoJSON object has no 'type' (expected Feature, FeatureCollection or a geometry)")
 
 
@@ -340,10 +381,12 @@ def to_feature(geom: MultiPolygon, properties: dict[str, Any], feature_id: int |
 __all__ = [
     "AreaGeometryError",
     "ParsedArea",
+    "Problem",
     "antimeridian_safe",
     "crosses_antimeridian",
     "geodesic_area_km2",
     "parse_areas",
+    "problem_report",
     "read_source",
     "read_stdin",
     "rfc7946_geometry",

@@ -77,7 +77,7 @@ def test_refusals_carry_the_cli_messages(web_client, alice):
     assert r.json()["detail"] == ("feature 2 ('bad'): invalid geometry: Self-intersection[0.5 0.5] "
                                   "(use --fix to repair it)")
     r = web_client.post("/api/areas", json=feature("x", max_cloud_cover=130), headers=alice.auth())
-    assert r.json()["detail"] == "max cloud cover must be a percentage in [0, 100], got 130"
+    assert r.json()["detail"] == "feature ('x'): max cloud cover must be a percentage in [0, 100], got 130"
     r = web_client.post("/api/areas", json=feature("y", recipients=["not-an-address"]), headers=alice.auth())
     assert r.status_code == 422 and "is not a valid email address" in r.json()["detail"]
     r = web_client.patch("/api/areas/1", json={"recipient": ["x@example.org"]}, headers=alice.auth())

@@ -20,7 +20,7 @@ from core.config import Settings
 from core.models import Analysis, Area, AreaStatus, Observation, Scene, Unsubscribe
 from eo.questions import load_templates
 from monitor import areas as svc
-from monitor.geometry import AreaGeometryError, parse_areas
+from monitor.geometry import AreaGeometryError, Problem, parse_areas
 from web.deps import DB, Principal, owned, owned_area, principal, settings_of
 
 router = APIRouter(prefix="/api", tags=["areas"])
@@ -71,10 +71,11 @@ def create_areas(body: Any = Body(..., examples=[EXAMPLE]), name: str | None = N
     ``properties.name`` or ``?name=``). Properties set thresholds and recipients as in ``areas export``.
     Other properties are refused unless ``?keep_unknown_properties=true``. All or nothing."""
     try:
-        parsed = parse_areas(json.dumps(body), union=union, fix=fix, max_vertices=settings.max_area_vertices)
+        problems: list[Problem] = []  # every bad feature, in one 422 (one line each)
+        parsed = parse_areas(json.dumps(body), union=union, fix=fix, max_vertices=settings.max_area_vertices,
+                             problems=problems)
         created = svc.add_areas(session, parsed, name, svc.AreaOptions(), max_area_km2=settings.max_area_km2,
-                                keep_unknown=keep_unknown_properties,
-                                owner_id=who.user_id)
+                                keep_unknown=keep_unknown_properties, owner_id=who.user_id, problems=problems)
     except (svc.AreaError, AreaGeometryError) as exc:
         raise _refused(exc) from None
     return {"type": "FeatureCollection", "features": [area_feature(session, a) for a in created]}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -233,6 +234,44 @@ def _headline(app_url: str, item_id: str) -> str:
         return load_analysis_report(session, analysis_id, "http://127.0.0.1", with_images=False).headline
 
 
+NEWEST = 5  # summary findings shown at the end of the demo; the command to list all is printed with them
+
+
+def findings_summary(app_url: str, area_name: str) -> list[str]:
+    """What the demo found, in a few lines instead of every finding (the sample gives ~90): the count per
+    kind, then the changed regions per class (eo/change_classes order) with their hectares and alert
+    states (workers/confirmation.py: probable, confirmed, dismissed, redetected; "unsettled" when none)."""
+    import psycopg
+
+    from eo.change_classes import CLASS_ORDER
+
+    with psycopg.connect(_libpq(app_url)) as conn:
+        kinds = conn.execute(
+            """SELECT f.kind, count(*) FROM findings f JOIN areas a ON a.id = f.area_id WHERE a.name = %s
+               GROUP BY f.kind ORDER BY count(*) DESC, f.kind""", (area_name,)).fetchall()
+        regions = conn.execute(
+            """SELECT f.change_class, coalesce(f.alert_state, 'unsettled'), count(*), coalesce(sum(f.hectares), 0)
+               FROM findings f JOIN areas a ON a.id = f.area_id WHERE a.name = %s AND f.kind = 'region'
+               GROUP BY 1, 2 ORDER BY 3 DESC, 2""", (area_name,)).fetchall()
+    total = sum(n for _, n in kinds)
+    if not total:
+        return ["no findings"]
+    lines = [f"{total} findings: " + ", ".join(f"{n} {kind}" for kind, n in kinds)]
+    by_class: dict[str, list[tuple[str, int, float]]] = {}
+    for cls, state, n, ha in regions:
+        by_class.setdefault(cls or "unclassified", []).append((state, n, ha))
+    order = [*CLASS_ORDER, *sorted(set(by_class) - set(CLASS_ORDER))]
+    if by_class:
+        lines.append("changed regions by class: regions, hectares (alert states)")
+        width = max(map(len, by_class))
+    for cls in (c for c in order if c in by_class):
+        rows = by_class[cls]
+        states = ", ".join(f"{n} {state}" for state, n, _ in rows)
+        lines.append(f"  {cls:<{width}} {sum(n for _, n, _ in rows):>4} {sum(ha for *_, ha in rows):>9.2f} ha"
+                     f"   ({states})")
+    return lines
+
+
 def run_demo(base_url: str, *, var_dir: Path = VAR, dates: list[str] | None = None,
              per_date_timeout: float = 300.0, echo=click.echo) -> DemoResult:
     """Run the loop; ``dates`` (YYYY-MM-DD) restricts the acquisitions published (the whole-loop test)."""
@@ -318,7 +357,13 @@ def demo(settings: Settings, per_date_timeout: float, web_port: int, web: bool) 
     result = run_demo(settings.database_url, per_date_timeout=per_date_timeout)
     env = {**os.environ, "UNIRS_DATABASE_URL": result.app_url}
     click.echo(click.style("==> ", fg="cyan", bold=True) + "findings")
-    subprocess.run([sys.executable, "-m", "monitor.cli", "findings", "--area", AREA_NAME], env=env, check=False)
+    for line in findings_summary(result.app_url, AREA_NAME):
+        click.echo(f"  {line}")
+    click.echo(f"  the newest {NEWEST} summaries (one per analysed acquisition):")
+    subprocess.run([sys.executable, "-m", "monitor.cli", "findings", "--area", AREA_NAME, "--kind", "summary",
+                    "--limit", str(NEWEST)], env=env, check=False)
+    click.echo(f"  all of them: UNIRS_DATABASE_URL={result.app_url} unirs-monitor findings --area "
+               f"{shlex.quote(AREA_NAME)} --all   (--format geojson | csv to export)")
     emails = sorted(result.outbox.glob("**/*.eml"))
     latencies = [d.seconds_to_email for d in result.dates if d.seconds_to_email is not None]
     click.echo(click.style("==> ", fg="cyan", bold=True) + f"{len(emails)} alert email(s) in {result.outbox}"

@@ -189,9 +189,12 @@ class WebSettings(BaseModel):
     # Signs session cookies and unsubscribe links; every replica needs the same value. None = a random
     # secret per process (fine for one replica; sessions and links then die with the process).
     secret: str | None = None
-    # Leaflet tile URL template of the map pages' basemap; "" = no basemap (tests, air-gapped sites).
-    basemap_url: str = "https://tile.openstreetmap.org/{z}/{x}/{y}.png"
-    basemap_attribution: str = "© OpenStreetMap contributors"
+    # Leaflet tile URL template of the map pages' basemap, and the credit the tile provider requires.
+    # "" (the default) = no basemap: the user's browser then asks no host but this app (demo, tests,
+    # air-gapped sites). The shipped config/unirs.toml sets OpenStreetMap's tiles for production; the
+    # Content-Security-Policy allows the template's host for images only (web/templating.py).
+    basemap_url: str = ""
+    basemap_attribution: str = ""
     session_hours: float = 12.0
     # Failed logins per e-mail address or client address within the window before 429 Too Many Requests.
     login_max_failures: int = 5

@@ -127,8 +127,11 @@ def start_web(app_url: str, var_dir: Path, *, port: int = 8080, cwd: Path | None
     password, area_id, analysis_id = _demo_account(app_url)
     port = pick_port(port)
     url = f"http://127.0.0.1:{port}"
+    # No basemap, whatever the caller's environment or config file says: the demo is offline, and the
+    # browser opening it asks no host but 127.0.0.1.
     env = {**os.environ, "UNIRS_DATABASE_URL": app_url, "UNIRS_WEB__PUBLIC_URL": url,
-           "UNIRS_WEB__SECRET": secrets.token_urlsafe(32), "UNIRS_LOG_LEVEL": "WARNING"}
+           "UNIRS_WEB__SECRET": secrets.token_urlsafe(32), "UNIRS_LOG_LEVEL": "WARNING",
+           "UNIRS_WEB__BASEMAP_URL": "", "UNIRS_WEB__BASEMAP_ATTRIBUTION": ""}
     var_dir.mkdir(parents=True, exist_ok=True)
     log = var_dir / "web.log"
     with log.open("wb") as out:

@@ -24,10 +24,12 @@ def _browser() -> urllib.request.OpenerDirector:
                                        urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
 
 
-def test_demo_leaves_the_web_app_running_with_a_login_to_the_demo_area(web_db, tmp_path):
+def test_demo_leaves_the_web_app_running_with_a_login_to_the_demo_area(web_db, tmp_path, monkeypatch):
     with session_scope(web_db) as session:
         an = factories.world(session, name="Romanian forest (demo)")
         analysis_id, area_id = an.id, an.area_id
+    # Even when the operator's environment names a basemap, the demo's app has none.
+    monkeypatch.setenv("UNIRS_WEB__BASEMAP_URL", "https://tile.openstreetmap.org/{z}/{x}/{y}.png")
     app = demo_web.start_web(web_db, tmp_path, port=0, cwd=Path(__file__).resolve().parents[1])
     try:
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", app.url)
@@ -46,7 +48,11 @@ def test_demo_leaves_the_web_app_running_with_a_login_to_the_demo_area(web_db, t
             assert resp.url == app.area_url
             assert "<h1 id=\"area-name\">Romanian forest (demo)" in resp.read().decode()
         with browser.open(app.analysis_url) as resp:
-            assert 'id="swipe"' in resp.read().decode()
+            page = resp.read().decode()
+            assert 'id="swipe"' in page
+            # Offline: no basemap, so neither the page nor its CSP names a host but this app's.
+            assert 'data-basemap-url=""' in page
+            assert "img-src 'self' data: blob:; connect-src 'self';" in resp.headers["Content-Security-Policy"]
     finally:
         stopped = demo_web.stop_previous(tmp_path)
     assert stopped == app.pid and not Path(f"/proc/{app.pid}").exists()

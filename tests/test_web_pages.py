@@ -150,6 +150,23 @@ def test_the_basemap_host_is_allowed_for_images_only(web_db):
     assert 'data-basemap-url="https://tile.openstreetmap.org/{z}/{x}/{y}.png"' in r.text
 
 
+def test_no_basemap_unless_configured_and_the_shipped_config_credits_osm(monkeypatch):
+    """The default asks the browser for no third-party tiles; config/unirs.toml (production) names
+    OpenStreetMap explicitly, with the attribution its tile policy requires."""
+    from pathlib import Path
+
+    from core.config import Settings
+
+    for var in ("UNIRS_CONFIG", "UNIRS_WEB__BASEMAP_URL", "UNIRS_WEB__BASEMAP_ATTRIBUTION"):
+        monkeypatch.delenv(var, raising=False)
+    default = Settings().web
+    assert (default.basemap_url, default.basemap_attribution) == ("", "")
+    monkeypatch.setenv("UNIRS_CONFIG", str(Path(__file__).resolve().parents[1] / "config" / "unirs.toml"))
+    shipped = Settings().web
+    assert (shipped.basemap_url, shipped.basemap_attribution) == (
+        "https://tile.openstreetmap.org/{z}/{x}/{y}.png", "© OpenStreetMap contributors")
+
+
 def test_findings_page_filters_and_links_the_exports(web_client, alice, web_db):
     _, area_id = owned_world(web_db, alice.id)
     login(web_client, alice)

@@ -39,7 +39,7 @@ from core.config import Settings
 from core.db import session_scope
 from core.jobs import AnalyserSpec
 from core.models import Analysis, AnalysisStatus, Observation, ObservationStatus, Scene
-from eo.change_classes import format_hectares, label
+from eo.change_classes import DEFAULT_ALERT_CLASSES, format_hectares, label
 from eo.cog import CogReadError
 from eo.questions import QuestionTemplate, UnknownQuestion, ids_from_question_set, templates_for
 from eo.radiometry import RadiometryMismatch
@@ -69,6 +69,7 @@ class AnalysisContext:
     before: SceneRef | None
     after: SceneRef
     pair_reason: str | None
+    alert_classes: tuple[str, ...] = DEFAULT_ALERT_CLASSES  # the area's; heads the summary (headline_class)
 
 
 class PermanentFailure(Exception):
@@ -112,6 +113,7 @@ def load_context(analysis_id: int, settings: Settings) -> AnalysisContext:
             before=acquisition_ref(session, before, area.geom, settings) if before else None,
             after=acquisition_ref(session, analysis.after_scene, area.geom, settings),
             pair_reason=analysis.pair_reason,
+            alert_classes=tuple(area.alert_classes or DEFAULT_ALERT_CLASSES),
         )
 
 
@@ -328,6 +330,16 @@ def sequence_frames(ctx: AnalysisContext, pair: PreparedPair, settings: Settings
     return [render.to_uint8(f[1], value_range) for f in frames], [f"{f[0]:%Y-%m-%d}" for f in frames]
 
 
+def headline_class(classes: dict[str, dict[str, Any]], alert_classes: tuple[str, ...] | list[str]) -> str | None:
+    """The summary finding's class: the largest (hectares) of the changed classes the area alerts on, so an
+    area watching for loss is headed by its loss even when more land greened (the alert and the caption
+    lead with loss too); the largest changed class when none of those changed; None when nothing did.
+    ``classes``: :attr:`spectral.SpectralResult.classes` (class id → {"hectares": ..., ...})."""
+    changed = {c: info["hectares"] for c, info in classes.items() if info and info["hectares"] > 0}
+    pool = {c: ha for c, ha in changed.items() if c in alert_classes} or changed
+    return max(pool, key=pool.__getitem__) if pool else None
+
+
 def build_rows(ctx: AnalysisContext, pair: PreparedPair, result: spectral.SpectralResult,
                model_result: unirs.UnirsResult | None, templates: list[QuestionTemplate],
                images: dict[str, render.Png], checkpoint: str, settings: Settings,
@@ -337,7 +349,6 @@ def build_rows(ctx: AnalysisContext, pair: PreparedPair, result: spectral.Spectr
     unirs_id = (unirs.NAME, checkpoint)
     best = model_result.best if model_result else None
     valid_fraction = round(pair.valid_fraction, 3)
-    dominant = max(result.classes.items(), key=lambda kv: kv[1]["hectares"], default=(None, None))
     summary_stats: dict[str, Any] = {
         "metrics": result.metrics, "classes": result.classes, "spectral_caption": result.caption,
         "model_caption": best.caption if best else None, "pair_reason": ctx.pair_reason,
@@ -347,7 +358,7 @@ def build_rows(ctx: AnalysisContext, pair: PreparedPair, result: spectral.Spectr
         kind="summary", analyser_name=(unirs_id if best else spectral_id)[0],
         analyser_version=(unirs_id if best else spectral_id)[1],
         geom=union_or([r.geom_4326 for r in result.regions], ctx.area_geom),
-        change_class=dominant[0] if dominant[1] and dominant[1]["hectares"] > 0 else None,
+        change_class=headline_class(result.classes, ctx.alert_classes),
         hectares=result.metrics["changed_ha"],
         caption=best.caption if best else result.caption,
         confidence=valid_fraction, statistics=summary_stats, images=images,

@@ -10,7 +10,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
 from fastapi.encoders import jsonable_encoder
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -107,16 +107,23 @@ def finding(finding_id: int, who: Principal = Depends(principal), session: Sessi
 
 @router.get("/findings/{finding_id}/placed/{role}.png", response_class=Response,
             responses={200: {"content": {"image/png": {}}}})
-def placed_image(finding_id: int, role: str, who: Principal = Depends(principal),
-                 session: Session = DB) -> Response:
+def placed_image(finding_id: int, role: str, who: Principal = Depends(principal), session: Session = DB,
+                 if_none_match: str | None = Header(None)) -> Response:
     """The thumbnail's map part reprojected to Web Mercator (RGBA PNG), to lie exactly on a web map over the
-    ``placed_images`` bounds of its analysis; 404 for an image stored without bounds."""
+    ``placed_images`` bounds of its analysis; 404 for an image stored without bounds.
+
+    Warped once per process (web/placement.py keeps the recent ones) and sent with an ETag of the stored
+    image, so a browser revalidating gets 304 Not Modified with no body and no warp."""
     row = owned_finding(session, who, finding_id)
     image = session.scalar(select(FindingImage).where(FindingImage.finding_id == row.id, FindingImage.role == role))
     if image is None or not image.bounds:
         raise HTTPException(404, f"finding {finding_id} has no placeable {role!r} image")
-    return Response(placement.placed_png(image.data, image.bounds), media_type="image/png",
-                    headers={"Cache-Control": "private, max-age=86400"})
+    etag = placement.placed_etag(image.data, image.bounds)
+    headers = {"Cache-Control": "private, max-age=86400", "ETag": etag}
+    if placement.etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    return Response(placement.placed_png_cached(etag, image.data, image.bounds), media_type="image/png",
+                    headers=headers)
 
 
 @router.get("/findings/{finding_id}/images/{role}.png", response_class=Response,

@@ -10,7 +10,10 @@ transparent outside), whose axis-aligned bounds are exactly what Leaflet's overl
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
+import json
 from typing import Any
 
 import numpy as np
@@ -20,6 +23,10 @@ from rasterio.crs import CRS
 from rasterio.transform import from_bounds
 from rasterio.warp import Resampling, calculate_default_transform, reproject
 
+# Part of every ETag: bump it when placed_png's output changes, so browsers fetch the new rendering.
+VERSION = 1
+# Warped PNGs kept per process (an RGBA chip is ~50–300 kB; the web map asks for a before and an after).
+CACHE_SIZE = 64
 WEB_MERCATOR = CRS.from_epsg(3857)
 _TO_LONLAT = Transformer.from_crs(3857, 4326, always_xy=True)
 
@@ -55,3 +62,32 @@ def placed_png(png: bytes, bounds: dict[str, Any]) -> bytes:
     out = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(np.moveaxis(dst, 0, -1)), "RGBA").save(out, format="PNG")
     return out.getvalue()
+
+
+def placed_etag(png: bytes, bounds: dict[str, Any]) -> str:
+    """Strong HTTP ETag of the placed rendering of a stored thumbnail: a digest of its bytes, its bounds and
+    :data:`VERSION`, so it changes exactly when the response would (a re-run that rewrites the image)."""
+    digest = hashlib.sha256(png)
+    digest.update(json.dumps(bounds, sort_keys=True).encode())
+    digest.update(f"placement v{VERSION}".encode())
+    return f'"{digest.hexdigest()[:32]}"'
+
+
+def placed_png_cached(etag: str, png: bytes, bounds: dict[str, Any]) -> bytes:
+    """:func:`placed_png`, warped once per process per ETag (:data:`CACHE_SIZE` most recent kept)."""
+    return _warped(etag, png, json.dumps(bounds, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _warped(etag: str, png: bytes, bounds_json: str) -> bytes:
+    return placed_png(png, json.loads(bounds_json))
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an ``If-None-Match`` header (RFC 9110 §13.1.2: ``*`` or a list of tags, weak comparison)
+    names ``etag``."""
+    if not if_none_match:
+        return False
+    tags = [t.strip() for t in if_none_match.split(",")]
+    return "*" in tags or etag in (t.removeprefix("W/") for t in tags)
+

@@ -290,6 +290,9 @@ def europe(cogs_root: Path, n: int, rng: random.Random, nprng: np.random.Generat
             if old["digest"] != after["digest"]:
                 raise SystemExit(f"workers at {compare_rev} and this code settled different observations or "
                                  "created different analyses")
+            print(f"{'CPU seconds':<34}{'workers':>13}{'loop':>7}{'database':>13}")
+            for name, r in ((f"workers at {compare_rev}", old), ("this code", after)):
+                print(f"{name:<34}{r['workers_cpu']:>13.1f}{r['loop_cpu']:>7.1f}{r['database_cpu']:>13.1f}")
             print(f"workers_speedup: {old['seconds'] / after['seconds']:.2f} (observations and pairing, workers at "
                   f"{compare_rev} {old['seconds']:.1f} s -> this code {after['seconds']:.1f} s, same run and data; "
                   f"full cycle {poll_seconds + old['seconds']:.1f} -> {poll_seconds + after['seconds']:.1f} s; "

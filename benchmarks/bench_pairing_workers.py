@@ -83,6 +83,7 @@ def cycle_with_workers(settings: Settings, cogs: localstac.CogServer, count: int
     procs: list[subprocess.Popen] = []
     try:
         procs = start_workers(count, settings, workdir, code)
+        cpu0 = cpu_seconds(procs, settings)
         cogs.reset_stats()
         loop = subprocess.run([sys.executable, "-c", PAIRING_LOOP, settings.model_dump_json()], cwd=code, check=True,
                               capture_output=True, text=True, env={**{k: v for k, v in os.environ.items()
@@ -91,6 +92,8 @@ def cycle_with_workers(settings: Settings, cogs: localstac.CogServer, count: int
         done = json.loads(loop.strip().splitlines()[-1])
         seconds, analyses, observed_at = done["seconds"], done["analyses"], done["observed_at"]
         passes, in_passes, longest = done["passes"], done["in_passes"], done["longest"]
+        workers_cpu = cpu_seconds(procs, settings)[0] - cpu0[0]
+        database_cpu = done["database_cpu"] - cpu0[1]  # sampled by the loop before its connections closed
         requests = cogs.stats()["requests"]
         by_status = observation_counts(settings)
     finally:
@@ -109,8 +112,39 @@ def cycle_with_workers(settings: Settings, cogs: localstac.CogServer, count: int
     print(f"  workers: every observation computed {observed_at:.1f} s after the first dispatch, the last pairing "
           f"{seconds:.1f} s; tasks ran {busy:.1f} worker-seconds in all; {passes} dispatch + pairing passes here took "
           f"{in_passes:.1f} s (longest {longest:.1f} s)")
+    print(f"  CPU seconds (load-independent): worker processes {workers_cpu:.1f}, dispatch + pairing loop "
+          f"{done['loop_cpu']:.1f}, database backends {database_cpu:.1f}")
     return {"observations": sum(by_status.values()), "clear": by_status.get("clear", 0), "analyses": analyses,
-            "seconds": seconds, "requests": requests, "reads": int(reads), "opens": int(opens)}
+            "seconds": seconds, "requests": requests, "reads": int(reads), "opens": int(opens),
+            "workers_cpu": workers_cpu, "loop_cpu": done["loop_cpu"], "database_cpu": database_cpu}
+
+
+def _process_cpu(pid: int) -> float:
+    """User + system CPU seconds of one live process (Linux /proc), 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(procs: list[subprocess.Popen], settings: Settings) -> tuple[float, float]:
+    """CPU seconds so far of the worker programs with their pool processes, and of the database backends
+    connected to the arm's database (what the cycle costs whatever else runs on the machine; backends that
+    closed before are not counted)."""
+    import psycopg
+
+    workers = 0.0
+    for proc in procs:
+        pids = [proc.pid]
+        for task in Path(f"/proc/{proc.pid}/task").glob("*/children"):
+            pids += [int(p) for p in task.read_text().split()]
+        workers += sum(_process_cpu(p) for p in pids)
+    dsn = settings.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        backends = [r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                                               "AND pid <> pg_backend_pid()")]
+    return workers, sum(_process_cpu(p) for p in backends)
 
 
 def export_code(rev: str, target: Path) -> None:
@@ -152,7 +186,7 @@ def observation_counts(settings: Settings) -> dict[str, int]:
 # The scheduler's dispatch + pairing passes, back to back, until no observation is left pending (run with the
 # arm's code on its path, so a change to pairing is measured with the workers that go with it).
 PAIRING_LOOP = """
-import json, sys, time
+import json, os, sys, time
 from sqlalchemy import text
 from core.config import Settings
 from core.db import session_scope
@@ -161,7 +195,7 @@ from monitor.pairing import process_pending
 settings = Settings.model_validate_json(sys.argv[1])
 send = celery_sender(settings)
 analyses, observed_at, passes, in_passes, longest = 0, None, 0, 0.0, 0.0
-t0 = time.monotonic()
+t0, cpu0 = time.monotonic(), time.process_time()
 while True:
     t1 = time.monotonic()
     analyses += process_pending(settings, send_observations=send).analyses_created
@@ -176,6 +210,19 @@ while True:
     if not pending:
         break
     time.sleep(0.25)
+# Every backend of the database while this loop's and the workers' connections are still open.
+with session_scope(settings) as session:
+    backends = [r[0] for r in session.execute(text(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"))]
+tick = os.sysconf("SC_CLK_TCK")
+database_cpu = 0.0
+for pid in backends:
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        continue
+    database_cpu += (int(fields[11]) + int(fields[12])) / tick
 print(json.dumps({"seconds": time.monotonic() - t0, "analyses": analyses, "observed_at": observed_at,
-                  "passes": passes, "in_passes": in_passes, "longest": longest}))
+                  "passes": passes, "in_passes": in_passes, "longest": longest,
+                  "loop_cpu": time.process_time() - cpu0, "database_cpu": database_cpu}))
 """

@@ -19,11 +19,19 @@ it is half in each granule. Planetary Computer pixels carry +1000 DN.
 
 from __future__ import annotations
 
+import math
 import random
 from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+import rasterio
+import shapely
+from affine import Affine
+from pyproj import Transformer
+from rasterio.enums import Resampling
+from rasterio.features import geometry_mask
+from rasterio.vrt import WarpedVRT
 from shapely.geometry import box
 from sqlalchemy import select
 
@@ -31,7 +39,9 @@ from core.config import AnalysisSettings, PollSettings, Settings, SmtpSettings, 
 from core.db import session_scope
 from core.models import Acquisition, Analysis, Observation
 from devtools import localstac
-from eo.observe import GranuleMask, ReadStats, observe_acquisition
+from eo.cog import utm_crs_for
+from eo.masks import clear_mask
+from eo.observe import Coverage, GranuleMask, ReadStats, observe_acquisition
 from monitor.catalogues import poll_all
 from monitor.pairing import process_pending
 from monitor.reports import run_deliveries
@@ -270,6 +280,57 @@ def test_shared_observation_reads_give_exactly_the_per_area_fractions(cogs):
     # One read per granule and 10 km cell of each zone's lattice, against one per granule and area.
     assert sum(s.reads for s in alone_stats) == 2 * len(areas)
     assert shared_stats[0].reads <= len(areas) / 4
+
+
+def _reference_coverage(root, names, geom) -> Coverage:
+    """One area counted the plain way, independently of eo.observe's packing: each granule warped (nearest,
+    exact) onto the area's own lattice box, mosaicked first-come, the area rasterised at its true place
+    (``all_touched`` when no pixel centre falls inside it)."""
+    crs = utm_crs_for(geom)
+    proj = shapely.transform(geom, Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform,
+                             interleaved=False)
+    minx, miny, maxx, maxy = proj.bounds
+    col0, row0 = math.floor(minx / 20), math.floor(-maxy / 20)
+    col1, row1 = max(math.ceil(maxx / 20), col0 + 1), max(math.ceil(-miny / 20), row0 + 1)
+    shape_, transform = (row1 - row0, col1 - col0), Affine(20, 0, col0 * 20, 0, -20, -row0 * 20)
+    first = np.zeros(shape_, dtype=np.uint8)
+    clear = np.zeros(shape_, dtype=bool)
+    for k, name in enumerate(names, start=1):
+        with rasterio.open(root / name / "scl.tif") as src, WarpedVRT(
+                src, crs=crs, transform=transform, width=shape_[1], height=shape_[0], nodata=0,
+                resampling=Resampling.nearest, tolerance=1e-9) as vrt:
+            values = vrt.read(1)
+        seen = (values != 0) & (first == 0)
+        first[seen] = k
+        clear |= seen & clear_mask("scl", values)
+    inside = geometry_mask([proj], out_shape=shape_, transform=transform, invert=True)
+    if not inside.any():
+        inside = geometry_mask([proj], out_shape=shape_, transform=transform, invert=True, all_touched=True)
+    used = sorted(set(np.unique(first[inside]).tolist()) - {0})
+    return Coverage(int(inside.sum()), int((first[inside] > 0).sum()), int(clear[inside].sum()),
+                    tuple(names[k - 1] for k in used))
+
+
+def test_packed_counts_equal_each_area_rasterised_at_its_true_place(cogs):
+    """eo.observe counts every area in a slot of a packed atlas (its geometry moved by whole pixels, all areas
+    rasterised at once): the counts are exactly those of each area rasterised alone where it lies, over the
+    mosaic warped onto its own box — overlapping and nested areas, both zones, the edge, sub-pixel areas."""
+    names = ("mixed-west", "mixed-east")
+    catalogue = loopback_catalogue(cogs.url, [])
+    granules = [GranuleMask(n, {"scl": {"href": cogs.href(f"{n}/scl.tif"), "nodata": 0}}, catalogue) for n in names]
+    rnd = random.Random(5)
+    areas = {}
+    for k in range(120):
+        w = rnd.choice([0.0001, 0.001, 0.004, 0.01, 0.03])
+        x, y = rnd.uniform(23.9, 24.09), rnd.uniform(44.97, 45.03)
+        areas[k] = box(x, y, x + w, y + w * 0.6).buffer(w / 4) if k % 3 else box(x, y, x + w, y + w * 0.6)
+    areas[120] = areas[7].buffer(0.002)  # one area around another
+    packed = observe_acquisition(granules, areas)
+    reference = {k: _reference_coverage(cogs.root, names, g) for k, g in areas.items()}
+    assert packed == reference
+    assert any(0 < c.covered_fraction < 1 for c in packed.values())
+    assert any(c.clear_fraction is not None and 0 < c.clear_fraction < 1 for c in packed.values())
+    assert any(c.area_pixels < 3 for c in packed.values())  # sub-pixel areas: the pixels they touch
 
 
 def test_aligned_mask_reads_equal_warped_reads_exactly(cogs, monkeypatch):

@@ -251,13 +251,18 @@ def peak_rss_mb() -> float:
 
 
 def answer_digest(result, images: dict) -> str:
-    """sha256 (16 hex) of what the pair answers: every region (class, pixels, EPSG:4326 geometry, statistics),
-    the metrics, chip scores, caption and the three PNGs' bytes — equal digests, identical answers."""
+    """sha256 (16 hex) of what the pair answers: every region (class, pixels, geometry, statistics), the
+    metrics, chip scores, caption and the three PNGs' bytes — equal digests, identical answers. A region's
+    geometry counts as its normalised UTM polygon without collinear vertices: a region across a block edge
+    is the union of its parts, whose rings can start elsewhere or keep a vertex on the seam, so the same
+    pixels give other WKB bytes under another block size."""
     import hashlib
+
+    import shapely
 
     h = hashlib.sha256()
     for r in result.regions:
-        h.update(r.geom_4326.wkb)
+        h.update(shapely.normalize(shapely.simplify(r.geom_utm, 0)).wkb)
         h.update(repr((r.change_class, r.pixels, r.hectares, r.mean_dndvi, r.linear, r.elongation,
                        sorted(getattr(r, "before_means", {}).items()))).encode())
     h.update(repr(sorted(result.metrics.items())).encode())
@@ -265,6 +270,21 @@ def answer_digest(result, images: dict) -> str:
     h.update(result.caption.encode())
     for role in sorted(images):
         h.update(role.encode() + images[role].data)
+    return h.hexdigest()[:16]
+
+
+def figures_digest(result) -> str:
+    """sha256 (16 hex) of the pair's figures without which regions fill the cap's last places: the metrics,
+    classes, caption, dropped count and the sorted (class, pixels) of the regions. Equal here but not in
+    :func:`answer_digest`: the same numbers, another choice among equal-sized regions at the cap (whose
+    tie-break changed from block-by-block discovery order to first pixel in raster order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(repr(sorted(result.metrics.items())).encode())
+    h.update(repr(sorted((k, sorted(v.items())) for k, v in result.classes.items())).encode())
+    h.update(repr((result.caption, result.regions_dropped)).encode())
+    h.update(repr(sorted((r.change_class, r.pixels) for r in result.regions)).encode())
     return h.hexdigest()[:16]
 
 
@@ -303,7 +323,7 @@ def child(args: argparse.Namespace) -> None:
         images = thumbnails(pair, result)
         out.update(ok=True, changed_ha=result.metrics["changed_ha"], regions=len(result.regions),
                    grid=[pair.grid.width, pair.grid.height], grid_crs=pair.grid.crs.to_string(),
-                   answer=answer_digest(result, images))
+                   answer=answer_digest(result, images), figures=figures_digest(result))
     except Exception as exc:  # the figure is "it failed, and why"
         out.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:160]}")
     out["seconds"] = time.perf_counter() - started
@@ -453,7 +473,8 @@ def main() -> None:
                       f"{note or 'both ok'}"
                       + (f" (changed_ha {c[0]['changed_ha']:.1f} / {b[0].get('changed_ha', float('nan')):.1f}, "
                          f"grid {c[0]['grid'][0]} x {c[0]['grid'][1]}; answers "
-                         f"{'identical' if c[0].get('answer') == b[0].get('answer') else 'DIFFER'}; CPU "
+                         f"{'identical' if c[0].get('answer') == b[0].get('answer') else 'DIFFER'} (figures "
+                         f"{'identical' if c[0].get('figures') == b[0].get('figures') else 'DIFFER'}); CPU "
                          f"{statistics.median(r['cpu_seconds'] for r in b):.2f} / "
                          f"{statistics.median(r['cpu_seconds'] for r in c):.2f} s, server CPU "
                          f"{statistics.median(r['server_cpu'] for r in b + c):.2f} s, load "

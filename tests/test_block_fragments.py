@@ -16,6 +16,7 @@ from scipy import ndimage
 from workers.regions import block_fragments
 
 TRANSFORM = Affine(10, 0, 500_000, 0, -10, 5_000_000)
+ORIGIN = (30, 200, 1000)  # the block starts at row 30, column 200 of a 1000 px wide grid
 
 
 def class_map(seed: int, shape=(120, 90)) -> np.ndarray:
@@ -42,7 +43,7 @@ def fragments(cm: np.ndarray, min_pixels: int, edges=(True, False, True, False))
     h, w = cm.shape
     sector = (np.arange(h)[:, None] * 3 // h) * 3 + np.arange(w)[None, :] * 3 // w
     before = {"ndvi": rng.normal(size=cm.shape).astype(np.float32), "ndbi": None}
-    found = block_fragments(cm, d_ndvi, bare, chip_local, [7, 9], sector, TRANSFORM, edges, 100, before=before,
+    found = block_fragments(cm, d_ndvi, bare, chip_local, [7, 9], sector, TRANSFORM, edges, ORIGIN, before=before,
                             min_pixels=min_pixels)
     return found, d_ndvi, bare, chip_local, sector, before
 
@@ -71,8 +72,10 @@ def test_each_fragment_is_its_polygons_pixels(seed):
         assert f.b_count == {"ndvi": int(np.isfinite(before["ndvi"][burnt]).sum()), "ndbi": 0}
         rows, cols = np.nonzero(burnt)
         assert f.border == bool(rows.min() == 0 or cols.min() == 0)  # top and left are inside edges
+        # Its first pixel in raster order (np.nonzero's order), as a raster index of the whole grid.
+        row0, col0, width = ORIGIN
+        assert f.first_pixel == (row0 + int(rows[0])) * width + col0 + int(cols[0])
     assert (seen == (cm > 0)).all()
-    assert [f.order for f in found.fragments] == list(range(100, 100 + found.count))
     diagonal = [f for f in found.fragments if f.code == 2 and f.pixels == 8]
     assert len(diagonal) == 1  # 8-connected: the diagonal road is one region
 
@@ -94,3 +97,25 @@ def test_small_whole_fragments_are_counted_not_vectorised():
 def test_no_change_no_fragments():
     found, *_ = fragments(np.zeros((50, 50), np.uint8), min_pixels=10)
     assert (found.fragments, found.dropped, found.count) == ([], 0, 0)
+
+
+def test_whole_fragments_ranked_after_the_floor_are_counted_not_vectorised():
+    cm = class_map(4)
+    every, *_ = fragments(cm, min_pixels=0)
+    whole = sorted((f for f in every.fragments if not f.border), key=lambda f: (-f.pixels, f.first_pixel))
+    last = whole[len(whole) // 2]  # the cap's last kept region, say
+    found = block_fragments(*fragments_args(cm), floor=(last.pixels, last.first_pixel))
+    expected = [f for f in every.fragments if f.border or (-f.pixels, f.first_pixel) < (-last.pixels, last.first_pixel)]
+    assert any(f.pixels == last.pixels and f is not last for f in whole)  # a tie decided by the first pixel
+    assert [(f.code, f.pixels, f.first_pixel) for f in found.fragments] == \
+           [(f.code, f.pixels, f.first_pixel) for f in expected]
+    assert found.dropped == len(every.fragments) - len(expected)
+
+
+def fragments_args(cm: np.ndarray):
+    rng = np.random.default_rng(1)
+    d_ndvi = rng.normal(size=cm.shape).astype(np.float32)
+    h, w = cm.shape
+    sector = (np.arange(h)[:, None] * 3 // h) * 3 + np.arange(w)[None, :] * 3 // w
+    return (cm, d_ndvi, np.zeros(cm.shape, bool), np.full(cm.shape, -1, np.int64), [], sector, TRANSFORM,
+            (True, False, True, False), ORIGIN)

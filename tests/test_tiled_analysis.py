@@ -31,7 +31,7 @@ from tests.fixtures_workers import (
 )
 from tests.synthetic_cogs import Paint, write_pair
 from workers.pipeline import thumbnails
-from workers.raster import SceneRef, SkipAnalysis
+from workers.raster import BLOCK_PX, SceneRef, SkipAnalysis
 from workers.tiling import analyse_pair
 
 ORIGIN = (400_000.0, 5_150_000.0)  # UTM 34N, about 46.5° N 19.7° E
@@ -120,8 +120,9 @@ def test_a_clearly_cloudy_large_pair_is_screened_on_overviews(tmp_path):
 
 # 10,000 km²: a 100 km square on a 10 m grid is 10⁸ pixels, above the 64 M pixels one read may fetch.
 BIG_PX = 10_000
-BIG_CLEARED = [Paint(1400, 1700, 3000, 3200, 0),  # 600 ha across a block row and a block column edge
-               Paint(1526, 1536, 1526, 1536, 0), Paint(1536, 1546, 1536, 1546, 0),  # 2 ha at a block corner
+B = BLOCK_PX + 2  # about a block edge in file pixels: the area's grid starts ~20 m (2 px) into the file
+BIG_CLEARED = [Paint(B - 150, B + 150, 2 * B - 100, 2 * B + 100, 0),  # 600 ha across a block row and column edge
+               Paint(B - 10, B, B - 10, B, 0), Paint(B, B + 10, B, B + 10, 0),  # 2 ha meeting at a block corner
                Paint(8000, 8003, 8000, 8003, 0)]  # 0.09 ha: under the mapping unit
 
 

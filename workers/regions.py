@@ -10,8 +10,10 @@ pixel edges, so shared boundaries have identical coordinates and the union is ex
 Per-fragment statistics come from one label image per block (``scipy.ndimage.label`` per class,
 8-connectivity) and ``numpy.bincount`` (no per-region full-size mask): pixel count, sum and count of
 finite dNDVI, bare-soil pixels, pixels per chip and per 3 × 3 sector of the AOI's extent. They add up when
-fragments merge. Only fragments that can still be kept (at least the mapping unit, or reaching an inside
-edge) are vectorised, in one ``shapes`` pass over the label image masked to them. Validity repair
+fragments merge; a fragment's first pixel in raster order of the whole grid (the tie-break of equal sizes
+at the region cap) is the earliest of its parts'. Only fragments that can still be kept (at least the
+mapping unit and not ranked after the cap's last region, or reaching an inside edge) are vectorised, in
+one ``shapes`` pass over the label image masked to them. Validity repair
 (``shapely.make_valid``, only for the self-touching rings that corner-connected pixels make) and the
 reprojection to EPSG:4326 (one ``shapely.transform`` call over all kept regions) are vectorised.
 """
@@ -46,7 +48,9 @@ class Fragment:
     sectors: np.ndarray  # int64 (9,): pixels per 3 × 3 sector of the AOI extent, row-major from north-west
     chips: dict[int, int]  # chip index -> pixels
     border: bool  # reaches an inside block edge: may continue in the next block
-    order: int  # discovery order (ties in size keep it, as one whole-image vectorisation would)
+    # Raster index on the whole grid (row × grid width + column) of the fragment's first pixel, north-west
+    # first: regions of equal size rank by it, so which ones the cap keeps does not depend on the blocks.
+    first_pixel: int
     b_sum: dict[str, float] = field(default_factory=dict)  # before-scene index -> sum over finite pixels
     b_count: dict[str, int] = field(default_factory=dict)
 
@@ -75,15 +79,17 @@ class BlockFragments(NamedTuple):
 
 def block_fragments(class_map: np.ndarray, d_ndvi: np.ndarray, bare: np.ndarray, chip_local: np.ndarray,
                     chip_ids: list[int], sector: np.ndarray, transform, inside_edges: tuple[bool, bool, bool, bool],
-                    first_order: int, before: dict[str, np.ndarray | None] | None = None,
-                    min_pixels: int = 0) -> BlockFragments:
+                    origin: tuple[int, int, int], before: dict[str, np.ndarray | None] | None = None,
+                    min_pixels: int = 0, floor: tuple[int, int] | None = None) -> BlockFragments:
     """Fragments of ``class_map`` (uint8 (h, w), 0 = no change) on a block with ``transform``.
 
     ``chip_local`` (int (h, w), index into ``chip_ids``, −1 outside every chip), ``sector`` (int (h, w), 0–8),
     ``bare`` (bool (h, w)); ``inside_edges`` = (top, bottom, left, right) edges that border another block;
+    ``origin`` = (first row, first column, width) of the block on the whole grid (for ``first_pixel``);
     ``before``: the before scene's indices (name -> float (h, w) or None), summed per fragment. A fragment
-    of fewer than ``min_pixels`` pixels that reaches no inside edge is below the mapping unit: counted in
-    ``dropped`` and never turned into a polygon.
+    that reaches no inside edge is counted in ``dropped`` and never turned into a polygon when it has fewer
+    than ``min_pixels`` pixels (below the mapping unit) or ranks after ``floor`` = (pixels, first_pixel)
+    of the last region the cap still keeps (fewer pixels, or as many and a later first pixel).
 
     Components are labelled per class (``scipy.ndimage.label``, 8-connectivity) and their statistics summed
     by ``numpy.bincount`` over the label image; only the kept components are vectorised
@@ -113,7 +119,16 @@ def block_fragments(class_map: np.ndarray, d_ndvi: np.ndarray, bare: np.ndarray,
         if reaches:
             border[line] = True
     border[0] = False
-    keep = border | (pixels >= min_pixels)
+    # First pixel of each component in raster order (``lab`` is in raster order: the smallest position).
+    first = np.full(n + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, lab, np.flatnonzero(inside))
+    first[0] = 0  # no component
+    row0, col0, grid_width = origin
+    first = (row0 + first // labels.shape[1]) * grid_width + col0 + first % labels.shape[1]
+    can_rank = pixels >= min_pixels
+    if floor is not None:
+        can_rank &= (pixels > floor[0]) | ((pixels == floor[0]) & (first < floor[1]))
+    keep = border | can_rank
     keep[0] = False
     dropped = int(n - keep[1:].sum())
     if dropped == n:
@@ -139,7 +154,8 @@ def block_fragments(class_map: np.ndarray, d_ndvi: np.ndarray, bare: np.ndarray,
         b_counts[name] = np.bincount(lab[ok], minlength=n + 1)
     missing = [name for name, index in (before or {}).items() if index is None]
 
-    features = list(shapes(labels, mask=keep[labels], connectivity=8, transform=transform))
+    # np.take: half the time of keep[labels] (fancy indexing) on a 1152 px block, the same mask.
+    features = list(shapes(labels, mask=np.take(keep, labels), connectivity=8, transform=transform))
     polygons: dict[int, list[BaseGeometry]] = {}
     for geom, (_, v) in zip(_polygons(features), features, strict=True):
         polygons.setdefault(int(v), []).append(geom)
@@ -150,12 +166,12 @@ def block_fragments(class_map: np.ndarray, d_ndvi: np.ndarray, bare: np.ndarray,
     if invalid.any():
         geoms[invalid] = shapely.make_valid(geoms[invalid], method="structure", keep_collapsed=False)
     out = []
-    for rank, (k, geom) in enumerate(zip(ids, geoms, strict=True)):
+    for k, geom in zip(ids, geoms, strict=True):
         row = per_chip[k]
         chips = {chip_ids[j]: int(row[j]) for j in np.flatnonzero(row)} if chip_ids else {}
         out.append(Fragment(code=codes[k - 1], geom=geom, pixels=int(pixels[k]), d_sum=float(d_sum[k]),
                             d_count=int(d_count[k]), bare=int(bare_count[k]), sectors=sectors[k].copy(),
-                            chips=chips, border=bool(border[k]), order=first_order + rank,
+                            chips=chips, border=bool(border[k]), first_pixel=int(first[k]),
                             b_sum={**{m: 0.0 for m in missing}, **{m: float(v[k]) for m, v in b_sums.items()}},
                             b_count={**{m: 0 for m in missing}, **{m: int(v[k]) for m, v in b_counts.items()}}))
     return BlockFragments(out, dropped, n)
@@ -212,7 +228,7 @@ def merge(fragments: list[Fragment]) -> list[Fragment]:
             code=parts[0].code, geom=shapely.union_all([p.geom for p in parts]), pixels=sum(p.pixels for p in parts),
             d_sum=sum(p.d_sum for p in parts), d_count=sum(p.d_count for p in parts),
             bare=sum(p.bare for p in parts), sectors=np.sum([p.sectors for p in parts], axis=0), chips=chips,
-            border=False, order=min(p.order for p in parts),
+            border=False, first_pixel=min(p.first_pixel for p in parts),
             b_sum={m: sum(p.b_sum.get(m, 0.0) for p in parts) for m in parts[0].b_sum},
             b_count={m: sum(p.b_count.get(m, 0) for p in parts) for m in parts[0].b_count}))
     return merged

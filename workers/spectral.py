@@ -26,7 +26,9 @@ Change classes, one per pixel, checked in this order (:data:`CLASS_ORDER`); thre
 
 Regions: connected pixels of one class (8-connectivity, so a one-pixel-wide diagonal road stays one
 region) as polygons (``rasterio.features.shapes``); regions smaller than
-``analysis.min_mapping_unit_ha`` are noise and dropped. Hectares = pixel count × pixel area, both for all
+``analysis.min_mapping_unit_ha`` are noise and dropped; of more than :data:`MAX_REGIONS`, the largest are
+kept, equal sizes by their first pixel in raster order (:func:`rank`: the same regions whatever the block
+layout). Hectares = pixel count × pixel area, both for all
 pixels of a class and for the pixels in kept regions ("mapped"); answers and captions use the mapped
 figure. A region is *linear* (road, track, pipeline) when its minimum rotated rectangle is at least
 4× longer than wide and its mean width is at most 40 m.
@@ -119,22 +121,32 @@ def indices(refl: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
     }
 
 
+def differences(before: dict[str, np.ndarray | None],
+                after: dict[str, np.ndarray | None]) -> dict[str, np.ndarray | None]:
+    """dX = X(after) − X(before) per index (None when either scene lacks it)."""
+    return {key: None if before[key] is None or after[key] is None else after[key] - before[key]
+            for key in ("ndvi", "ndwi", "ndbi")}
+
+
 def classify(before: dict[str, np.ndarray | None], after: dict[str, np.ndarray | None], valid: np.ndarray,
-             t: Thresholds = THRESHOLDS) -> tuple[np.ndarray, dict[str, np.ndarray | None]]:
-    """Class map (uint8) and the per-class boolean masks (None when the index is missing)."""
+             t: Thresholds = THRESHOLDS, diffs: dict[str, np.ndarray | None] | None = None,
+             ) -> tuple[np.ndarray, dict[str, np.ndarray | None]]:
+    """Class map (uint8) and the per-class boolean masks (None when the index is missing). ``diffs``:
+    :func:`differences` of these indices when the caller has them already."""
+    diffs = differences(before, after) if diffs is None else diffs
     ndvi_b, ndvi_a = before["ndvi"], after["ndvi"]
-    d_ndvi = ndvi_a - ndvi_b
+    d_ndvi = diffs["ndvi"]
     ok = valid & np.isfinite(d_ndvi)
     masks: dict[str, np.ndarray | None] = {}
-    if before["ndwi"] is not None and after["ndwi"] is not None:
-        d_ndwi = after["ndwi"] - before["ndwi"]
+    if diffs["ndwi"] is not None:
+        d_ndwi = diffs["ndwi"]
         with np.errstate(invalid="ignore"):
             crossed = (before["ndwi"] > 0) != (after["ndwi"] > 0)
             masks["water_change"] = ok & (np.abs(d_ndwi) >= t.ndwi_change) & crossed
     else:
         masks["water_change"] = None
-    if before["ndbi"] is not None and after["ndbi"] is not None:
-        d_ndbi = after["ndbi"] - before["ndbi"]
+    if diffs["ndbi"] is not None:
+        d_ndbi = diffs["ndbi"]
         with np.errstate(invalid="ignore"):
             masks["new_built_up_or_bare"] = (ok & (d_ndbi >= t.ndbi_rise) & (after["ndbi"] > 0)
                                              & (ndvi_a < t.vegetated_ndvi))
@@ -201,6 +213,13 @@ class PairFacts:
     acquired: tuple[Any, Any]  # (before, after) acquisition datetimes, for the caption
 
 
+def rank(fragment: Fragment) -> tuple[int, int]:
+    """Sort key of regions: the largest first; equal sizes by their first pixel in raster order of the
+    whole grid (north-west first). Regions are disjoint, so no two share a key: which regions the cap keeps
+    and their order depend on the pixels only, not on the block size or the order blocks were read in."""
+    return -fragment.pixels, fragment.first_pixel
+
+
 class SpectralAccumulator:
     """The spectral analysis of a pair, fed one block at a time (:meth:`add`), summed up by :meth:`finish`.
 
@@ -223,8 +242,8 @@ class SpectralAccumulator:
         self.whole: list[Fragment] = []
         self.border: list[Fragment] = []
         self.dropped = 0
-        self._order = 0
-        self._floor = 0  # whole fragments of at most this many pixels cannot be kept (_keep_best_whole)
+        # (pixels, first_pixel) of the last whole fragment the cap keeps: any ranked after it cannot be kept.
+        self._floor: tuple[int, int] | None = None
         # The fewest pixels of a kept region: the same test as ``pixels * ha_per_px < min_ha`` in finish().
         ha_per_px = grid.pixel_area_m2 / 10_000.0
         self.min_pixels = max(0, math.floor(min_mapping_unit_ha / ha_per_px) - 1)
@@ -235,8 +254,9 @@ class SpectralAccumulator:
         t = self.t
         idx_b, idx_a = indices(block.before), indices(block.after)
         valid = block.valid
-        class_map, masks = classify(idx_b, idx_a, valid, t)
-        d_ndvi = idx_a["ndvi"] - idx_b["ndvi"]
+        diffs = differences(idx_b, idx_a)  # each once: the classes, the sums and the fragments share them
+        d_ndvi = diffs["ndvi"]
+        class_map, masks = classify(idx_b, idx_a, valid, t, diffs)
         per_class = np.bincount(class_map.ravel(), minlength=len(CLASS_ORDER) + 1)  # one pass, not one per class
         for name in CLASS_ORDER:
             if masks[name] is None:
@@ -245,19 +265,20 @@ class SpectralAccumulator:
                 self.class_pixels[name] += int(per_class[CLASS_CODES[name]])
         changed = int(per_class[1:].sum())
         self.changed_all += changed
-        self.valid += int(valid.sum())
+        self.valid += int(np.count_nonzero(valid))
+        # The finite values over the valid pixels in one selection (the same values in the same order as
+        # selecting the valid ones, then the finite ones among them: the same sums).
         for key in ("ndvi", "ndwi", "ndbi"):
-            before, after = idx_b[key], idx_a[key]
-            if before is None or after is None:
+            diff = diffs[key]
+            if diff is None:
                 self.index_available[key] = False
                 continue
-            diff = (d_ndvi if key == "ndvi" else after - before)[valid]
-            diff = diff[np.isfinite(diff)]
+            diff = diff[valid & np.isfinite(diff)]
             self.d_sum[key] += float(diff.sum(dtype=np.float64))
             self.d_count[key] += int(diff.size)
         for label, idx in (("before", idx_b), ("after", idx_a)):
-            values = idx["ndvi"][valid]
-            values = values[np.isfinite(values)]
+            values = idx["ndvi"]
+            values = values[valid & np.isfinite(values)]
             self.ndvi_sum[label] += float(values.sum(dtype=np.float64))
             self.ndvi_count[label] += int(values.size)
 
@@ -274,35 +295,35 @@ class SpectralAccumulator:
         if not changed:
             return
         (r0, r1), (c0, c1) = self.survey.rows, self.survey.cols
-        sector_r = np.clip(((np.arange(rows.start, rows.stop) - r0) * 3) // max(r1 - r0, 1), 0, 2)
-        sector_c = np.clip(((np.arange(cols.start, cols.stop) - c0) * 3) // max(c1 - c0, 1), 0, 2)
-        sector = sector_r[:, None] * 3 + sector_c[None, :]
+        sector_r = np.clip(((np.arange(rows.start, rows.stop) - r0) * 3) // max(r1 - r0, 1), 0, 2).astype(np.int8)
+        sector_c = np.clip(((np.arange(cols.start, cols.stop) - c0) * 3) // max(c1 - c0, 1), 0, 2).astype(np.int8)
+        sector = sector_r[:, None] * np.int8(3) + sector_c[None, :]  # int8 (h, w): 0-8
         with np.errstate(invalid="ignore"):
             bare = valid & (idx_b["ndvi"] >= t.vegetated_ndvi) & (idx_a["ndvi"] < t.bare_ndvi)
         edges = (rows.start > 0, rows.stop < self.grid.height, cols.start > 0, cols.stop < self.grid.width)
         found = block_fragments(class_map, d_ndvi, bare, chip_local, chip_ids, sector, block.grid.transform, edges,
-                                self._order, before=idx_b, min_pixels=max(self.min_pixels, self._floor + 1))
-        self._order += found.count
+                                (rows.start, cols.start, self.grid.width), before=idx_b, min_pixels=self.min_pixels,
+                                floor=self._floor)
         self.dropped += found.dropped
         for fragment in found.fragments:
             (self.border if fragment.border else self.whole).append(fragment)
         self._keep_best_whole()
 
     def _keep_best_whole(self) -> None:
-        """Keep only the :data:`MAX_REGIONS` best whole fragments (most pixels, then first found).
+        """Keep only the :data:`MAX_REGIONS` best whole fragments (:func:`rank`).
 
         A whole fragment is final, so one ranked below that many others can never be among the regions
         :meth:`finish` keeps: it is counted as dropped now (as finish would count it over the cap) and its
-        geometry freed, and any later whole fragment no larger than the last one kept (which ranks after it:
-        found later) is not even vectorised (``self._floor``). Same regions and dropped count as keeping
-        all; on a pair with thousands of regions, most of the vectorisation is skipped.
+        geometry freed, and any later whole fragment ranked after the last one kept is not even vectorised
+        (``self._floor``). Same regions and dropped count as keeping all; on a pair with thousands of
+        regions, most of the vectorisation is skipped.
         """
         if len(self.whole) <= MAX_REGIONS:
             return
-        self.whole.sort(key=lambda f: (-f.pixels, f.order))
+        self.whole.sort(key=rank)
         self.dropped += len(self.whole) - MAX_REGIONS
         del self.whole[MAX_REGIONS:]
-        self._floor = self.whole[-1].pixels
+        self._floor = (self.whole[-1].pixels, self.whole[-1].first_pixel)
 
     def finish(self, facts: PairFacts) -> SpectralResult:
         grid, t = self.grid, self.t
@@ -315,7 +336,7 @@ class SpectralAccumulator:
             else:
                 candidates.append(fragment)
         self.whole, self.border = [], []
-        candidates.sort(key=lambda f: (-f.pixels, f.order))
+        candidates.sort(key=rank)
         if len(candidates) > MAX_REGIONS:
             dropped += len(candidates) - MAX_REGIONS
             candidates = candidates[:MAX_REGIONS]

@@ -17,8 +17,8 @@
 
 The next block is read while one is analysed (all its band reads at once). Peak memory is two blocks of
 both scenes plus the thumbnail canvas, the regions (at most :data:`workers.spectral.MAX_REGIONS` whole ones
-held) and GDAL's block cache (capped at :data:`eo.cog.BLOCK_CACHE_BYTES`): peak RSS 0.73 GB on
-bench_pipeline's 1,000 km² pair at the default 1536 px, 0.88 GB at 10,000 km². Every asset is
+held) and GDAL's block cache (capped at :data:`eo.cog.BLOCK_CACHE_BYTES`): peak RSS on bench_pipeline's
+pairs at the default 1152 px: 0.51 GB at 1,000 km², 0.64 GB at 10,000 km². Every asset is
 opened once for the pair (:class:`eo.cog.CogSession`), so the tiles a block's halo shares with the blocks
 read before it come from that cache instead of being fetched and decoded again.
 """
@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,7 +100,7 @@ class Thumbs:
 
     def add_block(self, block) -> None:
         """:meth:`add` with the block's own reflectance, decimated before the bands are stacked (no
-        full-block true-colour copy: 2 × 28 MB per 1536 px block)."""
+        full-block true-colour copy: 2 × 16 MB per 1152 px block)."""
         (r_off, c_off), f = self._offsets(block), self.factor
 
         def picked(refl: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -165,18 +165,17 @@ def _analyse(grid: Grid, plan: Survey, bands: list[str], notes: list[str], befor
              settings: AnalysisSettings, cogs: CogSession,
              on_block: Callable[[BlockPair], None] | None) -> tuple[PreparedPair, SpectralResult]:
     aoi_pixels = max(plan.aoi_pixels, 1)
-    if len(plan.blocks) > 1:
-        _coarse_screen(grid, before, after, settings, cogs)
     thumbs = Thumbs.for_grid(grid)
     spectral = SpectralAccumulator(grid, plan, settings.min_mapping_unit_ha)
     totals: dict[str, int] = {}
 
-    def read(block, pool: ThreadPoolExecutor) -> BlockPair:
+    def read(block, pool: ThreadPoolExecutor, masks: Future | None = None) -> BlockPair:
         # Blocks without AOI pixels are read too: the thumbnails show the area in its surroundings.
         # One block: the exact screen decides before any reflectance is fetched. Several: the coarse screen
         # has decided, so the bands are fetched while the masks are.
         dns = start_band_reads(grid, block, before, after, bands, pool, cogs) if len(plan.blocks) > 1 else None
-        masks = read_block_masks(grid, block, before, after, settings.cloud_buffer_px, pool, cogs)
+        masks = masks.result() if masks is not None else read_block_masks(
+            grid, block, before, after, settings.cloud_buffer_px, pool, cogs)
         if dns is None:
             _screen(masks[3], aoi_pixels, settings)
         return read_block(grid, block, before, after, bands, settings, pool, masks, cogs, dns)
@@ -185,7 +184,15 @@ def _analyse(grid: Grid, plan: Survey, bands: list[str], notes: list[str], befor
     # the analysis on the CPU; two blocks in memory at most).
     with (ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="cog-read") as pool,
           ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-ahead") as ahead):
-        pending = ahead.submit(read, plan.blocks[0], pool) if plan.blocks else None
+        first_masks = None
+        if len(plan.blocks) > 1:
+            # The first block's cloud masks are read while the coarse screen runs (no reflectance before it
+            # decides): bench_pipeline's 1,000 km² pair started its first analysis 0.57 s in, ~0.2 s of it
+            # the screen's two overview reads one after the other.
+            first_masks = ahead.submit(read_block_masks, grid, plan.blocks[0], before, after,
+                                       settings.cloud_buffer_px, pool, cogs)
+            _coarse_screen(grid, before, after, settings, cogs, pool)
+        pending = ahead.submit(read, plan.blocks[0], pool, first_masks) if plan.blocks else None
         for k in range(len(plan.blocks)):
             pair_block = pending.result()
             pending = ahead.submit(read, plan.blocks[k + 1], pool) if k + 1 < len(plan.blocks) else None
@@ -240,8 +247,9 @@ def _screen(counts: dict[str, int], aoi_pixels: int, settings: AnalysisSettings)
 
 
 def _coarse_screen(grid: Grid, before: SceneRef, after: SceneRef, settings: AnalysisSettings,
-                   cogs: CogSession | None = None) -> None:
-    """Skip a large pair that is clearly too cloudy, from the cloud masks' overviews (≤ 1024 px a side)."""
+                   cogs: CogSession | None = None, pool: ThreadPoolExecutor | None = None) -> None:
+    """Skip a large pair that is clearly too cloudy, from the cloud masks' overviews (≤ 1024 px a side);
+    both scenes' masks read at once when a ``pool`` is given."""
     factor = max(1, math.ceil(max(grid.width, grid.height) / render.MAX_SIDE))
     small = grid.decimated(factor)
     aoi = small.aoi()
@@ -249,9 +257,13 @@ def _coarse_screen(grid: Grid, before: SceneRef, after: SceneRef, settings: Anal
         return
     buffer_px = math.ceil(settings.cloud_buffer_px / factor)
     clear = []
-    for scene in (before, after):
-        band = mask_band(scene)
-        values = read_band(scene, band, small, use_overviews=True, session=cogs)
+    bands = [mask_band(scene) for scene in (before, after)]
+
+    def read(job: tuple[SceneRef, str]) -> np.ma.MaskedArray:
+        return read_band(job[0], job[1], small, use_overviews=True, session=cogs)
+
+    jobs = list(zip((before, after), bands, strict=True))
+    for band, values in zip(bands, pool.map(read, jobs) if pool is not None else map(read, jobs), strict=True):
         clear.append(clear_mask(band, values.data, buffer_px) & ~np.ma.getmaskarray(values) & aoi)
     n = int(aoi.sum())
     both = float((clear[0] & clear[1]).sum()) / n

@@ -35,6 +35,7 @@ ALL_DATES = ROOT / "build" / "sentinel2-romania-all"
 PAIRS = [("2015-08-31", "2016-03-18"),  # autumn → leaf-off spring: the whole forest "loses" NDVI
          ("2016-10-14", "2017-04-02"),  # autumn → spring before leaf-out, with 1.5 years of history
          ("2017-10-04", "2017-10-19"),  # a whole-scene autumn darkening two weeks apart
+         ("2018-04-27", "2018-05-02"),  # green-up: the forest leafed out ahead of the model, west patches bare
          ("2018-05-02", "2018-05-22"),  # a new clearing in the west of the forest (bright bare patch)
          ("2018-07-21", "2018-08-15"),  # haze and a cloud with colour fringes that SCL calls clear
          ("2019-04-07", "2019-06-16"),  # leaf-off → leaf-on: the 2019 patch cuts, NDVI up everywhere
@@ -241,3 +242,23 @@ def test_a_stand_that_leafs_out_late_every_spring_is_not_loss_on_a_green_up_date
     # ... while the 2020 south patches cut that winter are still found on the same date (0.66 before; 0.705 with
     # bareness judged per pixel: the per-region rule also takes the patches' mixed edge pixels).
     assert _reference_share(loss) == pytest.approx(0.670, abs=0.01)
+
+
+def test_a_patch_found_while_the_forest_leafs_out_ahead_of_the_model_is_confirmed_not_dismissed(screened):
+    found = [r for r in screened["2018-05-02"] if "found_by" in r.statistics["screen"]]
+    assert len(found) == 1
+    sc = found[0].statistics["screen"]
+    # The scene reads 0.104 above the harmonic model (which expects ~0.72 there): the forest round the patch
+    # stands at its summer canopy, so what it should show is the model plus that offset, not the model alone.
+    assert sc["scene_offset"] == pytest.approx(0.104, abs=0.005)
+    assert sc["expected_ndvi"] == pytest.approx(0.821, abs=0.005)
+    assert sc["after_ndvi"] == pytest.approx(0.547, abs=0.005)
+    assert found[0].statistics["before_means"]["ndvi"] == pytest.approx(0.821, abs=0.005)
+    with session_scope(get_settings()) as s:
+        row = s.get(Finding, found[0].id)
+        # 2018-05-22 still reads ~0.60 there: more than 0.2 below 0.82 (confirmed); against the model alone
+        # (~0.72) it is not, and main dismissed the patch.
+        assert row.alert_state == "confirmed"
+        # 0.12 ha, two thirds of it reference loss (the rest its rim: the patch is delineated on 2018-05-02).
+        assert round(row.hectares, 2) == 0.12
+        assert _reference_share([to_shape(row.geom)]) == pytest.approx(0.667, abs=0.01)

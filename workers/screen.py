@@ -33,7 +33,9 @@ reflectance below :data:`BARE_REDNESS`: haze and thin cloud brighten flat, shado
    own departing loss regions, become ``vegetation_loss`` regions of their own (8-connected, at least the
    minimum mapping unit together with the patches within :data:`CLUSTER_GAP_M` — group-selection gaps of one
    harvest —, at least :data:`DEPARTURE_SHARE` of their pixels bare-looking — judged per region like the
-   atmospheric verdict, since a patch's mixed edge pixels and slash are not all red;
+   atmospheric verdict, since a patch's mixed edge pixels and slash are not all red; their before values are
+   what the forest should show that day, the model lifted by the scene offset once the forest has leafed out
+   ahead of it (:func:`expected_canopy`);
    ``statistics.screen.found_by``). Not on a date that has atmospheric regions. The verdict is stored
 per region finding (``findings.screen_verdict``, revision 0010) with its figures in
 ``statistics["screen"]``; :mod:`workers.confirmation` never alerts a seasonal region nor links later
@@ -201,6 +203,34 @@ def harmonic_fit(stack: np.ndarray, dates: list[datetime], targets: list[datetim
     return preds, rmse, looks
 
 
+def scene_level(ndvi: np.ndarray, aoi: np.ndarray) -> float:
+    """A look's level: the median NDVI of the window's vegetated pixels (NaN: fewer than 10 of them clear)."""
+    veg = aoi & np.isfinite(ndvi) & (ndvi >= VEGETATED)
+    return float(np.median(ndvi[veg])) if veg.sum() >= 10 else np.nan
+
+
+def summer_canopy(levels: list[float]) -> float:
+    """The forest's summer canopy NDVI: the 90th percentile of the history looks' levels (NaN: none)."""
+    return float(np.nanpercentile(levels, 90)) if np.isfinite(levels).any() else np.nan
+
+
+def expected_canopy(pred_a: np.ndarray, offset: float, stack: np.ndarray, ndvi_a: np.ndarray, aoi: np.ndarray
+                    ) -> np.ndarray:
+    """(H, W) NDVI the forest should show on the after date where the screen looks for loss the pair missed:
+    the model's prediction ``pred_a``, or — when the forest round it already stands at its summer canopy
+    (today's level within :data:`GREEN_UP_GAP` of :func:`summer_canopy` of the history ``stack``) while the
+    scene reads at least :data:`GREEN_UP_GAP` above the model (``offset``, the median residual) — the model
+    plus that offset. Two harmonics a year lag a fast leaf-out: on 2018-05-02 of the sample the scene reads
+    0.105 above the model, and a west patch found at NDVI 0.55 where the model expected 0.73 was compared on
+    2018-05-22 with 0.73 and dismissed (0.60 there: not 0.2 lower) although it stayed bare; against 0.83 it is
+    confirmed."""
+    level_now = scene_level(ndvi_a, aoi)
+    canopy = summer_canopy([scene_level(look, aoi) for look in stack])
+    if offset >= GREEN_UP_GAP and level_now >= canopy - GREEN_UP_GAP:
+        return pred_a + offset
+    return pred_a
+
+
 def own_spring_lag(stack: np.ndarray, dates: list[datetime], after_at: datetime, ndvi_a: np.ndarray,
                    aoi: np.ndarray) -> np.ndarray:
     """bool (H, W): pixels that lag the forest round them today as they did at the same time of an earlier
@@ -216,13 +246,9 @@ def own_spring_lag(stack: np.ndarray, dates: list[datetime], after_at: datetime,
     it lagged by at least :data:`MIN_LAG` and :data:`LAG_SHARE` of today's lag (leaf-out dates move by a week
     or two between years, and the lag with them), and read full canopy (:data:`EXPECTED_FOREST`) within
     :data:`LAG_RECOVERY_DAYS` after that look — a cleared patch stays bare for the season."""
-    def scene(ndvi: np.ndarray) -> float:
-        veg = aoi & np.isfinite(ndvi) & (ndvi >= VEGETATED)
-        return float(np.median(ndvi[veg])) if veg.sum() >= 10 else np.nan
-
-    levels = [scene(look) for look in stack]
-    canopy = np.nanpercentile(levels, 90) if np.isfinite(levels).any() else np.nan
-    level_now = scene(ndvi_a)
+    levels = [scene_level(look, aoi) for look in stack]
+    canopy = summer_canopy(levels)
+    level_now = scene_level(ndvi_a, aoi)
     out = np.zeros(ndvi_a.shape, bool)
     # Only on green-up dates (the forest round it still below its summer canopy): in full leaf a pixel
     # behind the forest is a pixel without its canopy, whatever it did in spring.
@@ -367,13 +393,14 @@ def screen(regions: list[Region], grid: Grid, before: SceneRef, after: SceneRef,
     # A date on which the screen saw haze or shadow is not trusted to find loss on its own.
     if pred_a is not None and not any(v.verdict == ATMOSPHERIC for v in out):
         with np.errstate(invalid="ignore"):
-            lost = (aoi & np.isfinite(ndvi_a) & np.isfinite(pred_a) & (pred_a >= EXPECTED_FOREST)
+            expected = expected_canopy(pred_a, offset, stack, ndvi_a, aoi)
+            lost = (aoi & np.isfinite(ndvi_a) & np.isfinite(pred_a) & (expected >= EXPECTED_FOREST)
                     & (ndvi_a - pred_a - offset <= -limit) & (ndvi_a <= FOUND_MAX_NDVI) & ~late_leafing)
         taken = [r.geom_utm for r, v in zip(regions, out, strict=True)
                  if v.verdict == DEPARTURE and NDVI_CLASSES.get(r.change_class) == -1]
         if taken:
             lost &= ~geometry_mask([mapping(g) for g in taken], out_shape=lost.shape, transform=t_win, invert=True)
-        found, found_verdicts = _found_regions(lost, looks_bare, window, ndvi_a, ndvi_b, pred_a, d_ndvi,
+        found, found_verdicts = _found_regions(lost, looks_bare, window, ndvi_a, ndvi_b, expected, d_ndvi,
                                                min_mapping_unit_ha, common)
         _atmosphere(found, found_verdicts, after, window, ndvi_a)
     logger.info("screen: %s over %d history dates (%s); %d loss regions the pair missed",
@@ -398,8 +425,8 @@ def _found_regions(lost: np.ndarray, looks_bare: np.ndarray, window: Grid, ndvi_
     """Connected (8-neighbour) departure-loss pixels of which at least :data:`DEPARTURE_SHARE` look bare
     (``looks_bare``), as vegetation-loss regions, each one a patch; the minimum mapping unit ``min_ha`` applies
     to a patch together with the other such patches within :data:`CLUSTER_GAP_M` of it. Their ``before_means`` NDVI
-    is what the model expected, so confirmation compares later looks with the forest that should be there (a
-    leaf-off before date would make bare ground look unchanged).
+    is what the forest should show (:func:`expected_canopy`), so confirmation compares later looks with the forest
+    that should be there (a leaf-off before date would make bare ground look unchanged).
 
     Bareness is judged per region, as for the pair's own regions (the atmospheric verdict), not per pixel: a
     cut patch's edge pixels (part crown, part soil), its slash and its shaded side depart like its bare centre

@@ -91,17 +91,19 @@ def _running(pid: int) -> bool:
     """Alive and not a zombie; reaps it when it is this process's own child (the tests start it).
 
     The state is read before reaping: reaping first and reading after leaves a child that exits in
-    between as an unreaped zombie (its /proc entry stays until this process exits)."""
+    between as an unreaped zombie (its /proc entry stays until this process exits). A multi-threaded
+    server's leader shows ``Z`` while its other threads are still exiting, and ``waitpid`` cannot reap
+    it yet (it returns 0): that child is still running, or the caller would leave it unreaped."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         state = "gone"
     if state in ("Z", "X", "gone"):
         try:
-            os.waitpid(pid, os.WNOHANG)
+            reaped, _ = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            pass
-        return False
+            return False  # not this process's child (its own parent reaps it) or reaped already
+        return reaped == 0
     return True
 
 

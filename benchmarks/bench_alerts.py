@@ -45,10 +45,21 @@ Figures of ``after`` (the default rule), was -> now:
     main of 2026-12-03 (make_valid before overlays)       0.853  0.781 (0.780)  0.905        1      1.0
     reference on the cube's common geometry (METHOD.md)   0.789  0.758 (0.757)  0.888        0      1.0
     + a late-leafing stand is seasonal (own_spring_lag)   0.803  0.758 (0.757)  0.888        0      1.0
+    + bareness per region, 60 m cluster MMU (screen)      0.790  0.864 (0.863)  0.934        0      1.019
+    + co-registration onto the area's geometry            0.863  0.872 (0.871)  0.943        0      1.021
+      (workers/coregistration.py; 2017-06-06 read a row
+      south: its alert 0.75 -> 0.95 reference)
 
     tried, not on main: loss = dNDVI rule and non-forest  0.766  0.744 (0.741)  -            1      1.011
       after (NDVI ≤ halfway between the scene's canopy
       and 0.3; branch ua-nonforest)
+    tried, not on main: co-registration moved from 0.5 px 0.790  0.821 (0.820)  0.914        0      1.026
+      (plain rounding) and the 16 newest references:
+      2019-06-16 (+0.51 row) moved a row, its alert 0.97
+      -> 0.68 reference
+    tried, not on main: co-registration with fractions   0.815  0.773 (0.763)  0.866        1      1.03
+      (reflectance bilinear at the fractional offset):
+      blurred edges, 2016-10-14 a 0.30 ha false alert
 
 (the 2016-05-27 false alert, cloud margins in the first year, covered 0.12 ha of pixels cut in 2017-2020:
 counted by the undated PA, not by the dated one. The non-forest rule cut the 2018-05-22 clearing's rims
@@ -59,11 +70,15 @@ The cube's two platforms are not co-registered: Sentinel-2B dates lie a median 0
 the dates' common geometry, Sentinel-2A dates 0.25 row north (phase correlation of NIR over every pair of
 clear leaf-on dates, ``benchmarks/reference/build_reference.py``; the mission's requirement is ≤ 0.3 px).
 The reference is drawn on the common geometry (its 2017 delineation date, 2017-06-06, a 2B date 1.05 rows
-off, moved one row north); the service compares dates as imaged, so an alert drawn on a 2B date lies up to
-a row south of the ground, and a 2A date after a 2B date (2017-06-06 -> 06-21, 1.4 rows apart; 2020-05-11
--> 05-16, 0.85) sees a patch's rim move by a pixel. The earlier reading, "2020-05-16 lies one row off the
-rest of 2020", is that offset seen from 2020-05-11 (2B): 2020-05-16 itself is 0.45 row from the common
-geometry and the 2020 event was left where it was delineated.
+off, moved one row north). Compared as imaged, an alert drawn on a 2B date lies up to a row south of the
+ground, and a 2A date after a 2B date (2017-06-06 -> 06-21, 1.4 rows apart; 2020-05-11 -> 05-16, 0.85) sees
+a patch's rim move by a pixel; the service now moves each acquisition onto the area's geometry by whole
+pixels when it is at least 0.7 px off (``workers/coregistration.py``; ``-v`` prints each pair's estimated
+shifts, rows and cols). The 2020 event stays 0.7-0.8 row north of what 2020-05-11 shows (+0.36 estimated,
+not moved): its reference was delineated on 2020-05-16 as imaged, 0.45 row north of the common geometry,
+and most of what ``after`` alerts outside the reference now is that date's southern rims. The earlier reading,
+"2020-05-16 lies one row off the rest of 2020", is that offset seen from 2020-05-11 (2B): 2020-05-16 itself is
+0.45 row from the common geometry and the 2020 event was left where it was delineated.
 
 The analysis grid: the cube's EPSG:3035 pixels are read onto the area's UTM grid (8.5° apart here) by
 nearest neighbour and the regions rasterised back — the reference itself drawn that way scores UA 0.985 /
@@ -171,7 +186,7 @@ def run_service(data: Path, cogs: localstac.CogServer, settings: Settings, log) 
                                  f"{'>' + str(f.first_finding_id) if f.first_finding_id else ''}"
                                  for f in regions if f.hectares >= 0.2]
                     before_day = f"{regions[0].before_observed_at:%Y-%m-%d}" if regions else "-"
-                    log(f"    {before_day} -> {day}: " + "; ".join(loss_rows))
+                    log(f"    {before_day} -> {day}{_coregistered(s, analysis_id)}: " + "; ".join(loss_rows))
                 if sum(f.hectares for f in regions) >= 0.5:  # the rule of main before issue 15
                     loss = [f for f in regions if f.change_class in LOSS]
                     if loss:
@@ -197,6 +212,15 @@ def run_service(data: Path, cogs: localstac.CogServer, settings: Settings, log) 
             a.hectares += f.hectares
         alerts["after_confirmed"] = [a for a in by_analysis.values() if a.hectares >= area.min_alert_hectares]
     return area_id, alerts
+
+
+def _coregistered(s, analysis_id: int) -> str:
+    """`` [before rows,cols status | after ...]``: the pair's stored co-registration (workers/coregistration.py)."""
+    from core.models import Analysis
+
+    records = (s.get(Analysis, analysis_id).stats or {}).get("coregistration") or {}
+    return " [" + " | ".join(f"{r['shift_px'][0]:+.2f},{r['shift_px'][1]:+.2f} {r['status']}"
+                             for r in (records.get("before"), records.get("after")) if r) + "]" if records else ""
 
 
 def _screen_figures(f: Finding) -> str:

@@ -140,7 +140,8 @@ def test_haze_the_cloud_mask_missed_is_atmospheric_not_loss(screened):
     sc = f.statistics["screen"]
     # NDVI fell 0.24 below the season's expectation on half of the region, but the ground is not red like
     # bare soil: red − blue stays below 0.03 reflectance on most of it.
-    assert (round(f.hectares, 2), f.screen_verdict, f.alert_state) == (5.3, "atmospheric", "atmospheric")
+    # (5.30 ha read as imaged; 5.33 with the history's acquisitions co-registered, workers/coregistration.py)
+    assert (round(f.hectares, 2), f.screen_verdict, f.alert_state) == (5.33, "atmospheric", "atmospheric")
     assert sc["departure_share"] >= 0.5 and sc["bare_looking_share"] < 0.5
     # ... and a hazy date finds no loss by the model alone.
     assert not [r for r in screened["2018-08-15"] if "found_by" in r.statistics["screen"]]
@@ -205,14 +206,15 @@ def test_a_redetection_that_grew_alerts_its_new_part_only(screened):
         assert again[f.id].intersection(old).area < 0.05 * again[f.id].area
     # ... and mostly loss in the reference (the rest: edge pixels the reference's NDVI ≤ 0.6 outline leaves out)
     assert _reference_share([again[f.id] for f in grown]) == pytest.approx(0.82, abs=0.03)
-    # The alert counts the new hectares only: the grown edges and five pieces of 1-5 px the model found beside
+    # The alert counts the new hectares only: the grown edges and six pieces of 1-3 px the model found beside
     # the re-detected patches (kept by the 60 m cluster, whose other members are re-detections: a cost of that
-    # rule); the linked ones are never emailed again.
+    # rule); the linked ones are never emailed again. (Read as imaged, before workers/coregistration.py: five
+    # pieces of 0.01-0.05 ha, 0.44 ha alerted.)
     new = [f for f in screened["2020-05-16"] if f.alert_state == "probable" and f not in grown]
     assert all("found_by" in f.statistics["screen"] for f in new)
-    assert sorted(round(f.hectares, 2) for f in new) == [0.01, 0.02, 0.03, 0.03, 0.05]
+    assert sorted(round(f.hectares, 2) for f in new) == [0.01, 0.01, 0.02, 0.02, 0.03, 0.03]
     assert report.alert_hectares == pytest.approx(sum(f.hectares for f in grown + new))
-    assert round(report.alert_hectares, 2) == 0.44
+    assert round(report.alert_hectares, 2) == 0.42
     assert report.alert_states["redetected"] == pytest.approx(sum(f.hectares for f in linked))
 
 

@@ -44,7 +44,7 @@ from eo.cog import CogReadError
 from eo.questions import QuestionTemplate, UnknownQuestion, ids_from_question_set, templates_for
 from eo.radiometry import RadiometryMismatch
 from eo.security import HrefRefused, catalogue_for_scene
-from workers import confirmation, leases, mapframe, render, screen, spectral, unirs
+from workers import confirmation, coregistration, leases, mapframe, render, screen, spectral, unirs
 from workers.findings_writer import FindingRow, region_confidence, union_or, write_done
 from workers.raster import SceneRef, SkipAnalysis
 from workers.tiling import PreparedPair, analyse_pair, frame, overlay_classes
@@ -192,6 +192,9 @@ def _analyse(ctx: AnalysisContext, claim: leases.Claim, heartbeat: leases.Heartb
     if ctx.before is None:
         raise SkipAnalysis("no earlier clear scene of this area to compare with")
     templates = templates_for(ctx.question_ids)
+    # Both acquisitions read on the area's geometry (pre-2021 Sentinel-2A/2B products lie up to a pixel apart).
+    ctx.before, ctx.after, registered = coregistration.onto_area(settings, ctx.area_id, ctx.area_geom, ctx.before,
+                                                                 ctx.after, acquisition_ref)
 
     with session_scope(settings) as session:
         earlier = confirmation.earlier_regions(session, ctx.area_id, ctx.after.acquired_at)
@@ -239,6 +242,7 @@ def _analyse(ctx: AnalysisContext, claim: leases.Claim, heartbeat: leases.Heartb
     timings["total"] = time.monotonic() - started
     stats = analysis_stats(ctx, claim, pair, result, model_result, notes, timings, settings)
     stats["analyser_run"] = ran.id
+    stats["coregistration"] = registered
     stats["confirmation"] = {
         "confirmed": sum(s.state == confirmation.CONFIRMED for s in settled),
         "dismissed": sum(s.state == confirmation.DISMISSED for s in settled),
@@ -295,7 +299,8 @@ def clear_history(session: Any, ctx: AnalysisContext, settings: Settings) -> lis
     # The observation names the first granule that imaged the area; across a tile or zone edge the rest of
     # the area is in the acquisition's other granules (read alone, it left that part without history).
     area_geom = from_shape(ctx.area_geom, srid=4326)
-    return [acquisition_ref(session, s, area_geom, settings) for s in scenes]
+    return coregistration.apply_stored(session, ctx.area_id, [acquisition_ref(session, s, area_geom, settings)
+                                                              for s in scenes])
 
 
 def sequence_frames(ctx: AnalysisContext, pair: PreparedPair, settings: Settings) -> tuple[list[np.ndarray], list[str]]:
@@ -314,7 +319,8 @@ def sequence_frames(ctx: AnalysisContext, pair: PreparedPair, settings: Settings
         # Each frame is its acquisition's mosaic, read like the pair: the granule the observation names
         # covers only part of an area across a tile or zone edge.
         area_geom = from_shape(ctx.area_geom, srid=4326)
-        others = [acquisition_ref(session, s, area_geom, settings) for s in scenes]
+        others = coregistration.apply_stored(session, ctx.area_id,
+                                             [acquisition_ref(session, s, area_geom, settings) for s in scenes])
     frames: list[tuple[Any, np.ndarray]] = [
         (ctx.before.acquired_at, pair.thumbs.before),
         (ctx.after.acquired_at, pair.thumbs.after),

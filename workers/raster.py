@@ -87,6 +87,9 @@ class SceneRef:
     assets: dict[str, dict[str, Any]]
     catalogue: CatalogueSettings
     others: tuple[SceneRef, ...] = ()
+    # (east, north) m by which this acquisition's features lie off the area's geometry: every read of it is
+    # moved by as much, so it lands on the area's geometry (workers/coregistration.py; 0, 0 = as imaged).
+    offset_m: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass
@@ -289,8 +292,11 @@ def read_band(scene: SceneRef, band: str, grid: Grid, *, use_overviews: bool = F
 def _read_granule(scene: SceneRef, band: str, grid: Grid, use_overviews: bool,
                   session: CogSession | None = None) -> np.ma.MaskedArray:
     entry = scene.assets[band]
+    left, bottom, right, top = grid.bounds
+    east, north = scene.offset_m
     raster = read_aoi(entry["href"], None, catalogue=scene.catalogue, dst_crs=grid.crs, resolution=grid.pixel_size,
-                      bounds=grid.bounds, resampling=Resampling.nearest, indexes=1, aoi_mask=False,
+                      bounds=(left + east, bottom + north, right + east, top + north),
+                      resampling=Resampling.nearest, indexes=1, aoi_mask=False,
                       use_overviews=use_overviews, session=session)
     array = raster.array[0]
     if array.shape != (grid.height, grid.width):  # read_aoi honours bounds; a mismatch is a bug, say so

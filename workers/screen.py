@@ -140,7 +140,7 @@ def clear_looks(scene: SceneRef, grid: Grid, buffer_px: int) -> np.ndarray:
     granule has data."""
     # The granules are part of the key: a granule of the acquisition published late changes the mosaic.
     key = (scene.scene_id, scene.item_id, tuple(o.scene_id for o in scene.others), grid.crs.to_string(),
-           tuple(grid.transform)[:6], grid.width, grid.height, buffer_px)
+           tuple(grid.transform)[:6], grid.width, grid.height, buffer_px, scene.offset_m)
     cached = _CACHE.get(key)
     if cached is not None:
         return cached

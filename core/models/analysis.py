@@ -60,6 +60,9 @@ class Observation(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Sends of its acquisition's task since a worker last started it (revision 0017).
     dispatches: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Where the acquisition lies against the area's geometry, set by the first analysis that reads it
+    # (workers/coregistration.py; revision 0019): status, position/shift/applied px, offset_m, pairs, reason.
+    coregistration: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
     scene: Mapped[Scene | None] = relationship(lazy="joined")

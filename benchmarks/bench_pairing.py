@@ -20,7 +20,9 @@ cycle for 10,000 areas spread over Europe, on loopback (local STAC API, COGs ove
    settle the same observations and create the same analyses. ``--compare-rev REV``: first the same cycle with
    REV's workers and pairing loop (a process each, REV's packages on the path) on another copy of the polled
    database, then this code's; the md5 of every observation and analysis must agree between the two, and
-   ``workers_speedup`` gives the ratio with the load average.
+   ``workers_speedup`` gives the ratio with the load average. Both arms' CPU seconds are printed side by side
+   (worker programs with their pool processes, the dispatch + pairing loop, the database backends, the COG
+   server): on a shared machine the seconds depend on the load, the CPU seconds much less.
 
 Run: ``.venv/bin/python benchmarks/bench_pairing.py [--areas 10000] [--per-area-sample 1000] [--workers 2]``.
 The last line is ``shared_speedup: <per-area seconds / shared seconds>``; the Europe part ends with
@@ -290,9 +292,10 @@ def europe(cogs_root: Path, n: int, rng: random.Random, nprng: np.random.Generat
             if old["digest"] != after["digest"]:
                 raise SystemExit(f"workers at {compare_rev} and this code settled different observations or "
                                  "created different analyses")
-            print(f"{'CPU seconds':<34}{'workers':>13}{'loop':>7}{'database':>13}")
+            print(f"{'CPU seconds':<34}{'workers':>13}{'loop':>7}{'database':>13}{'COG server':>13}")
             for name, r in ((f"workers at {compare_rev}", old), ("this code", after)):
-                print(f"{name:<34}{r['workers_cpu']:>13.1f}{r['loop_cpu']:>7.1f}{r['database_cpu']:>13.1f}")
+                print(f"{name:<34}{r['workers_cpu']:>13.1f}{r['loop_cpu']:>7.1f}{r['database_cpu']:>13.1f}"
+                      f"{r['server_cpu']:>13.1f}")
             print(f"workers_speedup: {old['seconds'] / after['seconds']:.2f} (observations and pairing, workers at "
                   f"{compare_rev} {old['seconds']:.1f} s -> this code {after['seconds']:.1f} s, same run and data; "
                   f"full cycle {poll_seconds + old['seconds']:.1f} -> {poll_seconds + after['seconds']:.1f} s; "

@@ -84,6 +84,7 @@ def cycle_with_workers(settings: Settings, cogs: localstac.CogServer, count: int
     try:
         procs = start_workers(count, settings, workdir, code)
         cpu0 = cpu_seconds(procs, settings)
+        server0 = _process_cpu(cogs.proc.pid) if cogs.proc is not None else 0.0
         cogs.reset_stats()
         loop = subprocess.run([sys.executable, "-c", PAIRING_LOOP, settings.model_dump_json()], cwd=code, check=True,
                               capture_output=True, text=True, env={**{k: v for k, v in os.environ.items()
@@ -94,6 +95,7 @@ def cycle_with_workers(settings: Settings, cogs: localstac.CogServer, count: int
         passes, in_passes, longest = done["passes"], done["in_passes"], done["longest"]
         workers_cpu = cpu_seconds(procs, settings)[0] - cpu0[0]
         database_cpu = done["database_cpu"] - cpu0[1]  # sampled by the loop before its connections closed
+        server_cpu = (_process_cpu(cogs.proc.pid) if cogs.proc is not None else 0.0) - server0
         requests = cogs.stats()["requests"]
         by_status = observation_counts(settings)
     finally:
@@ -113,10 +115,12 @@ def cycle_with_workers(settings: Settings, cogs: localstac.CogServer, count: int
           f"{seconds:.1f} s; tasks ran {busy:.1f} worker-seconds in all; {passes} dispatch + pairing passes here took "
           f"{in_passes:.1f} s (longest {longest:.1f} s)")
     print(f"  CPU seconds (load-independent): worker processes {workers_cpu:.1f}, dispatch + pairing loop "
-          f"{done['loop_cpu']:.1f}, database backends {database_cpu:.1f}")
+          f"{done['loop_cpu']:.1f}, database backends {database_cpu:.1f}; the COG server (not the service: it "
+          f"stands for the catalogue's storage, one process) {server_cpu:.1f}")
     return {"observations": sum(by_status.values()), "clear": by_status.get("clear", 0), "analyses": analyses,
             "seconds": seconds, "requests": requests, "reads": int(reads), "opens": int(opens),
-            "workers_cpu": workers_cpu, "loop_cpu": done["loop_cpu"], "database_cpu": database_cpu}
+            "workers_cpu": workers_cpu, "loop_cpu": done["loop_cpu"], "database_cpu": database_cpu,
+            "server_cpu": server_cpu}
 
 
 def _process_cpu(pid: int) -> float:

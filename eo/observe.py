@@ -172,8 +172,8 @@ def _clusters(members: list[_Area], size: float, shared: bool) -> list[list[_Are
 # 121 M box pixels against 358 M atlas pixels of windows).
 ATLAS_WIDTH = 2048
 ATLAS_PIXELS = 4_000_000
-# Bins of one atlas's bincount (areas × granules × clear): bounds the counts' memory (8 bytes each).
-ATLAS_BINS = 1 << 23
+# Bins of one atlas's bincount (areas × granules × clear): bounds the counts' memory (8 bytes each, 32 MB).
+ATLAS_BINS = 1 << 22
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ the ``unirs-monitor`` entry point); a failing job is logged and runs again at it
 
 from __future__ import annotations
 
+import importlib
 import logging
 import signal
 import threading
@@ -211,6 +212,7 @@ class Scheduler:
         logger.info("scheduler stopped")
 
     def _lead(self) -> None:
+        _import_job_modules()
         scheduler = BlockingScheduler(
             timezone=UTC,
             executors={"default": ThreadPoolExecutor(4)},
@@ -265,6 +267,19 @@ class Scheduler:
 
         run.__name__ = f"job_{name}"
         return run
+
+
+# What the jobs import lazily (so `unirs-monitor --help` and the poll-free commands stay fast).
+JOB_MODULES = ("core.db", "monitor.catalogues", "monitor.catalogues.late", "monitor.pairing", "monitor.observations",
+               "monitor.metrics", "monitor.dispatch", "celery", "kombu", "kombu.exceptions")
+
+
+def _import_job_modules() -> None:
+    """Import the jobs' modules in one thread before the pool's threads start: four jobs due at once
+    importing the same packages can meet in each other's module locks (importlib's ``_DeadlockError``,
+    seen in monitor.catalogues.identity when the scheduler started)."""
+    for name in JOB_MODULES:
+        importlib.import_module(name)
 
 
 def run_scheduler(settings: Settings, **kwargs: Any) -> None:

@@ -156,3 +156,26 @@ def test_backfill_cli(stac_api, add_area, sample_footprint, db):
     missing = subprocess.run([*CLI, "backfill", "nowhere", "--since", "2019-06-01"], env=env, capture_output=True,
                              text=True, timeout=600)
     assert missing.returncode == 1 and "no area named" in missing.stderr
+
+
+def test_every_lazy_import_of_the_jobs_is_imported_before_the_pool_starts():
+    """The jobs import lazily; the leader imports those modules once before its threads start (four jobs
+    importing the same packages at once met in importlib's module locks: _DeadlockError)."""
+    import ast
+
+    from monitor import dispatch, scheduler
+
+    lazy = set()
+    for module in (scheduler, dispatch):
+        tree = ast.parse(Path(module.__file__).read_text())
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.ImportFrom) and node.level == 0:
+                        lazy.add(node.module)
+                    elif isinstance(node, ast.Import):
+                        lazy.update(alias.name for alias in node.names)
+    assert {"monitor.pairing", "monitor.catalogues.late", "kombu"} <= lazy
+    assert lazy <= set(scheduler.JOB_MODULES)
+    scheduler._import_job_modules()
+    assert all(name in sys.modules for name in scheduler.JOB_MODULES)

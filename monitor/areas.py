@@ -220,7 +220,8 @@ def _apply(area: Area, opts: AreaOptions) -> None:
 
 def add_areas(session: Session, parsed: list[ParsedArea], name: str | None, opts: AreaOptions, *,
               max_area_km2: float, keep_unknown: bool = False, owner_id: int | None = None,
-              name_key: str = AreaOptions.NAME_KEY, problems: list[Problem] | None = None) -> list[Area]:
+              name_key: str = AreaOptions.NAME_KEY, problems: list[Problem] | None = None,
+              union: bool = False) -> list[Area]:
     """Create one area per parsed geometry. All or nothing: any refusal rolls back the whole batch.
     ``max_area_km2`` is the setting of the same name (larger areas are refused).
 
@@ -232,10 +233,11 @@ def add_areas(session: Session, parsed: list[ParsedArea], name: str | None, opts
     Every feature is checked before anything is refused: the problems (with those ``parse_areas`` put in
     ``problems``) are raised together as one AreaError, one line per problem naming the feature and the fix.
     Options given for the whole batch (``name``, ``opts``) are checked first and refused on their own.
+    ``union``: ``parsed`` is the merge of every feature (``parse_areas(union=True)``), which ``name`` names.
     """
     problems = [] if problems is None else problems
     features = len(parsed) + len({number for number, _ in problems})
-    if name is not None and features > 1:
+    if name is not None and not union and features > 1:
         raise AreaError(f"--name given but the input has {features} features; use --union, or name each feature "
                         f"with a '{name_key}' property")
     if name is not None:

@@ -148,7 +148,7 @@ def add_cmd(settings: Settings, source: str, name: str | None, name_key: str, un
     parsed = parse_areas(text, union=union, fix=fix, max_vertices=settings.max_area_vertices, problems=problems)
     with session_scope(settings) as session:
         created = svc.add_areas(session, parsed, name, _options(**kw), max_area_km2=settings.max_area_km2,
-                                keep_unknown=keep_unknown, name_key=name_key, problems=problems)
+                                keep_unknown=keep_unknown, name_key=name_key, problems=problems, union=union)
         out = [svc.area_properties(a) for a in created]
         _warn_if_alerting_nobody(created)
     if as_json:
@@ -209,6 +209,12 @@ def _attribute(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\x1b``, ``\\n``): names and attributes come from users (the
+    web API included), and raw escapes would reach the operator's terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def show_lines(feature: dict[str, Any]) -> list[str]:
     """``areas show`` for people: aligned ``key: value`` lines of the Feature ``areas show --json`` prints
     (``area_km2`` in km², cloud cover in %, hectares in ha; empty lists say what they mean), then one
@@ -236,6 +242,7 @@ def show_lines(feature: dict[str, Any]) -> list[str]:
     attributes = p.get("attributes") or {}
     # Sorted: JSONB keeps no key order of its own.
     rows += [(f"attributes.{k}", _attribute(v)) for k, v in sorted(attributes.items())] or [("attributes", "(none)")]
+    rows = [(_printable(k), _printable(v)) for k, v in rows]
     width = max(len(k) for k, _ in rows) + 1
     return [f"{k + ':':<{width}} {v}" for k, v in rows]
 

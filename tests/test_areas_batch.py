@@ -106,3 +106,21 @@ def test_a_misspelled_setting_still_gets_the_right_suggestion(db, tmp_path):
     proc = unirs(db, "areas", "add", path)
     assert proc.stderr.startswith(
         "Error: feature 1 ('a'): unknown properties 'Recipients' (did you mean 'recipients'?), 'fids'; accepted:")
+
+
+def test_union_with_a_name_reports_the_bad_features_not_the_feature_count(db, tmp_path):
+    """--union --name names the merge: bad features are what is wrong (not '--name given but 3 features')."""
+    path = write(tmp_path, feature(mapping(box(23.1, 46.5, 23.2, 46.6)), name="a"), feature(BOWTIE, name="b"),
+                 feature(BOWTIE, name="c"))
+    proc = unirs(db, "areas", "add", path, "--union", "--name", "estate")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "Error: 2 problems, nothing added:",
+        "  feature 2 ('b'): invalid geometry: Self-intersection[23.15 46.55] (use --fix to repair it)",
+        "  feature 3 ('c'): invalid geometry: Self-intersection[23.15 46.55] (use --fix to repair it)",
+    ]
+    assert area_names(db) == []
+    good = write(tmp_path, feature(mapping(box(23.1, 46.5, 23.2, 46.6)), name="a"),
+                 feature(mapping(box(23.2, 46.5, 23.3, 46.6)), name="b"))
+    assert unirs(db, "areas", "add", good, "--union", "--name", "estate").returncode == 0
+    assert area_names(db) == ["estate"]

@@ -60,3 +60,15 @@ def test_show_of_an_area_across_the_antimeridian(db):
     assert (lines["recipients"].strip(), lines["attributes"].strip()) == ("(none)", "(none)")
     feature = json.loads(run("areas", "show", "Fiji", "--json").output)
     assert (feature["type"], feature["id"], feature["geometry"]["type"]) == ("Feature", 1, "MultiPolygon")
+
+
+def test_control_characters_in_attributes_are_escaped_not_sent_to_the_terminal(db, tmp_path):
+    """Attributes come from users (the web API too): an ANSI escape or a newline in a key or value is printed
+    escaped, one line per attribute."""
+    path = tmp_path / "a.geojson"
+    path.write_text(json.dumps({"type": "Feature", "geometry": mapping(box(23.10, 46.50, 23.20, 46.60)),
+                                "properties": {"name": "Plot", "attributes": {"note\x1b[2J": "a\nb\x07"}}}))
+    run("areas", "add", str(path))
+    lines = run("areas", "show", "Plot").output.splitlines()
+    assert lines[-1] == "attributes.note\\x1b[2J: a\\nb\\x07"
+    assert not any("\x1b" in line or "\x07" in line for line in lines)

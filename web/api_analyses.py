@@ -119,7 +119,8 @@ def placed_image(finding_id: int, role: str, who: Principal = Depends(principal)
     if image is None or not image.bounds:
         raise HTTPException(404, f"finding {finding_id} has no placeable {role!r} image")
     etag = placement.placed_etag(image.data, image.bounds)
-    headers = {"Cache-Control": "private, max-age=86400", "ETag": etag}
+    # no-cache: the browser keeps the chip but asks each time (a 304 without a warp when it is unchanged).
+    headers = {"Cache-Control": "private, no-cache", "ETag": etag}
     if placement.etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
     return Response(placement.placed_png_cached(etag, image.data, image.bounds), media_type="image/png",

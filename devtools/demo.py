@@ -69,7 +69,7 @@ class DemoEnv:
         }
 
 
-def _fresh_databases(base_url: str) -> DemoEnv:
+def _fresh_databases(base_url: str, broker_url: str) -> DemoEnv:
     from sqlalchemy.engine import make_url
 
     from core import migrate
@@ -87,13 +87,7 @@ def _fresh_databases(base_url: str) -> DemoEnv:
     app = app_url.render_as_string(hide_password=False)
     migrate.upgrade(app)
     localstac.prepare_database(libpq["stac"], create=False)
-    return DemoEnv(app_url=app, stac_dsn=libpq["stac"], broker_url="redis://127.0.0.1:6379/7")
-
-
-def _purge_broker(url: str) -> None:
-    import redis
-
-    redis.Redis.from_url(url).flushdb()
+    return DemoEnv(app_url=app, stac_dsn=libpq["stac"], broker_url=broker_url)
 
 
 def _area_geometry(items: list[dict]) -> dict:
@@ -276,6 +270,7 @@ def run_demo(base_url: str, *, var_dir: Path = VAR, dates: list[str] | None = No
              per_date_timeout: float = 300.0, echo=click.echo) -> DemoResult:
     """Run the loop; ``dates`` (YYYY-MM-DD) restricts the acquisitions published (the whole-loop test)."""
     from devtools import localstac
+    from devtools.redis_server import RedisServer
 
     if var_dir.exists():
         shutil.rmtree(var_dir)
@@ -284,52 +279,58 @@ def run_demo(base_url: str, *, var_dir: Path = VAR, dates: list[str] | None = No
     def step(msg: str) -> None:
         echo(click.style("==> ", fg="cyan", bold=True) + msg)
 
-    step("fresh demo databases (application + pgstac) and migrations")
-    env_cfg = _fresh_databases(base_url)
-    _purge_broker(env_cfg.broker_url)
+    step("fresh demo databases (application + pgstac) and migrations, a private broker")
+    # Its own redis-server: on the shared one, another run's workers (a second demo, the test suite) consume
+    # the same 'cpu' queue and find "nothing due" in their own databases, and this run waits for ever.
+    broker = RedisServer(var_dir / "redis")
+    broker.start()
+    try:
+        env_cfg = _fresh_databases(base_url, broker.url)
 
-    items = sorted(localstac.read_sample_items(), key=lambda i: i["properties"]["datetime"])
-    if dates is not None:
-        items = [i for i in items if i["properties"]["datetime"][:10] in set(dates)]
-    localstac.load_collection(env_cfg.stac_dsn, localstac.read_sample_collection())
+        items = sorted(localstac.read_sample_items(), key=lambda i: i["properties"]["datetime"])
+        if dates is not None:
+            items = [i for i in items if i["properties"]["datetime"][:10] in set(dates)]
+        localstac.load_collection(env_cfg.stac_dsn, localstac.read_sample_collection())
 
-    procs: list[subprocess.Popen] = []
-    outcomes: list[DateOutcome] = []
-    with localstac.CogServer(log_path=var_dir / "cog-server.log") as cogs, localstac.StacApiServer(
-        dsn=env_cfg.stac_dsn, log_path=var_dir / "stac-api.log", asset_base_url=cogs.url
-    ) as stac:
-        step(f"local STAC API at {stac.url}, COGs served with HTTP Range at {cogs.url}")
-        env = env_cfg.environ(stac.url, var_dir)
+        procs: list[subprocess.Popen] = []
+        outcomes: list[DateOutcome] = []
+        with localstac.CogServer(log_path=var_dir / "cog-server.log") as cogs, localstac.StacApiServer(
+            dsn=env_cfg.stac_dsn, log_path=var_dir / "stac-api.log", asset_base_url=cogs.url
+        ) as stac:
+            step(f"local STAC API at {stac.url}, COGs served with HTTP Range at {cogs.url}")
+            env = env_cfg.environ(stac.url, var_dir)
 
-        step(f"register watched area {AREA_NAME!r} (alerts to {RECIPIENT})")
-        cli = [sys.executable, "-m", "monitor.cli"]
-        subprocess.run(
-            # --max-cloud 100: let cloudy acquisitions through so the report shows why they were skipped.
-            [*cli, "areas", "add", json.dumps(_area_geometry(items)), "--name", AREA_NAME, "--recipient", RECIPIENT,
-             "--max-cloud", "100", "--min-clear", "0.7", "--frequency", "immediate"],
-            env=env, check=True, stdout=subprocess.DEVNULL,
-        )
+            step(f"register watched area {AREA_NAME!r} (alerts to {RECIPIENT})")
+            cli = [sys.executable, "-m", "monitor.cli"]
+            subprocess.run(
+                # --max-cloud 100: let cloudy acquisitions through so the report shows why they were skipped.
+                [*cli, "areas", "add", json.dumps(_area_geometry(items)), "--name", AREA_NAME, "--recipient", RECIPIENT,
+                 "--max-cloud", "100", "--min-clear", "0.7", "--frequency", "immediate"],
+                env=env, check=True, stdout=subprocess.DEVNULL,
+            )
 
-        step(f"start the scheduler and a Celery worker (real processes; logs in {var_dir})")
-        procs.append(_spawn([*cli, "scheduler", "--reports-interval", "1"], env, var_dir / "scheduler.log"))
-        procs.append(_spawn(
-            [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--queues", "cpu,gpu",
-             "--pool", "solo", "--loglevel", "INFO", "--hostname", f"demo-{os.getpid()}@%h"],
-            env, var_dir / "worker.log",
-        ))
-        try:
-            step(f"publish {len(items)} real Sentinel-2 acquisitions, one date at a time")
-            for n, item in enumerate(items, start=1):
-                published_at, t0 = datetime.now(UTC), time.monotonic()
-                stac.publish_item(item, asset_base_url=cogs.url)
-                _wait_settled(env_cfg.app_url, n, per_date_timeout, var_dir)
-                outcome = _outcome(env_cfg.app_url, item, published_at, time.monotonic() - t0)
-                outcomes.append(outcome)
-                echo(f"  {outcome.date}  {item['id']:<28} {outcome.describe()}  [{outcome.seconds_to_settle:.1f}s]")
-        finally:
-            for p in procs:
-                _stop(p)
-    return DemoResult(app_url=env_cfg.app_url, outbox=var_dir / "outbox", dates=outcomes)
+            step(f"start the scheduler and a Celery worker (real processes; logs in {var_dir})")
+            procs.append(_spawn([*cli, "scheduler", "--reports-interval", "1"], env, var_dir / "scheduler.log"))
+            procs.append(_spawn(
+                [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--queues", "cpu,gpu",
+                 "--pool", "solo", "--loglevel", "INFO", "--hostname", f"demo-{os.getpid()}@%h"],
+                env, var_dir / "worker.log",
+            ))
+            try:
+                step(f"publish {len(items)} real Sentinel-2 acquisitions, one date at a time")
+                for n, item in enumerate(items, start=1):
+                    published_at, t0 = datetime.now(UTC), time.monotonic()
+                    stac.publish_item(item, asset_base_url=cogs.url)
+                    _wait_settled(env_cfg.app_url, n, per_date_timeout, var_dir)
+                    outcome = _outcome(env_cfg.app_url, item, published_at, time.monotonic() - t0)
+                    outcomes.append(outcome)
+                    echo(f"  {outcome.date}  {item['id']:<28} {outcome.describe()}  [{outcome.seconds_to_settle:.1f}s]")
+            finally:
+                for p in procs:
+                    _stop(p)
+        return DemoResult(app_url=env_cfg.app_url, outbox=var_dir / "outbox", dates=outcomes)
+    finally:
+        broker.stop()  # the workers are stopped: nothing uses it after the run
 
 
 @click.command("demo")

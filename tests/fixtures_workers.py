@@ -39,6 +39,8 @@ from core.config import AnalysisSettings, CatalogueSettings, Settings, get_setti
 from core.db import session_scope
 from core.models import Area, Observation, ObservationStatus
 from devtools import localstac
+from devtools.redis_server import RedisServer
+from devtools.redis_server import pdeathsig as _pdeathsig
 from monitor.catalogues.items import parse_item
 from monitor.catalogues.store import upsert_catalogue, upsert_scene
 
@@ -49,63 +51,10 @@ APP_TABLES = ("finding_images, findings, deliveries, digests, analyses, observat
               "acquisitions, poll_states, catalogues, areas")
 
 
-def _pdeathsig() -> None:
-    # The worker dies with pytest even if pytest is killed (celery's own children follow their parent).
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-class RedisServer:
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.port = localstac.free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not installed")
-        cmd = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-               "--dir", str(self.workdir), "--protected-mode", "yes"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     stdin=subprocess.DEVNULL, preexec_fn=_pdeathsig)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self._ping():
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"redis-server on port {self.port} did not start")
-
-    def _ping(self) -> bool:
-        import redis
-
-        try:
-            return bool(redis.Redis.from_url(self.url, socket_timeout=1).ping())
-        except redis.RedisError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
-
-    def restart(self) -> None:
-        """Stop and start on the same port: every message held by the broker is gone."""
-        self.stop()
-        self.start()
-
-
 @pytest.fixture(scope="session")
 def worker_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server

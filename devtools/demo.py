@@ -13,6 +13,7 @@ import os
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -158,7 +159,7 @@ class DateOutcome:
     analysis_status: str | None
     pair_reason: str | None
     last_error: str | None
-    findings: int
+    findings: int  # change regions (the answers to the questions are findings too, not counted)
     changed_hectares: float | None
     seconds_to_settle: float
     seconds_to_email: float | None  # publish → alert accepted (None: no alert for this date)
@@ -170,7 +171,7 @@ class DateOutcome:
             return f"{text}; no analysis: {self.reason or 'no earlier clear acquisition'}"
         text += f"; analysis {self.analysis_status}"
         if self.analysis_status == "done":
-            text += f", {self.findings} finding(s), {self.changed_hectares or 0:.2f} ha changed"
+            text += f", {self.findings} change region(s), {self.changed_hectares or 0:.2f} ha changed"
         elif self.last_error:
             text += f": {self.last_error}"
         if self.seconds_to_email is not None:
@@ -192,7 +193,7 @@ def _outcome(app_url: str, item: dict, published_at: datetime, settled_s: float)
     with psycopg.connect(_libpq(app_url)) as conn:
         row = conn.execute(
             """SELECT o.status::text, o.clear_fraction, o.reason, a.status::text, a.pair_reason, a.last_error,
-                      (SELECT count(*) FROM findings f WHERE f.analysis_id = a.id),
+                      (SELECT count(*) FROM findings f WHERE f.analysis_id = a.id AND f.kind = 'region'),
                       (SELECT f.hectares FROM findings f WHERE f.analysis_id = a.id AND f.kind = 'summary'),
                       (SELECT min(d.sent_at) FROM deliveries d WHERE d.analysis_id = a.id AND d.status = 'sent')
                FROM scenes s JOIN observations o ON o.scene_id = s.id
@@ -368,7 +369,7 @@ def demo(settings: Settings, per_date_timeout: float, web_port: int, web: bool) 
     emails = sorted(result.outbox.glob("**/*.eml"))
     latencies = [d.seconds_to_email for d in result.dates if d.seconds_to_email is not None]
     click.echo(click.style("==> ", fg="cyan", bold=True) + f"{len(emails)} alert email(s) in {result.outbox}"
-               + (f" (publication → email: median {sorted(latencies)[len(latencies) // 2]:.1f}s)" if latencies else ""))
+               + (f" (publication → email: median {statistics.median(latencies):.1f}s)" if latencies else ""))
     for path in emails + sorted(result.outbox.glob("**/*.html")):
         click.echo(f"  {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     click.echo(f"\nDatabase: {result.app_url}\nQuery:    UNIRS_DATABASE_URL={result.app_url} "

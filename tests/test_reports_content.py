@@ -19,6 +19,7 @@ from sqlalchemy import select
 from core.config import get_settings
 from core.db import session_scope
 from core.models import Finding
+from devtools.browser import LOOPBACK_ONLY_FLAGS
 from monitor.reports import ledger, run_deliveries
 from monitor.reports.context import agreement, load_analysis_report, osm_link
 from monitor.reports.message import build_message
@@ -172,8 +173,7 @@ def test_email_renders_in_headless_chromium(db, configure, tmp_path, worker_outp
         png = ARTIFACTS / f"email-{kind}.png"
         png.unlink(missing_ok=True)
         subprocess.run(
-            [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            [str(CHROMIUM), "--headless", "--disable-gpu", "--disable-quic", *LOOPBACK_ONLY_FLAGS,
              f"--user-data-dir={tmp_path / 'chromium'}", f"--screenshot={png}", "--window-size=800,1400",
              eml.with_suffix(".html").as_uri()],
             check=True, timeout=120, capture_output=True,

@@ -24,6 +24,7 @@ from sqlalchemy import select, text
 
 from core.db import session_scope
 from core.models import Analysis, Area, Finding, Observation, Scene
+from devtools.browser import LOOPBACK_ONLY_FLAGS
 from monitor import pairing
 from tests.fixtures_web import PASSWORD, make_account
 from tests.fixtures_workers import insert_area, insert_sample_scenes, run_until_terminal
@@ -101,8 +102,7 @@ def _outline_on_the_boundary(png: bytes, bounds: list[list[float]], area_geom) -
 def browser():
     with playwright_api.sync_playwright() as p:
         # Loopback only: no proxy, no background requests of the browser itself.
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--no-sandbox", "--no-proxy-server", "--disable-background-networking", "--disable-component-update"])
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=list(LOOPBACK_ONLY_FLAGS))
         yield chromium
         chromium.close()
 

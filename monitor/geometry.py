@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,9 @@ def geodesic_area_km2(geom: BaseGeometry) -> float:
     return abs(area) / 1e6
 
 
+_EWKT_SRID = re.compile(r"\s*SRID=(\d+)\s*;", re.IGNORECASE)
+
+
 def read_source(source: str) -> str:
     """SOURCE is a file path, GeoJSON text or WKT text; return the text."""
     _check_text(source, "the argument")
@@ -81,7 +85,7 @@ def read_source(source: str) -> str:
         is_file = False
     if is_file:
         try:
-            return path.read_text(encoding="utf-8")
+            return path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is not text
         except UnicodeDecodeError as exc:
             raise AreaGeometryError(f"{path}: not a UTF-8 text file (GeoJSON or WKT expected): {exc}") from None
     # WKT always has a "(" (or is "… EMPTY"); anything else short is meant as a file name, e.g. `parcels`.
@@ -94,7 +98,7 @@ def read_stdin(stream: Any) -> str:
     """The whole of a binary stream (``sys.stdin.buffer``) as UTF-8 text, or a one-line error."""
     data = stream.read()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise AreaGeometryError(
             f"stdin: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); GeoJSON or WKT expected"
@@ -117,7 +121,7 @@ def parse_areas(text: str, *, max_vertices: int, union: bool = False, fix: bool 
     raised at once.
     """
     _check_text(text, "input")
-    text = text.strip()
+    text = text.lstrip("\ufeff").strip()  # a byte-order mark left by an editor (the web upload's file too)
     if not text:
         raise AreaGeometryError("empty input: expected GeoJSON, WKT or a file path")
     refused: list[Problem] = [] if problems is None else problems
@@ -224,6 +228,13 @@ def _planar(value: Any, depth: int, where: str) -> list[Any]:
 
 
 def _parse_wkt(text: str) -> BaseGeometry:
+    """WKT, or PostGIS EWKT in EPSG:4326 (``SRID=4326;POLYGON(...)``, what ``ST_AsEWKT`` prints)."""
+    ewkt = _EWKT_SRID.match(text)
+    if ewkt:
+        if ewkt.group(1) != "4326":
+            raise AreaGeometryError(f"EWKT in SRID {ewkt.group(1)}: areas are longitude/latitude in EPSG:4326 (WGS 84, "
+                                    "as in GeoJSON, RFC 7946); reproject first, e.g. ST_Transform(geom, 4326)")
+        text = text[ewkt.end():]
     try:
         geom = shapely.from_wkt(text)
     except shapely.errors.GEOSException as exc:

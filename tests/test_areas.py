@@ -84,6 +84,21 @@ def test_wkt_and_stdin(db):
     assert {a["name"] for a in json.loads(run("areas", "list", "--json").stdout)} == {"wkt", "stdin"}
 
 
+def test_byte_order_mark_and_ewkt(db, tmp_path):
+    """A file saved with a UTF-8 byte-order mark (Windows editors) and PostGIS EWKT in EPSG:4326 are read;
+    EWKT in another SRID is refused naming the fix."""
+    bom = tmp_path / "bom.geojson"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(feature(FOREST, name="bom")).encode())
+    run("areas", "add", str(bom))
+    run("areas", "add", "-", "--name", "bom-stdin", input="\ufeff" + FOREST.wkt)
+    run("areas", "add", f"SRID=4326;{FOREST.wkt}", "--name", "ewkt")
+    assert stored_geometry(db, "ewkt")[0].equals(FOREST) and stored_geometry(db, "bom")[0].equals(FOREST)
+    result = run("areas", "add", f"SRID=3035;{FOREST.wkt}", "--name", "laea", ok=False)
+    assert result.exit_code == 1
+    assert "EWKT in SRID 3035: areas are longitude/latitude in EPSG:4326" in result.output
+    assert sorted(a["name"] for a in json.loads(run("areas", "list", "--json").stdout)) == ["bom", "bom-stdin", "ewkt"]
+
+
 @pytest.mark.parametrize(
     ("source", "message"),
     [

@@ -111,7 +111,8 @@ def build_statement(flt: FindingFilter, *, area_first: tuple[int, int] | None = 
     stmt = (
         select(
             Finding.id, Finding.analysis_id, Area.name.label("area"), Finding.kind, Finding.change_class,
-            Finding.hectares, Finding.caption, Finding.question, Finding.answer, Finding.confidence,
+            Finding.hectares, Finding.alert_state, Finding.screen_verdict,
+            Finding.caption, Finding.question, Finding.answer, Finding.confidence,
             cast(Finding.statistics, Text).label("statistics") if statistics_text else Finding.statistics,
             Finding.analyser_name, Finding.analyser_version, Finding.observed_at,
             Finding.before_observed_at,
@@ -356,7 +357,8 @@ def write_geojson(rows: Iterable[dict[str, Any]], out: IO[str], default: Any = N
 
 
 CSV_COLUMNS = (
-    "id", "analysis_id", "area", "kind", "change_class", "hectares", "caption", "question", "answer", "confidence",
+    "id", "analysis_id", "area", "kind", "change_class", "hectares", "alert_state", "screen_verdict", "caption",
+    "question", "answer", "confidence",
     "analyser_name", "analyser_version", "observed_at", "before_observed_at", "statistics", "geometry_wkt",
 )
 
@@ -376,13 +378,18 @@ def write_csv(rows: Iterable[dict[str, Any]], out: IO[str]) -> None:
 
 
 def format_table(rows: list[dict[str, Any]], *, terminal: bool | None = None) -> str:
-    """A terminal table (rich): the fields people scan for, long text cut with "…"."""
+    """A terminal table (rich): the fields people scan for, long text cut with "…". ``state`` is the
+    region's alert state (probable, confirmed, dismissed, redetected, seasonal, atmospheric;
+    workers/confirmation.py), ``screen`` the time-series screen's verdict (workers/screen.py); both are
+    empty for other kinds and for rows written before those columns existed."""
     columns = [Column("id", justify="right"), Column("observed"), Column("area", 24), Column("kind"),
-               Column("class", 16), Column("hectares", justify="right"), Column("text", 60)]
+               Column("class", 16), Column("hectares", justify="right"), Column("state", 11), Column("screen", 11),
+               Column("text", 60)]
     return render_table(columns, [
         (
             r["id"], r["observed_at"].strftime("%Y-%m-%d"), r["area"], r["kind"], r["change_class"],
             None if r["hectares"] is None else f"{r['hectares']:.2f}",
+            r.get("alert_state"), r.get("screen_verdict"),
             r["caption"] if r["kind"] != "answer" else f"{r['question']} → {r['answer']}",
         )
         for r in rows

@@ -145,7 +145,7 @@ def test_cli_csv_has_wkt_and_table_and_show(data):
 
     table = run("--since", "2020-08-29", "--until", "2020-08-29").stdout  # a bare --until date includes the day
     lines = table.splitlines()
-    assert lines[0].split() == ["id", "observed", "area", "kind", "class", "hectares", "text"]
+    assert lines[0].split() == ["id", "observed", "area", "kind", "class", "hectares", "state", "screen", "text"]
     assert len(lines) == 1 + 4 and all("2020-08-29" in line for line in lines[1:])
     assert "Is there a new road? → Yes, 100% certain" in table
 
@@ -160,6 +160,39 @@ def test_cli_csv_has_wkt_and_table_and_show(data):
     assert "no finding with id" in run("show", "999999", ok=False).output
     bad = run("--bbox", "nope", ok=False)
     assert bad.exit_code != 0 and "minx,miny,maxx,maxy" in bad.output
+
+
+def test_alert_state_and_screen_verdict_in_table_show_and_exports(data):
+    """A new-user trial: an atmospheric region (a cloud edge) read as a loss because no output said so."""
+    with session_scope(get_settings()) as s:
+        for ha, state, verdict in ((3.2, "confirmed", "departure"), (0.4, "atmospheric", "atmospheric"),
+                                   (12.5, "dismissed", None)):
+            s.execute(update(Finding).where(Finding.kind == "region", Finding.hectares == ha)
+                      .values(alert_state=state, screen_verdict=verdict))
+    expected = {3.2: ("confirmed", "departure"), 0.4: ("atmospheric", "atmospheric"), 12.5: ("dismissed", None),
+                7.0: (None, None)}
+
+    rows = list(csv.DictReader(io.StringIO(run("--kind", "region", "--format", "csv").stdout)))
+    assert {float(r["hectares"]): (r["alert_state"], r["screen_verdict"]) for r in rows} == {
+        ha: tuple(v or "" for v in states) for ha, states in expected.items()}  # CSV: NULL is an empty cell
+
+    for args in ((), ("--all",)):  # a page, and the streamed export (server-side cursor)
+        fc = json.loads(run("--kind", "region", "--format", "geojson", *args).stdout)
+        assert {feat["properties"]["hectares"]: (feat["properties"]["alert_state"],
+                                                 feat["properties"]["screen_verdict"])
+                for feat in fc["features"]} == expected
+
+    lines = run("--kind", "region", "--area", "Apuseni forest").stdout.splitlines()
+    # Plain text into a pipe: a cell starts at its header's column ("forest loss", "Apuseni forest" have spaces).
+    at = {name: lines[0].index(name) for name in ("hectares", "state", "screen", "text")}
+    cells = {line[at["hectares"]:at["state"]].strip(): (line[at["state"]:at["screen"]].strip(),
+                                                         line[at["screen"]:at["text"]].strip()) for line in lines[1:]}
+    assert cells == {"3.20": ("confirmed", "departure"), "0.40": ("atmospheric", "atmospheric"),
+                     "12.50": ("dismissed", "")}
+
+    region_id = next(r["id"] for r in q(kind="region") if r["hectares"] == 0.4)
+    shown = json.loads(run("show", str(region_id)).stdout)
+    assert (shown["alert_state"], shown["screen_verdict"]) == ("atmospheric", "atmospheric")
 
 
 def test_qgis_views(data):

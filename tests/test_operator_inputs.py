@@ -179,7 +179,7 @@ def test_tables_are_rich_and_plain_in_a_pipe():
              "kind": "answer", "change_class": None, "hectares": None, "caption": None,
              "question": "Is there a new road?", "answer": "Yes,\nclearly " + "very " * 30}]
     plain = format_table(rows, terminal=False).splitlines()
-    assert plain[0].split() == ["id", "observed", "area", "kind", "class", "hectares", "text"]
+    assert plain[0].split() == ["id", "observed", "area", "kind", "class", "hectares", "state", "screen", "text"]
     assert len(plain) == 2 and "\x1b[" not in plain[1]
     assert "[bold]forest[/bold]" in plain[1]  # user text is never read as rich markup
     assert "Is there a new road? → Yes, clearly very" in plain[1] and plain[1].endswith("…")

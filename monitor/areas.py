@@ -302,16 +302,29 @@ def _new_area(session: Session, item: ParsedArea, name: str | None, opts: AreaOp
 
 
 def get_area(session: Session, ref: str | int | Area) -> Area:
-    """Look an area up by name, or by id when REF is all digits (an Area is returned as it is)."""
+    """Look an area up by name, or by id when REF is all digits or ``id:N`` (an Area is returned as it is).
+
+    Raises AreaError when there is none, or when all digits name one area and number another (names taken
+    from a GIS feature id, ``--name-property fid``, are numbers): the message names both and the way to say
+    which."""
     if isinstance(ref, Area):
         return ref
     ref_s = str(ref).strip()
     bad = _unprintable(ref_s)
     if bad:
         raise AreaError(f"no area named or numbered {ref_s!r}: the name contains {bad}")
+    if ref_s.lower().startswith("id:") and ref_s[3:].strip().isdigit():
+        area = session.get(Area, int(ref_s[3:]))
+        if area is None:
+            raise AreaError(f"no area numbered {ref_s[3:].strip()} (see `unirs-monitor areas list`)")
+        return area
     area = session.scalar(select(Area).where(Area.name == ref_s))
-    if area is None and ref_s.isdigit():
-        area = session.get(Area, int(ref_s))
+    if ref_s.isdigit():
+        numbered = session.get(Area, int(ref_s))
+        if area is not None and numbered is not None and numbered.id != area.id:
+            raise AreaError(f"{ref_s!r} is the name of area {area.id} and the id of area {numbered.id} "
+                            f"({numbered.name!r}): say id:{area.id} or id:{numbered.id}")
+        area = area or numbered
     if area is None:
         raise AreaError(f"no area named or numbered {ref_s!r} (see `unirs-monitor areas list`)")
     return area

@@ -278,3 +278,18 @@ def test_alert_classes_default_validate_and_update(db):
                                                             alert_classes=["forest loss"])]}
     typo = run("areas", "add", json.dumps(fc), ok=False)
     assert typo.exit_code == 1 and "alert classes must be a non-empty list" in typo.output
+
+
+def test_a_number_that_names_one_area_and_numbers_another_is_refused_naming_both(db):
+    """Names taken from a GIS feature id (--name-property fid) are numbers: '1' must not silently pick one."""
+    first = json.loads(run("areas", "add", FOREST.wkt, "--name", "Parcel A", "--json").stdout)[0]["id"]
+    second = json.loads(run("areas", "add", box(23.3, 46.5, 23.4, 46.6).wkt, "--name", str(first),
+                            "--json").stdout)[0]["id"]
+    result = run("areas", "show", str(first), ok=False)
+    assert result.exit_code == 1
+    assert (f"'{first}' is the name of area {second} and the id of area {first} ('Parcel A'): "
+            f"say id:{second} or id:{first}") in result.output
+    assert json.loads(run("areas", "show", f"id:{first}", "--json").stdout)["properties"]["name"] == "Parcel A"
+    assert json.loads(run("areas", "show", f"id:{second}", "--json").stdout)["properties"]["name"] == str(first)
+    assert json.loads(run("areas", "show", "Parcel A", "--json").stdout)["id"] == first
+    assert "no area numbered 999" in run("areas", "show", "id:999", ok=False).output

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from core.db import session_scope
 from core.models import Finding
@@ -94,8 +94,17 @@ def test_filters(web_client, alice):
 
 def test_single_item_and_other_users_item(web_client, alice, bob):
     mine = _world(web_client.app.state.settings.database_url, alice.id, analyses=1)
+    with session_scope(web_client.app.state.settings.database_url) as session:
+        session.execute(update(Finding).where(Finding.id == mine[1])
+                        .values(alert_state="atmospheric", screen_verdict="atmospheric"))
     feature = web_client.get(f"/ogc/collections/change_regions/items/{mine[1]}", headers=alice.auth()).json()
     assert feature["id"] == mine[1] and feature["geometry"]["type"] == "Polygon"
+    # A cloud edge must read as one in QGIS too, not as a loss.
+    assert (feature["properties"]["alert_state"], feature["properties"]["screen_verdict"]) == (
+        "atmospheric", "atmospheric")
+    listed = web_client.get("/ogc/collections/change_regions/items?limit=100", headers=alice.auth()).json()
+    assert {f["id"]: f["properties"]["alert_state"] for f in listed["features"]} == {
+        fid: ("atmospheric" if fid == mine[1] else None) for fid in (f["id"] for f in listed["features"])}
     assert web_client.get(f"/ogc/collections/change_regions/items/{mine[1]}", headers=bob.auth()).status_code == 404
     # The summary is a finding but not a change region.
     assert web_client.get(f"/ogc/collections/change_regions/items/{mine[0]}", headers=alice.auth()).status_code \

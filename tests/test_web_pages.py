@@ -81,8 +81,8 @@ def test_area_and_analysis_pages_show_the_pair_timeline_swipe_and_answers(web_cl
     assert web_client.get(f"/api/findings/{summary}/images/before.png").content == factories.png("before")
     assert "A new forest road and two clear-cuts appear." in page
     assert "<dt>Has forest been cleared?</dt>" in page and "<strong>Yes</strong>" in page
-    assert page.count('<tr data-class="vegetation_loss">') == 1
-    assert page.count('<tr data-class="new_built_up_or_bare">') == 1
+    assert page.count('<tr data-class="vegetation_loss" data-state="">') == 1
+    assert page.count('<tr data-class="new_built_up_or_bare" data-state="">') == 1
 
 
 def test_another_users_area_and_analysis_are_not_found(web_client, alice, bob, web_db):
@@ -242,3 +242,49 @@ def test_the_analysis_page_says_what_later_acquisitions_confirmed_or_dismissed(w
         "acquisition; 3.20 ha dismissed: the next clear acquisition no longer showed it. An alert email sent on "
         "first detection counted them as they stood then; the headline above counts what alerts now.")
     assert re.search(r'<h1 id="headline">([^<]*)</h1>', page).group(1) == "Forest loss 1.10 ha"
+
+
+def test_a_screened_out_region_is_listed_with_its_state_and_not_drawn_as_a_loss(web_client, alice, web_db):
+    """A new-user trial: an atmospheric vegetation-loss region (a cloud edge) was drawn red on the map, listed
+    without a state, and its class said "alerts: yes"."""
+    import json
+
+    from sqlalchemy import select, update
+
+    from core.models import Finding
+
+    analysis_id, _ = owned_world(web_db, alice.id, name="Apuseni forest")
+    with session_scope(web_db) as session:
+        session.execute(update(Finding).where(Finding.analysis_id == analysis_id,
+                                              Finding.change_class == "vegetation_loss")
+                        .values(alert_state="atmospheric", screen_verdict="atmospheric"))
+        session.execute(update(Finding).where(Finding.analysis_id == analysis_id,
+                                              Finding.change_class == "new_built_up_or_bare")
+                        .values(alert_state="confirmed", screen_verdict="departure"))
+        ids = dict(session.execute(select(Finding.change_class, Finding.id).where(
+            Finding.analysis_id == analysis_id, Finding.kind == "region")).all())
+    login(web_client, alice)
+    page = web_client.get(f"/analyses/{analysis_id}").text
+
+    regions = page.split('<table class="table" id="regions">')[1].split("</table>")[0]
+    rows = {int(m.group(2)): (m.group(1), [" ".join(re.sub(r"<[^>]+>", "", c).split())
+                                           for c in re.findall(r"<td[^>]*>(.*?)</td>", m.group(3), re.S)])
+            for m in re.finditer(r'<tr data-class="[^"]*" data-state="[^"]*"( class="not-a-change")?><td>(\d+)</td>'
+                                 r'(.*?)</tr>', regions, re.S)}
+    assert {fid: (muted, cells[:5]) for fid, (muted, cells) in rows.items()} == {
+        ids["vegetation_loss"]: (' class="not-a-change"', ["vegetation loss", "3.20 ha", "atmospheric", "atmospheric",
+                                                           "no"]),
+        ids["new_built_up_or_bare"]: (None, ["new built-up land or bare ground", "1.10 ha", "confirmed", "departure",
+                                             "yes"]),
+    }
+    classes = page.split('<table class="table" id="classes">')[1].split("</table>")[0]
+    alerts = {re.sub(r"<[^>]+>", "", m.group(1)).strip(): m.group(2).strip() for m in re.finditer(
+        r"<tr><td>(.*?)</td>.*?<td>([^<]*)</td></tr>", classes, re.S)}
+    assert alerts["vegetation loss"] == "no: atmospheric"
+    assert alerts["new built-up land or bare ground"] == "yes"
+    # The map draws only the confirmed region; the hint says why the other is missing.
+    data = json.loads(page.split('id="page-data">')[1].split("</script>")[0])
+    assert [f["id"] for f in data["regions"]] == [ids["new_built_up_or_bare"]]
+    assert " ".join(re.search(r'<p class="hint" id="undrawn">(.*?)</p>', page, re.S).group(1).split()) == (
+        "1 region(s) dismissed or screened out (seasonal, atmospheric) are not drawn; the change regions table "
+        "lists them with their state.")

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from core.models import Analysis, Area, Scene
 from eo.change_classes import CLASS_ORDER, format_hectares, label
 from monitor import findings as fq
+from monitor.reports.context import NOT_A_CHANGE
 from web import api_analyses, api_areas
 from web.deps import DB, Principal, optional_principal, owned
 from web.templating import render
@@ -107,9 +108,14 @@ def analysis_page(request: Request, analysis_id: int, who: Principal = Depends(p
     except HTTPException as exc:
         return _not_found(request, exc)
     area = api_areas.get_area(report["area_id"], who=who, session=session)
+    # Dismissed or screened-out regions (a cloud edge: atmospheric) are listed in the table with their state
+    # but not drawn: on the map every region has its class's colour, and a red one reads as a loss.
+    features = report["regions_geojson"]["features"]
+    drawn = [f for f in features if f["properties"].get("alert_state") not in NOT_A_CHANGE]
     return render(request, "analysis.html", {
-        "r": report, "area": area, "ha": format_hectares, "label": label,
-        "map_data": {"area": area, "regions": report["regions_geojson"]["features"], "classes": list(CLASS_ORDER),
+        "r": report, "area": area, "ha": format_hectares, "label": label, "not_a_change": NOT_A_CHANGE,
+        "undrawn": len(features) - len(drawn),
+        "map_data": {"area": area, "regions": drawn, "classes": list(CLASS_ORDER),
                      "placed": {role: report["placed_images"][role] for role in ("before", "after")
                                 if role in report["placed_images"]}},
     })

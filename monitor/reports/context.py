@@ -293,12 +293,21 @@ def _images(analysis_id: int, findings: list[Finding]) -> list[InlineImage]:
     return []
 
 
-def _regions(session: Session, analysis_id: int, area_name: str) -> list[dict[str, Any]]:
+# Alert states of a region that is not (or no longer) a change on the ground: the next clear acquisition
+# dismissed it, or the time-series screen called it seasonal or atmospheric (workers/confirmation.py
+# NOT_TARGETS). The analysis page lists them but does not draw them as changes.
+NOT_A_CHANGE = ("dismissed", "seasonal", "atmospheric")
+
+
+def _regions(session: Session, analysis_id: int, area_name: str, by_id: dict[int, Finding],
+             alert_classes: list[str], alert_on: str) -> list[dict[str, Any]]:
+    """The analysis's region findings as GeoJSON Features; properties include ``alert_state``,
+    ``screen_verdict`` (NULL in rows older than those columns) and ``alerts`` (:func:`region_alerts` now)."""
     # Right-hand rule and lon/lat order: what RFC 7946 asks of GeoJSON consumers.
     rows = session.execute(
         select(
             Finding.id, Finding.change_class, Finding.hectares, Finding.caption, Finding.confidence,
-            Finding.observed_at, Finding.before_observed_at,
+            Finding.alert_state, Finding.screen_verdict, Finding.observed_at, Finding.before_observed_at,
             func.ST_AsGeoJSON(func.ST_ForcePolygonCCW(Finding.geom), 7).label("geojson"),
         )
         .where(Finding.analysis_id == analysis_id, Finding.kind == "region", Finding.geom.is_not(None))
@@ -317,6 +326,9 @@ def _regions(session: Session, analysis_id: int, area_name: str) -> list[dict[st
                 "hectares": r.hectares,
                 "caption": r.caption,
                 "confidence": r.confidence,
+                "alert_state": r.alert_state,
+                "screen_verdict": r.screen_verdict,
+                "alerts": region_alerts(by_id[r.id], alert_classes, alert_on),
                 "observed_at": r.observed_at.isoformat(),
                 "before_observed_at": r.before_observed_at.isoformat() if r.before_observed_at else None,
             },
@@ -397,10 +409,9 @@ def load_analysis_report(session: Session, analysis_id: int, base_url: str, with
             classes[f.change_class or "unclassified"].append(f.hectares or 0.0)
     name, _, version = analysis.analyser.partition("@")
     first = findings[0] if findings else None
-    features = _regions(session, analysis_id, area.name)
-
     shown = {k for keys in _CLEAR_KEYS.values() for k in keys}
     alert_classes = list(area.alert_classes or [])
+    features = _regions(session, analysis_id, area.name, {f.id: f for f in findings}, alert_classes, area.alert_on)
     alerting = alerting_hectares(findings, alert_classes, area.alert_on)
     states: dict[str, float] = defaultdict(float)
     for f in findings:

@@ -211,6 +211,14 @@ def test_qgis_views(data):
             ("Apuseni forest", 0.4), ("Apuseni forest", 3.2), ("Danube delta", 7.0), ("Apuseni forest", 12.5)]
         assert rows[0][3] == "A new forest ROAD appears" and rows[0][4] > rows[0][5]
         assert {r[6] for r in rows} == {"ST_MultiPolygon"}
+        # Revision 0020: the alert state and the screen's verdict, so a cloud edge is not styled as a loss.
+        conn.execute("UPDATE findings SET alert_state = 'atmospheric', screen_verdict = 'atmospheric' "
+                     "WHERE kind = 'region' AND hectares = 0.4")
+        for view, where in (("v_change_regions", "TRUE"), ("v_findings", "kind = 'region'")):
+            states = conn.execute(f"SELECT hectares, alert_state, screen_verdict FROM {view} WHERE {where} "
+                                  "ORDER BY hectares").fetchall()
+            assert states == [(0.4, "atmospheric", "atmospheric"), (3.2, None, None), (7.0, None, None),
+                              (12.5, None, None)], view
         # QGIS filters a layer by the canvas extent: that filter must be able to use an index.
         conn.execute("SET enable_seqscan = off")
         plan = "\n".join(r[0] for r in conn.execute(

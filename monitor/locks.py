@@ -8,7 +8,6 @@ it) and uses TCP keepalives so a vanished host is noticed by the server too.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -19,16 +18,13 @@ from contextlib import contextmanager
 import psycopg
 from sqlalchemy.engine import make_url
 
+from core.locks import lock_key  # the keys live in core: the workers take per-area locks too
+
 logger = logging.getLogger(__name__)
 
 LEADER_LOCK = "unirs-monitor:scheduler-leader"
 CYCLE_LOCK = "unirs-monitor:poll-cycle"
 PAIR_LOCK = "unirs-monitor:pairing"
-
-
-def lock_key(name: str) -> int:
-    """A stable signed 64-bit key for a lock name (advisory locks take a bigint)."""
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
 def libpq_url(database_url: str) -> str:

@@ -200,3 +200,130 @@ def test_the_pipeline_registers_each_acquisition_once_and_reads_it_moved(databas
     # The analyses recorded the pair's records; the before of each was estimated once (by its own analysis
     # as the after, or as the first before) and read back unchanged by the next.
     assert stats[2]["after"] == last and stats[2]["before"] == records[2] == stats[1]["after"]
+
+
+def test_anchors_are_gated_and_a_small_window_is_not_estimated(cube, area):
+    grid = coreg.window_grid(area, 10.0)
+    real = coreg.clear_nir(cube_scene(cube, "2017-07-06"), grid, 3)
+    noise = np.random.default_rng(7).normal(0.3, 0.05, real.shape).astype(np.float32)
+    # The area's second acquisition against its first: a pair peaking anywhere does not anchor the area.
+    est = coreg.estimate(noise, [(real, (0.0, 0.0))], [(0.0, 0.0)])
+    assert (est.status, est.position, est.pairs) == (coreg.FALLBACK, None, 0) and "anchor gate" in est.reason
+    # The first: nothing to pair with, but under 10 % clear is no geometry to anchor on.
+    cloudy = real.copy()
+    cloudy[real.shape[0] // 10:] = np.nan
+    est = coreg.estimate(cloudy, [], [])
+    assert est.status == coreg.FALLBACK and f"{np.isfinite(cloudy).mean():.0%} clear" in est.reason
+    assert coreg.estimate(real, [], []).status == coreg.ANCHOR
+    # Three registered but only two readable: the gate of an estimate (>= MIN_PAIRS pairs), not an anchor.
+    est = coreg.estimate(real, [(real, (0.0, 0.0))] * 2, [(0.0, 0.0)] * 3, registered=3)
+    assert est.status == coreg.FALLBACK and est.pairs == 2
+    # A 0.2 ha area: its grid is 5 x 5 px, below MIN_WINDOW_PX; its correlation would be noise.
+    centre = area.centroid
+    small = centre.buffer(0.00025)  # ~ 40 m across
+    small_grid = coreg.window_grid(small, 10.0)
+    assert max(small_grid.width, small_grid.height) < coreg.MIN_WINDOW_PX
+    tiny = coreg.clear_nir(cube_scene(cube, "2017-07-06"), small_grid, 3)
+    est = coreg.estimate(tiny, [(tiny, (0.0, 0.0))] * 3, [(0.0, 0.0)] * 3)
+    assert est.status == coreg.FALLBACK and est.shift == (0.0, 0.0) and "too small" in est.reason
+
+
+class RegisteredArea:
+    """An area of real cube dates in PostGIS, each acquisition registered through coregistration.register
+    as the pipeline calls it (its SceneRef from workers.pipeline.acquisition_ref)."""
+
+    def __init__(self, database_url, settings, cube, days):
+        from tests.fixtures_workers import insert_area, insert_observation, insert_sample_scenes, truncate
+
+        truncate(database_url)
+        self.settings, self.cube, self.days = settings, cube, days
+        self.scenes = insert_sample_scenes(settings.catalogues[0], cube.url, days, data_dir=ALL_DATES)
+        self.geom = self.scenes.footprint.buffer(-0.0006)
+        self.area_id = insert_area(self.geom, name="Romanian forest")
+        for day in days:
+            insert_observation(self.area_id, self.scenes.ids[day])
+
+    def register(self, day):
+        from core.db import session_scope
+        from core.models import Area, Scene
+        from workers.pipeline import acquisition_ref
+
+        with session_scope(self.settings) as s:
+            area_wkb = s.get(Area, self.area_id).geom
+            ref = acquisition_ref(s, s.get(Scene, self.scenes.ids[day]), area_wkb, self.settings)
+        return coreg.register(self.settings, self.area_id, self.geom, ref, acquisition_ref)
+
+    def stored(self):
+        from core.db import session_scope
+
+        with session_scope(self.settings) as s:
+            records = coreg.stored(s, self.area_id, list(self.scenes.ids.values()))
+        return {day: records[self.scenes.ids[day]] for day in self.days}
+
+    def sql(self, statement, **params):
+        from sqlalchemy import text
+
+        from core.db import session_scope
+
+        with session_scope(self.settings) as s:
+            return s.execute(text(statement), params).all() if statement.lstrip().startswith("SELECT") \
+                else s.execute(text(statement), params)
+
+    def break_asset(self, day, band="nir"):
+        """The acquisition's ``band`` now 404s on the COG server (and its cached window is forgotten)."""
+        self.sql("UPDATE scenes SET assets = jsonb_set(assets, ARRAY[:band, 'href'], to_jsonb(CAST(:href AS text))) "
+                 "WHERE id = :id", band=band, href=self.cube.href(f"cogs/{day}/missing-{band}.tif"),
+                 id=self.scenes.ids[day])
+        coreg._CACHE.items.clear()
+
+
+ANCHORS = ["2016-06-16", "2016-08-05", "2016-08-15"]
+
+
+def test_an_unreadable_reference_is_dropped_and_an_unreadable_acquisition_not_stored(database_url, worker_settings,
+                                                                                     cube):
+    days = [*ANCHORS, "2017-06-06", "2017-07-06", "2017-07-11"]
+    area = RegisteredArea(database_url, worker_settings, cube, days)
+    for day in days[:4]:
+        area.register(day)
+    assert [area.stored()[d]["status"] for d in days[:4]] == ["anchor", "anchor", "anchor", "estimated"]
+    area.break_asset("2016-08-05")  # a reference of 2017-07-06 (an HTTP 404 now)
+    record = area.register("2017-07-06")
+    assert [d["item_id"] for d in record["dropped"]] == [area.sql(
+        "SELECT item_id FROM scenes WHERE id = :id", id=area.scenes.ids["2016-08-05"])[0][0]]
+    assert record["dropped"][0]["reason"].startswith("CogReadError")
+    assert record["pairs"] <= 3 and area.stored()["2017-07-06"] == record  # stored: estimated from the others
+    # The acquisition itself unreadable: no shift, said why, not stored (the next analysis tries again).
+    area.break_asset("2017-07-11")
+    record = area.register("2017-07-11")
+    assert record["status"] == coreg.FALLBACK and record["applied_px"] == [0, 0] and "not read" in record["reason"]
+    assert area.stored()["2017-07-11"] is None
+
+
+def test_concurrent_registrations_of_an_area_give_the_records_of_one_at_a_time(database_url, worker_settings,
+                                                                               cube):
+    import threading
+
+    days = [*ANCHORS, "2017-06-06", "2017-07-06"]
+    area = RegisteredArea(database_url, worker_settings, cube, days)
+    for day in days:
+        area.register(day)
+    one_at_a_time = area.stored()
+    assert [r["status"] for r in one_at_a_time.values()] == ["anchor"] * 3 + ["estimated"] * 2
+    area.sql("UPDATE observations SET coregistration = NULL WHERE area_id = :a", a=area.area_id)
+    barrier, errors = threading.Barrier(len(days)), []
+
+    def run(day):
+        try:
+            barrier.wait()
+            area.register(day)
+        except Exception as exc:  # reported below with the day
+            errors.append((day, exc))
+
+    threads = [threading.Thread(target=run, args=(day,)) for day in reversed(days)]  # the newest first
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert area.stored() == one_at_a_time

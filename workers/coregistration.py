@@ -17,7 +17,13 @@ counts when both images share at least :data:`MIN_COMMON_CLEAR` clear pixels and
 :data:`MAX_SHIFT_PX`; the estimate stands when at least :data:`MIN_PAIRS` pairs count and they agree
 (median absolute deviation ≤ :data:`MAX_SPREAD_PX`), else it falls back to no shift (``fallback``; not
 used as a reference). The first :data:`MIN_PAIRS` registered acquisitions of an area are ``anchor``s:
-their positions are measured against each other but they are not moved (too few references to tell).
+their positions are measured against each other but they are not moved (too few references to tell);
+they pass the same gate (every pair, and the anchor itself ≥ :data:`MIN_COMMON_CLEAR` clear), else fall
+back and the next acquisition anchors. A window under :data:`MIN_WINDOW_PX` a side (an area under 320 m
+across) falls back: it is not grown around the area, so what is estimated is the area's own ground.
+A reference that cannot be read is dropped (the record's ``dropped``); an acquisition that cannot be read
+is not registered (no shift, not stored). One area's registrations are serialised by an advisory lock
+(:func:`register`).
 
 **The area's geometry** is the median position of its registered acquisitions of the last
 :data:`CENTRE_DAYS` (this one included), fixed when the acquisition is registered: ``shift`` = position −
@@ -41,17 +47,22 @@ from datetime import timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from core.config import Settings
 from core.db import session_scope
+from core.locks import area_lock_key
 from core.models import Area, Observation, ObservationStatus, Scene
-from workers.raster import Grid, SceneRef, _clear_mask, _reflectance, common_grid, mask_band, read_band
+from eo.cog import CogReadError
+from eo.radiometry import RadiometryMismatch
+from eo.security import HrefRefused
+from workers.raster import Grid, SceneRef, SkipAnalysis, _clear_mask, _reflectance, common_grid, mask_band, read_band
 
 logger = logging.getLogger(__name__)
 
 METHOD = "phase correlation of NIR, network of earlier clear acquisitions"
 MAX_WINDOW_PX = 512  # side of the window estimated on (5 km at 10 m): plenty of texture, 1 MB per image
+MIN_WINDOW_PX = 32  # a smaller side (an area under 320 m across) is not estimated: its correlation is noise
 REFERENCES = 16  # newest earlier registered acquisitions of the area each new one is correlated with
 UPSAMPLE = 20  # 1/20 px
 MIN_COMMON_CLEAR = 0.5  # of the window's pixels clear in both images of a pair
@@ -64,6 +75,9 @@ SEASON_BIN_DAYS = 30  # references: the nearest in day of year first, in bins of
 ESTIMATED, ANCHOR, FALLBACK = "estimated", "anchor", "fallback"
 REGISTERED = (ESTIMATED, ANCHOR)  # statuses whose position serves as a reference
 CACHE_ITEMS = 64
+# What reading one acquisition may raise (the screen leaves such a date out the same way): a reference that
+# cannot be read is dropped from the network, not a reason to fail another pair's analysis.
+READ_ERRORS = (CogReadError, HrefRefused, RadiometryMismatch, SkipAnalysis)
 
 
 @dataclass
@@ -79,6 +93,7 @@ class Estimate:
     pairs: int = 0
     spread: tuple[float, float] | None = None
     reason: str | None = None
+    dropped: list[dict[str, str]] | None = None  # references left out: [{"item_id", "reason"}]
 
     def record(self, pixel_size: float) -> dict[str, Any]:
         rows, cols = (whole_pixels(v) for v in self.shift)
@@ -87,7 +102,7 @@ class Estimate:
                 "shift_px": [round(v, 3) for v in self.shift], "applied_px": [rows, cols],
                 "offset_m": [cols * pixel_size, -rows * pixel_size], "pixel_size_m": pixel_size,
                 "pairs": self.pairs, "spread_px": None if self.spread is None else [round(v, 3) for v in self.spread],
-                "reason": self.reason}
+                "reason": self.reason, "dropped": self.dropped or []}
 
 
 def whole_pixels(shift: float) -> int:
@@ -117,22 +132,34 @@ def _filled(image: np.ndarray) -> np.ndarray:
 
 
 def estimate(moving: np.ndarray, references: list[tuple[np.ndarray, tuple[float, float]]],
-             centre_positions: list[tuple[float, float]]) -> Estimate:
+             centre_positions: list[tuple[float, float]], registered: int | None = None) -> Estimate:
     """The co-registration of ``moving`` (NIR, (H, W), NaN where not clear) from ``references`` — (NIR,
     position) of the area's registered acquisitions, newest first — and the area's geometry as the median
-    of ``centre_positions`` (the registered positions of the last :data:`CENTRE_DAYS`) with this one's."""
-    if len(references) < MIN_PAIRS:
-        positions = [np.asarray(pos) + pair_shift(img, moving)[0] for img, pos in references]
-        position = np.median(positions, axis=0) if positions else np.zeros(2)
-        return Estimate(ANCHOR, (float(position[0]), float(position[1])), (0.0, 0.0), len(positions),
-                        reason=f"{len(references)} earlier registered acquisition(s) (< {MIN_PAIRS}): an anchor "
-                               "of the area's geometry, not moved")
+    of ``centre_positions`` (the registered positions of the last :data:`CENTRE_DAYS`) with this one's.
+    ``registered``: how many earlier registered acquisitions the area has (default ``len(references)``;
+    more when some could not be read): fewer than :data:`MIN_PAIRS` make this one an anchor."""
+    if min(moving.shape) < MIN_WINDOW_PX:
+        return Estimate(FALLBACK, None, (0.0, 0.0), reason=f"window {moving.shape[0]} x {moving.shape[1]} px "
+                        f"(< {MIN_WINDOW_PX} px a side): too small to correlate, not moved")
     counted = []
     for img, pos in references:
         shift, common = pair_shift(img, moving)
         candidate = np.asarray(pos) + shift
         if common >= MIN_COMMON_CLEAR and np.all(np.abs(candidate) <= MAX_SHIFT_PX):
             counted.append(candidate)
+    if (len(references) if registered is None else registered) < MIN_PAIRS:
+        # Anchors are gated like the others: a cloudy anchor, or one whose pairs peak off, would fix the
+        # area's geometry wrong for every later acquisition. Failing, it falls back and the next one anchors.
+        clear = float(np.isfinite(moving).mean())
+        if clear < MIN_COMMON_CLEAR or len(counted) < len(references) or (references and not counted):
+            return Estimate(FALLBACK, None, (0.0, 0.0), len(counted),
+                            reason=f"anchor gate: {clear:.0%} clear, {len(counted)} of {len(references)} pair(s) "
+                                   f"passed (>= {MIN_COMMON_CLEAR:.0%} clear in both, within {MAX_SHIFT_PX} px): "
+                                   "not moved")
+        position = np.median(counted, axis=0) if counted else np.zeros(2)
+        return Estimate(ANCHOR, (float(position[0]), float(position[1])), (0.0, 0.0), len(counted),
+                        reason=f"{len(references)} earlier registered acquisition(s) (< {MIN_PAIRS}): an anchor "
+                               "of the area's geometry, not moved")
     if len(counted) < MIN_PAIRS:
         return Estimate(FALLBACK, None, (0.0, 0.0), len(counted),
                         reason=f"{len(counted)} of {len(references)} reference pairs passed the gate "
@@ -238,45 +265,107 @@ def register(settings: Settings, area_id: int, area_geom: Any, scene: SceneRef, 
     """The stored co-registration of ``scene``'s acquisition over the area, estimated and stored first when
     missing (the observation must exist; an acquisition that is not observed is read as imaged).
     ``acquisition_ref(session, Scene, geom, settings)`` builds a reference acquisition's :class:`SceneRef`
-    (:func:`workers.pipeline.acquisition_ref`, passed in: workers/pipeline.py imports this module)."""
+    (:func:`workers.pipeline.acquisition_ref`, passed in: workers/pipeline.py imports this module).
+
+    A reference that cannot be read (:data:`READ_ERRORS`) is dropped and listed in the record's
+    ``dropped``; when ``scene`` itself cannot be read the record says why (``fallback``, no shift) and is
+    not stored — the next analysis retries, and the pair's own read decides this one.
+
+    Estimating holds the area's advisory lock (transaction-level, :func:`core.locks.area_lock_key`) from the
+    references' query to the write, and first registers the area's earlier clear acquisitions still
+    unregistered, oldest first: concurrent analyses of one area (a backfill, a new area) give the records
+    that analysing its pairs one at a time in date order gives, whichever takes the lock first (without the
+    lock each found no reference and anchored; without the catch-up the first to lock would anchor)."""
     pixel_size = settings.analysis.pixel_size_m
     with session_scope(settings) as session:
         record = stored(session, area_id, [scene.scene_id]).get(scene.scene_id)
         if record:
             return record
-        area_wkb = session.execute(select(Area.geom).where(Area.id == area_id)).scalar_one()
-        since = scene.acquired_at - timedelta(days=max(CENTRE_DAYS, 1))
-        earlier = session.execute(
-            select(Scene, Observation.coregistration)
-            .join(Observation, Observation.scene_id == Scene.id)
-            .where(Observation.area_id == area_id, Observation.status == ObservationStatus.CLEAR,
-                   Observation.coregistration["status"].astext.in_(REGISTERED),
-                   Scene.acquired_at < scene.acquired_at, Scene.acquired_at >= since)
-            .order_by(Scene.acquired_at.desc())
-        ).all()
-        centre = [tuple(rec["position_px"]) for _, rec in earlier]
-        # The same season first: leaf-off and leaf-on NIR differ in texture, which moves a pair's peak.
-        nearest = sorted(earlier, key=lambda row: _season_distance(row[0].acquired_at, scene.acquired_at)
-                         // SEASON_BIN_DAYS)  # stable: newest first within a bin
-        refs = [(acquisition_ref(session, s, area_wkb, settings), tuple(rec["position_px"]))
-                for s, rec in nearest[:REFERENCES]]
     grid = window_grid(area_geom, pixel_size)
     buffer_px = settings.analysis.cloud_buffer_px
-    moving = clear_nir(scene, grid, buffer_px)
-    result = estimate(moving, [(clear_nir(ref, grid, buffer_px), pos) for ref, pos in refs], centre)
-    record = result.record(pixel_size)
-    logger.info("co-registration of %s over area %s: %s, shift %s px (applied %s), %d pair(s)%s", scene.item_id,
-                area_id, result.status, record["shift_px"], record["applied_px"], result.pairs,
-                f": {result.reason}" if result.reason else "")
+    try:
+        moving = clear_nir(scene, grid, buffer_px)
+    except READ_ERRORS as exc:
+        logger.warning("co-registration of %s over area %s: not read (%s), not registered", scene.item_id,
+                       area_id, exc)
+        return Estimate(FALLBACK, None, (0.0, 0.0), reason=f"not read ({type(exc).__name__}: {exc}): not "
+                        "registered, not stored (retried by the next analysis)").record(pixel_size)
     with session_scope(settings) as session:
-        acquisition_id = session.get(Scene, scene.scene_id).acquisition_id
-        # Two analyses of the area may estimate the same acquisition at once: the first stored wins (both
-        # computed it from the same references).
-        session.execute(update(Observation)
-                        .where(Observation.area_id == area_id, Observation.acquisition_id == acquisition_id,
-                               Observation.coregistration.is_(None))
-                        .values(coregistration=record))
-        return stored(session, area_id, [scene.scene_id]).get(scene.scene_id) or record
+        session.execute(select(func.pg_advisory_xact_lock(area_lock_key("coregistration", area_id))))
+        record = stored(session, area_id, [scene.scene_id]).get(scene.scene_id)
+        if record:  # another analysis registered it while this one waited
+            return record
+        _catch_up(session, settings, area_id, scene, grid, acquisition_ref)
+        return _store(session, settings, area_id, scene,
+                      _estimate_locked(session, settings, area_id, scene, moving, grid, acquisition_ref))
+
+
+def _catch_up(session: Any, settings: Settings, area_id: int, scene: SceneRef, grid: Grid, acquisition_ref: Any
+              ) -> None:
+    # Under the area's lock: its earlier clear acquisitions not yet registered, oldest first (each one the
+    # next one's reference, as analysing the pairs in date order registers them); unreadable ones are left.
+    area_wkb = session.execute(select(Area.geom).where(Area.id == area_id)).scalar_one()
+    pending = session.execute(
+        select(Scene).join(Observation, Observation.scene_id == Scene.id)
+        .where(Observation.area_id == area_id, Observation.status == ObservationStatus.CLEAR,
+               Observation.coregistration.is_(None), Scene.acquired_at < scene.acquired_at)
+        .order_by(Scene.acquired_at, Scene.id)
+    ).scalars().all()
+    for earlier in pending:
+        try:
+            ref = acquisition_ref(session, earlier, area_wkb, settings)
+            moving = clear_nir(ref, grid, settings.analysis.cloud_buffer_px)
+        except READ_ERRORS as exc:
+            logger.warning("co-registration over area %s: earlier %s not read (%s), left unregistered", area_id,
+                           earlier.item_id, exc)
+            continue
+        _store(session, settings, area_id, ref,
+               _estimate_locked(session, settings, area_id, ref, moving, grid, acquisition_ref))
+
+
+def _store(session: Any, settings: Settings, area_id: int, scene: SceneRef, result: Estimate) -> dict[str, Any]:
+    record = result.record(settings.analysis.pixel_size_m)
+    acquisition_id = session.get(Scene, scene.scene_id).acquisition_id
+    session.execute(update(Observation)
+                    .where(Observation.area_id == area_id, Observation.acquisition_id == acquisition_id,
+                           Observation.coregistration.is_(None))
+                    .values(coregistration=record))
+    logger.info("co-registration of %s over area %s: %s, shift %s px (applied %s), %d pair(s)%s%s", scene.item_id,
+                area_id, result.status, record["shift_px"], record["applied_px"], result.pairs,
+                f": {result.reason}" if result.reason else "",
+                f"; {len(record['dropped'])} reference(s) unreadable" if record["dropped"] else "")
+    return record
+
+
+def _estimate_locked(session: Any, settings: Settings, area_id: int, scene: SceneRef, moving: np.ndarray,
+                     grid: Grid, acquisition_ref: Any) -> Estimate:
+    # Inside the area's lock: the references are those registered before it was taken.
+    area_wkb = session.execute(select(Area.geom).where(Area.id == area_id)).scalar_one()
+    since = scene.acquired_at - timedelta(days=max(CENTRE_DAYS, 1))
+    earlier = session.execute(
+        select(Scene, Observation.coregistration)
+        .join(Observation, Observation.scene_id == Scene.id)
+        .where(Observation.area_id == area_id, Observation.status == ObservationStatus.CLEAR,
+               Observation.coregistration["status"].astext.in_(REGISTERED),
+               Scene.acquired_at < scene.acquired_at, Scene.acquired_at >= since)
+        .order_by(Scene.acquired_at.desc())
+    ).all()
+    centre = [tuple(rec["position_px"]) for _, rec in earlier]
+    # The same season first: leaf-off and leaf-on NIR differ in texture, which moves a pair's peak.
+    nearest = sorted(earlier, key=lambda row: _season_distance(row[0].acquired_at, scene.acquired_at)
+                     // SEASON_BIN_DAYS)  # stable: newest first within a bin
+    references, dropped = [], []
+    for s, rec in nearest[:REFERENCES]:
+        try:
+            ref = acquisition_ref(session, s, area_wkb, settings)
+            references.append((clear_nir(ref, grid, settings.analysis.cloud_buffer_px), tuple(rec["position_px"])))
+        except READ_ERRORS as exc:
+            logger.warning("co-registration of %s over area %s: reference %s left out: %s", scene.item_id,
+                           area_id, s.item_id, exc)
+            dropped.append({"item_id": s.item_id, "reason": f"{type(exc).__name__}: {exc}"})
+    result = estimate(moving, references, centre, registered=len(earlier))
+    result.dropped = dropped
+    return result
 
 
 def _season_distance(a: Any, b: Any) -> int:

@@ -327,3 +327,28 @@ def test_concurrent_registrations_of_an_area_give_the_records_of_one_at_a_time(d
         t.join()
     assert errors == []
     assert area.stored() == one_at_a_time
+
+
+def test_an_upgraded_product_is_re_estimated(database_url, worker_settings, cube):
+    from core.db import session_scope
+    from core.models import Scene
+    from workers.pipeline import acquisition_ref
+
+    days = [*ANCHORS, "2017-06-06"]
+    area = RegisteredArea(database_url, worker_settings, cube, days)
+    for day in days:
+        area.register(day)
+    before = area.stored()["2017-06-06"]
+    old_id = area.sql("SELECT item_id FROM scenes WHERE id = :id", id=area.scenes.ids["2017-06-06"])[0][0]
+    assert before["item_ids"] == [old_id] and before["applied_px"] == [1, 0]
+    # Reprocessed (new baseline): the scene row keeps its id, the item id changes (monitor/catalogues/store.py).
+    area.sql("UPDATE scenes SET item_id = item_id || '_N0500', processing_baseline = '05.00' WHERE id = :id",
+             id=area.scenes.ids["2017-06-06"])
+    with session_scope(worker_settings) as s:
+        ref = acquisition_ref(s, s.get(Scene, area.scenes.ids["2017-06-06"]), s.get(Scene, area.scenes.ids[
+            "2017-06-06"]).footprint, worker_settings)
+        # Until re-estimated the old record is not applied: read as imaged.
+        assert coreg.apply_stored(s, area.area_id, [ref])[0].offset_m == (0.0, 0.0)
+    after = area.register("2017-06-06")
+    assert after["item_ids"] == [f"{old_id}_N0500"] and area.stored()["2017-06-06"] == after
+    assert after["status"] == coreg.ESTIMATED and after["applied_px"] == [1, 0]  # the same pixels, estimated anew

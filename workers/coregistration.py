@@ -23,7 +23,9 @@ back and the next acquisition anchors. A window under :data:`MIN_WINDOW_PX` a si
 across) falls back: it is not grown around the area, so what is estimated is the area's own ground.
 A reference that cannot be read is dropped (the record's ``dropped``); an acquisition that cannot be read
 is not registered (no shift, not stored). One area's registrations are serialised by an advisory lock
-(:func:`register`).
+(:func:`register`). The record keeps the ``item_ids`` it was estimated on: a product upgraded since
+(reprocessed, a new processing baseline: same scene row, new item id) is read as imaged until an analysis
+re-estimates it, and is no reference meanwhile.
 
 **The area's geometry** is the median position of its registered acquisitions of the last
 :data:`CENTRE_DAYS` (this one included), fixed when the acquisition is registered: ``shift`` = position −
@@ -205,9 +207,24 @@ def stored(session: Any, area_id: int, scene_ids: list[int]) -> dict[int, dict[s
 
 
 def apply_stored(session: Any, area_id: int, refs: list[SceneRef]) -> list[SceneRef]:
-    """``refs`` with their stored offsets (:func:`offset_m`) set: read on the area's geometry."""
+    """``refs`` with their stored offsets (:func:`offset_m`) set: read on the area's geometry. A record of
+    other item ids (the product upgraded since, e.g. reprocessed onto the Global Reference Image) is not
+    applied: the acquisition is read as imaged until an analysis re-estimates it."""
     records = stored(session, area_id, [r.scene_id for r in refs])
-    return [with_offset(r, offset_m(records.get(r.scene_id))) for r in refs]
+    return [with_offset(r, offset_m(_current(records.get(r.scene_id), r))) for r in refs]
+
+
+def item_ids(ref: SceneRef) -> list[str]:
+    """The item ids of the acquisition's granules ``ref`` reads (sorted): what a record was estimated on."""
+    return sorted([ref.item_id, *(o.item_id for o in ref.others)])
+
+
+def _current(record: dict[str, Any] | None, ref: SceneRef) -> dict[str, Any] | None:
+    # Records of 9332b3a carry no item ids: kept (nothing tells they are stale; re-estimating every area's
+    # archive would move the geometry its later records were measured on).
+    if record and record.get("item_ids") not in (None, item_ids(ref)):
+        return None
+    return record
 
 
 class _Cache:
@@ -278,7 +295,7 @@ def register(settings: Settings, area_id: int, area_geom: Any, scene: SceneRef, 
     lock each found no reference and anchored; without the catch-up the first to lock would anchor)."""
     pixel_size = settings.analysis.pixel_size_m
     with session_scope(settings) as session:
-        record = stored(session, area_id, [scene.scene_id]).get(scene.scene_id)
+        record = _current(stored(session, area_id, [scene.scene_id]).get(scene.scene_id), scene)
         if record:
             return record
     grid = window_grid(area_geom, pixel_size)
@@ -292,7 +309,7 @@ def register(settings: Settings, area_id: int, area_geom: Any, scene: SceneRef, 
                         "registered, not stored (retried by the next analysis)").record(pixel_size)
     with session_scope(settings) as session:
         session.execute(select(func.pg_advisory_xact_lock(area_lock_key("coregistration", area_id))))
-        record = stored(session, area_id, [scene.scene_id]).get(scene.scene_id)
+        record = _current(stored(session, area_id, [scene.scene_id]).get(scene.scene_id), scene)
         if record:  # another analysis registered it while this one waited
             return record
         _catch_up(session, settings, area_id, scene, grid, acquisition_ref)
@@ -324,11 +341,11 @@ def _catch_up(session: Any, settings: Settings, area_id: int, scene: SceneRef, g
 
 
 def _store(session: Any, settings: Settings, area_id: int, scene: SceneRef, result: Estimate) -> dict[str, Any]:
-    record = result.record(settings.analysis.pixel_size_m)
+    record = {**result.record(settings.analysis.pixel_size_m), "item_ids": item_ids(scene)}
     acquisition_id = session.get(Scene, scene.scene_id).acquisition_id
+    # Under the area's lock: NULL, or a record of other items (re-estimated after an upgrade).
     session.execute(update(Observation)
-                    .where(Observation.area_id == area_id, Observation.acquisition_id == acquisition_id,
-                           Observation.coregistration.is_(None))
+                    .where(Observation.area_id == area_id, Observation.acquisition_id == acquisition_id)
                     .values(coregistration=record))
     logger.info("co-registration of %s over area %s: %s, shift %s px (applied %s), %d pair(s)%s%s", scene.item_id,
                 area_id, result.status, record["shift_px"], record["applied_px"], result.pairs,
@@ -358,6 +375,9 @@ def _estimate_locked(session: Any, settings: Settings, area_id: int, scene: Scen
     for s, rec in nearest[:REFERENCES]:
         try:
             ref = acquisition_ref(session, s, area_wkb, settings)
+            if _current(rec, ref) is None:
+                dropped.append({"item_id": s.item_id, "reason": "upgraded since it was registered"})
+                continue
             references.append((clear_nir(ref, grid, settings.analysis.cloud_buffer_px), tuple(rec["position_px"])))
         except READ_ERRORS as exc:
             logger.warning("co-registration of %s over area %s: reference %s left out: %s", scene.item_id,

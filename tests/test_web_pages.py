@@ -288,3 +288,9 @@ def test_a_screened_out_region_is_listed_with_its_state_and_not_drawn_as_a_loss(
     assert " ".join(re.search(r'<p class="hint" id="undrawn">(.*?)</p>', page, re.S).group(1).split()) == (
         "1 region(s) dismissed or screened out (seasonal, atmospheric) are not drawn; the change regions table "
         "lists them with their state.")
+    # The findings page: the same states, the screened-out row greyed.
+    listing = web_client.get("/findings?kind=region").text
+    states = {int(m.group(1)): (m.group(2), m.group(3)) for m in re.finditer(
+        r'<tr data-finding-id="(\d+)"( class="not-a-change")?>.*?<td class="state">([^<]*)</td>', listing, re.S)}
+    assert states == {ids["vegetation_loss"]: (' class="not-a-change"', "atmospheric"),
+                      ids["new_built_up_or_bare"]: (None, "confirmed (departure)")}

@@ -133,7 +133,7 @@ def findings_page(request: Request, area_id: int | None = None, kind: str | None
     query = "&".join(f"{k}={quote(str(v))}" for k, v in (("area_id", area_id), ("kind", kind)) if v)
     return render(request, "findings.html", {
         "rows": rows, "areas": areas, "area_id": area_id, "kind": kind or "", "label": label,
-        "ha": format_hectares, "limit": FINDINGS_ROWS,
+        "ha": format_hectares, "limit": FINDINGS_ROWS, "not_a_change": NOT_A_CHANGE,
         "export": {fmt: f"/api/findings?format={fmt}" + (f"&{query}" if query else "") for fmt in ("geojson", "csv")},
     })
 

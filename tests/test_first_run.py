@@ -167,7 +167,7 @@ def test_the_readme_path_on_a_fresh_database(stac_collection, items_by_date, sam
     # The backfilled pair (North field, 2020-08-04 -> 2020-08-29, analysed by the worker before `findings`
     # ran): no change of the minimum mapping unit, so one summary and the five default questions' answers.
     header, *rows = [line.split() for line in outputs["findings"].splitlines()]
-    assert header == ["id", "observed", "area", "kind", "class", "hectares", "text"]
+    assert header == ["id", "observed", "area", "kind", "class", "hectares", "state", "screen", "text"]
     assert [row[:5] for row in rows] == [
         [str(i), "2020-08-29", "North", "field", "answer"] for i in (6, 5, 4, 3, 2)] + [
         ["1", "2020-08-29", "North", "field", "summary"]]

@@ -6,6 +6,7 @@ import difflib
 import json
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
@@ -28,8 +29,18 @@ class AreaError(ValueError):
     """A request about areas that cannot be carried out; the message says why."""
 
 
+# How a message names the ways out: the CLI's flags by default. The API passes its own query parameters
+# (web/api_areas.py), so a web user is not told about flags the form has not got. A None value = that way
+# does not exist for the caller: its hint is left out.
+CLI_HINTS: Mapping[str, str | None] = {
+    "name": "--name", "union": "--union", "keep_unknown": "--keep-unknown-properties",
+    "name_key": "--name-property KEY",
+}
+
+
 def split_properties(props: dict[str, Any], where: str, *, keep_unknown: bool = False,
-                     name_key: str = AreaOptions.NAME_KEY) -> dict[str, Any]:
+                     name_key: str = AreaOptions.NAME_KEY, hints: Mapping[str, str | None] = CLI_HINTS
+                     ) -> dict[str, Any]:
     """The free attributes of a feature (its ``attributes`` object); any other key must be an accepted one.
 
     An unknown key is refused with the accepted list (a misspelled ``recipient`` must not silently leave an
@@ -37,7 +48,7 @@ def split_properties(props: dict[str, Any], where: str, *, keep_unknown: bool = 
     exports (:data:`AreaOptions.FEATURE_ID_KEYS`: QGIS' ``fid``, ``ogc_fid``, ``OBJECTID``...) are not
     refused: dropped, or kept as attributes with ``keep_unknown``; ``name_key`` (the property naming the
     area) is a setting. A suggested key is only ever a setting (``recipent`` → ``recipients``, compared
-    without case), never ``id`` for ``fid``.
+    without case), never ``id`` for ``fid``. ``hints``: how the refusal names the options (:data:`CLI_HINTS`).
     """
     attributes = props.get(AreaOptions.ATTRIBUTES_KEY) or {}
     if not isinstance(attributes, dict):
@@ -47,12 +58,14 @@ def split_properties(props: dict[str, Any], where: str, *, keep_unknown: bool = 
     unknown = [k for k in extra if not AreaOptions.is_feature_id(k)]
     if unknown and not keep_unknown:
         lowered = {k.lower(): k for k in settable}
-        hints = [f"{k!r} (did you mean {lowered[m[0]]!r}?)"
+        suggested = [f"{k!r} (did you mean {lowered[m[0]]!r}?)"
                  if (m := difflib.get_close_matches(k.lower(), lowered, n=1)) else repr(k) for k in unknown]
+        ways = [f"{how} {what}" for how, what in ((hints.get("keep_unknown"), "stores others as attributes"),
+                                                  (hints.get("name_key"), "names the areas from another property"))
+                if how]
         raise AreaError(
-            f"{where}: unknown propert{'y' if len(unknown) == 1 else 'ies'} {', '.join(hints)}; accepted: "
-            f"{', '.join(AreaOptions.accepted_keys())} (--keep-unknown-properties stores others as attributes; "
-            "--name-property KEY names the areas from another property)"
+            f"{where}: unknown propert{'y' if len(unknown) == 1 else 'ies'} {', '.join(suggested)}; accepted: "
+            f"{', '.join(AreaOptions.accepted_keys())}" + (f" ({'; '.join(ways)})" if ways else "")
         )
     return {**attributes, **{k: props[k] for k in extra if keep_unknown}}
 
@@ -72,10 +85,12 @@ def alerts_nobody_warning(area: Area) -> str:
             f"`unirs-monitor areas update {area.name!r} --recipient you@example.org` (or --frequency off)")
 
 
-def validate_name(name: Any) -> str:
-    """The name with runs of whitespace collapsed; refused unless printable Unicode, 1–200 characters."""
+def validate_name(name: Any, hints: Mapping[str, str | None] = CLI_HINTS) -> str:
+    """The name with runs of whitespace collapsed; refused unless printable Unicode, 1–200 characters.
+    ``hints``: how the refusal of a missing name names the name option (:data:`CLI_HINTS`)."""
     if not isinstance(name, str) or not name.strip():
-        raise AreaError("an area needs a non-empty name (--name, or a 'name' property per feature)")
+        option = f"{hints['name']}, or " if hints.get("name") else ""
+        raise AreaError(f"an area needs a non-empty name ({option}a 'name' property per feature)")
     if _CONTROL.search(name):
         raise AreaError(f"area name {name!r} contains control characters (line breaks, tabs…)")
     name = " ".join(name.split())
@@ -221,7 +236,7 @@ def _apply(area: Area, opts: AreaOptions) -> None:
 def add_areas(session: Session, parsed: list[ParsedArea], name: str | None, opts: AreaOptions, *,
               max_area_km2: float, keep_unknown: bool = False, owner_id: int | None = None,
               name_key: str = AreaOptions.NAME_KEY, problems: list[Problem] | None = None,
-              union: bool = False) -> list[Area]:
+              union: bool = False, hints: Mapping[str, str | None] = CLI_HINTS) -> list[Area]:
     """Create one area per parsed geometry. All or nothing: any refusal rolls back the whole batch.
     ``max_area_km2`` is the setting of the same name (larger areas are refused).
 
@@ -234,14 +249,16 @@ def add_areas(session: Session, parsed: list[ParsedArea], name: str | None, opts
     ``problems``) are raised together as one AreaError, one line per problem naming the feature and the fix.
     Options given for the whole batch (``name``, ``opts``) are checked first and refused on their own.
     ``union``: ``parsed`` is the merge of every feature (``parse_areas(union=True)``), which ``name`` names.
+    ``hints``: how the messages name the options (:data:`CLI_HINTS`; the API passes its query parameters).
     """
     problems = [] if problems is None else problems
     features = len(parsed) + len({number for number, _ in problems})
     if name is not None and not union and features > 1:
-        raise AreaError(f"--name given but the input has {features} features; use --union, or name each feature "
-                        f"with a '{name_key}' property")
+        union_hint = f"use {hints['union']}, or " if hints.get("union") else ""
+        raise AreaError(f"{hints.get('name') or 'a name'} given but the input has {features} features; {union_hint}"
+                        f"name each feature with a '{name_key}' property")
     if name is not None:
-        name = validate_name(name)
+        name = validate_name(name, hints)
     _validate_options(opts)
     if opts.recipients is not None:
         validate_recipients(list(opts.recipients))
@@ -250,7 +267,7 @@ def add_areas(session: Session, parsed: list[ParsedArea], name: str | None, opts
     for item in parsed:
         try:
             area = _new_area(session, item, name, opts, seen, max_area_km2=max_area_km2, keep_unknown=keep_unknown,
-                             name_key=name_key)
+                             name_key=name_key, hints=hints)
         except (AreaError, AreaGeometryError) as exc:
             problems.append((item.number, str(exc)))
             continue
@@ -267,16 +284,18 @@ def add_areas(session: Session, parsed: list[ParsedArea], name: str | None, opts
 
 
 def _new_area(session: Session, item: ParsedArea, name: str | None, opts: AreaOptions, seen: dict[str, str], *,
-              max_area_km2: float, keep_unknown: bool, name_key: str) -> Area:
+              max_area_km2: float, keep_unknown: bool, name_key: str, hints: Mapping[str, str | None]) -> Area:
     """The area of one feature (not yet added to the session); AreaError names the feature and the fix."""
-    attributes = split_properties(item.properties, item.source, keep_unknown=keep_unknown, name_key=name_key)
+    attributes = split_properties(item.properties, item.source, keep_unknown=keep_unknown, name_key=name_key,
+                                  hints=hints)
     raw_name = name if name is not None else item.properties.get(name_key)
     if isinstance(raw_name, int) and not isinstance(raw_name, bool) and name_key != AreaOptions.NAME_KEY:
         raw_name = str(raw_name)  # --name-property fid: a number is a fine name when asked for
     try:
-        area_name = validate_name(raw_name)
+        area_name = validate_name(raw_name, hints)
     except AreaError as exc:
-        hint = "" if name_key == AreaOptions.NAME_KEY else f" (--name-property {name_key})"
+        option = hints.get("name_key")
+        hint = "" if name_key == AreaOptions.NAME_KEY or not option else f" ({option.replace('KEY', name_key)})"
         raise AreaError(f"{item.source}: {exc}{hint}") from None
     if area_name in seen:
         raise AreaError(f"{item.source}: {seen[area_name]} is also named {area_name!r}; area names must be unique")
@@ -338,10 +357,11 @@ def list_areas(session: Session, status: str | None = None) -> list[Area]:
 
 
 def update_area(session: Session, ref: str | Area, opts: AreaOptions, *, max_area_km2: float,
-                geometry: ParsedArea | None = None, rename: str | None = None) -> Area:
+                geometry: ParsedArea | None = None, rename: str | None = None,
+                hints: Mapping[str, str | None] = CLI_HINTS) -> Area:
     area = get_area(session, ref)
     if rename is not None:
-        new = validate_name(rename)
+        new = validate_name(rename, hints)
         if new != area.name and session.scalar(select(Area.id).where(Area.name == new)) is not None:
             raise AreaError(f"an area named {new!r} already exists")
         area.name = new

@@ -88,6 +88,33 @@ def test_refusals_carry_the_cli_messages(web_client, alice):
     assert web_client.get("/api/areas", headers=alice.auth()).json()["features"] == []
 
 
+def test_refusals_name_the_api_parameters_not_the_cli_flags(web_client, alice):
+    """The CLI's messages name its flags (--name, --union, --keep-unknown-properties, --name-property); the
+    API's name its own query parameters, or nothing where it has no such way (PATCH)."""
+    two = {"type": "FeatureCollection", "features": [feature("a"), feature("b")]}
+    r = web_client.post("/api/areas?name=Both", json=two, headers=alice.auth())
+    assert r.status_code == 422
+    assert r.json()["detail"] == ("?name= given but the input has 2 features; use ?union=true, or name each "
+                                  "feature with a 'name' property")
+    r = web_client.post("/api/areas", json=feature("c", recipent=["x@example.org"]), headers=alice.auth())
+    assert r.json()["detail"] == (
+        "feature ('c'): unknown property 'recipent' (did you mean 'recipients'?); accepted: name, collections, "
+        "max_cloud_cover, min_clear_fraction, min_covered_fraction, recipients, questions, alert_frequency, "
+        "min_alert_hectares, pairing_policy, alert_classes, alert_on, attributes "
+        "(?keep_unknown_properties=true stores others as attributes)")
+    r = web_client.post("/api/areas", json={"type": "Feature", "properties": {}, "geometry": SQUARE},
+                        headers=alice.auth())
+    assert r.json()["detail"] == "feature: an area needs a non-empty name (?name=, or a 'name' property per feature)"
+    # ?union=true with ?name=: one area of both features, named by the parameter.
+    r = web_client.post("/api/areas?name=Both&union=true", json=two, headers=alice.auth())
+    assert r.status_code == 201 and [f["properties"]["name"] for f in r.json()["features"]] == ["Both"]
+    area_id = r.json()["features"][0]["id"]
+    r = web_client.patch(f"/api/areas/{area_id}", json={"recipent": ["x@example.org"]}, headers=alice.auth())
+    assert r.status_code == 422 and r.json()["detail"].endswith("alert_on, attributes")  # no flag, no parameter
+    r = web_client.patch(f"/api/areas/{area_id}", json={"name": " "}, headers=alice.auth())
+    assert r.json()["detail"] == "an area needs a non-empty name (a 'name' property per feature)"
+
+
 def test_another_users_area_is_404_and_admins_see_all(web_client, alice, bob, web_db):
     area_id = web_client.post("/api/areas", json=feature("Alice's"), headers=alice.auth()).json()["features"][0]["id"]
     with session_scope(web_db) as session:

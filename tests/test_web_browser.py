@@ -3,7 +3,8 @@
 wrote from the bundled Sentinel-2 sample COGs (served on loopback).
 
 The flow: log in; see the area on the map and in the list; draw a polygon with leaflet-geoman's tool and
-add it with a cloud threshold and recipients; upload a GeoJSON file as another area; reshape one (drag a
+add it with a cloud threshold and recipients; upload a GeoJSON file of two areas (each feature keeps its own
+settings, the form fills the rest; the banner names both); reshape one (drag a
 corner) and delete the other; change an area's settings; read the acquisition timeline (clear, cloudy
 and why, which pair was analysed and why); open the analysis page, drag the before/after swipe and see
 the change regions in their class colours; the findings table and its CSV export; the alert email of the
@@ -195,20 +196,39 @@ def test_a_person_logs_in_draws_an_area_and_compares_before_after(served_app, sa
     assert len(refusal) == 2 and refusal[0] == f"422 {url}/api/areas?name=bowtie", problems
     problems[:] = [p for p in problems if p not in refusal]
 
-    # Upload a GeoJSON file as another area (its own name; the form's thresholds).
+    # Upload a GeoJSON file of two areas: a feature's own settings win, the form fills only what it leaves
+    # unset (the form's recipients used to replace the file's: an area alerting nobody).
     upload = tmp_path / "upload.geojson"
     minx, miny, maxx, maxy = ring.bounds
-    upload.write_text(json.dumps({"type": "Feature", "properties": {"name": "Uploaded strip"}, "geometry": {
-        "type": "Polygon", "coordinates": [[[minx, miny], [maxx, miny], [maxx, miny + (maxy - miny) / 3],
-                                            [minx, miny + (maxy - miny) / 3], [minx, miny]]]}}))
+    third = (maxy - miny) / 3
+
+    def strip(y0: float) -> dict:
+        return {"type": "Polygon", "coordinates": [[[minx, y0], [maxx, y0], [maxx, y0 + third], [minx, y0 + third],
+                                                    [minx, y0]]]}
+
+    upload.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": strip(miny),
+         "properties": {"name": "Uploaded strip", "recipients": ["me@example.org"], "max_cloud_cover": 25}},
+        {"type": "Feature", "geometry": strip(miny + 2 * third), "properties": {"name": "Second strip"}}]}))
     page.set_input_files("#new-area input[name=file]", str(upload))
     expect(page.locator("#geometry-status")).to_have_text("Shape from upload.geojson.")
-    assert page.input_value("#new-area input[name=name]") == "Uploaded strip"
+    assert page.input_value("#new-area input[name=name]") == ""
+    # The form starts at the thresholds `areas add` gives (the Area defaults), not numbers of its own.
+    assert page.input_value("#new-area input[name=max_cloud_cover]") == "80"
+    assert page.input_value("#new-area input[name=min_clear_fraction]") == "0.7"
+    page.fill("#new-area input[name=max_cloud_cover]", "45")
+    page.fill("#new-area textarea[name=recipients]", "form@example.org")
     before_upload = page.url
     page.click("#new-area button[type=submit]")
-    page.wait_for_url(lambda u: u != before_upload and re.search(r"/\?added=\d+$", u) is not None)
-    expect(page.locator("#added")).to_contain_text("Added the area “Uploaded strip”")
-    uploaded_id = int(page.url.rsplit("=", 1)[1])
+    page.wait_for_url(lambda u: u != before_upload and re.search(r"/\?added=\d+&added=\d+$", u) is not None)
+    expect(page.locator("#added")).to_contain_text("Added 2 areas: “Uploaded strip” and “Second strip”.")
+    uploaded_id, second_id = (int(part.split("=")[1]) for part in page.url.split("?")[1].split("&"))
+    with session_scope(served_app.database_url) as session:
+        own, filled = session.get(Area, uploaded_id), session.get(Area, second_id)
+        assert (own.name, own.recipients, own.max_cloud_cover, own.min_clear_fraction) == (
+            "Uploaded strip", ["me@example.org"], 25.0, 0.7)
+        assert (filled.name, filled.recipients, filled.max_cloud_cover, filled.min_clear_fraction) == (
+            "Second strip", ["form@example.org"], 45.0, 0.7)
 
     # Reshape the drawn area: geoman's edit mode, one corner dragged, saved through PATCH.
     page.goto(f"{url}/areas/{drawn_id}")

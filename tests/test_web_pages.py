@@ -85,6 +85,38 @@ def test_area_and_analysis_pages_show_the_pair_timeline_swipe_and_answers(web_cl
     assert page.count('<tr data-class="new_built_up_or_bare" data-state="">') == 1
 
 
+def test_the_add_form_shows_the_api_defaults_and_the_banner_names_every_added_area(web_client, alice, web_db):
+    """The form's thresholds are those `areas add` and the API give an area that sets none (the Area column
+    defaults, 80 % and 0.7, not numbers of the template's own); ?added= names each created area."""
+    csrf = login(web_client, alice)
+    page = web_client.get("/").text
+    assert re.search(r'name="max_cloud_cover"[^>]*value="80"', page)
+    assert re.search(r'name="min_clear_fraction"[^>]*value="0.7"', page)
+    assert "fill only what a feature does not set" in page
+    ids = []
+    for name in ("North field", "South field", "West <field>"):
+        r = web_client.post("/api/areas", json={"type": "Feature", "properties": {"name": name}, "geometry": {
+            "type": "Polygon", "coordinates": [[[23.1, 46.5], [23.2, 46.5], [23.2, 46.6], [23.1, 46.5]]]}},
+            headers={"X-CSRF-Token": csrf})
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["features"][0]["id"])
+    with session_scope(web_db) as session:
+        assert (session.get(Area, ids[0]).max_cloud_cover, session.get(Area, ids[0]).min_clear_fraction) == (80, 0.7)
+
+    def banner(query: str) -> str:
+        html = web_client.get(f"/?{query}").text
+        return " ".join(re.search(r'<p class="notice" role="status" id="added">(.*?)</p>', html, re.S).group(1).split())
+
+    assert banner(f"added={ids[0]}") == ("Added the area “North field”. Its first acquisitions are looked at on the "
+                                         "next catalogue poll.")
+    assert banner(f"added={ids[0]}&added={ids[1]}") == (
+        "Added 2 areas: “North field” and “South field”. Their first acquisitions are looked at on the next "
+        "catalogue poll.")
+    assert banner("&".join(f"added={i}" for i in ids)) == (
+        "Added 3 areas: “North field”, “South field” and “West &lt;field&gt;”. Their first acquisitions are "
+        "looked at on the next catalogue poll.")
+
+
 def test_another_users_area_and_analysis_are_not_found(web_client, alice, bob, web_db):
     analysis_id, area_id = owned_world(web_db, bob.id, name="Bob's forest")
     login(web_client, alice)

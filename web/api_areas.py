@@ -2,7 +2,8 @@
 monitor/geometry.py) and its messages, pause/resume, recipients, question set, observations.
 
 Output is RFC 7946 GeoJSON: WGS84 lon/lat, exterior rings counter-clockwise, holes clockwise.
-Refusals answer 422 with ``{"detail": "<the CLI's one-line message>"}``.
+Refusals answer 422 with ``{"detail": "<the CLI's one-line message>"}``, naming this API's query
+parameters where the CLI's name its flags (:data:`API_HINTS`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ EXAMPLE = {
     "geometry": {"type": "Polygon", "coordinates": [[[23.1, 46.5], [23.2, 46.5], [23.2, 46.6], [23.1, 46.6],
                                                      [23.1, 46.5]]]},
 }
+
+
+# monitor.areas.CLI_HINTS in this API's terms: ``POST /api/areas`` query parameters (no ``--name-property``
+# here). PATCH has no ``name``-per-feature batch nor ``keep_unknown_properties``: its refusals offer neither.
+API_HINTS = {"name": "?name=", "union": "?union=true", "keep_unknown": "?keep_unknown_properties=true",
+             "name_key": None}
+PATCH_HINTS = {"name": None, "union": None, "keep_unknown": None, "name_key": None}
+# The thresholds a new area gets when neither its feature nor the request sets them: the Area columns'
+# defaults, which `areas add` uses too (the web form shows them, rather than numbers of its own).
+NEW_AREA_DEFAULTS = {key: Area.__table__.c[key].default.arg for key in ("max_cloud_cover", "min_clear_fraction")}
 
 
 def rfc7946(geom: MultiPolygon) -> dict[str, Any]:
@@ -75,7 +86,8 @@ def create_areas(body: Any = Body(..., examples=[EXAMPLE]), name: str | None = N
         parsed = parse_areas(json.dumps(body), union=union, fix=fix, max_vertices=settings.max_area_vertices,
                              problems=problems)
         created = svc.add_areas(session, parsed, name, svc.AreaOptions(), max_area_km2=settings.max_area_km2,
-                                keep_unknown=keep_unknown_properties, owner_id=who.user_id, problems=problems)
+                                keep_unknown=keep_unknown_properties, owner_id=who.user_id, problems=problems,
+                                union=union, hints=API_HINTS)
     except (svc.AreaError, AreaGeometryError) as exc:
         raise _refused(exc) from None
     return {"type": "FeatureCollection", "features": [area_feature(session, a) for a in created]}
@@ -97,11 +109,12 @@ def update_area(area_id: int, body: dict[str, Any] = Body(..., examples=[{"prope
     props = dict(props or {})
     geometry = body.get("geometry") if body.get("type") == "Feature" else props.pop("geometry", None)
     try:
-        svc.split_properties(props, "request")  # an unknown (misspelled) key is refused, as on import
+        # An unknown (misspelled) key is refused, as on import.
+        svc.split_properties(props, "request", hints=PATCH_HINTS)
         parsed = (parse_areas(json.dumps(geometry), fix=fix, max_vertices=settings.max_area_vertices)[0]
                   if geometry is not None else None)
         svc.update_area(session, area, svc.AreaOptions.from_properties(props), max_area_km2=settings.max_area_km2,
-                        geometry=parsed, rename=props.get("name"))
+                        geometry=parsed, rename=props.get("name"), hints=PATCH_HINTS)
     except (svc.AreaError, AreaGeometryError, TypeError) as exc:
         raise _refused(exc) from None
     return area_feature(session, area)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlalchemy import func, select
@@ -67,14 +67,17 @@ def observation_kind(status: str, reason: str | None) -> str:
 
 
 @router.get("/")
-def index(request: Request, added: int | None = None, who: Principal = Depends(page_user),
+def index(request: Request, added: list[int] = Query([]), who: Principal = Depends(page_user),
           session: Session = DB):
     areas = api_areas.list_areas(status=None, who=who, session=session)
     counts = dict(session.execute(
         owned(select(Analysis.area_id, func.count()).join(Area, Area.id == Analysis.area_id)
               .group_by(Analysis.area_id), who)).all())
-    added_name = next((f["properties"]["name"] for f in areas["features"] if f["id"] == added), None)
-    return render(request, "index.html", {"areas": areas, "analysis_counts": counts, "added": added_name})
+    # ?added=ID&added=ID...: the areas the form just created (a file may hold several), in that order.
+    names = {f["id"]: f["properties"]["name"] for f in areas["features"]}
+    added_names = [names[i] for i in dict.fromkeys(added) if i in names]
+    return render(request, "index.html", {"areas": areas, "analysis_counts": counts, "added": added_names,
+                                          "defaults": api_areas.NEW_AREA_DEFAULTS})
 
 
 @router.get("/areas/{area_id}")

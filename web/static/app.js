@@ -77,6 +77,16 @@
     return value === "" ? undefined : Number(value);
   }
 
+  // ``own`` with each of ``fill``'s set values (not undefined, not an empty list) where ``own`` has none.
+  function fillUnset(own, fill) {
+    const props = { ...(own || {}) };
+    for (const [key, value] of Object.entries(fill)) {
+      const empty = value === undefined || (Array.isArray(value) && value.length === 0);
+      if (!empty && (props[key] === undefined || props[key] === null)) props[key] = value;
+    }
+    return props;
+  }
+
   // --- / : the areas, drawing and upload ---------------------------------------------------------------
   function indexPage() {
     const areas = pageData();
@@ -141,12 +151,13 @@
       const name = form.elements.name.value.trim();
       let payload;
       if (uploaded) {
-        // The form's thresholds and recipients apply to every feature of the file; its own names stay.
+        // A feature's own properties win: the form's thresholds and recipients fill only what a feature
+        // leaves unset (absent or null), so a file's recipients are not replaced by an empty textarea.
         payload = uploaded;
         const features = uploaded.type === "FeatureCollection" ? uploaded.features
           : uploaded.type === "Feature" ? [uploaded] : null;
         if (features) {
-          for (const f of features) f.properties = { ...(f.properties || {}), ...props };
+          for (const f of features) f.properties = fillUnset(f.properties, props);
         } else {
           payload = { type: "Feature", properties: props, geometry: uploaded };
         }
@@ -156,7 +167,8 @@
       const url = "/api/areas" + (name ? `?name=${encodeURIComponent(name)}` : "");
       try {
         const created = await api("POST", url, payload);
-        window.location.assign(`/?added=${Number(created.features[0].id)}`);
+        const added = created.features.map((f) => `added=${Number(f.id)}`).join("&");
+        window.location.assign(`/?${added}`);
       } catch (err) {
         showError("new-area-error", err.message);
       }

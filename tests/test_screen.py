@@ -189,6 +189,10 @@ def test_a_redetection_that_grew_alerts_its_new_part_only(screened):
         first = [to_shape(s.get(Finding, f.id).geom) for f in screened["2020-05-11"]
                  if f.change_class == "vegetation_loss" and f.alert_state == "probable"]
         again = {f.id: to_shape(s.get(Finding, f.id).geom) for f in screened["2020-05-16"]}
+        # 2020-05-11 was alerted (monitor/reports/immediate.py: re-detections of a change never alerted count).
+        from monitor.reports.ledger import NewDelivery, insert_deliveries
+        first_id = screened["2020-05-11"][0].analysis_id
+        insert_deliveries(s, [NewDelivery(f"analysis:{first_id}", "ana@example.org", analysis_id=first_id)])
         report = load_analysis_report(s, screened["2020-05-16"][0].analysis_id, "https://www.openstreetmap.org",
                                       with_images=False)
     linked = [f for f in screened["2020-05-16"] if f.alert_state == "redetected"]

@@ -7,7 +7,7 @@ GeoJSON attachment.
 "Changed hectares" of an analysis, everywhere in reports: the sum over its ``region`` findings, or, when
 it has none, the hectares of its ``summary`` finding (a spectral-only analyser may report just a total).
 "Alerting hectares": the same over the regions whose class is one of the area's ``alert_classes``
-(:func:`alerting_hectares`; the SQL twin is :func:`monitor.reports.immediate.alert_hectares_sql`). The
+(:func:`alerting_hectares`, the regions :func:`monitor.reports.immediate.region_alerts_sql` counts). The
 subject and the headline figure say only what alerts ("Forest loss 0.25 ha"); everything else is in the
 body's class table, marked as reported, not alerted.
 """
@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from core.models import Analysis, Area, Finding, Observation, Scene
 from eo.change_classes import format_hectares, headline, label
+from monitor.reports.immediate import alerting_region_ids
 
 IMAGE_ROLES = ("before", "after", "overlay")
 IMAGE_LABELS = {"before": "Before", "after": "After", "overlay": "Change overlay"}
@@ -299,10 +300,10 @@ def _images(analysis_id: int, findings: list[Finding]) -> list[InlineImage]:
 NOT_A_CHANGE = ("dismissed", "seasonal", "atmospheric")
 
 
-def _regions(session: Session, analysis_id: int, area_name: str, by_id: dict[int, Finding],
-             alert_classes: list[str], alert_on: str) -> list[dict[str, Any]]:
+def _regions(session: Session, analysis_id: int, area_name: str, alerting_ids: set[int]) -> list[dict[str, Any]]:
     """The analysis's region findings as GeoJSON Features; properties include ``alert_state``,
-    ``screen_verdict`` (NULL in rows older than those columns) and ``alerts`` (:func:`region_alerts` now)."""
+    ``screen_verdict`` (NULL in rows older than those columns) and ``alerts`` (in ``alerting_ids``:
+    :func:`monitor.reports.immediate.alerting_region_ids` now)."""
     # Right-hand rule and lon/lat order: what RFC 7946 asks of GeoJSON consumers.
     rows = session.execute(
         select(
@@ -328,7 +329,7 @@ def _regions(session: Session, analysis_id: int, area_name: str, by_id: dict[int
                 "confidence": r.confidence,
                 "alert_state": r.alert_state,
                 "screen_verdict": r.screen_verdict,
-                "alerts": region_alerts(by_id[r.id], alert_classes, alert_on),
+                "alerts": r.id in alerting_ids,
                 "observed_at": r.observed_at.isoformat(),
                 "before_observed_at": r.before_observed_at.isoformat() if r.before_observed_at else None,
             },
@@ -353,22 +354,16 @@ def _map_url(session: Session, area_id: int, features: list[dict[str, Any]], bas
     return osm_link(base_url, (minx + maxx) / 2, (miny + maxy) / 2, zoom_for(bounds))
 
 
-def region_alerts(finding: Finding, alert_classes: list[str], alert_on: str = "probable") -> bool:
-    """Python twin of :func:`monitor.reports.immediate.region_alerts_sql`."""
-    state = finding.alert_state or "probable"
-    wanted = ("confirmed",) if alert_on == "confirmed" else ("probable", "confirmed")
-    return finding.change_class in alert_classes and finding.first_finding_id is None and state in wanted
-
-
-def alerting_hectares(findings: list[Finding], alert_classes: list[str], alert_on: str = "probable"
+def alerting_hectares(findings: list[Finding], alert_classes: list[str], alerting_ids: set[int]
                       ) -> dict[str, float]:
-    """Hectares per alerting class: regions that alert (:func:`region_alerts`), or (no regions at all)
-    the summary's total when the summary's class alerts."""
+    """Hectares per alerting class: regions in ``alerting_ids`` (what the alert rule counts,
+    :func:`monitor.reports.immediate.alerting_region_ids`), or (no regions at all) the summary's total
+    when the summary's class alerts."""
     totals: dict[str, float] = {}
     regions = [f for f in findings if f.kind == "region"]
     if regions:
         for f in regions:
-            if region_alerts(f, alert_classes, alert_on) and f.hectares is not None:
+            if f.id in alerting_ids and f.hectares is not None:
                 totals[f.change_class] = totals.get(f.change_class, 0.0) + f.hectares
         return totals
     for f in findings:
@@ -411,8 +406,9 @@ def load_analysis_report(session: Session, analysis_id: int, base_url: str, with
     first = findings[0] if findings else None
     shown = {k for keys in _CLEAR_KEYS.values() for k in keys}
     alert_classes = list(area.alert_classes or [])
-    features = _regions(session, analysis_id, area.name, {f.id: f for f in findings}, alert_classes, area.alert_on)
-    alerting = alerting_hectares(findings, alert_classes, area.alert_on)
+    alerting_ids = alerting_region_ids(session, analysis_id)
+    features = _regions(session, analysis_id, area.name, alerting_ids)
+    alerting = alerting_hectares(findings, alert_classes, alerting_ids)
     states: dict[str, float] = defaultdict(float)
     for f in findings:
         if f.kind == "region" and f.change_class in alert_classes:

@@ -48,7 +48,7 @@ from core.models import Analysis, AnalysisStatus, Area, AreaStatus, Delivery, De
 from eo.security import HrefRefused, check_webhook_url, webhook_target
 from monitor.reports import ledger
 from monitor.reports.context import load_analysis_report
-from monitor.reports.immediate import alert_hectares_sql
+from monitor.reports.immediate import alert_hectares_sql, still_alerts
 from monitor.reports.links import analysis_page_url
 from monitor.reports.transport import DeliveryError
 
@@ -142,7 +142,9 @@ def create_webhook_deliveries(session: Session, now: datetime, settings: Setting
         .order_by(Analysis.id)
     ).all()
     created = 0
-    for analysis_id, area_id in analyses:
+    for k, (analysis_id, area_id) in enumerate(analyses):
+        if k and not still_alerts(session, analysis_id):
+            continue  # an earlier analysis of this run alerted the same change
         endpoints = session.scalars(select(WebhookEndpoint.id).where(WebhookEndpoint.area_id == area_id)).all()
         created += ledger.insert_deliveries(session, [
             ledger.NewDelivery(f"analysis:{analysis_id}", f"webhook:{eid}", analysis_id=analysis_id, webhook_id=eid)

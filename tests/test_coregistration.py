@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
 from datetime import UTC, datetime
 
 import numpy as np
@@ -24,24 +22,17 @@ from shapely.geometry import shape
 from core.config import CatalogueSettings
 from devtools import localstac
 from tests.fixtures_workers import ROOT, loopback_catalogue
+from tests.test_screen import ALL_DATES, all_dates  # noqa: F401  (all_dates: the module-scoped COG server)
 from workers import coregistration as coreg
 from workers.raster import SceneRef, read_band
 
-ALL_DATES = ROOT / "build" / "sentinel2-romania-all"
 OFFSETS = ROOT / "benchmarks" / "reference" / "reference_dates.json"
 KNOWN_2B = "2017-06-06"
 
 
 @pytest.fixture(scope="module")
-def cube():
-    items = ALL_DATES / "items"
-    if not items.is_dir() or len(list(items.glob("*.json"))) < 140:
-        run = subprocess.run([sys.executable, str(ROOT / "scripts" / "build-sample-data"), "--all-dates", "-q",
-                              "--out", str(ALL_DATES)], capture_output=True, text=True)
-        if run.returncode != 0:
-            pytest.skip(f"all-dates sample not buildable here: {run.stderr.strip()[-300:]}")
-    with localstac.CogServer(ALL_DATES) as server:
-        yield server
+def cube(all_dates):  # noqa: F811  (test_screen's: the all-dates build served over loopback HTTP)
+    return all_dates
 
 
 def scene(catalogue: CatalogueSettings, href, day: str, baseline: str = "02.14") -> SceneRef:

@@ -42,8 +42,6 @@ moved its images by rounded offsets for the same reason.
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
@@ -58,6 +56,7 @@ from core.models import Area, Observation, ObservationStatus, Scene
 from eo.cog import CogReadError
 from eo.radiometry import RadiometryMismatch
 from eo.security import HrefRefused
+from workers.arraycache import ArrayCache
 from workers.raster import Grid, SceneRef, SkipAnalysis, _clear_mask, _reflectance, common_grid, mask_band, read_band
 
 logger = logging.getLogger(__name__)
@@ -76,7 +75,7 @@ MOVE_PX = 0.7  # |shift| from which an acquisition is moved (whole_pixels)
 SEASON_BIN_DAYS = 30  # references: the nearest in day of year first, in bins of this many days, newest first
 ESTIMATED, ANCHOR, FALLBACK = "estimated", "anchor", "fallback"
 REGISTERED = (ESTIMATED, ANCHOR)  # statuses whose position serves as a reference
-CACHE_ITEMS = 64
+CACHE_BYTES = 64 * 2**20  # 64 windows of 512 x 512 float32
 # What reading one acquisition may raise (the screen leaves such a date out the same way): a reference that
 # cannot be read is dropped from the network, not a reason to fail another pair's analysis.
 READ_ERRORS = (CogReadError, HrefRefused, RadiometryMismatch, SkipAnalysis)
@@ -227,28 +226,7 @@ def _current(record: dict[str, Any] | None, ref: SceneRef) -> dict[str, Any] | N
     return record
 
 
-class _Cache:
-    """NIR windows (float32, NaN where not clear) of acquisitions, least recently used out first: every new
-    acquisition reads the same newest references again."""
-
-    def __init__(self, limit: int):
-        self.limit, self.items, self.lock = limit, OrderedDict(), threading.Lock()
-
-    def get(self, key: tuple) -> np.ndarray | None:
-        with self.lock:
-            value = self.items.get(key)
-            if value is not None:
-                self.items.move_to_end(key)
-            return value
-
-    def put(self, key: tuple, value: np.ndarray) -> None:
-        with self.lock:
-            self.items[key] = value
-            while len(self.items) > self.limit:
-                self.items.popitem(last=False)
-
-
-_CACHE = _Cache(CACHE_ITEMS)
+_CACHE = ArrayCache(CACHE_BYTES)
 
 
 def window_grid(area_geom: Any, pixel_size: float) -> Grid:

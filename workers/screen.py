@@ -51,9 +51,7 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import warnings
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -67,6 +65,7 @@ from eo.cog import CogReadError
 from eo.masks import haze_mask
 from eo.security import HrefRefused
 from workers import atmosphere
+from workers.arraycache import ArrayCache
 from workers.raster import Grid, SceneRef, SkipAnalysis, _clear_mask, _reflectance, mask_band, read_band
 from workers.regions import Region, shape_measures, to_4326
 from workers.spectral import THRESHOLDS, Thresholds
@@ -105,32 +104,7 @@ class Verdict:
     statistics: dict[str, Any] = field(default_factory=dict)
 
 
-class _Cache:
-    """NDVI windows of scenes (float32, NaN where not clear), least recently used out first."""
-
-    def __init__(self, limit: int):
-        self.limit, self.size, self.items = limit, 0, OrderedDict()
-        self.lock = threading.Lock()
-
-    def get(self, key: tuple) -> np.ndarray | None:
-        with self.lock:
-            value = self.items.get(key)
-            if value is not None:
-                self.items.move_to_end(key)
-            return value
-
-    def put(self, key: tuple, value: np.ndarray) -> None:
-        with self.lock:
-            if key in self.items:
-                return
-            self.items[key] = value
-            self.size += value.nbytes
-            while self.size > self.limit and self.items:
-                _, old = self.items.popitem(last=False)
-                self.size -= old.nbytes
-
-
-_CACHE = _Cache(CACHE_BYTES)
+_CACHE = ArrayCache(CACHE_BYTES)
 
 
 def clear_looks(scene: SceneRef, grid: Grid, buffer_px: int) -> np.ndarray:

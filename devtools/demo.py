@@ -363,7 +363,8 @@ def demo(settings: Settings, per_date_timeout: float, web_port: int, web: bool) 
         click.echo(f"  {line}")
     click.echo(f"  the newest {NEWEST} summaries (one per analysed acquisition):")
     subprocess.run([sys.executable, "-m", "monitor.cli", "findings", "--area", AREA_NAME, "--kind", "summary",
-                    "--limit", str(NEWEST)], env=env, check=False)
+                    "--limit", str(NEWEST)], env=env, check=False,
+                   stderr=subprocess.DEVNULL)  # its "--all for every one" hint: the line below says it
     click.echo(f"  all of them: UNIRS_DATABASE_URL={result.app_url} unirs-monitor findings --area "
                f"{shlex.quote(AREA_NAME)} --all   (--format geojson | csv to export)")
     emails = sorted(result.outbox.glob("**/*.eml"))

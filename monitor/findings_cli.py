@@ -55,7 +55,7 @@ def findings(ctx: click.Context, area, since, until, kind, bbox, min_hectares, t
     """Search stored findings, newest first: a table, a GeoJSON FeatureCollection, or CSV with WKT.
 
     \b
-    unirs-monitor findings --area "Apuseni" --since 2025-01-01 --format geojson > changes.geojson
+    unirs-monitor findings --area "Apuseni" --since 2025-01-01 --all --format geojson > changes.geojson
     unirs-monitor findings --area "Apuseni" --all --format csv > apuseni.csv
     unirs-monitor findings --bbox 23.1,46.5,23.2,46.6 --kind region --min-hectares 1
     unirs-monitor findings show ID
@@ -83,16 +83,32 @@ def findings(ctx: click.Context, area, since, until, kind, bbox, min_hectares, t
             if area is not None and session.scalar(select(Area.id).where(Area.name == area)) is None:
                 raise svc.QueryError(f"no watched area named {area!r} (`unirs-monitor areas list` shows them)")
             if fmt in ("geojson", "csv"):  # streamed: rows are written as the server-side cursor yields them
-                rows = svc.iter_findings(session, flt, geometry_text=fmt == "geojson")
+                written = [0]
+
+                def counted(it):
+                    for row in it:
+                        written[0] += 1
+                        yield row
+
+                rows = counted(svc.iter_findings(session, flt, geometry_text=fmt == "geojson"))
                 if fmt == "geojson":
                     svc.write_geojson(rows, sys.stdout, default=_json_default)
                 else:
                     svc.write_csv(rows, sys.stdout)
+                _warn_if_cut(written[0], flt.limit)
                 return
             rows = svc.query_findings(session, flt)
     except svc.QueryError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(svc.format_table(rows) if rows else "no findings match")
+    _warn_if_cut(len(rows), flt.limit)
+
+
+def _warn_if_cut(shown: int, limit: int | None) -> None:
+    # On stderr: an export redirected to a file is still complete GeoJSON/CSV, and the person sees it was cut.
+    if limit is not None and shown >= limit:
+        click.echo(f"the newest {limit} findings only (--limit {limit}); more may match: --all for every one, "
+                   "--limit N for more", err=True)
 
 
 @findings.command("show")

@@ -351,3 +351,17 @@ def test_text_search_without_area_gives_the_newest_matches(many, monkeypatch, wi
     # one rewritten older caption.
     assert len(q(text="quarry", limit=None)) == 109
     assert [r["id"] for r in q(text="quarry no")] == [older["id"]]
+
+
+def test_a_result_cut_at_the_limit_says_so_on_stderr(data):
+    """4 regions match; --limit 2 gives the newest 2 and a hint on stderr (the export stays valid GeoJSON/CSV);
+    --limit 4 or --all gives every one and no hint only when fewer than the limit came back."""
+    hint = "the newest 2 findings only (--limit 2); more may match: --all for every one, --limit N for more\n"
+    cut = run("--kind", "region", "--format", "geojson", "--limit", "2")
+    assert len(json.loads(cut.stdout)["features"]) == 2 and cut.stderr == hint
+    cut = run("--kind", "region", "--format", "csv", "--limit", "2")
+    assert len(list(csv.DictReader(io.StringIO(cut.stdout)))) == 2 and cut.stderr == hint
+    assert run("--kind", "region", "--limit", "2").stderr == hint
+    whole = run("--kind", "region", "--format", "geojson", "--limit", "5")
+    assert len(json.loads(whole.stdout)["features"]) == 4 and whole.stderr == ""
+    assert run("--kind", "region", "--all", "--format", "csv").stderr == ""

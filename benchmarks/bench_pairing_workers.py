@@ -17,32 +17,9 @@ from pathlib import Path
 
 from core.config import Settings
 from devtools import localstac
+from devtools.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-class PrivateBroker:
-    """A redis-server of our own on a free loopback port: the shared broker's ``cpu`` queue has other consumers."""
-
-    def __init__(self, workdir: Path):
-        self.port = localstac.free_port()
-        self.proc = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        import redis
-
-        for _ in range(200):
-            try:
-                if redis.Redis.from_url(self.url, socket_timeout=1).ping():
-                    return
-            except redis.RedisError:
-                time.sleep(0.1)
-        raise SystemExit("redis-server did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 def start_workers(count: int, settings: Settings, workdir: Path, code: Path = REPO) -> list[subprocess.Popen]:
@@ -78,7 +55,8 @@ def cycle_with_workers(settings: Settings, cogs: localstac.CogServer, count: int
     process of its own), all running the code in ``code``; timed from the first dispatch until no observation is
     left pending (the last row written)."""
     workdir = Path(tempfile.mkdtemp(prefix="bench-pairing-workers-"))
-    broker = PrivateBroker(workdir)
+    broker = RedisServer(workdir / "redis")  # the shared broker's 'cpu' queue has other consumers
+    broker.start()
     settings = settings.model_copy(update={"broker_url": broker.url})
     procs: list[subprocess.Popen] = []
     try:

@@ -51,6 +51,14 @@ MAX_PIXELS = 64_000_000
 # at 1,000 km2 but 1.10 GB peak at 10,000 km2; 64 MB — 0.97 GB; 32 MB — 3485, 791 MB, 0.90 GB at
 # 10,000 km2 and ~380, 81.6 MB at 1,000 km2. The 1 GB goal for the largest areas decides: 32 MB.
 BLOCK_CACHE_BYTES = 32 * 1024 * 1024
+# GDAL's /vsicurl/ remembers a URL's failure (403, 404, 503, a refused redirect hop) for the life of the
+# process and answers every later open of that URL from that memory, without a request: an asset that was
+# not yet uploaded when its item was published, or a host that answered 503 once, stayed unreadable in
+# that worker until it restarted. URLs whose last read failed are opened once more with GDAL's cache
+# bypassed (CPL_VSIL_CURL_NON_CACHED, which also drops the stale entry); the set is bounded, oldest out.
+_RETRY_UNCACHED_MAX = 4096
+_failed_urls: dict[str, None] = {}
+_failed_lock = threading.Lock()
 
 
 class CogReadError(RuntimeError):
@@ -174,15 +182,35 @@ def open_checked(href: str, catalogue: CatalogueSettings) -> Iterator[Callable[.
     token = proxy.open_read(catalogue) if proxy else None
     try:
         options = proxy.gdal_options(token) if proxy and token else {}
-        with gdal_env(catalogue.timeout_seconds, **options):
+        with gdal_env(catalogue.timeout_seconds, **options, **_uncached_if_failed(url)):
             yield lambda overview_level=None: rasterio.open(url, overview_level=overview_level)
+        _note_outcome(url, failed=False)
     except CogReadError:
+        _note_outcome(url, failed=True)
         raise
     except (RasterioError, OSError, ValueError) as exc:
+        _note_outcome(url, failed=True)
         raise _read_error(href, exc, proxy, token) from exc
     finally:
         if proxy and token:
             proxy.close_read(token)
+
+
+def _uncached_if_failed(url: str) -> dict[str, str]:
+    """GDAL options that bypass the /vsicurl/ cache for ``url`` when its last read in this process failed."""
+    with _failed_lock:
+        failed = url in _failed_urls
+    return {"CPL_VSIL_CURL_NON_CACHED": f"/vsicurl/{url}"} if failed and egress.uses_proxy(url) else {}
+
+
+def _note_outcome(url: str, failed: bool) -> None:
+    with _failed_lock:
+        if not failed:
+            _failed_urls.pop(url, None)
+            return
+        _failed_urls[url] = None
+        while len(_failed_urls) > _RETRY_UNCACHED_MAX:
+            del _failed_urls[next(iter(_failed_urls))]
 
 
 def _read_error(href: str, exc: Exception, proxy: egress.EgressGuard | None, token: str | None) -> Exception:
@@ -209,6 +237,7 @@ class _OpenFile:
         self.proxy = egress.guard() if egress.uses_proxy(self.url) else None
         self.token = self.proxy.open_read(catalogue) if self.proxy else None
         self.options = self.proxy.gdal_options(self.token) if self.proxy and self.token else {}
+        self.options.update(_uncached_if_failed(self.url))
         self.lock = threading.Lock()  # a GDAL dataset is read by one thread at a time
         self.datasets: dict[int | None, Any] = {}
 
@@ -268,9 +297,12 @@ class CogSession:
             try:
                 with gdal_env(catalogue.timeout_seconds, **entry.options):
                     yield lambda overview_level=None: nullcontext(entry.dataset(overview_level))
+                _note_outcome(entry.url, failed=False)
             except CogReadError:
+                _note_outcome(entry.url, failed=True)
                 raise
             except (RasterioError, OSError, ValueError) as exc:
+                _note_outcome(entry.url, failed=True)
                 error = _read_error(href, exc, entry.proxy, entry.token)
                 entry.close()  # a dataset that failed a read is not trusted for the next one
                 with self._lock:

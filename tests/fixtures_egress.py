@@ -43,10 +43,14 @@ class _Server:
 
 
 class RangeFileServer(_Server):
-    """Serves files below ``root`` with HTTP Range support (what GDAL's /vsicurl/ needs)."""
+    """Serves files below ``root`` with HTTP Range support (what GDAL's /vsicurl/ needs).
 
-    def __init__(self, root: Path, host: str = "127.0.0.1"):
+    ``fail_with``: statuses answered, one per request, before any file is served (an asset not uploaded
+    yet, a host refusing for a while); ``failures_left`` can be set again between reads."""
+
+    def __init__(self, root: Path, host: str = "127.0.0.1", fail_with: tuple[int, ...] = ()):
         outer = self
+        self.failures_left = list(fail_with)
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -56,6 +60,13 @@ class RangeFileServer(_Server):
 
             def _serve(self, body: bool) -> None:
                 outer.record(self.command, self.path)
+                with outer.lock:
+                    status = outer.failures_left.pop(0) if outer.failures_left else None
+                if status is not None:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 path = (root / self.path.split("?", 1)[0].lstrip("/")).resolve()
                 if not path.is_file() or root.resolve() not in path.parents:
                     self.send_response(404)

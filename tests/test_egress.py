@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from eo import egress
-from eo.cog import CogReadError, read_aoi
+from eo.cog import CogReadError, CogSession, read_aoi
 from eo.security import HrefRefused
 from tests.fixtures_egress import RangeFileServer, Redirector
 from tests.fixtures_ingest import inner_aoi
@@ -173,3 +173,44 @@ def test_a_reused_plain_http_proxy_connection_never_reaches_the_first_host_unvet
     finally:
         proxy.close_read(token)
         upstream.close()
+
+
+# GDAL's /vsicurl/ remembers a failed URL for the life of the process and fails every later open of it
+# without a request. These run twice in one process, as a Celery worker retrying a task does.
+
+@pytest.mark.parametrize("status", [403, 404])
+@pytest.mark.parametrize("through_session", [False, True], ids=["read_aoi", "session"])
+def test_an_asset_that_failed_once_is_read_when_it_answers_again(sample_data_dir, sample_footprint, status,
+                                                                 through_session):
+    # A late publication: the item is out, its COG answers 404 (or 403) until the upload finishes.
+    with RangeFileServer(sample_data_dir, fail_with=(status,)) as files:
+        href = f"{files.url}/{RED}?status={status}&session={through_session}"
+
+        def read():
+            if not through_session:
+                return read_aoi(href, inner_aoi(sample_footprint), catalogue=ONLY_127_0_0_1)
+            with CogSession() as cogs:
+                return read_aoi(href, inner_aoi(sample_footprint), catalogue=ONLY_127_0_0_1, session=cogs)
+
+        with pytest.raises(CogReadError, match=f"HTTP response code: {status}"):
+            read()
+        asked_while_failing = len(files.requests)
+        raster = read()
+    assert raster.array.size > 0
+    assert len(files.requests) > asked_while_failing, "the second read asked the server again"
+
+
+def test_a_url_refused_once_for_its_redirect_reads_when_the_redirect_is_allowed(sample_data_dir, sample_footprint,
+                                                                                 other_host):
+    # The same URL first redirects off the allow-list (refused), then within it: the refusal is not
+    # remembered (CI once failed test_redirect_within_the_allow_list_still_reads with "HTTP response code:
+    # 403" when its redirector got the port an earlier test's refused redirector had had).
+    with RangeFileServer(sample_data_dir) as files:
+        target = {"url": other_host.url}
+        with Redirector(lambda path: target["url"] + path) as redirector:
+            href = f"{redirector.url}/{RED}"
+            with pytest.raises(HrefRefused):
+                read_aoi(href, inner_aoi(sample_footprint), catalogue=ONLY_127_0_0_1)
+            target["url"] = files.url
+            raster = read_aoi(href, inner_aoi(sample_footprint), catalogue=ONLY_127_0_0_1)
+    assert raster.array.size > 0 and files.requests and other_host.requests == []

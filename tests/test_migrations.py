@@ -104,3 +104,77 @@ def test_0015_builds_concurrently_replaces_an_interrupted_build_and_downgrades()
         assert _index(url, INDEX_0015)[0] is True
     finally:
         drop_database(url)
+
+
+INDEX_0021 = "ix_findings_first_finding"
+
+
+def _fill_findings(url: str) -> None:
+    """One area with 40,000 region findings (400 analyses of 100), 1 % of them re-detections, ANALYZEd:
+    the shape of a monitored area after a few years, where the planner's choice of index shows."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        # Foreign keys off for the fill: only findings and their area matter to the alert rule's plan.
+        conn.execute("SET session_replication_role = replica")
+        conn.execute(
+            "INSERT INTO areas (id, name, owner_id, geom, area_km2, status, collections, max_cloud_cover, "
+            "min_clear_fraction, recipients, questions, alert_frequency, min_alert_hectares, pairing_policy, "
+            "properties) VALUES (1, 'a', 1, ST_Multi(ST_MakeEnvelope(0, 0, 1, 1, 4326)), 1, 'active', "
+            "'{sentinel-2-l2a}', 60, 0.5, '{}', '{}', 'immediate', 0, 'latest', '{}')")
+        conn.execute(
+            "INSERT INTO findings (id, analysis_id, area_id, ordinal, kind, change_class, statistics, "
+            "analyser_name, analyser_version, observed_at, first_finding_id) "
+            "SELECT n, 1 + n / 100, 1, n % 100, 'region', 'vegetation_loss', '{}', 'x', '1', "
+            "timestamptz '2020-01-01' + n * interval '1 hour', CASE WHEN n % 100 = 7 THEN n - 50 END "
+            "FROM generate_series(1, 40000) AS n")
+        conn.execute("ANALYZE findings")
+        conn.execute("ANALYZE areas")
+
+
+def _alert_rule_plan(sa_url: str) -> str:
+    """EXPLAIN of the alert rule's query for one analysis (monitor.reports.immediate.alerting_region_ids)."""
+    from sqlalchemy import select, text
+    from sqlalchemy.dialects import postgresql
+
+    from core.models import Area, Finding
+    from monitor.reports.immediate import region_alerts_sql
+
+    query = (select(Finding.id).join(Area, Area.id == Finding.area_id)
+             .where(Finding.analysis_id == 200, Finding.kind == "region", region_alerts_sql()))
+    sql = str(query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+    engine = create_engine(sa_url)
+    try:
+        with engine.connect() as conn:
+            return "\n".join(r[0] for r in conn.execute(text("EXPLAIN " + sql)))
+    finally:
+        engine.dispose()
+
+
+def test_0021_indexes_first_finding_id_for_the_alert_rule_and_reruns():
+    url = create_database("unirs_test_mig")
+    try:
+        sa_url = sqlalchemy_url(url)
+        migrate.upgrade(sa_url, "0020")
+        assert _index(url, INDEX_0021) is None
+        _fill_findings(url)
+        assert INDEX_0021 not in _alert_rule_plan(sa_url)
+        migrate.upgrade(sa_url, "0021")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("ANALYZE findings")
+        valid, definition = _index(url, INDEX_0021)
+        assert valid is True
+        assert definition == (f"CREATE INDEX {INDEX_0021} ON public.findings USING btree (first_finding_id) "
+                              "WHERE (first_finding_id IS NOT NULL)")
+        plan = _alert_rule_plan(sa_url)
+        assert INDEX_0021 in plan, plan
+        # Re-run over the built index (alembic_version left behind by a crash): no error, still valid.
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("UPDATE alembic_version SET version_num = '0020'")
+        migrate.upgrade(sa_url)
+        assert _index(url, INDEX_0021)[0] is True
+        migrate.upgrade(sa_url)  # already at head: nothing to do
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0021",)
+        migrate.downgrade(sa_url, "0020")
+        assert _index(url, INDEX_0021) is None
+    finally:
+        drop_database(url)

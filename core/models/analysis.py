@@ -154,6 +154,8 @@ class Finding(Base):
         Index("ix_findings_observed_at", "observed_at"),
         Index("ix_findings_kind", "kind"),
         Index("ix_findings_area_state", "area_id", "alert_state", postgresql_where=text("kind = 'region'")),
+        # The alert rule's "was this change alerted already" lookup (revision 0021).
+        Index("ix_findings_first_finding", "first_finding_id", postgresql_where=text("first_finding_id IS NOT NULL")),
         CheckConstraint("screen_verdict IN ('departure', 'seasonal', 'unscreened', 'atmospheric')",
                         name="ck_findings_screen_verdict"),
         # `findings --text` is ILIKE '%…%': trigram GIN indexes (extension pg_trgm), with the area in front

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
 
 import click
 
@@ -64,12 +65,25 @@ def check_database(settings: Settings) -> str:
     return f"PostgreSQL {pg}, PostGIS {postgis}, schema at {head}"
 
 
+def masked_url(url: str) -> str:
+    """``url`` as given, its password (if it has one) replaced by ``**``; the user name is kept.
+
+    kombu's ``Connection.as_uri()`` writes ``:**@`` into every URL, so a broker without a password looked
+    like one with a password (``redis://:**@127.0.0.1:6379/0`` for ``redis://127.0.0.1:6379/0``)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.netloc.rpartition("@")[0].partition(":")[0]
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:**@{host}"))
+
+
 def check_broker(settings: Settings) -> str:
     from kombu import Connection
 
     with Connection(settings.broker_url, connect_timeout=5) as conn:
         conn.ensure_connection(max_retries=1, timeout=5)
-        return f"{conn.transport_cls} broker reachable at {conn.as_uri()}"
+        return f"{conn.transport_cls} broker reachable at {masked_url(settings.broker_url)}"
 
 
 # A reachability check answers in seconds: no retries (polling has its own), a short connect timeout.

@@ -91,3 +91,16 @@ def test_doctor_requires_a_sender_to_send_and_warns_on_localhost(database_url, m
     _, checks = _doctor(monkeypatch, **base, UNIRS_SMTP__SENDER="Forest watch <alerts@forest.example.org>")
     assert checks["email sender"] == {"name": "email sender", "ok": True, "warning": False,
                                       "detail": "emails are From Forest watch <alerts@forest.example.org>"}
+
+
+def test_doctor_shows_a_broker_url_as_given_and_masks_only_a_real_password(worker_redis):
+    from core.config import Settings
+    from monitor.doctor import check_broker, masked_url
+
+    # worker_redis has no password: the URL is shown as configured, with no made-up ':**@'.
+    detail = check_broker(Settings(broker_url=worker_redis.url))
+    assert detail.endswith(f" broker reachable at {worker_redis.url}")
+    assert masked_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert masked_url("redis://bob@127.0.0.1:6379/0") == "redis://bob@127.0.0.1:6379/0"
+    assert masked_url("redis://:s3cret@127.0.0.1:6379/0") == "redis://:**@127.0.0.1:6379/0"
+    assert masked_url("amqp://guest:s3:cr@t@127.0.0.1:5672//") == "amqp://guest:**@127.0.0.1:5672//"

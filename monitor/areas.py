@@ -350,10 +350,12 @@ def get_area(session: Session, ref: str | int | Area) -> Area:
 
 
 def list_areas(session: Session, status: str | None = None) -> list[Area]:
-    query = select(Area).order_by(Area.name)
+    """Areas (of ``status`` when given) by name regardless of case, names equal but for case by id."""
+    query = select(Area)
     if status:
         query = query.where(Area.status == AreaStatus(status))
-    return list(session.scalars(query))
+    # Sorted here, not by ORDER BY name: the database's collation may be C ("Zebra" before "apple").
+    return sorted(session.scalars(query), key=lambda a: (a.name.casefold(), a.id))
 
 
 def update_area(session: Session, ref: str | Area, opts: AreaOptions, *, max_area_km2: float,

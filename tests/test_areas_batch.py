@@ -124,3 +124,11 @@ def test_union_with_a_name_reports_the_bad_features_not_the_feature_count(db, tm
                  feature(mapping(box(23.2, 46.5, 23.3, 46.6)), name="b"))
     assert unirs(db, "areas", "add", good, "--union", "--name", "estate").returncode == 0
     assert area_names(db) == ["estate"]
+
+
+def test_areas_list_sorts_names_regardless_of_case_then_by_id(db):
+    for i, name in enumerate(["Zebra", "banana", "apple", "Apple"]):
+        assert unirs(db, "areas", "add", box(23.0 + i / 10, 46.5, 23.05 + i / 10, 46.55).wkt,
+                     "--name", name).returncode == 0
+    # Byte order would give Apple, Zebra, apple, banana; "apple" was added before "Apple".
+    assert area_names(db) == ["apple", "Apple", "banana", "Zebra"]

@@ -106,11 +106,12 @@ def read_stdin(stream: Any) -> str:
 
 
 def parse_areas(text: str, *, max_vertices: int, union: bool = False, fix: bool = False,
-                problems: list[Problem] | None = None) -> list[ParsedArea]:
+                problems: list[Problem] | None = None, fix_hint: str = "--fix") -> list[ParsedArea]:
     """Parse GeoJSON (Geometry, Feature, FeatureCollection) or WKT into validated MultiPolygons.
 
     A FeatureCollection gives one area per feature, or a single area with ``union=True``.
-    ``fix=True`` repairs invalid rings with ``shapely.make_valid`` instead of refusing them.
+    ``fix=True`` repairs invalid rings with ``shapely.make_valid`` instead of refusing them; a refusal
+    names the option that does so as ``fix_hint`` (the CLI's ``--fix``; the HTTP API passes ``?fix=true``).
     Z and M ordinates are dropped. An input with more than ``max_vertices`` vertices in all (the
     ``max_area_vertices`` setting) is refused with its count before any validation work.
 
@@ -140,7 +141,7 @@ def parse_areas(text: str, *, max_vertices: int, union: bool = False, fix: bool 
     parsed = []
     for number, geom, props, src in raw:
         try:
-            parsed.append(ParsedArea(_validated(geom, src, fix), props, src, number))
+            parsed.append(ParsedArea(_validated(geom, src, fix, fix_hint), props, src, number))
         except AreaGeometryError as exc:
             refused.append((number, str(exc)))
     if problems is None and refused:
@@ -245,7 +246,7 @@ def _parse_wkt(text: str) -> BaseGeometry:
     return geom
 
 
-def _validated(geom: BaseGeometry, where: str, fix: bool) -> MultiPolygon:
+def _validated(geom: BaseGeometry, where: str, fix: bool, fix_hint: str = "--fix") -> MultiPolygon:
     if geom.is_empty:
         raise AreaGeometryError(f"{where}: geometry is empty")
     if geom.has_z or geom.has_m:  # POLYGON Z / M / ZM: a watched area is planar lon/lat
@@ -266,7 +267,7 @@ def _validated(geom: BaseGeometry, where: str, fix: bool) -> MultiPolygon:
     if not geom.is_valid:
         reason = shapely.is_valid_reason(geom)
         if not fix:
-            raise AreaGeometryError(f"{where}: invalid geometry: {reason} (use --fix to repair it)")
+            raise AreaGeometryError(f"{where}: invalid geometry: {reason} (use {fix_hint} to repair it)")
         geom = shapely.make_valid(geom)
     return _as_multipolygon(geom, where)
 

@@ -69,13 +69,26 @@ def test_create_list_update_delete_an_area(web_client, alice):
     assert web_client.get(f"/api/areas/{area_id}", headers=alice.auth()).status_code == 404
 
 
+def test_geometry_refusals_name_the_api_parameter_that_repairs_them(web_client, alice):
+    bowtie = {"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]]}
+    r = web_client.post("/api/areas", json=feature("bad") | {"geometry": bowtie}, headers=alice.auth())
+    assert r.status_code == 422 and r.json()["detail"].endswith("(use ?fix=true to repair it)")
+    r = web_client.post("/api/areas?fix=true", json=feature("bad") | {"geometry": bowtie}, headers=alice.auth())
+    assert r.status_code == 201  # the parameter named is the one that repairs it
+    bad_id = r.json()["features"][0]["id"]
+    r = web_client.patch(f"/api/areas/{bad_id}", json={"geometry": bowtie}, headers=alice.auth())
+    assert r.status_code == 422 and r.json()["detail"].endswith("(use ?fix=true to repair it)")
+    r = web_client.patch(f"/api/areas/{bad_id}?fix=true", json={"geometry": bowtie}, headers=alice.auth())
+    assert r.status_code == 200
+
+
 def test_refusals_carry_the_cli_messages(web_client, alice):
     bowtie = {"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]]}
     r = web_client.post("/api/areas", json={"type": "FeatureCollection", "features": [
         feature("ok"), {"type": "Feature", "properties": {"name": "bad"}, "geometry": bowtie}]}, headers=alice.auth())
     assert r.status_code == 422
     assert r.json()["detail"] == ("feature 2 ('bad'): invalid geometry: Self-intersection[0.5 0.5] "
-                                  "(use --fix to repair it)")
+                                  "(use ?fix=true to repair it)")
     r = web_client.post("/api/areas", json=feature("x", max_cloud_cover=130), headers=alice.auth())
     assert r.json()["detail"] == "feature ('x'): max cloud cover must be a percentage in [0, 100], got 130"
     r = web_client.post("/api/areas", json=feature("y", recipients=["not-an-address"]), headers=alice.auth())

@@ -188,7 +188,7 @@ def test_a_person_logs_in_draws_an_area_and_compares_before_after(served_app, sa
     page.click("#new-area button[type=submit]")
     expect(page.locator("#new-area-error")).to_contain_text(
         "invalid geometry: Self-intersection")
-    assert "(use --fix to repair it)" in page.locator("#new-area-error").inner_text()
+    assert "(use ?fix=true to repair it)" in page.locator("#new-area-error").inner_text()
     page.fill("#new-area input[name=name]", "")
     with session_scope(served_app.database_url) as session:
         assert session.scalar(select(Area.id).where(Area.name == "bowtie")) is None

@@ -38,8 +38,8 @@ EXAMPLE = {
 # monitor.areas.CLI_HINTS in this API's terms: ``POST /api/areas`` query parameters (no ``--name-property``
 # here). PATCH has no ``name``-per-feature batch nor ``keep_unknown_properties``: its refusals offer neither.
 API_HINTS = {"name": "?name=", "union": "?union=true", "keep_unknown": "?keep_unknown_properties=true",
-             "name_key": None}
-PATCH_HINTS = {"name": None, "union": None, "keep_unknown": None, "name_key": None}
+             "name_key": None, "fix": "?fix=true"}
+PATCH_HINTS = {"name": None, "union": None, "keep_unknown": None, "name_key": None, "fix": "?fix=true"}
 # The thresholds a new area gets when neither its feature nor the request sets them: the Area columns'
 # defaults, which `areas add` uses too (the web form shows them, rather than numbers of its own).
 NEW_AREA_DEFAULTS = {key: Area.__table__.c[key].default.arg for key in ("max_cloud_cover", "min_clear_fraction")}
@@ -84,7 +84,7 @@ def create_areas(body: Any = Body(..., examples=[EXAMPLE]), name: str | None = N
     try:
         problems: list[Problem] = []  # every bad feature, in one 422 (one line each)
         parsed = parse_areas(json.dumps(body), union=union, fix=fix, max_vertices=settings.max_area_vertices,
-                             problems=problems)
+                             problems=problems, fix_hint=API_HINTS["fix"])
         created = svc.add_areas(session, parsed, name, svc.AreaOptions(), max_area_km2=settings.max_area_km2,
                                 keep_unknown=keep_unknown_properties, owner_id=who.user_id, problems=problems,
                                 union=union, hints=API_HINTS)
@@ -111,7 +111,8 @@ def update_area(area_id: int, body: dict[str, Any] = Body(..., examples=[{"prope
     try:
         # An unknown (misspelled) key is refused, as on import.
         svc.split_properties(props, "request", hints=PATCH_HINTS)
-        parsed = (parse_areas(json.dumps(geometry), fix=fix, max_vertices=settings.max_area_vertices)[0]
+        parsed = (parse_areas(json.dumps(geometry), fix=fix, max_vertices=settings.max_area_vertices,
+                              fix_hint=PATCH_HINTS["fix"])[0]
                   if geometry is not None else None)
         svc.update_area(session, area, svc.AreaOptions.from_properties(props), max_area_km2=settings.max_area_km2,
                         geometry=parsed, rename=props.get("name"), hints=PATCH_HINTS)

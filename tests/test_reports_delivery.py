@@ -77,6 +77,12 @@ def test_each_recipient_gets_exactly_one_complete_email(db, smtp, worker_output)
                      "https://www.openstreetmap.org/?mlat=", ATTRIBUTION):
             assert fact in html and fact in text, fact
         assert "written from the pixel statistics (spectral)" in text and "UniRS model" not in text
+        # The summary's figure is the pair's valid fraction (both scenes clear over the area), not a
+        # confidence of any model: it is called what it is.
+        assert ("written from the pixel statistics (spectral), from 100 % of the area's pixels valid in both "
+                "images") in text
+        assert "of the area&#39;s pixels valid in both images" in html
+        assert "spectral) · confidence" not in html and "(spectral), confidence" not in text
 
         (geojson,) = p["attachments"]
         assert geojson.get_content_type() == "application/geo+json"

@@ -96,11 +96,36 @@ def undeclared(imports: list[tuple[str, int, str, bool]]) -> list[str]:
     return problems
 
 
+def direct_pins(extra: str | None = None) -> set[str]:
+    """Canonical names pinned exactly (``==``) in [project.dependencies] (and the ``extra``)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + (project["optional-dependencies"][extra] if extra else [])
+    reqs = [Requirement(r) for r in declared]
+    return {canonicalize_name(r.name) for r in reqs
+            if len(r.specifier) == 1 and next(iter(r.specifier)).operator == "=="}
+
+
+def not_pinned(imports: list[tuple[str, int, str, bool]]) -> list[str]:
+    """Imports installed only as another package's requirement: their version is whatever that package
+    allows, and they vanish when it stops requiring them."""
+    runtime = direct_pins()
+    extras = {extra: direct_pins(extra) for extra in EXTRAS}
+    distributions = packages_distributions()
+    problems = []
+    for rel, line, top, guarded in imports:
+        dists = {canonicalize_name(d) for d in distributions.get(top, [])}
+        allowed = runtime.union(*(extras[e] for e, prefixes in EXTRAS.items() if rel.startswith(prefixes)))
+        if not guarded and dists and not dists & allowed:
+            problems.append(f"{rel}:{line} imports {top} ({', '.join(sorted(dists))}), not pinned in pyproject.toml")
+    return problems
+
+
 def test_every_import_of_the_service_is_installed_by_its_runtime_dependencies():
     paths = sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
     imports = third_party_imports(paths)
     assert len(paths) > 100 and {"numpy", "sqlalchemy", "rasterio", "skimage"} <= {top for *_, top, _ in imports}
     assert undeclared(imports) == []
+    assert not_pinned(imports) == []
 
 
 def test_the_check_catches_a_dev_only_import_and_spares_a_guarded_one(tmp_path):
@@ -113,3 +138,13 @@ def test_the_check_catches_a_dev_only_import_and_spares_a_guarded_one(tmp_path):
     # pytest is installed (the dev extra) but `pip install .` does not bring it: what scikit-image was.
     assert undeclared(imports) == ["probe.py:4 imports pytest (pytest), which `pip install .` does not install"]
     assert "pytest" not in installed_by() and "pytest" in installed_by("dev")
+
+
+def test_the_check_catches_an_import_installed_only_transitively(tmp_path):
+    probe = tmp_path / "probe.py"
+    # idna comes only with requests (and httpx): installed by `pip install .`, pinned by nobody here.
+    probe.write_text("import numpy\nimport idna\n")
+    imports = third_party_imports([probe], tmp_path)
+    assert undeclared(imports) == []
+    assert "idna" in installed_by() and "idna" not in direct_pins()
+    assert not_pinned(imports) == ["probe.py:2 imports idna (idna), not pinned in pyproject.toml"]

@@ -381,13 +381,16 @@ def format_table(rows: list[dict[str, Any]], *, terminal: bool | None = None) ->
     """A terminal table (rich): the fields people scan for, long text cut with "…". ``state`` is the
     region's alert state (probable, confirmed, dismissed, redetected, seasonal, atmospheric;
     workers/confirmation.py), ``screen`` the time-series screen's verdict (workers/screen.py); both are
-    empty for other kinds and for rows written before those columns existed."""
+    empty for other kinds and for rows written before those columns existed. A summary's hectares are the
+    change of every class, so its class cell says "all classes" (its stored ``change_class`` is only the
+    class that heads it; the exports keep that field as stored)."""
     columns = [Column("id", justify="right"), Column("observed"), Column("area", 24), Column("kind"),
                Column("class", 16), Column("hectares", justify="right"), Column("state", 11), Column("screen", 11),
                Column("text", 60)]
     return render_table(columns, [
         (
-            r["id"], r["observed_at"].strftime("%Y-%m-%d"), r["area"], r["kind"], r["change_class"],
+            r["id"], r["observed_at"].strftime("%Y-%m-%d"), r["area"], r["kind"],
+            "all classes" if r["kind"] == "summary" and r["change_class"] else r["change_class"],
             None if r["hectares"] is None else f"{r['hectares']:.2f}",
             r.get("alert_state"), r.get("screen_verdict"),
             r["caption"] if r["kind"] != "answer" else f"{r['question']} → {r['answer']}",

@@ -365,3 +365,21 @@ def test_a_result_cut_at_the_limit_says_so_on_stderr(data):
     whole = run("--kind", "region", "--format", "geojson", "--limit", "5")
     assert len(json.loads(whole.stdout)["features"]) == 4 and whole.stderr == ""
     assert run("--kind", "region", "--all", "--format", "csv").stderr == ""
+
+
+def test_a_summary_row_of_the_table_says_its_hectares_are_of_all_classes():
+    # 2018-08-25 of the bundled sample: the summary is headed by vegetation loss (the area alerts on loss)
+    # but its 1.55 ha are 0.25 ha of loss and 1.30 ha of gain. Shown as "vegetation_loss 1.55" it read as
+    # 1.55 ha of loss.
+    from monitor.findings import format_table
+
+    day = datetime(2018, 8, 25, 9, 20, tzinfo=UTC)
+    row = {"id": 1, "observed_at": day, "area": "Apuseni forest", "caption": "Vegetation loss of 0.25 ha",
+           "alert_state": None, "screen_verdict": None}
+    table = format_table([{**row, "kind": "summary", "change_class": "vegetation_loss", "hectares": 1.55},
+                          {**row, "id": 2, "kind": "region", "change_class": "vegetation_loss", "hectares": 0.25},
+                          {**row, "id": 3, "kind": "region", "change_class": "vegetation_gain", "hectares": 1.30}],
+                         terminal=False)
+    summary, loss, gain = table.splitlines()[1:]
+    assert "all classes" in summary and "1.55" in summary and "vegetation_loss" not in summary
+    assert "vegetation_loss" in loss and "0.25" in loss and "vegetation_gain" in gain and "1.30" in gain

@@ -210,6 +210,22 @@ def test_findings_page_filters_and_links_the_exports(web_client, alice, web_db):
     assert web_client.get("/findings?kind=bogus").status_code == 200  # an unknown kind means "any"
 
 
+def test_findings_page_says_a_summary_counts_every_class(web_client, alice, web_db):
+    # A summary's hectares are the change of every class; its class is only the one that heads it.
+    from sqlalchemy import update
+
+    from core.models import Finding
+
+    _, area_id = owned_world(web_db, alice.id)
+    with session_scope(web_db) as s:
+        s.execute(update(Finding).where(Finding.area_id == area_id, Finding.kind == "summary")
+                  .values(change_class="vegetation_loss"))
+    login(web_client, alice)
+    page = web_client.get(f"/findings?area_id={area_id}&kind=summary").text
+    assert page.count("<tr data-finding-id=") == 1
+    assert "All classes (led by vegetation loss)</td>" in page and "4.30 ha" in page
+
+
 def test_vendored_files_match_the_pins_of_scripts_vendor_web():
     script = (STATIC.parent.parent / "scripts" / "vendor-web").read_text()
     versions = (STATIC / "vendor" / "VERSIONS").read_text().split("\n")

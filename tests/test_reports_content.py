@@ -4,6 +4,7 @@ state of a sparse analysis, the outbox's .eml and browser preview, and the layou
 from __future__ import annotations
 
 import email
+import json
 import subprocess
 from datetime import UTC, datetime
 from email import policy
@@ -203,3 +204,40 @@ def test_plain_text_lists_each_class_on_its_own_line(db, configure):
     listed = text.split("Changed area by class\n", 1)[1].split("\n\n", 1)[0]
     assert listed.splitlines() == ["  - vegetation loss: 3.20 ha (1 region(s))",
                                    "  - vegetation gain: 1.10 ha (1 region(s)), reported only"]
+
+
+def test_a_watched_class_none_of_whose_regions_alert_is_not_listed_as_alerting(db, configure):
+    """A loss region the time-series screen called seasonal: the class is one the area alerts on, but
+    nothing of it alerted; the class table said "alerts" beside it (and the webhook "alerts": true)."""
+    from shapely.geometry import box
+    from sqlalchemy import update
+
+    from core.models import Finding
+    from monitor.reports.webhooks import event_body
+
+    with session_scope(get_settings()) as s:
+        area = f.area(s, name="Screened")
+        cat = f.catalogue(s)
+        before = f.scene(s, cat, datetime(2018, 4, 12, tzinfo=UTC))
+        after = f.scene(s, cat, datetime(2018, 11, 8, tzinfo=UTC))
+        an = f.analysis(s, area, after, before)
+        f.findings(s, an, regions=[(box(23.12, 46.52, 23.13, 46.525), "vegetation_loss", 3.2),
+                                   (box(23.15, 46.55, 23.152, 46.556), "new_built_up_or_bare", 1.1)])
+    with session_scope(get_settings()) as s:
+        s.execute(update(Finding).where(Finding.analysis_id == an.id, Finding.change_class == "vegetation_loss")
+                  .values(alert_state="seasonal", screen_verdict="seasonal"))
+    with session_scope(get_settings()) as s:
+        report = load_analysis_report(s, an.id, "https://maps.example.org/")
+    assert report.headline == "Forest loss 1.10 ha"
+    assert [(c.change_class, c.alerts, c.watched) for c in report.classes] == [
+        ("new_built_up_or_bare", True, True), ("vegetation_loss", False, True)]
+    email = render_alert(report, "ana@example.org")
+    listed = email.text.split("Changed area by class\n", 1)[1].split("\n\n", 1)[0]
+    assert listed.splitlines() == [
+        "  - new built-up land or bare ground: 1.10 ha (1 region(s))",
+        "  - vegetation loss: 3.20 ha (1 region(s)), not alerted (screened out or seen before)"]
+    assert ">not alerted (screened out or seen before)</td>" in email.html
+    with session_scope(get_settings()) as s:
+        classes = json.loads(event_body(s, an.id, get_settings()))["data"]["classes"]
+    assert [(c["change_class"], c["alerts"], c["watched"]) for c in classes] == [
+        ("new_built_up_or_bare", True, True), ("vegetation_loss", False, True)]

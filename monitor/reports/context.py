@@ -83,7 +83,8 @@ class ClassTotal:
     change_class: str
     regions: int
     hectares: float
-    alerts: bool = False  # one of the area's alert classes
+    alerts: bool = False  # some of its hectares alert (the alert rule's regions, monitor.reports.immediate)
+    watched: bool = False  # one of the area's alert classes, alerting or not (screened out, seen before, …)
 
     @property
     def label(self) -> str:
@@ -433,8 +434,9 @@ def load_analysis_report(session: Session, analysis_id: int, base_url: str, with
         alert_on=area.alert_on,
         alert_states=dict(states),
         classes=sorted(
-            (ClassTotal(c, len(v), float(sum(v)), c in alert_classes) for c, v in classes.items()),
-            key=lambda c: (not c.alerts, -c.hectares),
+            (ClassTotal(c, len(v), float(sum(v)), alerting.get(c, 0.0) > 0, c in alert_classes)
+             for c, v in classes.items()),
+            key=lambda c: (not c.alerts, not c.watched, -c.hectares),
         ),
         region_count=sum(len(v) for v in classes.values()),
         answers=[

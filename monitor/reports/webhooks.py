@@ -179,7 +179,7 @@ def event_body(session: Session, analysis_id: int, settings: Settings) -> bytes:
             "analyser": f"{r.analyser_name}@{r.analyser_version}", "after": scene(r.after), "before": scene(r.before),
             "pair_reason": r.pair_reason,
             "classes": [{"change_class": c.change_class, "regions": c.regions, "hectares": c.hectares,
-                         "alerts": c.alerts} for c in r.classes],
+                         "alerts": c.alerts, "watched": c.watched} for c in r.classes],
             "url": analysis_page_url(settings.web, r.analysis_id), "regions": r.regions_geojson,
         },
     }

@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from core.config import get_settings
 from core.db import session_scope
-from core.models import Finding
+from core.models import Analysis, Finding
 from devtools.browser import LOOPBACK_ONLY_FLAGS
 from monitor.reports import ledger, run_deliveries
 from monitor.reports.context import agreement, load_analysis_report, osm_link
@@ -185,19 +185,25 @@ def test_email_renders_in_headless_chromium(db, configure, tmp_path, worker_outp
             assert colours is not None and len(colours) > 50  # text and thumbnails, not a blank page
 
 
-def test_plain_text_lists_each_class_on_its_own_line(db, configure):
-    """trim_blocks ate the newline after a class line's closing ``{% endif %}``: "- vegetation loss: 3.20 ha (1
-    region(s))  - vegetation gain: …" ran together on one line in alert.txt (and the digest's list)."""
+def _two_class_analysis(name: str, second_class: str, before_at: datetime, after_at: datetime) -> Analysis:
+    """An analysis of a new area with 3.20 ha of vegetation loss and 1.10 ha of ``second_class``."""
     from shapely.geometry import box
 
     with session_scope(get_settings()) as s:
-        area = f.area(s, name="Two classes")
+        area = f.area(s, name=name)
         cat = f.catalogue(s)
-        before = f.scene(s, cat, datetime(2021, 6, 1, tzinfo=UTC))
-        after = f.scene(s, cat, datetime(2021, 7, 1, tzinfo=UTC))
+        before = f.scene(s, cat, before_at.replace(tzinfo=UTC))
+        after = f.scene(s, cat, after_at.replace(tzinfo=UTC))
         an = f.analysis(s, area, after, before)
         f.findings(s, an, regions=[(box(23.12, 46.52, 23.13, 46.525), "vegetation_loss", 3.2),
-                                   (box(23.15, 46.55, 23.152, 46.556), "vegetation_gain", 1.1)])
+                                   (box(23.15, 46.55, 23.152, 46.556), second_class, 1.1)])
+    return an
+
+
+def test_plain_text_lists_each_class_on_its_own_line(db, configure):
+    """trim_blocks ate the newline after a class line's closing ``{% endif %}``: "- vegetation loss: 3.20 ha (1
+    region(s))  - vegetation gain: …" ran together on one line in alert.txt (and the digest's list)."""
+    an = _two_class_analysis("Two classes", "vegetation_gain", datetime(2021, 6, 1), datetime(2021, 7, 1))
     with session_scope(get_settings()) as s:
         report = load_analysis_report(s, an.id, "https://maps.example.org/")
     text = render_alert(report, "ana@example.org").text
@@ -209,20 +215,11 @@ def test_plain_text_lists_each_class_on_its_own_line(db, configure):
 def test_a_watched_class_none_of_whose_regions_alert_is_not_listed_as_alerting(db, configure):
     """A loss region the time-series screen called seasonal: the class is one the area alerts on, but
     nothing of it alerted; the class table said "alerts" beside it (and the webhook "alerts": true)."""
-    from shapely.geometry import box
     from sqlalchemy import update
 
-    from core.models import Finding
     from monitor.reports.webhooks import event_body
 
-    with session_scope(get_settings()) as s:
-        area = f.area(s, name="Screened")
-        cat = f.catalogue(s)
-        before = f.scene(s, cat, datetime(2018, 4, 12, tzinfo=UTC))
-        after = f.scene(s, cat, datetime(2018, 11, 8, tzinfo=UTC))
-        an = f.analysis(s, area, after, before)
-        f.findings(s, an, regions=[(box(23.12, 46.52, 23.13, 46.525), "vegetation_loss", 3.2),
-                                   (box(23.15, 46.55, 23.152, 46.556), "new_built_up_or_bare", 1.1)])
+    an = _two_class_analysis("Screened", "new_built_up_or_bare", datetime(2018, 4, 12), datetime(2018, 11, 8))
     with session_scope(get_settings()) as s:
         s.execute(update(Finding).where(Finding.analysis_id == an.id, Finding.change_class == "vegetation_loss")
                   .values(alert_state="seasonal", screen_verdict="seasonal"))

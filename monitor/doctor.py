@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit, urlunsplit
 
 import click
 
@@ -66,16 +65,12 @@ def check_database(settings: Settings) -> str:
 
 
 def masked_url(url: str) -> str:
-    """``url`` as given, its password (if it has one) replaced by ``**``; the user name is kept.
+    """``url`` as given, its password (if it has one) replaced by ``**``; the user name is kept
+    (kombu's ``maybe_sanitize_url``). Not ``Connection.as_uri()``: that writes ``:**@`` into every URL, so a
+    broker without a password looked like one with a password (``redis://:**@127.0.0.1:6379/0``)."""
+    from kombu.utils.url import maybe_sanitize_url
 
-    kombu's ``Connection.as_uri()`` writes ``:**@`` into every URL, so a broker without a password looked
-    like one with a password (``redis://:**@127.0.0.1:6379/0`` for ``redis://127.0.0.1:6379/0``)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.netloc.rpartition("@")[0].partition(":")[0]
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:**@{host}"))
+    return maybe_sanitize_url(url)
 
 
 def check_broker(settings: Settings) -> str:
